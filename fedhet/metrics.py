@@ -1,0 +1,70 @@
+"""One JSON-lines metrics file per run: a line per evaluation of the global model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["WALL_CLOCK_FIELDS", "MetricsRecord", "MetricsWriter", "read_metrics"]
+
+#: fields that depend on the machine's speed; everything else is a function of the config and seed
+WALL_CLOCK_FIELDS = ("wall_time",)
+
+
+@dataclass(frozen=True)
+class MetricsRecord:
+    """The state of a run when the global model was evaluated.
+
+    Attributes:
+        version: global model version evaluated.
+        virtual_time: seconds on the run's clock (virtual in simulation, real in deployment).
+        wall_time: wall-clock seconds since the run started.
+        accuracy: test accuracy in [0, 1].
+        loss: mean test cross-entropy.
+        bytes_up: total bytes clients uploaded so far.
+        bytes_down: total bytes the server sent so far.
+        updates_applied: client updates folded into the global model so far.
+        updates_dropped: client updates discarded (arrived after their round closed) so far.
+    """
+
+    version: int
+    virtual_time: float
+    wall_time: float
+    accuracy: float
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    updates_applied: int
+    updates_dropped: int
+
+
+class MetricsWriter:
+    """Appends :class:`MetricsRecord` lines to ``path`` and flushes each, so a killed run keeps its history."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: MetricsRecord) -> None:
+        self._file.write(json.dumps(asdict(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[MetricsRecord]:
+    """Records of a ``metrics.jsonl`` file, in order."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [MetricsRecord(**json.loads(line)) for line in f if line.strip()]

@@ -1,0 +1,68 @@
+"""The model zoo: FedAvg's CNN and 2NN, and logistic regression for Synthetic(alpha, beta)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedhet.registry import Registry
+
+__all__ = ["MODELS", "ModelBuilder", "build_model"]
+
+ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+@MODELS.register("cnn")
+def fedavg_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """McMahan et al. (2017) CNN: two 5x5 convolutions (32, 64 channels) each with 2x2 max pooling,
+    a 512-unit fully connected layer and a linear classifier (1,663,370 parameters on 28x28 inputs)."""
+    if len(input_shape) != 3:
+        raise ValueError(f"the cnn model needs (channels, height, width) inputs, got shape {input_shape}")
+    channels, height, width = input_shape
+    flat = 64 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+@MODELS.register("2nn")
+def fedavg_2nn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """McMahan et al. (2017) multilayer perceptron: two hidden layers of 200 ReLU units (784-200-200-10)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 200),
+        nn.ReLU(),
+        nn.Linear(200, 200),
+        nn.ReLU(),
+        nn.Linear(200, num_classes),
+    )
+
+
+@MODELS.register("logreg")
+def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression, the model FedProx uses on Synthetic(alpha, beta)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """Build model ``name`` with weights initialised deterministically from ``seed``."""
+    builder = MODELS.get(name)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return builder(input_shape, num_classes)
+    finally:
+        torch.random.set_rng_state(generator_state)

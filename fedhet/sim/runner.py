@@ -1,0 +1,169 @@
+"""Build a simulation from a :class:`RunConfig` and run it: data, partition, fleet, model, strategy, executor."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
+from fedhet.codec import ENCODINGS
+from fedhet.config import RunConfig
+from fedhet.data import DATASETS, PARTITIONERS, Dataset, load_dataset, partition, split_train_test
+from fedhet.errors import ConfigError
+from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.models import MODELS, build_model
+from fedhet.sim.executor import SequentialExecutor
+from fedhet.sim.fleet import sample_profiles
+from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
+from fedhet.strategies import build_strategy
+from fedhet.types import ClientInfo, Weights
+
+__all__ = ["ClientSplit", "make_clients", "simulate", "validate"]
+
+log = logging.getLogger(__name__)
+
+ClientSplit = tuple[np.ndarray, np.ndarray]  # (train indices, held-out indices) into the training arrays
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no data; raises :class:`ConfigError` naming the key."""
+    if cfg.num_clients < 1:
+        raise ConfigError(f"num_clients must be >= 1, got {cfg.num_clients}")
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError(
+            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
+        )
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
+    try:
+        TrainConfig(**asdict(cfg.client))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    cfg.fleet.validate()
+    part = cfg.dataset.partition
+    if not 0.0 <= part.test_fraction < 1.0:
+        raise ConfigError(f"dataset.partition.test_fraction must be in [0, 1), got {part.test_fraction}")
+    if cfg.sim.max_versions < 1:
+        raise ConfigError(f"sim.max_versions must be >= 1, got {cfg.sim.max_versions}")
+    if cfg.sim.eval_every < 1:
+        raise ConfigError(f"sim.eval_every must be >= 1, got {cfg.sim.eval_every}")
+    if cfg.sim.max_virtual_seconds < 0:
+        raise ConfigError(f"sim.max_virtual_seconds must be >= 0 (0 = no limit), got {cfg.sim.max_virtual_seconds}")
+    if cfg.sim.encoding not in ENCODINGS:
+        raise ConfigError(f"sim.encoding must be one of {', '.join(ENCODINGS)}, got {cfg.sim.encoding!r}")
+    build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A structured or dataclass config node as plain dicts."""
+    container = OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
+def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
+    """Those of ``available`` that ``factory`` takes: one config node carries the keys of several components
+    (``dataset.alpha`` is Synthetic's; ``partition.classes_per_client`` is only for shards)."""
+    accepted = inspect.signature(factory).parameters
+    return {k: v for k, v in available.items() if k in accepted}
+
+
+def make_clients(cfg: RunConfig, data: Dataset) -> list[ClientSplit]:
+    """Each client's (train, held-out) indices into the training arrays, from the configured partition."""
+    part = cfg.dataset.partition
+    labels = data.y_train.numpy()
+    if part.name == "natural":
+        if data.natural_partition is None:
+            raise ConfigError(f"dataset.partition.name: dataset {data.name} has no natural per-client split")
+        if len(data.natural_partition) != cfg.num_clients:
+            raise ConfigError(
+                f"num_clients ({cfg.num_clients}) must equal the {len(data.natural_partition)} clients "
+                f"dataset {data.name} was generated for"
+            )
+        shards = list(data.natural_partition)
+    else:
+        params = {
+            "alpha": part.alpha,
+            "alpha2": part.alpha,
+            "alpha1": part.alpha1 or float(cfg.num_clients),
+            "classes_per_client": part.classes_per_client,
+        }
+        if part.name not in PARTITIONERS:
+            raise ConfigError(
+                f"dataset.partition.name: unknown partitioner {part.name!r}; "
+                f"choose one of: natural, {', '.join(PARTITIONERS.names())}"
+            )
+        shards = partition(part.name, labels, cfg.num_clients, cfg.seed,
+                           **_accepted(PARTITIONERS.get(part.name), params))
+    return [split_train_test(s, part.test_fraction, cfg.seed + i) for i, s in enumerate(shards)]
+
+
+def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
+    """Run the simulation ``cfg`` describes, writing ``metrics.jsonl`` into ``run_dir``."""
+    validate(cfg)
+    if cfg.sim.threads:
+        torch.set_num_threads(cfg.sim.threads)
+    data_params = {"root": cfg.dataset.root, "alpha": cfg.dataset.alpha, "beta": cfg.dataset.beta,
+                   "num_clients": cfg.num_clients, "seed": cfg.seed}
+    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), data_params))
+    if cfg.num_clients > len(data.y_train):
+        raise ConfigError(
+            f"num_clients ({cfg.num_clients}) exceeds the {len(data.y_train)} training samples of {data.name}"
+        )
+    splits = make_clients(cfg, data)
+    profiles = sample_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
+    clients = [ClientInfo(i, p, len(train)) for i, (p, (train, _)) in enumerate(zip(profiles, splits, strict=True))]
+
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
+    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)))
+    executor = SequentialExecutor(trainer, data.x_train, data.y_train, {c.client_id: s[0] for c, s in
+                                                                        zip(clients, splits, strict=True)}, cfg.seed)
+    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+
+    def evaluate_global(weights: Weights) -> tuple[float, float]:
+        eval_model.load_state_dict(weights)
+        return evaluate(eval_model, data.x_test, data.y_test)
+
+    log.info(
+        "%s: %d clients (%s partition), %s model (%d parameters), %s strategy, %s fleet, run dir %s",
+        data.name, cfg.num_clients, cfg.dataset.partition.name, cfg.model.name,
+        sum(p.numel() for p in model.parameters()), cfg.strategy.name, cfg.fleet.speed, run_dir,
+    )
+    sim_config = SimConfig(
+        max_versions=cfg.sim.max_versions,
+        max_virtual_seconds=cfg.sim.max_virtual_seconds,
+        eval_every=cfg.sim.eval_every,
+        batch_size=cfg.client.batch_size,
+        encoding=cfg.sim.encoding,
+    )
+    bar = tqdm(total=cfg.sim.max_versions, desc="fedhet", unit="version", disable=not cfg.sim.progress)
+
+    def progress(record: MetricsRecord) -> None:
+        bar.update(record.version - bar.n)
+        bar.set_postfix(v=record.version, t=f"{record.virtual_time:.0f}s", acc=f"{record.accuracy:.4f}")
+        log.debug("version %d at %.1f s: accuracy %.4f, loss %.4f", record.version, record.virtual_time,
+                  record.accuracy, record.loss)
+
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
+        simulator = Simulator(strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress)
+        summary = simulator.run({k: v.detach().clone() for k, v in model.state_dict().items()})
+    bar.close()
+    final = summary.final
+    log.info(
+        "stopped (%s) at version %d, virtual time %.1f s, wall %.1f s: accuracy %.4f, %d updates applied, "
+        "%d dropped, %.1f MB up, %.1f MB down",
+        summary.reason, final.version, final.virtual_time, final.wall_time, final.accuracy, final.updates_applied,
+        final.updates_dropped, final.bytes_up / 1e6, final.bytes_down / 1e6,
+    )
+    return summary
+

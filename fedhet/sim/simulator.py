@@ -1,0 +1,187 @@
+"""The simulator: drives a strategy with events popped from a virtual clock.
+
+A task handed to client c at time t arrives at ``t + download + compute + upload`` where
+``compute = steps * batch_size * seconds_per_sample`` and ``download``/``upload`` are the encoded payload bytes
+divided by the client's bandwidth. Results are computed lazily, when their arrival is the next event (in batches
+of the executor's ``batch_size``), so at most a batch of results is ever held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedhet.codec import encoded_size
+from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.sim.events import EventKind, EventQueue
+from fedhet.sim.executor import Executor
+from fedhet.strategies.base import Strategy
+from fedhet.types import ClientInfo, Result, Task, Weights
+
+__all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Weights], tuple[float, float]]
+Progress = Callable[[MetricsRecord], None]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """When a simulation stops and how often it evaluates.
+
+    Attributes:
+        max_versions: stop once the global model reaches this version.
+        max_virtual_seconds: stop once the virtual clock passes this many seconds (0 = no limit).
+        eval_every: evaluate the global model every this many versions (and at the start and the end).
+        batch_size: local minibatch size, needed for the compute time of a task (samples).
+        encoding: wire encoding used to size payloads (fp32, fp16, bf16).
+    """
+
+    max_versions: int = 50
+    max_virtual_seconds: float = 0.0
+    eval_every: int = 1
+    batch_size: int = 32
+    encoding: str = "fp32"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a simulation ended."""
+
+    final: MetricsRecord
+    events: int
+    reason: str
+
+
+def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int) -> float:
+    """Virtual seconds from handing ``task`` out to its result arriving: download, compute, upload."""
+    steps = task.steps_for(client.num_samples, batch_size)
+    compute = steps * batch_size * client.profile.seconds_per_sample
+    return compute + 2 * payload_bytes / client.profile.bandwidth
+
+
+class Simulator:
+    """Runs one strategy over simulated clients on a virtual clock."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        clients: Sequence[ClientInfo],
+        executor: Executor,
+        evaluate: Evaluator,
+        metrics: MetricsWriter,
+        config: SimConfig,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.clients = {c.client_id: c for c in clients}
+        self.executor = executor
+        self.evaluate = evaluate
+        self.metrics = metrics
+        self.config = config
+        self.seed = seed
+        self.progress = progress
+        self.queue = EventQueue()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._in_flight: dict[int, Task] = {}
+        self._computed: dict[int, Result] = {}
+        self._ticks: set[float] = set()
+        self._wall_start = 0.0
+
+    def run(self, initial_weights: Weights) -> RunSummary:
+        self._wall_start = time.perf_counter()
+        self.strategy.start(initial_weights, 0.0)
+        for client_id in self.clients:
+            self.queue.push(0.0, EventKind.AVAILABLE, client_id=client_id)
+        last = self._record()
+        events = 0
+        reason = "no more events (every client idle and the strategy asked for nothing)"
+        while len(self.queue):
+            event = self.queue.pop()
+            limit = self.config.max_virtual_seconds
+            if limit and event.time > limit:
+                reason = f"virtual time limit of {limit} s reached"
+                self.queue.now = limit
+                break
+            events += 1
+            version = self.strategy.version
+            if event.kind is EventKind.AVAILABLE:
+                tasks = self.strategy.on_available(self.clients[event.client_id], event.time)
+            elif event.kind is EventKind.ARRIVAL:
+                tasks = self.strategy.on_result(self._result(event.task_id), event.time)
+            else:
+                self._ticks.discard(event.time)
+                tasks = self.strategy.on_tick(event.time)
+            self._dispatch(tasks, event.time)
+            self._schedule_tick()
+            if self.strategy.version != version:
+                done = self.strategy.version >= self.config.max_versions
+                if done or self.strategy.version % self.config.eval_every == 0:
+                    last = self._record()
+                if done:
+                    reason = f"reached version {self.config.max_versions}"
+                    break
+        if last.version != self.strategy.version or last.virtual_time != self.queue.now:
+            last = self._record()
+        log.info("simulation stopped: %s", reason)
+        return RunSummary(final=last, events=events, reason=reason)
+
+    def _dispatch(self, tasks: list[Task], now: float) -> None:
+        for task in tasks:
+            client = self.clients[task.client_id]
+            size = encoded_size(task.weights, self.config.encoding)
+            self.bytes_down += size
+            duration = task_duration(task, client, self.config.batch_size, size)
+            if self._comes_back(task, client):
+                self._in_flight[task.task_id] = task
+                self.queue.push(now + duration, EventKind.ARRIVAL, client_id=client.client_id, task_id=task.task_id)
+            else:  # the client drops out; it asks for work again when it would have finished
+                self.queue.push(now + duration, EventKind.AVAILABLE, client_id=client.client_id)
+
+    def _comes_back(self, task: Task, client: ClientInfo) -> bool:
+        if client.profile.availability >= 1.0:
+            return True
+        draw = np.random.default_rng([self.seed, task.task_id, 0xA7A1]).random()
+        return bool(draw < client.profile.availability)
+
+    def _result(self, task_id: int) -> Result:
+        if task_id not in self._computed:
+            # compute this task together with the ones arriving soonest after it, up to the executor's batch
+            batch = [self._in_flight.pop(task_id)]
+            batch += [self._in_flight.pop(t) for t in list(self._in_flight)[: self.executor.batch_size - 1]]
+            for result in self.executor.run(batch):
+                self._computed[result.task_id] = result
+        result = self._computed.pop(task_id)
+        self.bytes_up += encoded_size(result.weights, self.config.encoding)
+        return result
+
+    def _schedule_tick(self) -> None:
+        deadline = self.strategy.next_deadline()
+        if deadline is not None and deadline not in self._ticks:
+            self._ticks.add(deadline)
+            self.queue.push(max(deadline, self.queue.now), EventKind.TICK)
+
+    def _record(self) -> MetricsRecord:
+        accuracy, loss = self.evaluate(self.strategy.global_weights)
+        record = MetricsRecord(
+            version=self.strategy.version,
+            virtual_time=self.queue.now,
+            wall_time=time.perf_counter() - self._wall_start,
+            accuracy=accuracy,
+            loss=loss,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            updates_applied=self.strategy.updates_applied,
+            updates_dropped=self.strategy.updates_dropped,
+        )
+        self.metrics.write(record)
+        if self.progress is not None:
+            self.progress(record)
+        return record

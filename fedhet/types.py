@@ -1,0 +1,126 @@
+"""Small frozen value types shared by every part of fedhet.
+
+Weights travel as ``Weights``: an ordered mapping from parameter/buffer name to a CPU tensor, the same keys and
+order as the model's ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ClientInfo", "ClientProfile", "Result", "Task", "Weights"]
+
+Weights = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """What a client can do: its speed, the bitwidth it computes at, its memory and its link.
+
+    Attributes:
+        seconds_per_sample: local training time per sample (forward + backward), in seconds.
+        bandwidth: link speed in bytes per second, used both ways.
+        bitwidth: bits per weight the client computes and stores at (32 = fp32).
+        memory_bytes: how many bytes of model the client can hold; 0 means no limit.
+        availability: probability in (0, 1] that a task handed to the client comes back.
+    """
+
+    seconds_per_sample: float
+    bandwidth: float
+    bitwidth: int = 32
+    memory_bytes: int = 0
+    availability: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.seconds_per_sample) and self.seconds_per_sample > 0):
+            raise ValueError(f"seconds_per_sample must be finite and > 0, got {self.seconds_per_sample}")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
+            raise ValueError(f"bandwidth must be finite and > 0 bytes/s, got {self.bandwidth}")
+        if not 1 <= self.bitwidth <= 32:
+            raise ValueError(f"bitwidth must be in 1..32, got {self.bitwidth}")
+        if self.memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0 (0 = unlimited), got {self.memory_bytes}")
+        if not 0.0 < self.availability <= 1.0:
+            raise ValueError(f"availability must be in (0, 1], got {self.availability}")
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client as the server knows it.
+
+    Attributes:
+        client_id: unique id of the client in the run.
+        profile: its speed, bitwidth, memory and link.
+        num_samples: training samples it holds (reported; the data itself never leaves the client).
+    """
+
+    client_id: int
+    profile: ClientProfile
+    num_samples: int
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"client {self.client_id}: num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """Work handed to one client.
+
+    Attributes:
+        task_id: unique per run; a result names the task it answers.
+        client_id: the client that must run it.
+        version: global model version the weights were taken from.
+        weights: the model the client starts from (possibly planned: quantized, pruned).
+        local_steps: number of local minibatch steps, or 0 when ``local_epochs`` is given.
+        local_epochs: number of passes over the client's training shard, or 0 when ``local_steps`` is given.
+    """
+
+    task_id: int
+    client_id: int
+    version: int
+    weights: Weights
+    local_steps: int = 0
+    local_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.local_steps > 0) == (self.local_epochs > 0):
+            raise ValueError(
+                f"task {self.task_id}: exactly one of local_steps ({self.local_steps}) "
+                f"and local_epochs ({self.local_epochs}) must be > 0"
+            )
+
+    def steps_for(self, num_samples: int, batch_size: int) -> int:
+        """Local minibatch steps this task takes on a shard of ``num_samples`` with ``batch_size``."""
+        if self.local_steps:
+            return self.local_steps
+        return self.local_epochs * max(1, math.ceil(num_samples / batch_size))
+
+
+@dataclass(frozen=True)
+class Result:
+    """A client's answer to a task.
+
+    Attributes:
+        task_id: the task answered.
+        client_id: who trained.
+        version: the global version the client started from (copied from the task).
+        weights: the trained model.
+        num_samples: training samples the client holds (the weight of its update in a sample-weighted mean).
+        local_steps: minibatch steps actually taken.
+        train_seconds: measured wall time of local training, in seconds.
+        loss: mean training loss over the local steps.
+    """
+
+    task_id: int
+    client_id: int
+    version: int
+    weights: Weights
+    num_samples: int
+    local_steps: int
+    train_seconds: float
+    loss: float

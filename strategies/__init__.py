@@ -1,0 +1,85 @@
+"""Server algorithms: schedulers, planners and aggregators, found by name through registries."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fedhet.errors import ConfigError
+from fedhet.registry import Registry
+from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.base import (
+    Aggregator,
+    Assignment,
+    Decision,
+    Planner,
+    Scheduler,
+    StateError,
+    Strategy,
+    UnknownTaskError,
+    UpdateBuffer,
+)
+from fedhet.strategies.fedavg import SyncScheduler
+from fedhet.strategies.planners import IdentityPlanner
+
+__all__ = [
+    "AGGREGATORS",
+    "PLANNERS",
+    "SCHEDULERS",
+    "Aggregator",
+    "Assignment",
+    "Decision",
+    "Planner",
+    "Scheduler",
+    "StateError",
+    "Strategy",
+    "UnknownTaskError",
+    "UpdateBuffer",
+    "build_strategy",
+]
+
+SCHEDULERS: Registry[Callable[..., Scheduler]] = Registry("scheduler")
+PLANNERS: Registry[Callable[..., Planner]] = Registry("planner")
+AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
+
+SCHEDULERS.register("fedavg")(SyncScheduler)
+PLANNERS.register("identity")(IdentityPlanner)
+AGGREGATORS.register("weighted_mean")(WeightedMean)
+
+
+def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str, Any], seed: int) -> Any:
+    """Construct the component ``spec['name']`` with the other keys of ``spec`` as its arguments.
+
+    An unknown name or argument, or a value the component refuses, becomes a :class:`ConfigError` naming the key.
+    """
+    params = dict(spec)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"strategy.{role}.name is missing; choose one of: {', '.join(registry.names())}")
+    if name not in registry:
+        raise ConfigError(f"strategy.{role}.name: unknown {role} {name!r}; choose one of: {', '.join(registry.names())}")
+    factory = registry.get(name)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"strategy.{role}.{unknown[0]} is not a parameter of {role} {name!r}; "
+            f"its parameters are: {', '.join(p for p in accepted if p != 'seed')}"
+        )
+    if "seed" in accepted:
+        params.setdefault("seed", seed)
+    try:
+        return factory(**params)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"strategy.{role} ({name}): {error}") from None
+
+
+def build_strategy(spec: Mapping[str, Any], seed: int) -> Strategy:
+    """A :class:`Strategy` from a config mapping with ``scheduler``, ``planner`` and ``aggregator`` entries,
+    each ``{name: <registered name>, <argument>: <value> ...}``."""
+    return Strategy(
+        scheduler=_build("scheduler", SCHEDULERS, spec["scheduler"], seed),
+        planner=_build("planner", PLANNERS, spec["planner"], seed),
+        aggregator=_build("aggregator", AGGREGATORS, spec["aggregator"], seed),
+    )

@@ -1,0 +1,277 @@
+"""The event-driven strategy core: a scheduler, a planner and an aggregator behind one event interface.
+
+A :class:`Strategy` knows nothing of gRPC, threads or clocks. Runtimes (the simulator, the gRPC server) tell it
+what happened and when (``now``, in seconds on the runtime's clock) and it answers with tasks to hand out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
+
+__all__ = [
+    "Aggregator",
+    "Assignment",
+    "Bucket",
+    "Decision",
+    "Planner",
+    "Scheduler",
+    "StateError",
+    "Strategy",
+    "UnknownTaskError",
+    "UpdateBuffer",
+]
+
+
+class UnknownTaskError(ValueError):
+    """A result names a task that is not outstanding: unknown, already applied, lost, or another client's."""
+
+
+class StateError(ValueError):
+    """A state dict does not fit the object it is loaded into."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The scheduler's choice for one client: train this much, starting from the current global model."""
+
+    client_id: int
+    local_steps: int = 0
+    local_epochs: int = 0
+
+
+@dataclass
+class Bucket:
+    """Updates that started from one global version, folded into a weighted sum.
+
+    ``weighted_sum`` holds ``sum_i w_i * theta_i`` for floating-point tensors and the plain sum for integer
+    tensors (counters, which are averaged unweighted).
+    """
+
+    weighted_sum: dict[str, torch.Tensor]
+    total_weight: float = 0.0
+    count: int = 0
+    task_ids: list[int] = field(default_factory=list)
+
+
+class UpdateBuffer:
+    """Results waiting to be aggregated, folded on arrival into one :class:`Bucket` per start version.
+
+    Memory is (distinct start versions) x (model size), never (results) x (model size), so a round of a
+    thousand clients costs what a round of ten does.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, Bucket] = {}
+
+    def add(self, result: Result, weight: float) -> None:
+        """Fold ``result`` in with weight ``weight`` (> 0; samples, or 1 for a uniform mean)."""
+        if not weight > 0:
+            raise ValueError(f"update weight must be > 0, got {weight}")
+        bucket = self._buckets.get(result.version)
+        if bucket is None:
+            bucket = Bucket({k: torch.zeros_like(v, dtype=_sum_dtype(v)) for k, v in result.weights.items()})
+            self._buckets[result.version] = bucket
+        for name, acc in bucket.weighted_sum.items():
+            value = result.weights[name]
+            if value.is_floating_point():
+                acc.add_(value.to(acc.dtype), alpha=weight)
+            else:
+                acc.add_(value.to(acc.dtype))
+        bucket.total_weight += weight
+        bucket.count += 1
+        bucket.task_ids.append(result.task_id)
+
+    def __len__(self) -> int:
+        return sum(b.count for b in self._buckets.values())
+
+    def items(self) -> Iterator[tuple[int, Bucket]]:
+        """(start version, bucket) pairs in increasing version order."""
+        return iter(sorted(self._buckets.items()))
+
+    def task_ids(self) -> list[int]:
+        return [t for _, b in self.items() for t in b.task_ids]
+
+    def clear(self) -> None:
+        self._buckets.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            str(v): {"sum": b.weighted_sum, "weight": b.total_weight, "count": b.count, "tasks": list(b.task_ids)}
+            for v, b in self._buckets.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        buckets = {}
+        for version, row in state.items():
+            if not isinstance(row, Mapping) or set(row) != {"sum", "weight", "count", "tasks"}:
+                raise StateError(f"update buffer entry {version!r} is malformed")
+            buckets[int(version)] = Bucket(dict(row["sum"]), float(row["weight"]), int(row["count"]), list(row["tasks"]))
+        self._buckets = buckets
+
+
+def _sum_dtype(value: torch.Tensor) -> torch.dtype:
+    return torch.float64 if value.is_floating_point() else torch.int64
+
+
+@dataclass
+class Decision:
+    """What a scheduler wants after an event: fold ``aggregate`` into the global model (when given), then hand
+    work to ``assign`` from the (new) global model. ``dropped`` counts results it discarded (too late)."""
+
+    aggregate: UpdateBuffer | None = None
+    assign: list[Assignment] = field(default_factory=list)
+    dropped: int = 0
+
+
+class Scheduler(Protocol):
+    """Decides who trains, how much, and when to aggregate. Uses only the ``now`` it is given."""
+
+    def on_available(self, client: ClientInfo, now: float) -> Decision: ...
+    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision: ...
+    def on_tick(self, now: float) -> Decision: ...
+    def next_deadline(self) -> float | None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class Planner(Protocol):
+    """Decides what a client receives: the full model, a bitwidth, a sub-model."""
+
+    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Weights: ...
+
+
+class Aggregator(Protocol):
+    """Combines buffered updates with the global model into the next global model."""
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]: ...
+
+
+class Strategy:
+    """One server algorithm: the event interface of DESIGN.md over a scheduler, planner and aggregator.
+
+    The global model and its version, the registered clients and the outstanding tasks live here; every result is
+    checked against the outstanding tasks, so a replayed, unknown or misattributed result is refused before any
+    arithmetic and no update is ever applied twice.
+    """
+
+    def __init__(self, scheduler: Scheduler, planner: Planner, aggregator: Aggregator) -> None:
+        self.scheduler = scheduler
+        self.planner = planner
+        self.aggregator = aggregator
+        self.global_weights: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self.updates_applied = 0
+        self.updates_dropped = 0
+        self.clients: dict[int, ClientInfo] = {}
+        self._outstanding: dict[int, tuple[int, int]] = {}  # task id -> (client id, start version)
+        self._next_task_id = 0
+
+    def start(self, initial_weights: Weights, now: float) -> None:
+        """Set the initial global model (version 0) at time ``now`` (seconds)."""
+        self.global_weights = {k: v.detach().clone() for k, v in initial_weights.items()}
+        self.version = 0
+
+    def on_available(self, client: ClientInfo, now: float) -> list[Task]:
+        """``client`` is idle and asks for work. A task it still held is lost (it crashed or gave up)."""
+        known = self.clients.get(client.client_id)
+        if known is not None and known != client:
+            raise ValueError(f"client {client.client_id} registered again with a different profile or sample count")
+        self.clients[client.client_id] = client
+        for task_id in [t for t, (c, _) in self._outstanding.items() if c == client.client_id]:
+            del self._outstanding[task_id]
+        return self._apply(self.scheduler.on_available(client, now))
+
+    def on_result(self, result: Result, now: float) -> list[Task]:
+        """An update arrived at ``now``. Raises :class:`UnknownTaskError` for a task not outstanding."""
+        owner = self._outstanding.get(result.task_id)
+        if owner is None:
+            raise UnknownTaskError(f"task {result.task_id} is not outstanding (unknown, lost or already applied)")
+        if owner != (result.client_id, result.version):
+            raise UnknownTaskError(
+                f"task {result.task_id} belongs to client {owner[0]} at version {owner[1]}, "
+                f"not client {result.client_id} at version {result.version}"
+            )
+        del self._outstanding[result.task_id]
+        return self._apply(self.scheduler.on_result(result, self.clients[result.client_id], now))
+
+    def on_tick(self, now: float) -> list[Task]:
+        """A deadline the strategy asked for (``next_deadline``) has passed."""
+        return self._apply(self.scheduler.on_tick(now))
+
+    def next_deadline(self) -> float | None:
+        """The time (seconds) at which the runtime must call ``on_tick``; None when nothing is due."""
+        return self.scheduler.next_deadline()
+
+    @property
+    def outstanding(self) -> int:
+        """Tasks handed out and not yet answered or lost."""
+        return len(self._outstanding)
+
+    def _apply(self, decision: Decision) -> list[Task]:
+        self.updates_dropped += decision.dropped
+        if decision.aggregate is not None and len(decision.aggregate):
+            self.global_weights = self.aggregator.aggregate(self.global_weights, decision.aggregate, self.version)
+            self.updates_applied += len(decision.aggregate)
+            self.version += 1
+            decision.aggregate.clear()
+        return [self._task(a) for a in decision.assign]
+
+    def _task(self, assignment: Assignment) -> Task:
+        client = self.clients[assignment.client_id]
+        task = Task(
+            task_id=self._next_task_id,
+            client_id=client.client_id,
+            version=self.version,
+            weights=self.planner.plan(client, self.global_weights, self.version),
+            local_steps=assignment.local_steps,
+            local_epochs=assignment.local_epochs,
+        )
+        self._next_task_id += 1
+        self._outstanding[task.task_id] = (client.client_id, self.version)
+        return task
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: global model, version, clients, outstanding tasks, scheduler state."""
+        return {
+            "version": self.version,
+            "global_weights": dict(self.global_weights),
+            "updates_applied": self.updates_applied,
+            "updates_dropped": self.updates_dropped,
+            "next_task_id": self._next_task_id,
+            "outstanding": {str(t): list(v) for t, v in self._outstanding.items()},
+            "clients": {
+                str(c.client_id): [c.num_samples, c.profile.seconds_per_sample, c.profile.bandwidth,
+                                   c.profile.bitwidth, c.profile.memory_bytes, c.profile.availability]
+                for c in self.clients.values()
+            },
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = {"version", "global_weights", "updates_applied", "updates_dropped", "next_task_id",
+                    "outstanding", "clients", "scheduler"}
+        if set(state) != expected:
+            raise StateError(f"strategy state keys {sorted(state)} differ from {sorted(expected)}")
+        weights = state["global_weights"]
+        if self.global_weights and (
+            set(weights) != set(self.global_weights)
+            or any(weights[k].shape != v.shape for k, v in self.global_weights.items())
+        ):
+            raise StateError("checkpointed global weights do not match the model's names and shapes")
+        self.version = int(state["version"])
+        self.global_weights = {k: v.clone() for k, v in weights.items()}
+        self.updates_applied = int(state["updates_applied"])
+        self.updates_dropped = int(state["updates_dropped"])
+        self._next_task_id = int(state["next_task_id"])
+        self._outstanding = {int(t): (int(c), int(v)) for t, (c, v) in state["outstanding"].items()}
+        self.clients = {
+            int(cid): ClientInfo(int(cid), ClientProfile(float(sps), float(bw), int(bits), int(mem), float(av)), int(n))
+            for cid, (n, sps, bw, bits, mem, av) in state["clients"].items()
+        }
+        self.scheduler.load_state_dict(state["scheduler"])
