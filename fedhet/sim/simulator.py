@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -59,7 +59,10 @@ class RunSummary:
 
 
 def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int) -> float:
-    """Virtual seconds from handing ``task`` out to its result arriving: download, compute, upload."""
+    """Virtual seconds from handing ``task`` out to its result arriving: download, compute, upload.
+
+    ``compute = steps * batch_size * seconds_per_sample``; each transfer is ``payload_bytes / bandwidth``.
+    """
     steps = task.steps_for(client.num_samples, batch_size)
     compute = steps * batch_size * client.profile.seconds_per_sample
     return compute + 2 * payload_bytes / client.profile.bandwidth
@@ -153,12 +156,16 @@ class Simulator:
 
     def _result(self, task_id: int) -> Result:
         if task_id not in self._computed:
-            # compute this task together with the ones arriving soonest after it, up to the executor's batch
+            # compute this task together with other tasks in flight (oldest first), up to the executor's batch
             batch = [self._in_flight.pop(task_id)]
             batch += [self._in_flight.pop(t) for t in list(self._in_flight)[: self.executor.batch_size - 1]]
             for result in self.executor.run(batch):
                 self._computed[result.task_id] = result
         result = self._computed.pop(task_id)
+        # the client reports its training time on the virtual clock, as a real client reports its own
+        client = self.clients[result.client_id]
+        compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
+        result = replace(result, train_seconds=compute)
         self.bytes_up += encoded_size(result.weights, self.config.encoding)
         return result
 
