@@ -100,9 +100,7 @@ def _minibatches(num_samples: int, batch_size: int, steps: int, generator: torch
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000
-) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
     """(accuracy in [0, 1], mean cross-entropy loss) of ``model`` on ``(x, y)``."""
     model.eval()
     device = next(model.parameters()).device

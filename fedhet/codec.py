@@ -82,10 +82,9 @@ def encoded_size(weights: Weights, encoding: str = "fp32") -> int:
 
 def encode(weights: Weights, encoding: str = "fp32") -> bytes:
     """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16 or bf16)."""
-    entries = _header(weights, encoding)
-    header = _header_bytes(entries)
+    header = _header_bytes(_header(weights, encoding))
     parts = [_LEN.pack(len(header)), header]
-    for entry, tensor in zip(entries, weights.values(), strict=True):
+    for tensor in weights.values():
         wire = tensor.detach().to("cpu", _wire_dtype(tensor, encoding)).contiguous()
         parts.append(wire.view(torch.uint8).numpy().tobytes() if wire.numel() else b"")
     return b"".join(parts)
@@ -99,9 +98,7 @@ def _parse_header(data: bytes) -> tuple[list[_Entry], int]:
         raise CodecError(f"header length {length} exceeds the payload ({len(data)} bytes)")
     try:
         rows = json.loads(data[_LEN.size : _LEN.size + length])
-        entries = [
-            _Entry(str(n), tuple(int(d) for d in s), str(dt), str(enc), int(nb)) for n, s, dt, enc, nb in rows
-        ]
+        entries = [_Entry(str(n), tuple(int(d) for d in s), str(dt), str(enc), int(nb)) for n, s, dt, enc, nb in rows]
     except (ValueError, TypeError) as error:
         raise CodecError(f"malformed header: {error}") from None
     return entries, _LEN.size + length

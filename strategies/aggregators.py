@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from fedhet.strategies.base import UpdateBuffer
 
 from fedhet.types import Weights
-from fedhet.strategies.base import UpdateBuffer
 
 __all__ = ["WeightedMean"]
 

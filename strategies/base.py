@@ -102,7 +102,12 @@ class UpdateBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            str(v): {"sum": b.weighted_sum, "weight": b.total_weight, "count": b.count, "tasks": list(b.task_ids)}
+            str(v): {
+                "sum": b.weighted_sum,
+                "weight": b.total_weight,
+                "count": b.count,
+                "tasks": list(b.task_ids),
+            }
             for v, b in self._buckets.items()
         }
 
@@ -111,7 +116,9 @@ class UpdateBuffer:
         for version, row in state.items():
             if not isinstance(row, Mapping) or set(row) != {"sum", "weight", "count", "tasks"}:
                 raise StateError(f"update buffer entry {version!r} is malformed")
-            buckets[int(version)] = Bucket(dict(row["sum"]), float(row["weight"]), int(row["count"]), list(row["tasks"]))
+            buckets[int(version)] = Bucket(
+                dict(row["sum"]), float(row["weight"]), int(row["count"]), list(row["tasks"])
+            )
         self._buckets = buckets
 
 
@@ -246,16 +253,30 @@ class Strategy:
             "next_task_id": self._next_task_id,
             "outstanding": {str(t): list(v) for t, v in self._outstanding.items()},
             "clients": {
-                str(c.client_id): [c.num_samples, c.profile.seconds_per_sample, c.profile.bandwidth,
-                                   c.profile.bitwidth, c.profile.memory_bytes, c.profile.availability]
+                str(c.client_id): [
+                    c.num_samples,
+                    c.profile.seconds_per_sample,
+                    c.profile.bandwidth,
+                    c.profile.bitwidth,
+                    c.profile.memory_bytes,
+                    c.profile.availability,
+                ]
                 for c in self.clients.values()
             },
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {"version", "global_weights", "updates_applied", "updates_dropped", "next_task_id",
-                    "outstanding", "clients", "scheduler"}
+        expected = {
+            "version",
+            "global_weights",
+            "updates_applied",
+            "updates_dropped",
+            "next_task_id",
+            "outstanding",
+            "clients",
+            "scheduler",
+        }
         if set(state) != expected:
             raise StateError(f"strategy state keys {sorted(state)} differ from {sorted(expected)}")
         weights = state["global_weights"]

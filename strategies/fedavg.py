@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
 
 from fedhet.types import ClientInfo, Result
-from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
 
 __all__ = ["SyncScheduler"]
 
@@ -17,7 +17,8 @@ __all__ = ["SyncScheduler"]
 class SyncScheduler:
     """Synchronous rounds.
 
-    A round starts when at least ``m = max(min_clients, ceil(fraction * known clients))`` clients are idle; it
+    A round starts when at least ``m = max(min_clients, ceil(fraction * reachable clients))`` clients are idle,
+    where reachable clients are the known ones less the stragglers still busy with a closed round's task; it
     samples ``m`` of them uniformly (seeded by ``seed`` and the round number) and ends when every sampled client
     has answered or been lost, or at ``now + round_timeout`` seconds, whichever comes first. At its end the
     arrived updates are aggregated (if any); a straggler's update arriving after its round ended is dropped.
@@ -62,17 +63,19 @@ class SyncScheduler:
         self._known: set[int] = set()
         self._idle: set[int] = set()
         self._pending: set[int] = set()
+        self._stragglers: set[int] = set()  # still training for a round that closed without them
         self._round_deadline: float | None = None  # set while a round runs
         self._start_at: float | None = None  # when to try starting the next round
 
     @property
     def round_size(self) -> int:
-        """Clients sampled per round given the clients known now."""
-        return max(self.min_clients, math.ceil(self.fraction * len(self._known)))
+        """Clients sampled per round given the clients reachable now."""
+        return max(self.min_clients, math.ceil(self.fraction * len(self._known - self._stragglers)))
 
     def on_available(self, client: ClientInfo, now: float) -> Decision:
         self._known.add(client.client_id)
         self._idle.add(client.client_id)
+        self._stragglers.discard(client.client_id)
         if client.client_id in self._pending:  # it lost its task: the round no longer waits for it
             self._pending.discard(client.client_id)
             if not self._pending:
@@ -83,6 +86,7 @@ class SyncScheduler:
 
     def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
         self._idle.add(client.client_id)
+        self._stragglers.discard(client.client_id)
         if client.client_id not in self._pending:
             decision = Decision(dropped=1)  # its round already closed
             if self._round_deadline is None and self._start_at is None:
@@ -105,6 +109,7 @@ class SyncScheduler:
         return self._round_deadline if self._round_deadline is not None else self._start_at
 
     def _close_round(self, now: float) -> Decision:
+        self._stragglers |= self._pending
         self._pending.clear()
         self._round_deadline = None
         self._start_at = now
@@ -129,20 +134,22 @@ class SyncScheduler:
             "known": sorted(self._known),
             "idle": sorted(self._idle),
             "pending": sorted(self._pending),
+            "stragglers": sorted(self._stragglers),
             "round_deadline": self._round_deadline,
             "start_at": self._start_at,
             "buffer": self.buffer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {"round", "known", "idle", "pending", "round_deadline", "start_at", "buffer"}
+        expected = {"round", "known", "idle", "pending", "stragglers", "round_deadline", "start_at", "buffer"}
         if set(state) != expected:
             raise StateError(f"fedavg scheduler state keys {sorted(state)} differ from {sorted(expected)}")
         self.round = int(state["round"])
         self._known = {int(c) for c in state["known"]}
         self._idle = {int(c) for c in state["idle"]}
         self._pending = {int(c) for c in state["pending"]}
-        if not (self._idle | self._pending) <= self._known:
+        self._stragglers = {int(c) for c in state["stragglers"]}
+        if not (self._idle | self._pending | self._stragglers) <= self._known:
             raise StateError("fedavg scheduler state lists idle or pending clients that are not known")
         self._round_deadline = None if state["round_deadline"] is None else float(state["round_deadline"])
         self._start_at = None if state["start_at"] is None else float(state["start_at"])

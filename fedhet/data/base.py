@@ -75,16 +75,12 @@ class Dataset:
     def _check_partition(self, parts: tuple[IndexArray, ...]) -> None:
         n = self.x_train.shape[0]
         if not parts or any(p.dtype != np.int64 or p.ndim != 1 for p in parts):
-            raise DataError(
-                f"dataset {self.name!r}: natural_partition must be a non-empty tuple of 1-D int64"
-            )
+            raise DataError(f"dataset {self.name!r}: natural_partition must be a non-empty tuple of 1-D int64")
         flat = np.concatenate(parts)
         if flat.size and (flat.min() < 0 or flat.max() >= n):
             raise DataError(f"dataset {self.name!r}: natural_partition indices must be in 0..{n - 1}")
         if flat.size != n or np.any(np.bincount(flat, minlength=n) != 1):
-            raise DataError(
-                f"dataset {self.name!r}: natural_partition must hold every training index exactly once"
-            )
+            raise DataError(f"dataset {self.name!r}: natural_partition must hold every training index exactly once")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -77,9 +77,7 @@ def _load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected labels of dims (N,), found {labels.shape}")
     if labels.shape[0] != images.shape[0]:
-        raise DataError(
-            f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}"
-        )
+        raise DataError(f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}")
     if labels.size and int(labels.max()) > 9:
         raise DataError(f"{labels_path}: labels must be in 0..9, found {int(labels.max())}")
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)

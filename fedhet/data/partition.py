@@ -56,9 +56,7 @@ def _finish(parts: list[IndexArray]) -> list[IndexArray]:
     return [np.sort(p).astype(np.int64, copy=False) for p in parts]
 
 
-def _apportion(
-    weights: npt.NDArray[np.float64], total: int, lo: int, hi: npt.NDArray[np.int64]
-) -> IndexArray:
+def _apportion(weights: npt.NDArray[np.float64], total: int, lo: int, hi: npt.NDArray[np.int64]) -> IndexArray:
     """Integers near ``total * weights / sum(weights)`` that sum to ``total``, each in ``lo..hi``.
 
     Needs ``len(weights) * lo <= total <= sum(hi)`` and ``lo <= hi``.
@@ -82,9 +80,7 @@ def iid(labels: npt.ArrayLike, num_clients: int, seed: int) -> list[IndexArray]:
     return _finish(np.array_split(perm, num_clients))
 
 
-def dirichlet(
-    labels: npt.ArrayLike, num_clients: int, alpha: float, seed: int, min_size: int = 1
-) -> list[IndexArray]:
+def dirichlet(labels: npt.ArrayLike, num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list[IndexArray]:
     """Split each class among clients in proportions drawn from Dir(alpha, ..., alpha).
 
     Small ``alpha`` (0.1) gives each client few classes; large ``alpha`` (1000) approaches IID. The draw is
@@ -195,16 +191,12 @@ PARTITIONERS.register("shards")(shards)
 PARTITIONERS.register("dual_dirichlet")(dual_dirichlet)
 
 
-def partition(
-    name: str, labels: npt.ArrayLike, num_clients: int, seed: int, **params: Any
-) -> list[IndexArray]:
+def partition(name: str, labels: npt.ArrayLike, num_clients: int, seed: int, **params: Any) -> list[IndexArray]:
     """Run the partitioner registered as ``name`` with its own ``params`` (e.g. ``alpha`` for dirichlet)."""
     return call_with_params(_KEY, name, PARTITIONERS.get(name), labels, num_clients, seed=seed, **params)
 
 
-def split_train_test(
-    indices: npt.ArrayLike, test_fraction: float, seed: int
-) -> tuple[IndexArray, IndexArray]:
+def split_train_test(indices: npt.ArrayLike, test_fraction: float, seed: int) -> tuple[IndexArray, IndexArray]:
     """Split one client's ``indices`` into disjoint sorted (train, test) parts whose union is ``indices``.
 
     The test part has ``round(n * test_fraction)`` samples, kept within 1..n-1 when ``test_fraction > 0``

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
+from fedhet.strategies import build_strategy
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig
 from fedhet.data import DATASETS, PARTITIONERS, Dataset, load_dataset, partition, split_train_test
@@ -24,7 +25,6 @@ from fedhet.models import MODELS, build_model
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
-from fedhet.strategies import build_strategy
 from fedhet.types import ClientInfo, Weights
 
 __all__ = ["ClientSplit", "make_clients", "simulate", "validate"]
@@ -102,8 +102,9 @@ def make_clients(cfg: RunConfig, data: Dataset) -> list[ClientSplit]:
                 f"dataset.partition.name: unknown partitioner {part.name!r}; "
                 f"choose one of: natural, {', '.join(PARTITIONERS.names())}"
             )
-        shards = partition(part.name, labels, cfg.num_clients, cfg.seed,
-                           **_accepted(PARTITIONERS.get(part.name), params))
+        shards = partition(
+            part.name, labels, cfg.num_clients, cfg.seed, **_accepted(PARTITIONERS.get(part.name), params)
+        )
     return [split_train_test(s, part.test_fraction, cfg.seed + i) for i, s in enumerate(shards)]
 
 
@@ -112,8 +113,13 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     validate(cfg)
     if cfg.sim.threads:
         torch.set_num_threads(cfg.sim.threads)
-    data_params = {"root": cfg.dataset.root, "alpha": cfg.dataset.alpha, "beta": cfg.dataset.beta,
-                   "num_clients": cfg.num_clients, "seed": cfg.seed}
+    data_params = {
+        "root": cfg.dataset.root,
+        "alpha": cfg.dataset.alpha,
+        "beta": cfg.dataset.beta,
+        "num_clients": cfg.num_clients,
+        "seed": cfg.seed,
+    }
     data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), data_params))
     if cfg.num_clients > len(data.y_train):
         raise ConfigError(
@@ -126,8 +132,13 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
     trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)))
-    executor = SequentialExecutor(trainer, data.x_train, data.y_train, {c.client_id: s[0] for c, s in
-                                                                        zip(clients, splits, strict=True)}, cfg.seed)
+    executor = SequentialExecutor(
+        trainer,
+        data.x_train,
+        data.y_train,
+        {c.client_id: s[0] for c, s in zip(clients, splits, strict=True)},
+        cfg.seed,
+    )
     eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
 
     def evaluate_global(weights: Weights) -> tuple[float, float]:
@@ -136,8 +147,14 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     log.info(
         "%s: %d clients (%s partition), %s model (%d parameters), %s strategy, %s fleet, run dir %s",
-        data.name, cfg.num_clients, cfg.dataset.partition.name, cfg.model.name,
-        sum(p.numel() for p in model.parameters()), cfg.strategy.name, cfg.fleet.speed, run_dir,
+        data.name,
+        cfg.num_clients,
+        cfg.dataset.partition.name,
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()),
+        cfg.strategy.name,
+        cfg.fleet.speed,
+        run_dir,
     )
     sim_config = SimConfig(
         max_versions=cfg.sim.max_versions,
@@ -151,8 +168,13 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     def progress(record: MetricsRecord) -> None:
         bar.update(record.version - bar.n)
         bar.set_postfix(v=record.version, t=f"{record.virtual_time:.0f}s", acc=f"{record.accuracy:.4f}")
-        log.debug("version %d at %.1f s: accuracy %.4f, loss %.4f", record.version, record.virtual_time,
-                  record.accuracy, record.loss)
+        log.debug(
+            "version %d at %.1f s: accuracy %.4f, loss %.4f",
+            record.version,
+            record.virtual_time,
+            record.accuracy,
+            record.loss,
+        )
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress)
@@ -162,8 +184,14 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     log.info(
         "stopped (%s) at version %d, virtual time %.1f s, wall %.1f s: accuracy %.4f, %d updates applied, "
         "%d dropped, %.1f MB up, %.1f MB down",
-        summary.reason, final.version, final.virtual_time, final.wall_time, final.accuracy, final.updates_applied,
-        final.updates_dropped, final.bytes_up / 1e6, final.bytes_down / 1e6,
+        summary.reason,
+        final.version,
+        final.virtual_time,
+        final.wall_time,
+        final.accuracy,
+        final.updates_applied,
+        final.updates_dropped,
+        final.bytes_up / 1e6,
+        final.bytes_down / 1e6,
     )
     return summary
-

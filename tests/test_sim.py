@@ -1,0 +1,174 @@
+"""The simulator: event order, the virtual-duration formula, dropouts, determinism, fleets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedhet.strategies import Strategy
+from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.fedavg import SyncScheduler
+from fedhet.strategies.planners import IdentityPlanner
+
+from fedhet.codec import encoded_size
+from fedhet.metrics import WALL_CLOCK_FIELDS, MetricsWriter
+from fedhet.sim.events import EventKind, EventQueue
+from fedhet.sim.fleet import FleetConfig, sample_profiles
+from fedhet.sim.simulator import SimConfig, Simulator, task_duration
+from fedhet.types import Result, Task
+from tests.helpers import client, weights
+
+
+def test_events_pop_in_time_order_and_ties_in_push_order() -> None:
+    queue = EventQueue()
+    queue.push(2.0, EventKind.TICK)
+    queue.push(1.0, EventKind.AVAILABLE, client_id=7)
+    queue.push(1.0, EventKind.ARRIVAL, client_id=3, task_id=1)
+    queue.push(0.5, EventKind.TICK)
+    popped = [queue.pop() for _ in range(4)]
+    assert [(e.time, e.kind) for e in popped] == [
+        (0.5, EventKind.TICK),
+        (1.0, EventKind.AVAILABLE),
+        (1.0, EventKind.ARRIVAL),
+        (2.0, EventKind.TICK),
+    ]
+    assert queue.now == 2.0
+    with pytest.raises(ValueError, match="before the current time"):
+        queue.push(1.0, EventKind.TICK)
+
+
+def test_task_duration_is_download_compute_upload() -> None:
+    c = client(0, num_samples=95, seconds_per_sample=0.02, bandwidth=1000.0)
+    task = Task(0, 0, 0, weights(0.0), local_epochs=2)
+    # 2 epochs of ceil(95 / 10) = 10 steps: 20 steps * 10 samples * 0.02 s = 4 s, plus 2 * 500 B / 1000 B/s
+    assert task_duration(task, c, batch_size=10, payload_bytes=500) == pytest.approx(4.0 + 1.0)
+    steps_task = Task(1, 0, 0, weights(0.0), local_steps=7)
+    assert task_duration(steps_task, c, batch_size=10, payload_bytes=0) == pytest.approx(7 * 10 * 0.02)
+
+
+class EchoExecutor:
+    """Returns ``start + client_id + 1`` without training: makes runs checkable by hand."""
+
+    batch_size = 1
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def run(self, tasks: Sequence[Task]) -> list[Result]:
+        self.ran += [t.task_id for t in tasks]
+        return [
+            Result(
+                t.task_id,
+                t.client_id,
+                t.version,
+                {k: v + t.client_id + 1 if v.is_floating_point() else v for k, v in t.weights.items()},
+                10,
+                3,
+                0.0,
+                0.0,
+            )
+            for t in tasks
+        ]
+
+
+def run_sim(
+    tmp_path: Path, speeds: list[float], availability: float = 1.0, versions: int = 3, timeout: float = 1e9
+) -> tuple[Simulator, list[dict[str, float]]]:
+    clients = [
+        client(i, num_samples=10, seconds_per_sample=s, bandwidth=1e3, availability=availability)
+        for i, s in enumerate(speeds)
+    ]
+    strategy = Strategy(
+        SyncScheduler(fraction=1.0, min_clients=1, round_timeout=timeout, local_steps=3, local_epochs=0),
+        IdentityPlanner(),
+        WeightedMean(),
+    )
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        sim = Simulator(
+            strategy,
+            clients,
+            EchoExecutor(),
+            lambda w: (float(w["w"][0]), 0.0),
+            metrics,
+            SimConfig(max_versions=versions, batch_size=5),
+            seed=0,
+        )
+        sim.run(weights(0.0))
+    return sim, [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rounds_advance_by_the_slowest_clients_virtual_duration(tmp_path: Path) -> None:
+    _, records = run_sim(tmp_path, speeds=[0.01, 0.04])
+    payload = encoded_size(weights(0.0))
+    slowest = 3 * 5 * 0.04 + 2 * payload / 1e3
+    assert [r["version"] for r in records] == [0, 1, 2, 3]
+    assert records[1]["virtual_time"] == pytest.approx(slowest)
+    assert records[3]["virtual_time"] == pytest.approx(3 * slowest)
+    # equal sample counts: the mean of start+1 and start+2 adds 1.5 each round
+    assert [r["accuracy"] for r in records] == pytest.approx([0.0, 1.5, 3.0, 4.5])
+    assert records[-1]["bytes_down"] == records[-1]["bytes_up"] == 6 * payload
+    assert records[-1]["updates_applied"] == 6
+
+
+def test_unavailable_clients_drop_out_and_the_run_goes_on(tmp_path: Path) -> None:
+    _, records = run_sim(tmp_path, speeds=[0.01] * 6, availability=0.5, versions=5)
+    assert records[-1]["version"] == 5
+    handed_out = records[-1]["bytes_down"] // encoded_size(weights(0.0))
+    assert records[-1]["updates_applied"] < handed_out  # some tasks never came back
+
+
+def test_round_deadline_bounds_a_straggler(tmp_path: Path) -> None:
+    _, records = run_sim(tmp_path, speeds=[0.01, 100.0], versions=2, timeout=5.0)
+    assert records[1]["virtual_time"] == pytest.approx(5.0)
+    assert records[2]["virtual_time"] < 1500  # the straggler (1500 s per task) never held a round
+
+
+@pytest.mark.parametrize("speed", ["homogeneous", "normal", "exponential"])
+def test_fleet_speed_distributions(speed: str) -> None:
+    config = FleetConfig(speed=speed, seconds_per_sample=0.01)
+    sps = np.array([p.seconds_per_sample for p in sample_profiles(config, 20_000, seed=1)])
+    assert sps.min() >= config.min_ratio * 0.01
+    assert sps.mean() == pytest.approx(0.01, rel=0.03)
+    expected_std = {"homogeneous": 0.0, "normal": 0.003, "exponential": 0.01}[speed]
+    assert sps.std() == pytest.approx(expected_std, rel=0.05, abs=1e-9)
+    assert sample_profiles(config, 50, seed=1) == sample_profiles(config, 50, seed=1)
+
+
+def test_fleet_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="fleet.speed must be one of"):
+        sample_profiles(FleetConfig(speed="gamma"), 3, 0)
+    with pytest.raises(ValueError, match="fleet.bandwidth must be > 0"):
+        sample_profiles(FleetConfig(bandwidth=0.0), 3, 0)
+
+
+def _strip_wall(path: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS} for row in rows]
+
+
+def test_same_seed_same_metrics_on_real_data(tmp_path: Path) -> None:
+    from fedhet.cli import compose
+    from fedhet.sim.runner import simulate
+
+    overrides = [
+        "model=2nn",
+        "num_clients=20",
+        "sim.max_versions=3",
+        "sim.progress=false",
+        "strategy.scheduler.fraction=0.2",
+        "strategy.scheduler.local_steps=5",
+        "strategy.scheduler.local_epochs=0",
+    ]
+    torch.manual_seed(123)  # the run must not depend on the global generator
+    simulate(compose(overrides), tmp_path / "a")
+    torch.manual_seed(456)
+    simulate(compose(overrides), tmp_path / "b")
+    simulate(compose([*overrides, "seed=1"]), tmp_path / "c")
+    a, b, c = (_strip_wall(tmp_path / d / "metrics.jsonl") for d in "abc")
+    assert a == b
+    assert a != c
+    assert a[-1]["version"] == 3 and a[-1]["accuracy"] > a[0]["accuracy"]
