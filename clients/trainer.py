@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,7 +66,7 @@ class LocalTrainer:
         optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        generator = torch.Generator().manual_seed((seed << 32) ^ task.task_id)
+        generator = torch.Generator().manual_seed(_task_seed(seed, task.task_id))
         steps = task.steps_for(len(x), cfg.batch_size)
         batches = _minibatches(len(x), cfg.batch_size, steps, generator)
         total_loss = torch.zeros((), device=self.device)
@@ -88,6 +89,11 @@ class LocalTrainer:
             train_seconds=time.perf_counter() - start,
             loss=float(total_loss) / steps,
         )
+
+
+def _task_seed(seed: int, task_id: int) -> int:
+    """A 64-bit seed mixing both numbers (torch's CPU generator would ignore high bits of a plain combination)."""
+    return int(np.random.SeedSequence([seed, task_id]).generate_state(1, np.uint64)[0])
 
 
 def _minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

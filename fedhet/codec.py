@@ -86,7 +86,7 @@ def encode(weights: Weights, encoding: str = "fp32") -> bytes:
     parts = [_LEN.pack(len(header)), header]
     for tensor in weights.values():
         wire = tensor.detach().to("cpu", _wire_dtype(tensor, encoding)).contiguous()
-        parts.append(wire.view(torch.uint8).numpy().tobytes() if wire.numel() else b"")
+        parts.append(wire.reshape(-1).view(torch.uint8).numpy().tobytes())
     return b"".join(parts)
 
 

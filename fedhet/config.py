@@ -99,7 +99,7 @@ class SimulationConfig:
         progress: show a progress bar.
     """
 
-    max_versions: int = 40
+    max_versions: int = 60
     max_virtual_seconds: float = 0.0
     eval_every: int = 1
     encoding: str = "fp32"

@@ -90,3 +90,25 @@ def test_bad_input_exits_nonzero_with_one_clear_line(args: list[str], message: s
 def test_missing_dataset_names_the_debian_package(tmp_path: Path) -> None:
     done = fedhet("simulate", "dataset.root=/nonexistent/fmnist", cwd=tmp_path)
     assert "apt-get install -y dataset-fashion-mnist" in done.stderr
+
+
+def test_multirun_sweeps_write_one_metrics_file_per_job(tmp_path: Path) -> None:
+    done = fedhet(
+        "simulate",
+        "-m",
+        "dataset=synthetic",
+        "model=logreg",
+        "num_clients=30",
+        "seed=0,1",
+        "sim.max_versions=2",
+        "sim.progress=false",
+        "strategy.scheduler.fraction=0.5",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    files = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
+    assert len(files) == 2
+    assert files[0].parent.name.startswith("0_") and "seed=0" in files[0].parent.name
+    assert files[1].parent.name.startswith("1_") and "seed=1" in files[1].parent.name
+    assert files[0].read_text() != files[1].read_text()
