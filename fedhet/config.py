@@ -96,6 +96,7 @@ class SimulationConfig:
         eval_every: evaluate every this many versions.
         encoding: wire encoding that sizes payloads (fp32, fp16, bf16).
         threads: torch CPU threads (0 = torch's default).
+        device: where clients train and the global model is evaluated: ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
     """
 
@@ -104,6 +105,7 @@ class SimulationConfig:
     eval_every: int = 1
     encoding: str = "fp32"
     threads: int = 0
+    device: str = "cpu"
     progress: bool = True
 
 

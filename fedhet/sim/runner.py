@@ -58,6 +58,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sim.eval_every must be >= 1, got {cfg.sim.eval_every}")
     if cfg.sim.max_virtual_seconds < 0:
         raise ConfigError(f"sim.max_virtual_seconds must be >= 0 (0 = no limit), got {cfg.sim.max_virtual_seconds}")
+    if cfg.sim.device not in ("cpu", "cuda") and not cfg.sim.device.startswith("cuda:"):
+        raise ConfigError(f"sim.device must be cpu, cuda or cuda:N, got {cfg.sim.device!r}")
+    if cfg.sim.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"sim.device is {cfg.sim.device} but torch sees no CUDA device; use sim.device=cpu")
     if cfg.sim.encoding not in ENCODINGS:
         raise ConfigError(f"sim.encoding must be one of {', '.join(ENCODINGS)}, got {cfg.sim.encoding!r}")
     build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
@@ -131,19 +135,21 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
-    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)))
+    device = torch.device(cfg.sim.device)
+    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device)
     executor = SequentialExecutor(
         trainer,
-        data.x_train,
-        data.y_train,
+        data.x_train.to(device),
+        data.y_train.to(device),
         {c.client_id: s[0] for c, s in zip(clients, splits, strict=True)},
         cfg.seed,
     )
-    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed).to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
 
     def evaluate_global(weights: Weights) -> tuple[float, float]:
         eval_model.load_state_dict(weights)
-        return evaluate(eval_model, data.x_test, data.y_test)
+        return evaluate(eval_model, x_test, y_test)
 
     log.info(
         "%s: %d clients (%s partition), %s model (%d parameters), %s strategy, %s fleet, run dir %s",
