@@ -1,4 +1,4 @@
-"""The ``fedhet`` command: ``fedhet simulate [key=value ...] [-m key=a,b ...]``."""
+"""The ``fedhet`` command: ``fedhet simulate [key=value ...] [-m key=a,b ...]`` and ``fedhet report DIR``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ GROUPS = ("dataset", "model", "strategy", "fleet")
 
 USAGE = """usage: fedhet simulate [KEY=VALUE ...]       run one simulation (Hydra overrides)
        fedhet simulate -m KEY=A,B [KEY=VALUE ...]  run a sweep (Hydra multirun)
+
+       fedhet report RUN_OR_SWEEP_DIR [--target ACC]  plot accuracy against time, tabulate time to target
 
 Config groups: dataset, model, strategy, fleet; main keys: num_clients, seed.
 Examples: fedhet simulate strategy=fedavg fleet=exponential num_clients=1000
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "simulate":
         return simulate_command(rest)
+    if command == "report":
+        from fedhet.report import main as report_main
+
+        return report_main(rest)
     return _error(f"unknown command {command!r}; see fedhet --help")
 
 

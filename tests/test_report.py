@@ -1,0 +1,249 @@
+"""``fedhet report``: loading run directories, time to target, the default target, the table and the plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhet.errors import DataError
+from fedhet.metrics import MetricsRecord
+from fedhet.report import Run, default_target, load_runs, main, mean_curve, summarize, time_to_target
+
+#: (virtual seconds, accuracy) evaluations per (fleet, strategy, seed)
+CURVES: dict[tuple[str, str, int], list[tuple[float, float]]] = {
+    # normal fleet: fedavg bests 0.80, 0.75, 0.78 -> target 0.75, reached at 30, 24, 16 s
+    ("normal", "fedavg", 0): [(0, 0.1), (10, 0.5), (20, 0.7), (30, 0.8)],
+    ("normal", "fedavg", 1): [(0, 0.1), (12, 0.6), (24, 0.75), (36, 0.7)],
+    ("normal", "fedavg", 2): [(0, 0.1), (8, 0.55), (16, 0.78), (24, 0.78)],
+    # fedcompass reaches 0.75 at 10 and 12 s
+    ("normal", "fedcompass", 0): [(0, 0.1), (5, 0.6), (10, 0.76), (15, 0.82)],
+    ("normal", "fedcompass", 1): [(0, 0.1), (6, 0.7), (12, 0.8)],
+    # exponential fleet: fedavg bests 0.60, 0.65 -> target 0.60, reached at 20 and 30 s
+    ("exponential", "fedavg", 0): [(0, 0.1), (20, 0.6)],
+    ("exponential", "fedavg", 1): [(0, 0.1), (15, 0.5), (30, 0.65)],
+    # one fedcompass seed never gets there
+    ("exponential", "fedcompass", 0): [(0, 0.1), (7, 0.62)],
+    ("exponential", "fedcompass", 1): [(0, 0.1), (9, 0.55)],
+}
+
+
+def record(time: float, accuracy: float, version: int = 0) -> MetricsRecord:
+    return MetricsRecord(version, time, 0.0, accuracy, 1.0, 0, 0, 0, 0)
+
+
+def write_run(run_dir: Path, curve: list[tuple[float, float]], config: str | None) -> Path:
+    run_dir.mkdir(parents=True)
+    lines = [
+        json.dumps(
+            {
+                "version": v,
+                "virtual_time": t,
+                "wall_time": 0.1 * v,
+                "accuracy": a,
+                "loss": 1.0,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "updates_applied": v,
+                "updates_dropped": 0,
+            }
+        )
+        for v, (t, a) in enumerate(curve)
+    ]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if config is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "config.yaml").write_text(config, encoding="utf-8")
+    return run_dir
+
+
+def config_yaml(strategy: str, fleet: str, seed: int) -> str:
+    return f"""dataset:
+  name: synthetic
+  partition:
+    name: natural
+model:
+  name: logreg
+strategy:
+  name: {strategy}
+fleet:
+  speed: {fleet}
+  seconds_per_sample: 0.005
+num_clients: 30
+seed: {seed}
+hydra_like_value: ${{hydra:runtime.output_dir}}
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep directory laid out like Hydra's, with the exponential fleet's jobs one level deeper."""
+    root = tmp_path / "sweep"
+    for number, (fleet, strategy, seed) in enumerate(CURVES):
+        parent = root / "more" if fleet == "exponential" else root
+        write_run(
+            parent / f"{number}_fleet={fleet},seed={seed}",
+            CURVES[fleet, strategy, seed],
+            config_yaml(strategy, fleet, seed),
+        )
+    return root
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_target() -> None:
+    records = [record(0.0, 0.1), record(4.5, 0.69), record(9.0, 0.7), record(13.5, 0.9), record(18.0, 0.6)]
+    assert time_to_target(records, 0.7) == 9.0  # equality counts
+    assert time_to_target(records, 0.8) == 13.5
+    assert time_to_target(records, 0.05) == 0.0
+    assert time_to_target(records, 0.95) is None
+    assert time_to_target([], 0.5) is None
+
+
+def run_of(strategy: str, accuracies: list[float], times: list[float] | None = None, seed: int = 0) -> Run:
+    """A run with the given accuracies, evaluated at ``times`` (default 0, 1, 2, ... s)."""
+    times = times or [float(i) for i in range(len(accuracies))]
+    records = [record(t, a, i) for i, (t, a) in enumerate(zip(times, accuracies, strict=True))]
+    return Run(Path("m.jsonl"), strategy, "normal", 10, "iid", "synthetic", "logreg", seed, records)
+
+
+def test_default_target_is_the_lowest_best_accuracy_of_fedavg_runs() -> None:
+    runs = [run_of("fedavg", [0.2, 0.8, 0.7]), run_of("fedavg", [0.3, 0.75]), run_of("fedcompass", [0.1, 0.5])]
+    assert default_target(runs) == 0.75  # the fedcompass run's 0.5 does not count
+    assert default_target([*runs[2:], run_of("fedbuff", [0.9])]) == 0.5  # no fedavg: every run counts
+
+
+def test_load_runs_finds_nested_runs_and_reads_their_config(sweep: Path) -> None:
+    runs = load_runs(sweep)
+    assert len(runs) == len(CURVES)
+    assert {(r.fleet, r.strategy, r.seed) for r in runs} == set(CURVES)
+    run = next(r for r in runs if (r.fleet, r.strategy, r.seed) == ("normal", "fedavg", 1))
+    assert (run.dataset, run.model, run.partition, run.num_clients) == ("synthetic", "logreg", "natural", 30)
+    assert [(r.virtual_time, r.accuracy) for r in run.records] == CURVES["normal", "fedavg", 1]
+    single = load_runs(run.path.parent)  # a run directory on its own
+    assert [r.path for r in single] == [run.path]
+
+
+def test_run_without_config_is_labelled_unknown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_run(tmp_path / "run", [(0, 0.1), (5, 0.4)], config=None)
+    with caplog.at_level(logging.WARNING, logger="fedhet.report"):
+        (run,) = load_runs(tmp_path)
+    assert (run.strategy, run.fleet, run.dataset, run.num_clients, run.seed) == (
+        "unknown",
+        "unknown",
+        "unknown",
+        None,
+        None,
+    )
+    assert "config.yaml" in caplog.text
+
+
+def test_empty_metrics_file_is_skipped_with_a_warning(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
+    empty = sweep / "99_empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="fedhet.report"):
+        runs = load_runs(sweep)
+    assert len(runs) == len(CURVES)
+    assert "99_empty" in caplog.text and "skipping" in caplog.text
+
+
+def test_malformed_metrics_line_names_file_and_line(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", [(0, 0.1)], config_yaml("fedavg", "normal", 0))
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"version": 1, "virtual_time": 3.0,\n')
+    with pytest.raises(DataError, match=r"run/metrics\.jsonl:2: malformed"):
+        load_runs(tmp_path)
+
+
+def test_summaries_per_setting_and_strategy(sweep: Path) -> None:
+    summaries = summarize(load_runs(sweep))
+    keyed = {(s.setting.fleet, s.strategy): s for s in summaries}
+    assert list(keyed) == [
+        ("exponential", "fedavg"),
+        ("exponential", "fedcompass"),
+        ("normal", "fedavg"),
+        ("normal", "fedcompass"),
+    ]
+    assert keyed["normal", "fedavg"].target == 0.75
+    assert keyed["normal", "fedavg"].times == (30.0, 24.0, 16.0)
+    assert keyed["normal", "fedcompass"].times == (10.0, 12.0)
+    assert keyed["normal", "fedavg"].relative_time == pytest.approx((70 / 3) / 11)
+    assert keyed["exponential", "fedcompass"].target == 0.6
+    assert keyed["exponential", "fedcompass"].times == (7.0, None)
+    assert keyed["exponential", "fedavg"].relative_time == pytest.approx(25 / 7)
+
+
+def test_report_table_numbers_and_files(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main([str(sweep), "--out", str(out)], capsys)
+    assert code == 0, stderr
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[3:6]): line
+        for line in stdout.splitlines()
+        if "| synthetic" in line
+    }
+    cells = {key: [c.strip() for c in line.strip("|").split("|")[6:]] for key, line in rows.items()}
+    # seeds, target %, time to target (mean ± sample std, s), final accuracy (mean ± sample std, %), time / fedcompass
+    assert cells["normal", "30", "fedavg"] == ["3", "75.00", "23.33 ± 7.02", "76.00 ± 5.29", "2.12"]
+    assert cells["normal", "30", "fedcompass"] == ["2", "75.00", "11.00 ± 1.41", "81.00 ± 1.41", "1.00"]
+    assert cells["exponential", "30", "fedavg"] == ["2", "60.00", "25.00 ± 7.07", "62.50 ± 3.54", "3.57"]
+    assert cells["exponential", "30", "fedcompass"] == ["2", "60.00", "7.00 (1/2 reached)", "58.50 ± 4.95", "1.00"]
+    assert stdout.splitlines()[0].startswith("| dataset | model | partition | fleet | clients | strategy |")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert all(line in report for line in rows.values())
+    png = (out / "accuracy_vs_time.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert str(out / "report.md") in stdout
+
+
+def test_explicit_target_overrides_the_default_and_out_defaults_to_input(
+    sweep: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stdout, _ = run_main([str(sweep), "--target", "0.8"], capsys)
+    assert code == 0
+    normal_fedavg = next(line for line in stdout.splitlines() if "| normal | 30 | fedavg |" in line)
+    assert "| 80.00 | 30.00 (1/3 reached) |" in normal_fedavg
+    assert (sweep / "report.md").is_file() and (sweep / "accuracy_vs_time.png").stat().st_size > 0
+
+
+def test_mean_curve_holds_each_seed_between_evaluations() -> None:
+    a = run_of("fedavg", [0.2, 0.6], times=[0.0, 10.0])
+    b = run_of("fedavg", [0.4, 0.5], times=[0.0, 5.0], seed=1)
+    curve = mean_curve([a, b])
+    assert curve.times.tolist() == [0.0, 5.0, 10.0]
+    np.testing.assert_allclose(curve.mean, [0.3, 0.35, 0.55])  # b's last value is held after 5 s
+    np.testing.assert_allclose(curve.low, [0.2, 0.2, 0.5])
+    np.testing.assert_allclose(curve.high, [0.4, 0.5, 0.6])
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: [str(d / "nonexistent")], "no such file or directory"),
+        (lambda d: [str(d / "bad")], "metrics.jsonl:2: malformed metrics line"),
+        (lambda d: [str(d / "norun")], "no metrics.jsonl"),
+        (lambda d: [str(d / "bad"), "--target", "75"], "fraction in (0, 1]"),
+        (lambda d: [], "RUN_OR_SWEEP_DIR"),
+    ],
+)
+def test_bad_input_returns_2_with_one_line(
+    make_args: Callable[[Path], list[str]], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write_run(tmp_path / "bad", [(0, 0.1)], config_yaml("fedavg", "normal", 0))
+    with (bad / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write("not json\n")
+    (tmp_path / "norun").mkdir()
+    code, stdout, stderr = run_main(make_args(tmp_path), capsys)
+    assert code == 2
+    assert stdout == ""
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("fedhet: error: ")
+    assert message in stderr
