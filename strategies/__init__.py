@@ -6,8 +6,6 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedhet.errors import ConfigError
-from fedhet.registry import Registry
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.base import (
     Aggregator,
@@ -20,8 +18,15 @@ from fedhet.strategies.base import (
     UnknownTaskError,
     UpdateBuffer,
 )
+from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
+from fedhet.strategies.fedbuff import FedBuffScheduler
+from fedhet.strategies.fedcompass import FedCompassScheduler
 from fedhet.strategies.planners import IdentityPlanner
+from fedhet.strategies.staleness import StalenessWeighted
+
+from fedhet.errors import ConfigError
+from fedhet.registry import Registry
 
 __all__ = [
     "AGGREGATORS",
@@ -44,8 +49,12 @@ PLANNERS: Registry[Callable[..., Planner]] = Registry("planner")
 AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
 
 SCHEDULERS.register("fedavg")(SyncScheduler)
+SCHEDULERS.register("fedcompass")(FedCompassScheduler)
+SCHEDULERS.register("fedasync")(FedAsyncScheduler)
+SCHEDULERS.register("fedbuff")(FedBuffScheduler)
 PLANNERS.register("identity")(IdentityPlanner)
 AGGREGATORS.register("weighted_mean")(WeightedMean)
+AGGREGATORS.register("staleness_weighted")(StalenessWeighted)
 
 
 def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str, Any], seed: int) -> Any:
@@ -58,7 +67,9 @@ def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str,
     if not isinstance(name, str):
         raise ConfigError(f"strategy.{role}.name is missing; choose one of: {', '.join(registry.names())}")
     if name not in registry:
-        raise ConfigError(f"strategy.{role}.name: unknown {role} {name!r}; choose one of: {', '.join(registry.names())}")
+        raise ConfigError(
+            f"strategy.{role}.name: unknown {role} {name!r}; choose one of: {', '.join(registry.names())}"
+        )
     factory = registry.get(name)
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(params) - set(accepted))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
-from fedhet.strategies.base import UpdateBuffer
+from fedhet.strategies.base import StateError, UpdateBuffer
 
 from fedhet.types import Weights
 
@@ -28,3 +31,10 @@ class WeightedMean:
             else:
                 out[name] = torch.div(acc, count, rounding_mode="floor").to(current.dtype)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise StateError(f"weighted mean aggregator has no state, got keys {sorted(state)}")

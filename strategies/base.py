@@ -97,6 +97,26 @@ class UpdateBuffer:
     def task_ids(self) -> list[int]:
         return [t for _, b in self.items() for t in b.task_ids]
 
+    def versions(self) -> set[int]:
+        """Start versions of the updates held."""
+        return set(self._buckets)
+
+    def absorb(self, other: UpdateBuffer) -> None:
+        """Move every update of ``other`` into this buffer (bucket by bucket, no update lost) and clear ``other``."""
+        for version, bucket in other.items():
+            mine = self._buckets.get(version)
+            if mine is None:
+                self._buckets[version] = Bucket(
+                    dict(bucket.weighted_sum), bucket.total_weight, bucket.count, list(bucket.task_ids)
+                )
+                continue
+            for name, acc in mine.weighted_sum.items():
+                acc.add_(bucket.weighted_sum[name])
+            mine.total_weight += bucket.total_weight
+            mine.count += bucket.count
+            mine.task_ids.extend(bucket.task_ids)
+        other.clear()
+
     def clear(self) -> None:
         self._buckets.clear()
 
@@ -157,6 +177,8 @@ class Aggregator(Protocol):
     """Combines buffered updates with the global model into the next global model."""
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class Strategy:
@@ -264,6 +286,7 @@ class Strategy:
                 for c in self.clients.values()
             },
             "scheduler": self.scheduler.state_dict(),
+            "aggregator": self.aggregator.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -276,6 +299,7 @@ class Strategy:
             "outstanding",
             "clients",
             "scheduler",
+            "aggregator",
         }
         if set(state) != expected:
             raise StateError(f"strategy state keys {sorted(state)} differ from {sorted(expected)}")
@@ -296,3 +320,4 @@ class Strategy:
             for cid, (n, sps, bw, bits, mem, av) in state["clients"].items()
         }
         self.scheduler.load_state_dict(state["scheduler"])
+        self.aggregator.load_state_dict(state["aggregator"])

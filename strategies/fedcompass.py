@@ -1,0 +1,421 @@
+"""FedCompass (Li et al., ICLR 2024): a computing-power-aware, semi-asynchronous scheduler.
+
+The server estimates each client's speed (seconds per local step) and gives it a number of local steps ``Q`` in
+``[q_min, q_max]`` so that the clients of a *group* finish at about the same time. A group's updates are aggregated
+together; groups of different speeds run independently. See ``shared/algorithms/fedcompass.md``; the reference
+code's defects are fixed here:
+
+- deadlines are handled inside the events the runtime delivers: every event first closes the groups whose latest
+  arrival time has passed, so a late arrival seen before its group's deadline tick never strands the waiting
+  members, and a group is removed only once nobody is training or waiting in it;
+- late updates are held in an :class:`~fedhet.strategies.base.UpdateBuffer` (folded per start version, listed by
+  task), merged bucket by bucket with the group's, so a client appearing in both loses nothing;
+- client weights are ``1/N`` (or sample shares) over the clients known, never 1;
+- speed is the client's reported training time per step, never the elapsed time (which counts downloads,
+  queueing and, on a first task, the wait for the run to start).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
+from fedhet.strategies.staleness import ClientWeights, StalenessBuffer
+
+from fedhet.types import ClientInfo, Result
+
+__all__ = ["CompassClient", "CompassGroup", "FedCompassScheduler"]
+
+# floor((E - now) / speed) must not lose a whole step to floating-point rounding (e.g. 32.99999999999999)
+_STEP_TOLERANCE = 1e-9
+# a reported training time of 0 must not make a client infinitely fast
+_MIN_SPEED = 1e-12
+
+
+@dataclass
+class CompassClient:
+    """What the scheduler knows of one client.
+
+    Attributes:
+        speed: seconds per local step (moving average); None until its first result.
+        local_steps: Q of its current (or last) task.
+        start: time (s) its current task was handed out.
+        version: global version its current task started from.
+        group: the group it belongs to; None during its first task, which is aggregated alone.
+        busy: a task is out; False while it waits for its group's aggregation.
+    """
+
+    speed: float | None = None
+    local_steps: int = 0
+    start: float = 0.0
+    version: int = 0
+    group: int | None = None
+    busy: bool = False
+
+
+@dataclass
+class CompassGroup:
+    """Clients set up to finish together.
+
+    Attributes:
+        expected: E, the time (s) its members are expected to arrive.
+        latest: L, the deadline (s): an arrival after it is late; at it the group aggregates what has arrived.
+        training: members with a task out.
+        arrived: members whose update is buffered, waiting for the aggregation, in order of arrival.
+        buffer: the arrived members' updates.
+        closed: aggregated or past its deadline; nobody joins it, its members still training will be late.
+    """
+
+    expected: float
+    latest: float
+    training: set[int] = field(default_factory=set)
+    arrived: list[int] = field(default_factory=list)
+    buffer: UpdateBuffer = field(default_factory=UpdateBuffer)
+    closed: bool = False
+
+    @property
+    def members(self) -> set[int]:
+        return self.training | set(self.arrived)
+
+
+class FedCompassScheduler:
+    """FedCompass's scheduler; pair it with the ``staleness_weighted`` aggregator.
+
+    Choices the paper leaves open: groups whose deadlines pass at the same event aggregate together, in one
+    version; a deadline at which none of the group's members has arrived still applies the late buffer (when it
+    holds anything), so a fleet whose every arrival is late keeps making progress; a client's first task (speed
+    unknown) belongs to no group and its update is aggregated alone, without the late buffer.
+
+    Args:
+        q_min: fewest local steps a task gets.
+        q_max: most local steps; every client's first task uses it.
+        speed_momentum: m, weight of the newest speed sample in the moving average, in (0, 1].
+        latest_time_factor: lambda >= 1, deadline slack: a group's latest arrival is ``now + lambda * Q * speed``.
+        weighting: ``uniform`` (``w_i = 1/N``) or ``samples`` (the client's share of all samples).
+    """
+
+    def __init__(
+        self,
+        q_min: int = 20,
+        q_max: int = 100,
+        speed_momentum: float = 0.9,
+        latest_time_factor: float = 1.2,
+        weighting: str = "uniform",
+    ) -> None:
+        if not 1 <= q_min <= q_max:
+            raise ValueError(f"need 1 <= q_min <= q_max, got q_min = {q_min}, q_max = {q_max}")
+        if not 0.0 < speed_momentum <= 1.0:
+            raise ValueError(f"speed_momentum must be in (0, 1], got {speed_momentum}")
+        if not (math.isfinite(latest_time_factor) and latest_time_factor >= 1.0):
+            raise ValueError(f"latest_time_factor must be >= 1, got {latest_time_factor}")
+        if weighting not in ("uniform", "samples"):
+            raise ValueError(f"weighting must be uniform or samples, got {weighting!r}")
+        self.q_min = q_min
+        self.q_max = q_max
+        self.speed_momentum = speed_momentum
+        self.latest_time_factor = latest_time_factor
+        self.version = 0
+        self.clients: dict[int, CompassClient] = {}
+        self.groups: dict[int, CompassGroup] = {}
+        self.late = UpdateBuffer()
+        self._weights = ClientWeights(weighting)
+        self._next_group = 0
+
+    # ------------------------------------------------------------------ events
+
+    def on_available(self, client: ClientInfo, now: float) -> Decision:
+        self._weights.observe(client)
+        ready, expired = self._close_due(now, inclusive=False)
+        record = self.clients.setdefault(client.client_id, CompassClient())
+        assign = []
+        if record.busy:  # it lost its task: its group no longer waits for it
+            record.busy = False
+            if record.group is not None:
+                gid, record.group = record.group, None
+                group = self.groups[gid]
+                group.training.discard(client.client_id)
+                if not group.closed and not group.training and group.arrived:
+                    group.closed = True
+                    ready.append(gid)
+                self._drop_if_empty(gid)
+            assign.append(client.client_id)
+        elif record.group is None:  # a new client
+            assign.append(client.client_id)
+        # otherwise it waits in its group and gets its task at the group's aggregation
+        return self._decide(now, StalenessBuffer(), ready, expired, assign)
+
+    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+        cid = client.client_id
+        weight = self._weights.weight(client)
+        ready, expired = self._close_due(now, inclusive=False)
+        record = self.clients.setdefault(cid, CompassClient())
+        self._update_speed(record, result, now)
+        record.busy = False
+        stage = StalenessBuffer()
+        assign = []
+        gid = record.group
+        if gid is None:  # its first task: aggregated alone, at once
+            stage.add(result, weight)
+            assign.append(cid)
+        else:
+            group = self.groups[gid]
+            group.training.discard(cid)
+            if group.closed:  # late: buffered for the next group aggregation, reassigned at once
+                self.late.add(result, weight)
+                record.group = None
+                self._drop_if_empty(gid)
+                assign.append(cid)
+            else:
+                group.buffer.add(result, weight)
+                group.arrived.append(cid)
+                if not group.training:
+                    group.closed = True
+                    ready.append(gid)
+        return self._decide(now, stage, ready, expired, assign)
+
+    def on_tick(self, now: float) -> Decision:
+        ready, expired = self._close_due(now, inclusive=True)
+        return self._decide(now, StalenessBuffer(), ready, expired, [])
+
+    def next_deadline(self) -> float | None:
+        deadlines = [g.latest for g in self.groups.values() if not g.closed]
+        return min(deadlines) if deadlines else None
+
+    def buffered_task_ids(self) -> list[int]:
+        """Tasks whose updates were accepted and are not yet aggregated (late or waiting in a group)."""
+        return self.late.task_ids() + [t for g in self.groups.values() for t in g.buffer.task_ids()]
+
+    # ------------------------------------------------------------------ internals
+
+    def _update_speed(self, record: CompassClient, result: Result, now: float) -> None:
+        """Seconds per step from the client's own training time; elapsed time only if it reported none."""
+        steps = result.local_steps if result.local_steps > 0 else (record.local_steps or self.q_max)
+        seconds = result.train_seconds
+        if not (math.isfinite(seconds) and seconds > 0):
+            seconds = now - record.start
+        sample = max(seconds / steps, _MIN_SPEED)
+        if record.speed is None:
+            record.speed = sample
+        else:
+            record.speed = (1.0 - self.speed_momentum) * record.speed + self.speed_momentum * sample
+
+    def _close_due(self, now: float, inclusive: bool) -> tuple[list[int], bool]:
+        """Close the open groups whose deadline has passed (``L <= now`` on a tick, ``L < now`` on an arrival,
+        which is on time at ``L``). Returns the closed groups that have arrivals to aggregate, and whether any
+        group closed."""
+        ready: list[int] = []
+        expired = False
+        for gid in sorted(self.groups):
+            group = self.groups[gid]
+            if group.closed or not (group.latest <= now if inclusive else group.latest < now):
+                continue
+            group.closed = True
+            expired = True
+            if group.arrived:
+                ready.append(gid)
+            else:
+                self._drop_if_empty(gid)
+        return ready, expired
+
+    def _decide(
+        self, now: float, stage: StalenessBuffer, ready: list[int], expired: bool, assign: list[int]
+    ) -> Decision:
+        """Aggregate ``stage`` (a first update), plus the late buffer and the ``ready`` groups' updates when a group
+        aggregates or a deadline passed; then assign ``assign`` and the ready groups' members, fastest first."""
+        if ready or expired:
+            stage.absorb(self.late)
+        for gid in ready:
+            group = self.groups[gid]
+            stage.absorb(group.buffer)
+            for cid in group.arrived:
+                self.clients[cid].group = None
+            assign.extend(group.arrived)
+            group.arrived = []
+            self._drop_if_empty(gid)
+        if len(stage):
+            self.version += 1
+        inf = math.inf
+        order = sorted(assign, key=lambda c: (self.clients[c].speed or inf, c))
+        assignments = [self._assign(cid, now) for cid in order]
+        if not len(stage):
+            return Decision(assign=assignments)
+        stage.live_versions = self._live_versions()
+        return Decision(aggregate=stage, assign=assignments)
+
+    def _assign(self, cid: int, now: float) -> Assignment:
+        record = self.clients[cid]
+        record.busy = True
+        record.start = now
+        record.version = self.version
+        if record.speed is None:
+            record.group = None
+            record.local_steps = self.q_max
+            return Assignment(cid, local_steps=self.q_max)
+        joined = self._join(record.speed, now)
+        if joined is None:
+            steps = self._new_group_steps(record.speed, now)
+            gid = self._next_group
+            self._next_group += 1
+            duration = steps * record.speed
+            self.groups[gid] = CompassGroup(now + duration, now + self.latest_time_factor * duration)
+        else:
+            gid, steps = joined
+        self.groups[gid].training.add(cid)
+        record.group = gid
+        record.local_steps = steps
+        return Assignment(cid, local_steps=steps)
+
+    def _join(self, speed: float, now: float) -> tuple[int, int] | None:
+        """The open group this client can finish with in the most steps within [q_min, q_max], and those steps."""
+        best: tuple[int, int] | None = None
+        for gid in sorted(self.groups):
+            group = self.groups[gid]
+            if group.closed:
+                continue
+            steps = math.floor((group.expected - now) / speed + _STEP_TOLERANCE)
+            if self.q_min <= steps <= self.q_max and (best is None or steps > best[1]):
+                best = (gid, steps)
+        return best
+
+    def _new_group_steps(self, speed: float, now: float) -> int:
+        """Q of a new group: line it up with the next arrival of an open group's fastest member (who will be
+        reassigned at that group's deadline with at most q_max steps); q_max when no group qualifies."""
+        best: int | None = None
+        for group in self.groups.values():
+            if group.closed or not now < group.latest:
+                continue
+            fastest = min(self._speed(m) for m in group.members)
+            steps = math.floor((group.latest + fastest * self.q_max - now) / speed + _STEP_TOLERANCE)
+            if steps <= self.q_max and (best is None or steps > best):
+                best = steps
+        return self.q_max if best is None else max(best, self.q_min)
+
+    def _speed(self, cid: int) -> float:
+        speed = self.clients[cid].speed
+        if speed is None:
+            raise StateError(f"client {cid} is in a group but has no speed estimate")
+        return speed
+
+    def _drop_if_empty(self, gid: int) -> None:
+        group = self.groups[gid]
+        if not group.training and not group.arrived:
+            del self.groups[gid]
+
+    def _live_versions(self) -> frozenset[int]:
+        """Start versions of updates that may still be aggregated later: tasks out and updates held."""
+        live = {r.version for r in self.clients.values() if r.busy}
+        live.update(v for v, _ in self.late.items())
+        live.update(v for g in self.groups.values() for v, _ in g.buffer.items())
+        return frozenset(live)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "next_group": self._next_group,
+            "weights": self._weights.state_dict(),
+            "clients": {
+                str(cid): {
+                    "speed": r.speed,
+                    "local_steps": r.local_steps,
+                    "start": r.start,
+                    "version": r.version,
+                    "group": r.group,
+                    "busy": r.busy,
+                }
+                for cid, r in self.clients.items()
+            },
+            "groups": {
+                str(gid): {
+                    "expected": g.expected,
+                    "latest": g.latest,
+                    "training": sorted(g.training),
+                    "arrived": list(g.arrived),
+                    "closed": g.closed,
+                    "buffer": g.buffer.state_dict(),
+                }
+                for gid, g in self.groups.items()
+            },
+            "late": self.late.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = {"version", "next_group", "weights", "clients", "groups", "late"}
+        if set(state) != expected:
+            raise StateError(f"fedcompass scheduler state keys {sorted(state)} differ from {sorted(expected)}")
+        try:
+            version = int(state["version"])
+            next_group = int(state["next_group"])
+            clients = {int(cid): _load_client(row) for cid, row in state["clients"].items()}
+            groups = {int(gid): _load_group(row) for gid, row in state["groups"].items()}
+            late = UpdateBuffer()
+            late.load_state_dict(state["late"])
+            weights = ClientWeights(self._weights.weighting)
+            weights.load_state_dict(state["weights"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            if isinstance(error, StateError):
+                raise
+            raise StateError(f"fedcompass scheduler state is malformed: {error!r}") from None
+        _check_consistent(version, next_group, clients, groups)
+        self.version, self._next_group = version, next_group
+        self.clients, self.groups, self.late, self._weights = clients, groups, late, weights
+
+
+def _load_client(row: Mapping[str, Any]) -> CompassClient:
+    keys = {"speed", "local_steps", "start", "version", "group", "busy"}
+    if set(row) != keys:
+        raise StateError(f"fedcompass client state keys {sorted(row)} differ from {sorted(keys)}")
+    speed = None if row["speed"] is None else float(row["speed"])
+    if speed is not None and not (math.isfinite(speed) and speed > 0):
+        raise StateError(f"fedcompass client speed must be finite and > 0 s/step, got {speed}")
+    group = None if row["group"] is None else int(row["group"])
+    return CompassClient(
+        speed, int(row["local_steps"]), float(row["start"]), int(row["version"]), group, bool(row["busy"])
+    )
+
+
+def _load_group(row: Mapping[str, Any]) -> CompassGroup:
+    keys = {"expected", "latest", "training", "arrived", "closed", "buffer"}
+    if set(row) != keys:
+        raise StateError(f"fedcompass group state keys {sorted(row)} differ from {sorted(keys)}")
+    buffer = UpdateBuffer()
+    buffer.load_state_dict(row["buffer"])
+    group = CompassGroup(
+        float(row["expected"]),
+        float(row["latest"]),
+        {int(c) for c in row["training"]},
+        [int(c) for c in row["arrived"]],
+        buffer,
+        bool(row["closed"]),
+    )
+    if len(buffer) != len(group.arrived):
+        raise StateError(f"fedcompass group holds {len(buffer)} updates for {len(group.arrived)} arrived members")
+    return group
+
+
+def _check_consistent(
+    version: int, next_group: int, clients: Mapping[int, CompassClient], groups: Mapping[int, CompassGroup]
+) -> None:
+    """Every member listed once, by a known client that names the group back, busy exactly when training."""
+    if groups and next_group <= max(groups):
+        raise StateError(f"fedcompass next group id {next_group} is not above the groups' ids {sorted(groups)}")
+    listed: set[int] = set()
+    for gid, group in groups.items():
+        if group.training & set(group.arrived) or len(set(group.arrived)) != len(group.arrived):
+            raise StateError(f"fedcompass group {gid} lists a member twice")
+        for cid in group.members:
+            record = clients.get(cid)
+            if record is None or record.group != gid or record.busy != (cid in group.training):
+                raise StateError(f"fedcompass group {gid} lists client {cid}, whose own state disagrees")
+            if record.speed is None:
+                raise StateError(f"fedcompass group {gid} lists client {cid}, which has no speed estimate")
+        listed |= group.members
+    for cid, record in clients.items():
+        if record.group is not None and cid not in listed:
+            raise StateError(f"fedcompass client {cid} names group {record.group}, which does not list it")
+        if record.version > version:
+            raise StateError(f"fedcompass client {cid} started from version {record.version}, after {version}")
