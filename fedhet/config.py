@@ -94,6 +94,7 @@ class SimulationConfig:
         max_versions: stop when the global model reaches this version.
         max_virtual_seconds: stop when the virtual clock passes this (0 = no limit).
         eval_every: evaluate every this many versions.
+        eval_interval: and at most once per this many virtual seconds (0 = no limit).
         encoding: wire encoding that sizes payloads (fp32, fp16, bf16).
         threads: torch CPU threads (0 = torch's default).
         device: where clients train and the global model is evaluated: ``cpu``, ``cuda`` or ``cuda:N``.
@@ -103,6 +104,7 @@ class SimulationConfig:
     max_versions: int = 60
     max_virtual_seconds: float = 0.0
     eval_every: int = 1
+    eval_interval: float = 0.0
     encoding: str = "fp32"
     threads: int = 0
     device: str = "cpu"

@@ -172,3 +172,18 @@ def test_same_seed_same_metrics_on_real_data(tmp_path: Path) -> None:
     assert a == b
     assert a != c
     assert a[-1]["version"] == 3 and a[-1]["accuracy"] > a[0]["accuracy"]
+
+
+def test_eval_interval_limits_evaluations_in_virtual_time(tmp_path: Path) -> None:
+    clients = [client(i, num_samples=10, seconds_per_sample=0.01, bandwidth=1e3) for i in range(2)]
+    strategy = Strategy(
+        SyncScheduler(fraction=1.0, min_clients=1, local_steps=3, local_epochs=0), IdentityPlanner(), WeightedMean()
+    )
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        config = SimConfig(max_versions=10, batch_size=5, eval_interval=2.0)
+        Simulator(strategy, clients, EchoExecutor(), lambda w: (0.0, 0.0), metrics, config, seed=0).run(weights(0.0))
+    times = [r["virtual_time"] for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    round_time = 3 * 5 * 0.01 + 2 * encoded_size(weights(0.0)) / 1e3
+    assert round_time < 2.0
+    assert all(later - earlier >= 2.0 for earlier, later in zip(times[:-2], times[1:-1], strict=True))
+    assert times[-1] == pytest.approx(10 * round_time)  # the last version is always evaluated

@@ -56,6 +56,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sim.max_versions must be >= 1, got {cfg.sim.max_versions}")
     if cfg.sim.eval_every < 1:
         raise ConfigError(f"sim.eval_every must be >= 1, got {cfg.sim.eval_every}")
+    if cfg.sim.eval_interval < 0:
+        raise ConfigError(f"sim.eval_interval must be >= 0 seconds, got {cfg.sim.eval_interval}")
     if cfg.sim.max_virtual_seconds < 0:
         raise ConfigError(f"sim.max_virtual_seconds must be >= 0 (0 = no limit), got {cfg.sim.max_virtual_seconds}")
     if cfg.sim.device not in ("cpu", "cuda") and not cfg.sim.device.startswith("cuda:"):
@@ -166,6 +168,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         max_versions=cfg.sim.max_versions,
         max_virtual_seconds=cfg.sim.max_virtual_seconds,
         eval_every=cfg.sim.eval_every,
+        eval_interval=cfg.sim.eval_interval,
         batch_size=cfg.client.batch_size,
         encoding=cfg.sim.encoding,
     )
@@ -184,7 +187,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress)
-        summary = simulator.run({k: v.detach().clone() for k, v in model.state_dict().items()})
+        summary = simulator.run({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     bar.close()
     final = summary.final
     log.info(

@@ -38,6 +38,8 @@ class SimConfig:
         max_versions: stop once the global model reaches this version.
         max_virtual_seconds: stop once the virtual clock passes this many seconds (0 = no limit).
         eval_every: evaluate the global model every this many versions (and at the start and the end).
+        eval_interval: and at most once per this many virtual seconds (0 = no limit); asynchronous strategies
+            make a version per update, far more often than an evaluation is worth.
         batch_size: local minibatch size, needed for the compute time of a task (samples).
         encoding: wire encoding used to size payloads (fp32, fp16, bf16).
     """
@@ -45,6 +47,7 @@ class SimConfig:
     max_versions: int = 50
     max_virtual_seconds: float = 0.0
     eval_every: int = 1
+    eval_interval: float = 0.0
     batch_size: int = 32
     encoding: str = "fp32"
 
@@ -126,7 +129,9 @@ class Simulator:
             self._schedule_tick()
             if self.strategy.version != version:
                 done = self.strategy.version >= self.config.max_versions
-                if done or self.strategy.version % self.config.eval_every == 0:
+                due = self.strategy.version % self.config.eval_every == 0
+                due = due and event.time >= last.virtual_time + self.config.eval_interval
+                if done or due:
                     last = self._record()
                 if done:
                     reason = f"reached version {self.config.max_versions}"
