@@ -108,7 +108,7 @@ def test_multirun_sweeps_write_one_metrics_file_per_job(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     files = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
-    assert len(files) == 2
-    assert files[0].parent.name.startswith("0_") and "seed=0" in files[0].parent.name
-    assert files[1].parent.name.startswith("1_") and "seed=1" in files[1].parent.name
+    assert [f.parent.name for f in files] == ["0", "1"]
+    for job, file in enumerate(files):
+        assert f"seed={job}" in (file.parent / ".hydra" / "overrides.yaml").read_text()
     assert files[0].read_text() != files[1].read_text()

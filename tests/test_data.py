@@ -242,9 +242,7 @@ def test_partitioners_cover_exactly(labels: np.ndarray, num_clients: int, seed: 
     min_size=st.integers(1, 5),
     seed=st.integers(0, 2**31),
 )
-def test_dirichlet_min_size(
-    labels: np.ndarray, num_clients: int, alpha: float, min_size: int, seed: int
-) -> None:
+def test_dirichlet_min_size(labels: np.ndarray, num_clients: int, alpha: float, min_size: int, seed: int) -> None:
     if min_size * num_clients > labels.size:
         with pytest.raises(ConfigError, match="min_size"):
             dirichlet(labels, num_clients, alpha=alpha, seed=seed, min_size=min_size)
@@ -299,8 +297,8 @@ def test_dirichlet_alpha_controls_skew() -> None:
 
 
 def test_dual_dirichlet_alpha2_controls_skew() -> None:
-    skewed = mean_top_share(partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=20.0, alpha2=0.1))
-    uniform = mean_top_share(partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=20.0, alpha2=1000.0))
+    skewed = mean_top_share(partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=2e4, alpha2=0.1))
+    uniform = mean_top_share(partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=2e4, alpha2=1000.0))
     assert skewed > 0.5 and uniform < 0.2
 
 
@@ -346,3 +344,11 @@ def test_split_train_test_disjoint_and_covering(indices: np.ndarray, test_fracti
 def test_split_train_test_rejects_bad_fraction() -> None:
     with pytest.raises(ConfigError, match="test_fraction"):
         split_train_test(np.arange(10), 1.0, seed=0)
+
+
+def test_dual_dirichlet_alpha1_controls_client_sizes() -> None:
+    """alpha1 scales a uniform prior over clients: alpha1 = N gives a flat Dirichlet (uneven sizes), a huge alpha1
+    near-equal sizes."""
+    flat = [p.size for p in partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=20.0, alpha2=1.0)]
+    even = [p.size for p in partition("dual_dirichlet", BALANCED, 20, seed=0, alpha1=2e5, alpha2=1.0)]
+    assert np.std(flat) > 5 * np.std(even)

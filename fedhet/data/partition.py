@@ -151,11 +151,12 @@ def shards(labels: npt.ArrayLike, num_clients: int, classes_per_client: int, see
 def dual_dirichlet(
     labels: npt.ArrayLike, num_clients: int, alpha1: float, alpha2: float, seed: int
 ) -> list[IndexArray]:
-    """FedCompass's dual Dirichlet split: client sizes from Dir(alpha1), class mixes from Dir(alpha2 * prior).
+    """FedCompass's dual Dirichlet split: client sizes from Dir(alpha1 * p1), class mixes from Dir(alpha2 * p2).
 
-    Client k's share of the samples is drawn from Dir(alpha1, ..., alpha1) (the paper sets alpha1 to the
-    number of clients) and rounded to at least one sample; its class mix from Dir(alpha2 * p) with p the
-    dataset's class frequencies. Clients are filled in order from the samples still unassigned: a draw of
+    Both Dirichlets scale a prior: p1 is uniform over the clients (1/N each) and p2 is the dataset's class
+    frequencies. The clients' shares of the samples are drawn from Dir(alpha1/N, ..., alpha1/N) (the paper sets
+    alpha1 to the number of clients, a flat Dirichlet) and rounded to at least one sample; each client's class
+    mix from Dir(alpha2 * p2). Clients are filled in order from the samples still unassigned: a draw of
     its size from its mix, where a class runs out the shortfall is redrawn over the classes left (the last
     clients may thus drift from their mix).
     """
@@ -165,7 +166,7 @@ def dual_dirichlet(
     rng = np.random.default_rng(seed)
     classes, left = np.unique(y, return_counts=True)
     prior = left / y.size
-    share = rng.dirichlet(np.full(num_clients, alpha1))
+    share = rng.dirichlet(np.full(num_clients, alpha1 / num_clients))
     sizes = _apportion(share, y.size, 1, np.full(num_clients, y.size, dtype=np.int64))
     counts = np.zeros((num_clients, classes.size), dtype=np.int64)
     for k in range(num_clients):
