@@ -17,11 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedhet.strategies import StateError, Strategy, build_strategy
-from fedhet.strategies.base import Decision, Scheduler, UpdateBuffer
-from fedhet.strategies.fedcompass import FedCompassScheduler
-from fedhet.strategies.planners import IdentityPlanner
-from fedhet.strategies.staleness import StalenessWeighted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +24,11 @@ from fedhet.cli import compose
 from fedhet.metrics import MetricsWriter
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.simulator import SimConfig, Simulator
+from fedhet.strategies import StateError, Strategy, build_strategy
+from fedhet.strategies.base import Decision, Scheduler, UpdateBuffer
+from fedhet.strategies.fedcompass import FedCompassScheduler
+from fedhet.strategies.planners import IdentityPlanner
+from fedhet.strategies.staleness import StalenessWeighted
 from fedhet.types import ClientInfo, Result, Task, Weights
 from tests.helpers import client
 
@@ -441,8 +441,9 @@ def test_late_arrival_before_the_deadline_tick_does_not_strand_the_waiting_membe
     assert isinstance(sched, FedCompassScheduler)
     a, b = (strategy.on_available(client(i), 0.0)[0] for i in range(2))
     [a] = answer(strategy, a, 10.0, 1.0, 1.0)  # solo; A opens group 0 with Q = 10: E = 20, L = 25
-    [b] = answer(strategy, b, 12.0, 2.0, 1.0)  # solo (2 s of network); B joins with Q = floor((20 - 12) / 1) = 8
-    assert b.local_steps == 8 and sched.groups[0].training == {0, 1}
+    # solo; B's 2 s of transfers become its overhead: it joins with Q = floor((20 - 12 - 2) / 1) = 6
+    [b] = answer(strategy, b, 12.0, 2.0, 1.0)
+    assert b.local_steps == 6 and sched.groups[0].training == {0, 1}
     assert answer(strategy, a, 20.0, 3.0, 1.0) == []  # A on time: waits for B
     assert strategy.next_deadline() == 25.0
     # no tick at 25: B's update, 5 s late, is the next event
@@ -474,13 +475,17 @@ def test_late_update_and_group_update_of_the_same_client_are_both_applied() -> N
     strategy.start(scalar(0.0), 0.0)
     a, b = (strategy.on_available(client(i), 0.0)[0] for i in range(2))
     [a] = answer(strategy, a, 10.0, 2.0, 1.0)  # v1: w = 0.25 * 2 = 0.5; A: group 0, E = 20, L = 25
-    [b] = answer(strategy, b, 12.0, 4.0, 1.0)  # v2: tau 1, a = 0.25/sqrt(2): w = 1.118718; B joins, Q = 8
+    # v2: tau 1, a = 0.25/sqrt(2): w = 1.118718; B (2 s overhead) joins, Q = floor((20 - 12 - 2) / 1) = 6
+    [b] = answer(strategy, b, 12.0, 4.0, 1.0)
     assert answer(strategy, b, 20.0, 6.0, 1.0) == []  # B waits
-    [b] = strategy.on_tick(25.0)  # v3: w = 0.75 * 1.118718 + 0.25 * 6 = 2.339039; B: group 1, E = 35, L = 40
-    [a] = answer(strategy, a, 30.0, 8.0, 1.0)  # A late (from version 1): late buffer; joins group 1, Q = 5
-    assert a.local_steps == 5 and strategy.version == 3
-    assert answer(strategy, b, 35.0, 12.0, 1.0) == []
-    assert answer(strategy, a, 35.0, 10.0, 1.0) != []  # group 1 complete: late buffer + group buffer, v4
+    # v3: w = 0.75 * 1.118718 + 0.25 * 6 = 2.339039; B: group 1, E = 25 + 2 + 10 = 37, L = 25 + 2 + 15 = 42
+    [b] = strategy.on_tick(25.0)
+    # A late (from version 1; it trained slowly, 2 s/step: speed 0.1 * 1 + 0.9 * 2 = 1.9): late buffer;
+    # it joins group 1 with Q = floor((37 - 30) / 1.9) = 3
+    [a] = answer(strategy, a, 30.0, 8.0, 2.0)
+    assert a.local_steps == 3 and strategy.version == 3
+    assert answer(strategy, b, 37.0, 12.0, 1.0) == []
+    assert answer(strategy, a, 37.0, 10.0, 1.9) != []  # group 1 complete: late buffer + group buffer, v4
     # A's late update (tau = 3 - 1 = 2, a = 0.25/sqrt(3) = 0.144338) and A's and B's group updates (a = 0.25 each):
     # w = (1 - 0.644338) * 2.339039 + 0.144338 * 8 + 0.25 * 10 + 0.25 * 12 = 7.486609
     # (dropping A's late update, as the reference did, would give 0.5 * 2.339039 + 5.5 = 6.669519)
@@ -660,3 +665,22 @@ def test_late_ticks_and_noisy_clients_never_strand_a_waiting_client(
     loop.ledger = ledger
     loop.start().run(150)
     assert_each_result_applied_once(loop.strategy, ledger, checked)
+
+
+def test_transfer_time_counts_in_arrival_times_not_in_speed() -> None:
+    """Speed is training time per step; the rest of a round trip (transfers, queueing) is tracked as overhead and
+    added to a group's expected and latest arrival, so a client whose transfers take a sizeable part of a task is
+    not counted late every time."""
+    strategy = compass(q_min=1, q_max=10, latest_time_factor=1.2)
+    strategy.start(scalar(0.0), 0.0)
+    sched = strategy.scheduler
+    assert isinstance(sched, FedCompassScheduler)
+    a, b = (strategy.on_available(client(i), 0.0)[0] for i in range(2))
+    answer(strategy, a, 10.0, 1.0, 0.6)  # trained 6 s of the 10 s round trip: speed 0.6 s/step, overhead 4 s
+    assert sched.clients[0].speed == pytest.approx(0.6) and sched.clients[0].overhead == pytest.approx(4.0)
+    group = sched.groups[sched.clients[0].group]  # type: ignore[index]
+    # E = 10 + 4 + 10 * 0.6 = 20 and L = 10 + 4 + 1.2 * 6 = 21.2 (without the overhead: 16 and 17.2, and an
+    # arrival at 20 would be late)
+    assert (group.expected, group.latest) == (pytest.approx(20.0), pytest.approx(21.2))
+    [b2] = answer(strategy, b, 11.0, 1.0, 0.6)  # 5 s of overhead: joins with Q = floor((20 - 11 - 5) / 0.6) = 6
+    assert b2.local_steps == 6

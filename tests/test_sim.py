@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fedhet.strategies import Strategy
-from fedhet.strategies.aggregators import WeightedMean
-from fedhet.strategies.fedavg import SyncScheduler
-from fedhet.strategies.planners import IdentityPlanner
 
 from fedhet.codec import encoded_size
 from fedhet.metrics import WALL_CLOCK_FIELDS, MetricsWriter
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.fleet import FleetConfig, sample_profiles
 from fedhet.sim.simulator import SimConfig, Simulator, task_duration
-from fedhet.types import Result, Task
-from tests.helpers import client, weights
+from fedhet.strategies import Strategy
+from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.fedavg import SyncScheduler
+from fedhet.strategies.planners import IdentityPlanner
+from fedhet.types import Task
+from tests.helpers import EchoExecutor, client, weights
 
 
 def test_events_pop_in_time_order_and_ties_in_push_order() -> None:
@@ -48,31 +47,6 @@ def test_task_duration_is_download_compute_upload() -> None:
     assert task_duration(task, c, batch_size=10, payload_bytes=500) == pytest.approx(4.0 + 1.0)
     steps_task = Task(1, 0, 0, weights(0.0), local_steps=7)
     assert task_duration(steps_task, c, batch_size=10, payload_bytes=0) == pytest.approx(7 * 10 * 0.02)
-
-
-class EchoExecutor:
-    """Returns ``start + client_id + 1`` without training: makes runs checkable by hand."""
-
-    batch_size = 1
-
-    def __init__(self) -> None:
-        self.ran: list[int] = []
-
-    def run(self, tasks: Sequence[Task]) -> list[Result]:
-        self.ran += [t.task_id for t in tasks]
-        return [
-            Result(
-                t.task_id,
-                t.client_id,
-                t.version,
-                {k: v + t.client_id + 1 if v.is_floating_point() else v for k, v in t.weights.items()},
-                10,
-                3,
-                0.0,
-                0.0,
-            )
-            for t in tasks
-        ]
 
 
 def run_sim(
