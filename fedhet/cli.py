@@ -1,4 +1,4 @@
-"""The ``fedhet`` command: ``fedhet simulate [key=value ...] [-m key=a,b ...]`` and ``fedhet report DIR``."""
+"""The ``fedhet`` command: ``simulate``, ``server``, ``client`` and ``report``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ GROUPS = ("dataset", "model", "strategy", "fleet")
 USAGE = """usage: fedhet simulate [KEY=VALUE ...]       run one simulation (Hydra overrides)
        fedhet simulate -m KEY=A,B [KEY=VALUE ...]  run a sweep (Hydra multirun)
 
+       fedhet server [KEY=VALUE ...]                  serve a federation over gRPC (configs/server.yaml)
+       fedhet client [KEY=VALUE ...]                  join one as a device (configs/client.yaml)
        fedhet report RUN_OR_SWEEP_DIR [--target ACC]  plot accuracy against time, tabulate time to target
 
 Config groups: dataset, model, strategy, fleet; main keys: num_clients, seed.
@@ -116,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "simulate":
         return simulate_command(rest)
+    if command == "server":
+        from fedhet.server import main as server_main
+
+        return server_main(rest)
+    if command == "client":
+        from fedhet.clients.network import client_main
+
+        return client_main(rest)
     if command == "report":
         from fedhet.report import main as report_main
 

@@ -3,6 +3,11 @@
 Format: an 8-byte little-endian header length, a UTF-8 JSON header listing every tensor (name, shape, dtype of the
 model, encoding on the wire, byte length), then the tensors' raw bytes in header order. No pickle anywhere: decoding
 untrusted bytes can only produce tensors or a :class:`CodecError`.
+
+Encodings of floating-point tensors: ``fp32``, ``fp16``, ``bf16`` (cast), and the packed integer encodings
+``int2``, ``int4``, ``int6``, ``int8``, ``int12``, ``int16`` (:mod:`fedhet.quant`: symmetric per-output-channel
+quantization). A packed tensor's bytes are its ``C`` fp32 scales (``C`` = dim 0 for 2 or more dims, else 1) followed
+by ``ceil(numel * b / 8)`` bytes of ``b``-bit values. Integer and bool tensors always travel exactly.
 """
 
 from __future__ import annotations
@@ -15,15 +20,29 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhet import quant
 from fedhet.types import Weights
 
-__all__ = ["ENCODINGS", "CodecError", "decode", "encode", "encoded_size"]
+__all__ = [
+    "ALL_ENCODINGS",
+    "ENCODINGS",
+    "PACKED_ENCODINGS",
+    "CodecError",
+    "decode",
+    "encode",
+    "encoded_size",
+    "encoding_for_bitwidth",
+]
 
 _LEN = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 #: wire encodings of floating-point tensors and the torch dtype each stores values as
 ENCODINGS: Mapping[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: packed integer encodings of floating-point tensors and their bits per value
+PACKED_ENCODINGS: Mapping[str, int] = {f"int{b}": b for b in quant.BITWIDTHS}
+#: every encoding :func:`encode` accepts
+ALL_ENCODINGS: tuple[str, ...] = (*ENCODINGS, *PACKED_ENCODINGS)
 _DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -49,23 +68,44 @@ class _Entry:
     nbytes: int
 
 
+def encoding_for_bitwidth(bitwidth: int, full_precision: str = "fp32") -> str:
+    """The encoding a client of ``bitwidth`` bits sends and receives: ``int<b>`` for a packed bitwidth,
+    ``full_precision`` (the run's float encoding) for 32."""
+    if bitwidth == quant.FULL_PRECISION:
+        return full_precision
+    if bitwidth not in quant.BITWIDTHS:
+        raise CodecError(f"no encoding for bitwidth {bitwidth}; packed bitwidths are {list(quant.BITWIDTHS)} and 32")
+    return f"int{bitwidth}"
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype, encoding: str) -> int:
+    """Bytes of one tensor on the wire."""
+    numel = math.prod(shape)
+    if not dtype.is_floating_point:
+        return numel * torch.empty((), dtype=dtype).element_size()
+    bits = PACKED_ENCODINGS.get(encoding)
+    if bits is not None:
+        return 4 * quant.num_channels(shape) + quant.packed_nbytes(numel, bits)
+    return numel * torch.empty((), dtype=ENCODINGS[encoding]).element_size()
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def _wire_dtype(tensor: torch.Tensor, encoding: str) -> torch.dtype:
-    """Floating-point tensors travel at ``encoding``; integer and bool tensors travel exactly."""
+    """Floating-point tensors travel at a float ``encoding``; integer and bool tensors travel exactly."""
     return ENCODINGS[encoding] if tensor.is_floating_point() else tensor.dtype
 
 
 def _header(weights: Weights, encoding: str) -> list[_Entry]:
-    if encoding not in ENCODINGS:
-        raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
+    if encoding not in ALL_ENCODINGS:
+        raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
     entries = []
     for name, tensor in weights.items():
-        wire = _wire_dtype(tensor, encoding)
-        nbytes = tensor.numel() * torch.empty((), dtype=wire).element_size()
-        entries.append(_Entry(name, tuple(tensor.shape), _dtype_name(tensor.dtype), encoding, nbytes))
+        shape = tuple(tensor.shape)
+        nbytes = _nbytes(shape, tensor.dtype, encoding)
+        entries.append(_Entry(name, shape, _dtype_name(tensor.dtype), encoding, nbytes))
     return entries
 
 
@@ -80,13 +120,25 @@ def encoded_size(weights: Weights, encoding: str = "fp32") -> int:
     return _LEN.size + len(_header_bytes(entries)) + sum(e.nbytes for e in entries)
 
 
+def _raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def encode(weights: Weights, encoding: str = "fp32") -> bytes:
-    """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16 or bf16)."""
+    """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16, bf16) or quantized and
+    packed (int2 ... int16). Raises :class:`CodecError` for an unknown encoding or, when packing, inf/NaN values."""
     header = _header_bytes(_header(weights, encoding))
     parts = [_LEN.pack(len(header)), header]
-    for tensor in weights.values():
-        wire = tensor.detach().to("cpu", _wire_dtype(tensor, encoding)).contiguous()
-        parts.append(wire.reshape(-1).view(torch.uint8).numpy().tobytes())
+    bits = PACKED_ENCODINGS.get(encoding)
+    for name, tensor in weights.items():
+        if bits is not None and tensor.is_floating_point():
+            try:
+                packed = quant.pack_tensor(tensor, bits)
+            except quant.QuantError as error:
+                raise CodecError(f"tensor {name!r}: {error}") from None
+            parts += [_raw(packed.scales), _raw(packed.data)]
+        else:
+            parts.append(_raw(tensor.to(_wire_dtype(tensor, encoding))))
     return b"".join(parts)
 
 
@@ -104,6 +156,17 @@ def _parse_header(data: bytes) -> tuple[list[_Entry], int]:
     return entries, _LEN.size + length
 
 
+def _unpack(entry: _Entry, raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 values of a packed tensor: scales, then packed values; any invalid scale or byte is a CodecError."""
+    channels = quant.num_channels(entry.shape)
+    scales = raw[: 4 * channels].view(torch.float32)
+    packed = quant.PackedTensor(bits, entry.shape, scales, raw[4 * channels :])
+    try:
+        return quant.unpack_tensor(packed)
+    except quant.QuantError as error:
+        raise CodecError(f"tensor {entry.name!r} ({entry.encoding}): {error}") from None
+
+
 def decode(data: bytes) -> dict[str, torch.Tensor]:
     """Parse bytes from :func:`encode` back into tensors of their original dtypes; validates every length."""
     entries, offset = _parse_header(data)
@@ -111,18 +174,22 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
     for entry in entries:
         if entry.name in out:
             raise CodecError(f"tensor {entry.name!r} appears twice")
-        if entry.dtype not in _DTYPES or entry.encoding not in ENCODINGS:
+        if entry.dtype not in _DTYPES or entry.encoding not in ALL_ENCODINGS:
             raise CodecError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype} / encoding {entry.encoding}")
         if any(d < 0 for d in entry.shape):
             raise CodecError(f"tensor {entry.name!r}: negative dimension in shape {entry.shape}")
         dtype = _DTYPES[entry.dtype]
-        wire = ENCODINGS[entry.encoding] if dtype.is_floating_point else dtype
-        expected = math.prod(entry.shape) * torch.empty((), dtype=wire).element_size()
+        expected = _nbytes(entry.shape, dtype, entry.encoding)
         if entry.nbytes != expected or offset + expected > len(data):
             raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, shape needs {expected}")
-        raw = torch.frombuffer(bytearray(data[offset : offset + expected]), dtype=torch.uint8) if expected else None
-        values = raw.view(wire) if raw is not None else torch.empty(0, dtype=wire)
-        out[entry.name] = values.reshape(entry.shape).to(dtype)
+        chunk = bytearray(data[offset : offset + expected])
+        raw = torch.frombuffer(chunk, dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        bits = PACKED_ENCODINGS.get(entry.encoding)
+        if bits is not None and dtype.is_floating_point:
+            out[entry.name] = _unpack(entry, raw, bits).to(dtype)
+        else:
+            wire = ENCODINGS[entry.encoding] if dtype.is_floating_point else dtype
+            out[entry.name] = raw.view(wire).reshape(entry.shape).to(dtype)
         offset += expected
     if offset != len(data):
         raise CodecError(f"{len(data) - offset} trailing bytes after the last tensor")

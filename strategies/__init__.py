@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fedhet.errors import ConfigError
+from fedhet.registry import Registry
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.base import (
     Aggregator,
@@ -23,10 +25,8 @@ from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.fedbuff import FedBuffScheduler
 from fedhet.strategies.fedcompass import FedCompassScheduler
 from fedhet.strategies.planners import IdentityPlanner
+from fedhet.strategies.prowd import BitwidthPlanner, GroupedMean, ProWD
 from fedhet.strategies.staleness import StalenessWeighted
-
-from fedhet.errors import ConfigError
-from fedhet.registry import Registry
 
 __all__ = [
     "AGGREGATORS",
@@ -34,8 +34,11 @@ __all__ = [
     "SCHEDULERS",
     "Aggregator",
     "Assignment",
+    "BitwidthPlanner",
     "Decision",
+    "GroupedMean",
     "Planner",
+    "ProWD",
     "Scheduler",
     "StateError",
     "Strategy",
@@ -53,6 +56,9 @@ SCHEDULERS.register("fedcompass")(FedCompassScheduler)
 SCHEDULERS.register("fedasync")(FedAsyncScheduler)
 SCHEDULERS.register("fedbuff")(FedBuffScheduler)
 PLANNERS.register("identity")(IdentityPlanner)
+PLANNERS.register("bitwidth")(BitwidthPlanner)
+AGGREGATORS.register("prowd")(ProWD)
+AGGREGATORS.register("grouped_mean")(GroupedMean)
 AGGREGATORS.register("weighted_mean")(WeightedMean)
 AGGREGATORS.register("staleness_weighted")(StalenessWeighted)
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from fedhet.strategies.base import StateError, UpdateBuffer
 
+from fedhet.strategies.base import StateError, UpdateBuffer
 from fedhet.types import Weights
 
 __all__ = ["WeightedMean"]

@@ -7,7 +7,6 @@ from typing import Any
 
 from fedhet.strategies.base import Assignment, Decision, StateError
 from fedhet.strategies.staleness import ClientWeights, StalenessBuffer, StartVersions
-
 from fedhet.types import ClientInfo, Result
 
 __all__ = ["FedAsyncScheduler"]

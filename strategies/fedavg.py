@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
 
+from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
 from fedhet.types import ClientInfo, Result
 
 __all__ = ["SyncScheduler"]

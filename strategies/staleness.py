@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from fedhet.strategies.base import StateError, UpdateBuffer
 
+from fedhet.strategies.base import StateError, UpdateBuffer
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [

@@ -8,6 +8,10 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedhet.cli import compose
 from fedhet.strategies import StateError, Strategy, build_strategy
 from fedhet.strategies.base import UpdateBuffer
 from fedhet.strategies.fedasync import FedAsyncScheduler
@@ -23,10 +27,6 @@ from fedhet.strategies.staleness import (
     make_staleness_fn,
     polynomial,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from fedhet.cli import compose
 from fedhet.types import Result
 from tests.helpers import client
 from tests.test_fedcompass import (

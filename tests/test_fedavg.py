@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+
 from fedhet.strategies import Strategy, UnknownTaskError, build_strategy
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
-
 from tests.helpers import client, result_for, weights
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
 
+from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
 from fedhet.models import MODELS, build_model
 from fedhet.types import Task
 

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from fedhet.clients.trainer import LocalTrainer
 
+from fedhet.clients.trainer import LocalTrainer
 from fedhet.types import Result, Task
 
 __all__ = ["Executor", "SequentialExecutor"]

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from fedhet.strategies.base import Strategy
 
 from fedhet.codec import encoded_size
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
+from fedhet.strategies.base import Strategy
 from fedhet.types import ClientInfo, Result, Task, Weights
 
 __all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]

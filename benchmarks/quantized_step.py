@@ -1,0 +1,186 @@
+"""Quantized client training: step time, weight memory and upload bytes against fp32, measured in one run.
+
+For the FedAvg CNN and 2NN (Fashion-MNIST shapes, minibatch 32) this times one local SGD step (forward, backward,
+update) in fp32, under bf16 autocast, and with quantization-aware training at 8 and 4 bits
+(:class:`fedhet.clients.quantized.QuantizedTrainer`'s model), interleaving the variants round by round so that
+load from other processes hits all alike; it prints the minimum and median step time of each and its ratio to fp32.
+It then prints, per quantizable layer, the int8 and fake-quant paths' forward+backward times (the per-layer choice),
+the bytes a client stores between tasks, and the bytes of one uploaded update, each as a fraction of fp32.
+
+    python benchmarks/quantized_step.py [--rounds 40] [--threads N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedhet import quant
+from fedhet.clients.quantized import choose_path, layer_paths, quantize_model, set_bitwidth
+from fedhet.codec import encoded_size, encoding_for_bitwidth
+from fedhet.models import build_model
+
+SHAPE = (1, 28, 28)
+BATCH = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round-robin (``rounds`` calls each after 3 warm-up calls)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def step_times(name: str, rounds: int, device: torch.device) -> None:
+    model = build_model(name, SHAPE, 10, seed=0).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *SHAPE, generator=g).to(device)
+    y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+    variants = {
+        "fp32": make_step(copy.deepcopy(model), x, y, autocast=False),
+        "bf16 autocast": make_step(copy.deepcopy(model), x, y, autocast=True),
+    }
+    if name == "cnn":  # the int8 path's im2col yields channels-last activations; this row shows that layout alone
+        variants["fp32 channels-last"] = make_step(
+            copy.deepcopy(model).to(memory_format=torch.channels_last), x, y, autocast=False
+        )
+    paths = {}
+    for bits in (8, 4):
+        qmodel = quantize_model(model)
+        set_bitwidth(qmodel, bits)
+        variants[f"int{bits} QAT"] = make_step(qmodel, x, y, autocast=False)
+        variants[f"int{bits} QAT"]()
+        paths[bits] = layer_paths(qmodel)
+    times = interleaved(variants, rounds, device)
+    base_min, base_med = min(times["fp32"]), statistics.median(times["fp32"])
+    print(f"\n{name}: one SGD step, minibatch {BATCH}, {rounds} interleaved rounds")
+    print(f"  {'variant':<20} {'min ms':>8} {'median ms':>10} {'speedup (min)':>14} {'speedup (median)':>17}")
+    for variant, t in times.items():
+        lo, med = min(t), statistics.median(t)
+        print(f"  {variant:<20} {lo * 1e3:8.2f} {med * 1e3:10.2f} {base_min / lo:14.2f}x {base_med / med:16.2f}x")
+    print(f"  layer paths: int8 {paths[8]}, int4 {paths[4]}")
+
+
+def layer_choice(name: str, rounds: int, device: torch.device) -> None:
+    """Forward+backward time of every quantizable layer on its real input, on the int8 and the fake path."""
+    model = build_model(name, SHAPE, 10, seed=0).to(device)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    model(torch.randn(BATCH, *SHAPE, device=device))
+    for h in hooks:
+        h.remove()
+    print(f"\n{name}: per-layer forward+backward at 8 bits (ms, min of {rounds}); chosen = choose_path()")
+    for layer_name, x in inputs.items():
+        layer = dict(model.named_modules())[layer_name]
+        fns = {}
+        for path in ("int8", "fake"):
+            q = quantize_model(layer)
+            set_bitwidth(q, 8, int8_min_macs=0 if path == "int8" else 1 << 62)
+            xin = x.clone().requires_grad_(layer_name not in ("0", "1"))  # the first layer needs no input grad
+
+            def run(q: nn.Module = q, xin: torch.Tensor = xin) -> None:
+                q(xin).sum().backward()
+
+            fns[path] = run
+        if isinstance(layer, nn.Conv2d) and layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] < 64:
+            fns.pop("int8")  # below the int8 path's minimum reduction length it is never taken
+        times = interleaved(fns, rounds, device)
+        macs = _macs(layer, x)
+        chosen = choose_path(layer, 8, macs)
+        shown = "  ".join(f"{p} {min(t) * 1e3:.3f}" for p, t in times.items())
+        print(f"  layer {layer_name} {type(layer).__name__:<7} {macs / 1e6:7.1f} M MACs: {shown}  -> chosen {chosen}")
+
+
+def _macs(layer: nn.Module, x: torch.Tensor) -> int:
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return x.shape[0] * x.shape[2] * x.shape[3] * kh * kw * layer.in_channels * layer.out_channels
+    assert isinstance(layer, nn.Linear)
+    return x.numel() // layer.in_features * layer.in_features * layer.out_features
+
+
+def memory_and_upload(name: str) -> None:
+    weights = build_model(name, SHAPE, 10, seed=0).state_dict()
+    fp32 = sum(v.numel() * 4 for v in weights.values())
+    params = sum(v.numel() for v in weights.values())
+    print(f"\n{name}: {params} parameters; weights stored between tasks, and one uploaded update")
+    print(f"  {'format':<8} {'stored bytes':>13} {'of fp32':>8} {'upload bytes':>13} {'of fp32':>8}")
+    up32 = encoded_size(weights, "fp32")
+    for fmt, stored in (
+        ("fp32", fp32),
+        ("bf16", params * 2),
+        ("int8", _packed_bytes(weights, 8)),
+        ("int4", _packed_bytes(weights, 4)),
+    ):
+        upload = encoded_size(weights, fmt if fmt in ("fp32", "bf16") else encoding_for_bitwidth(int(fmt[3:])))
+        print(f"  {fmt:<8} {stored:13d} {stored / fp32:8.2%} {upload:13d} {upload / up32:8.2%}")
+    print(
+        f"  during a task (any bitwidth <= 8): fp32 master {fp32} B + fp32 grads {fp32} B + transient int8 weights "
+        f"{params} B = {(2 * fp32 + params) / fp32:.2f}x fp32 weights (fp32 training: 2.00x)"
+    )
+
+
+def _packed_bytes(weights: dict[str, torch.Tensor], bits: int) -> int:
+    return sum(v.nbytes for v in quant.pack_weights(weights, bits).values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"torch {torch.__version__}, device {device} ({where}), {torch.get_num_threads()} CPU threads")
+    for name in ("cnn", "2nn"):
+        step_times(name, args.rounds, device)
+    for name in ("cnn", "2nn"):
+        layer_choice(name, max(10, args.rounds // 2), device)
+    for name in ("cnn", "2nn"):
+        memory_and_upload(name)
+
+
+if __name__ == "__main__":
+    main()

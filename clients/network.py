@@ -1,0 +1,587 @@
+"""``fedhet client``: one device in a deployed run.
+
+It measures its profile (or takes it from config), registers, long-polls for tasks, trains each on its local
+partition (dataset + partition id, configured here; only the sample count goes to the server), streams the result
+back in chunks, sends heartbeats while it trains, reconnects with exponential backoff when the server goes away,
+and exits 0 when the server says the run is over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import ipaddress
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.config import ClientConfig, DatasetConfig, ModelConfig
+from fedhet.data import DATASETS, PARTITIONERS, load_dataset, partition, split_train_test
+from fedhet.errors import ConfigError, DataError
+from fedhet.models import MODELS, build_model
+from fedhet.types import ClientProfile, Result, Task
+from fedhet.v1 import service_pb2 as spb
+from fedhet.v1 import service_pb2_grpc
+from fedhet.v1.wire import PayloadAssembler, PayloadError, check_finite, chunks, decode, encode
+
+__all__ = [
+    "ClientRunConfig",
+    "NetworkClient",
+    "NetworkConfig",
+    "ProfileConfig",
+    "client_main",
+    "compose_client",
+    "local_partition",
+]
+
+log = logging.getLogger("fedhet.client")
+
+_CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
+_MAX_MESSAGE = (64 << 20) + (1 << 20)  # the largest chunk a server may use, plus its header
+
+
+@dataclass
+class ClientTLSConfig:
+    """TLS toward the server (PEM paths). ``ca`` alone: server-authenticated TLS; with ``cert`` and ``key``:
+    mutual TLS. ``server_name`` overrides the name checked against the server's certificate."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+
+@dataclass
+class NetworkConfig:
+    """How to reach the server.
+
+    Attributes:
+        server: ``host:port`` of the server.
+        client_id: this client's id (the one its token belongs to).
+        token: the client's token, or ``token_file`` holding it.
+        insecure: allow a plaintext connection to a non-loopback server.
+        encoding: how floating-point results travel (fp32, fp16, bf16).
+        backoff_initial: first reconnect delay, in seconds (doubles up to ``backoff_max``).
+        reconnect_timeout: give up after this many seconds without reaching the server.
+        rpc_timeout: seconds any one call (a poll, a download, an upload) may take.
+        max_download_bytes: largest task payload accepted.
+        max_seconds: leave after this many seconds (0 = stay until the run ends).
+    """
+
+    server: str = "127.0.0.1:50051"
+    client_id: int = 0
+    token: str = ""
+    token_file: str = ""
+    insecure: bool = False
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    encoding: str = "fp32"
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+    reconnect_timeout: float = 120.0
+    rpc_timeout: float = 300.0
+    max_download_bytes: int = 8 << 30
+    max_seconds: float = 0.0
+
+
+@dataclass
+class ProfileConfig:
+    """The profile this client registers with.
+
+    Attributes:
+        seconds_per_sample: training seconds per sample; 0 = measure with a short benchmark at start.
+        benchmark_steps: minibatch steps the benchmark times.
+        bandwidth: link speed in bytes per second.
+        bitwidth: bits per weight the device computes at.
+        memory_bytes: model memory budget in bytes; 0 = detect (GPU memory, or physical RAM).
+        slowdown: emulate a device this many times slower (>= 1): the registered seconds per sample is multiplied
+            by it and every task is paced (padded with sleep) to take steps x batch x that many seconds.
+    """
+
+    seconds_per_sample: float = 0.0
+    benchmark_steps: int = 5
+    bandwidth: float = 1.0e7
+    bitwidth: int = 32
+    memory_bytes: int = 0
+    slowdown: float = 1.0
+
+
+@dataclass
+class ClientRunConfig:
+    """``fedhet client``: its data (``dataset``, ``partition_id`` of ``num_clients`` partitions), the model, local
+    training, the profile and the network. ``dataset``, ``num_clients`` and ``seed`` must match the server's so
+    the partitions are the ones the run was planned with."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: ClientConfig = field(default_factory=ClientConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    partition_id: int = 0
+    num_clients: int = 30
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+
+
+def compose_client(overrides: list[str]) -> ClientRunConfig:
+    """The typed, validated config of ``fedhet client OVERRIDES``."""
+    from hydra import compose, initialize_config_dir
+
+    ConfigStore.instance().store(name="client_schema", node=ClientRunConfig)
+    with initialize_config_dir(config_dir=str(_CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="client", overrides=overrides)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClientRunConfig), container))
+    assert isinstance(typed, ClientRunConfig)
+    _validate(typed)
+    return typed
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(cfg: ClientRunConfig) -> None:
+    net, prof = cfg.network, cfg.profile
+    host, sep, port = net.server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"network.server must be host:port, got {net.server!r}")
+    if net.client_id < 0:
+        raise ConfigError(f"network.client_id must be >= 0, got {net.client_id}")
+    if not 0 <= cfg.partition_id < cfg.num_clients:
+        raise ConfigError(f"partition_id must be in 0..{cfg.num_clients - 1} (num_clients), got {cfg.partition_id}")
+    if net.encoding not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"network.encoding must be fp32, fp16 or bf16, got {net.encoding!r}")
+    for key in ("backoff_initial", "backoff_max", "reconnect_timeout", "rpc_timeout"):
+        if not getattr(net, key) > 0:
+            raise ConfigError(f"network.{key} must be > 0 seconds, got {getattr(net, key)}")
+    if net.max_seconds < 0:
+        raise ConfigError(f"network.max_seconds must be >= 0 (0 = no limit), got {net.max_seconds}")
+    if bool(net.tls.cert) != bool(net.tls.key):
+        raise ConfigError("network.tls.cert and network.tls.key must be given together")
+    for key in ("ca", "cert", "key"):
+        path = getattr(net.tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"network.tls.{key}: no such file {path}")
+    if net.token_file and not Path(net.token_file).is_file():
+        raise ConfigError(f"network.token_file: no such file {net.token_file}")
+    if not _is_loopback(host) and not net.tls.ca and not net.insecure:
+        raise ConfigError(
+            f"refusing a plaintext connection to non-loopback server {host}: set network.tls.ca (and cert/key for "
+            "mutual TLS), or network.insecure=true to accept the risk"
+        )
+    if prof.seconds_per_sample < 0 or prof.benchmark_steps < 1:
+        raise ConfigError("profile.seconds_per_sample must be >= 0 (0 = measure) and profile.benchmark_steps >= 1")
+    if not prof.slowdown >= 1.0:
+        raise ConfigError(f"profile.slowdown must be >= 1, got {prof.slowdown}")
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError(
+            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
+        )
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    try:
+        TrainConfig(**asdict(cfg.train))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(factory).parameters
+    return {k: v for k, v in available.items() if k in params}
+
+
+def local_partition(cfg: ClientRunConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    """(x, y, input shape, classes) of this client's training split: the same partition the simulator would give
+    client ``partition_id`` of ``num_clients`` with this dataset config and seed."""
+    params = {
+        "root": cfg.dataset.root,
+        "alpha": cfg.dataset.alpha,
+        "beta": cfg.dataset.beta,
+        "num_clients": cfg.num_clients,
+        "seed": cfg.seed,
+    }
+    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), params))
+    part = cfg.dataset.partition
+    if part.name == "natural":
+        if data.natural_partition is None or len(data.natural_partition) != cfg.num_clients:
+            raise ConfigError(f"dataset {data.name} has no natural split into {cfg.num_clients} clients")
+        shard = data.natural_partition[cfg.partition_id]
+    else:
+        if part.name not in PARTITIONERS:
+            raise ConfigError(
+                f"dataset.partition.name: unknown partitioner {part.name!r}; choose one of: natural, "
+                f"{', '.join(PARTITIONERS.names())}"
+            )
+        available = {
+            "alpha": part.alpha,
+            "alpha2": part.alpha,
+            "alpha1": part.alpha1 or float(cfg.num_clients),
+            "classes_per_client": part.classes_per_client,
+        }
+        shards = partition(
+            part.name,
+            data.y_train.numpy(),
+            cfg.num_clients,
+            cfg.seed,
+            **_accepted(PARTITIONERS.get(part.name), available),
+        )
+        shard = shards[cfg.partition_id]
+    train, _ = split_train_test(shard, part.test_fraction, cfg.seed + cfg.partition_id)
+    index = torch.from_numpy(train)
+    return data.x_train[index], data.y_train[index], data.input_shape, data.num_classes
+
+
+class GiveUp(Exception):
+    """The server stayed unreachable past the reconnect timeout."""
+
+
+class Backoff:
+    """Exponential backoff with jitter, giving up ``timeout`` seconds after the first failure since a success."""
+
+    def __init__(self, initial: float, maximum: float, timeout: float) -> None:
+        self.initial, self.maximum, self.timeout = initial, maximum, timeout
+        self._failures = 0
+        self._since: float | None = None
+
+    def reset(self) -> None:
+        self._failures = 0
+        self._since = None
+
+    def wait(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since > self.timeout:
+            raise GiveUp(f"server unreachable for {now - self._since:.0f} s ({reason})")
+        delay = min(self.maximum, self.initial * 2**self._failures) * random.uniform(0.5, 1.0)
+        self._failures += 1
+        log.info("%s; retrying in %.2f s", reason, delay)
+        time.sleep(delay)
+
+
+class NetworkClient:
+    """The client loop. ``run()`` returns the exit status: 0 when the run ended (or ``max_seconds`` passed),
+    1 when the server stayed unreachable, 2 when the server refused this client's credentials."""
+
+    def __init__(
+        self,
+        net: NetworkConfig,
+        trainer: LocalTrainer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        profile: ClientProfile,
+        seed: int = 0,
+        slowdown: float = 1.0,
+    ) -> None:
+        self.net = net
+        self.trainer = trainer
+        self.x, self.y = x, y
+        self.profile = profile
+        self.seed = seed
+        self.slowdown = slowdown
+        token = net.token or (Path(net.token_file).read_text().strip() if net.token_file else "")
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self.channel = _channel(net)
+        self.stub = service_pb2_grpc.FederatedLearningStub(self.channel)  # type: ignore[no-untyped-call]
+        self.chunk_bytes = 1 << 20
+        self.heartbeat_seconds = 5.0
+        self.over = threading.Event()
+        self.tasks_done = 0
+
+    @property
+    def client_id(self) -> int:
+        return self.net.client_id
+
+    def run(self) -> int:
+        backoff = Backoff(self.net.backoff_initial, self.net.backoff_max, self.net.reconnect_timeout)
+        stop_at = time.monotonic() + self.net.max_seconds if self.net.max_seconds else float("inf")
+        registered = False
+        pending: Result | None = None  # trained, not yet acknowledged
+        try:
+            while time.monotonic() < stop_at and not self.over.is_set():
+                try:
+                    if not registered:
+                        self._register()
+                        registered = True
+                        if self.over.is_set():
+                            break
+                    if pending is not None:
+                        pending = self._upload(pending)
+                        backoff.reset()
+                        continue
+                    task = self._poll()
+                    backoff.reset()
+                    if task is not None:
+                        pending = self._train(task)
+                except grpc.RpcError as error:
+                    code, details = error.code(), error.details() or ""
+                    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        log.error("server refused client %d: %s %s", self.client_id, code.name, details)
+                        return 2
+                    if code == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in details:
+                        registered = False
+                        continue
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("server busy"):
+                        backoff.wait(f"server busy: {details}")
+                        continue
+                    registered = False  # the server may have restarted: register again
+                    backoff.wait(f"{code.name}: {details}")
+            self._leave()
+            return 0
+        except GiveUp as error:
+            log.error("client %d: %s", self.client_id, error)
+            return 1
+        finally:
+            self.channel.close()
+
+    def _register(self) -> None:
+        p = self.profile
+        reply = self.stub.Register(
+            spb.RegisterRequest(
+                client_id=self.client_id,
+                profile=spb.ClientProfile(
+                    seconds_per_sample=p.seconds_per_sample,
+                    bandwidth=p.bandwidth,
+                    bitwidth=p.bitwidth,
+                    memory_bytes=p.memory_bytes,
+                ),
+                num_samples=len(self.x),
+            ),
+            metadata=self.metadata,
+            timeout=self.net.rpc_timeout,
+        )
+        self.chunk_bytes = int(reply.chunk_bytes) or self.chunk_bytes
+        self.heartbeat_seconds = reply.heartbeat_seconds or self.heartbeat_seconds
+        if reply.run_over:
+            self.over.set()
+        log.info("client %d registered with run %s at version %d", self.client_id, reply.run_id, reply.version)
+
+    def _poll(self) -> Task | None:
+        """One long poll: a task, or None (idle, or the run is over: ``self.over`` is set)."""
+        stream = self.stub.GetTask(
+            spb.GetTaskRequest(client_id=self.client_id), metadata=self.metadata, timeout=self.net.rpc_timeout
+        )
+        messages: Iterator[spb.TaskMessage] = iter(stream)
+        first = next(messages, None)
+        if first is None:
+            return None
+        kind = first.WhichOneof("kind")
+        if kind == "run_over":
+            log.info("run over at version %d (%s)", first.run_over.version, first.run_over.reason)
+            self.over.set()
+            return None
+        if kind != "header":
+            return None
+        header = first.header
+        assembler = PayloadAssembler(header.manifest, self.net.max_download_bytes)
+        try:
+            for message in messages:
+                if message.WhichOneof("kind") != "chunk":
+                    raise PayloadError("task stream carries a non-chunk message after its header")
+                assembler.add(message.chunk)
+            weights = decode(header.manifest, assembler.finish())
+            check_finite(weights)
+        except PayloadError as error:
+            log.warning("task %d: bad download (%s); asking again", header.task_id, error)
+            stream.cancel()
+            return None
+        log.info("task %d received (version %d)", header.task_id, header.version)
+        return Task(header.task_id, self.client_id, header.version, weights, header.local_steps, header.local_epochs)
+
+    def _train(self, task: Task) -> Result | None:
+        """Train ``task`` while a thread sends heartbeats; None when the run ended meanwhile or the task is bad."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            request = spb.HeartbeatRequest(client_id=self.client_id, task_id=task.task_id, version=task.version)
+            while not stop.wait(self.heartbeat_seconds):
+                try:
+                    reply = self.stub.Heartbeat(request, metadata=self.metadata, timeout=10.0)
+                except grpc.RpcError:
+                    continue  # the main loop handles reconnection once training is done
+                if reply.run_over:
+                    self.over.set()
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.client_id}", daemon=True)
+        thread.start()
+        try:
+            result = self.trainer.train(task, self.x, self.y, self.seed)
+            seconds = result.train_seconds
+            if self.slowdown > 1.0:  # pace the task to the profile's speed, emulating a slower device
+                samples = result.local_steps * min(self.trainer.config.batch_size, len(self.x))
+                seconds = max(seconds, samples * self.profile.seconds_per_sample)
+                self.over.wait(seconds - result.train_seconds)
+        except (RuntimeError, ValueError) as error:  # e.g. weights that do not fit the local model
+            log.warning("task %d: cannot train: %s", task.task_id, error)
+            return None
+        finally:
+            stop.set()
+            thread.join(timeout=15.0)
+        if self.over.is_set():
+            return None
+        self.tasks_done += 1
+        return Result(
+            result.task_id,
+            result.client_id,
+            result.version,
+            result.weights,
+            result.num_samples,
+            result.local_steps,
+            seconds,
+            result.loss,
+        )
+
+    def _upload(self, result: Result) -> Result | None:
+        """Stream ``result``; None once the server answered for it (accepted, duplicate or refused for good)."""
+        manifest, payload = encode(result.weights, self.net.encoding)
+        header = spb.ResultHeader(
+            client_id=self.client_id,
+            task_id=result.task_id,
+            version=result.version,
+            num_samples=result.num_samples,
+            local_steps=result.local_steps,
+            train_seconds=result.train_seconds,
+            loss=result.loss,
+            manifest=manifest,
+        )
+
+        def messages() -> Iterator[spb.ResultMessage]:
+            yield spb.ResultMessage(header=header)
+            for chunk in chunks(payload, self.chunk_bytes):
+                yield spb.ResultMessage(chunk=chunk)
+
+        try:
+            reply = self.stub.UploadResult(messages(), metadata=self.metadata, timeout=self.net.rpc_timeout)
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION) or (
+                error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and not (error.details() or "").startswith("server busy")
+            ):
+                log.warning("task %d: result refused: %s %s", result.task_id, error.code().name, error.details())
+                return None
+            raise
+        if reply.run_over:
+            self.over.set()
+        log.info(
+            "task %d uploaded%s; global version %d", result.task_id, " (duplicate)" * reply.duplicate, reply.version
+        )
+        return None
+
+    def _leave(self) -> None:
+        with contextlib.suppress(grpc.RpcError):  # the server may already be gone: leaving is a courtesy
+            self.stub.Leave(spb.LeaveRequest(client_id=self.client_id), metadata=self.metadata, timeout=5.0)
+
+
+def _channel(net: NetworkConfig) -> grpc.Channel:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+    ]
+    tls = net.tls
+    if tls.ca or tls.cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(tls.ca).read_bytes() if tls.ca else None,
+            private_key=Path(tls.key).read_bytes() if tls.key else None,
+            certificate_chain=Path(tls.cert).read_bytes() if tls.cert else None,
+        )
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        return grpc.secure_channel(net.server, credentials, options=options)
+    return grpc.insecure_channel(net.server, options=options)
+
+
+def build_client(cfg: ClientRunConfig) -> NetworkClient:
+    """Load the local partition, build the model and trainer, measure the profile, open the channel."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")
+    x, y, input_shape, classes = local_partition(cfg)
+    model = build_model(cfg.model.name, input_shape, classes, cfg.seed)
+    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device)
+    prof = cfg.profile
+    seconds = prof.seconds_per_sample or measure_seconds_per_sample(trainer, x, y, prof.benchmark_steps)
+    profile = ClientProfile(
+        seconds_per_sample=seconds * prof.slowdown,
+        bandwidth=prof.bandwidth,
+        bitwidth=prof.bitwidth,
+        memory_bytes=prof.memory_bytes or detect_memory_bytes(device),
+    )
+    log.info(
+        "client %d: partition %d (%d samples), %.3g s/sample",
+        cfg.network.client_id,
+        cfg.partition_id,
+        len(x),
+        profile.seconds_per_sample,
+    )
+    return NetworkClient(cfg.network, trainer, x, y, profile, cfg.seed, prof.slowdown)
+
+
+USAGE = """usage: fedhet client [KEY=VALUE ...]
+
+Runs one client of a deployed run (config: configs/client.yaml; groups dataset, model).
+Examples: fedhet client network.server=127.0.0.1:50051 network.client_id=3 partition_id=3
+          fedhet client network.server=fl.example.org:443 network.tls.ca=ca.pem network.token_file=token.txt"""
+
+
+def _error(message: str) -> int:
+    print(f"fedhet client: error: {message}", file=sys.stderr)
+    return 2
+
+
+def client_main(args: list[str]) -> int:
+    """``fedhet client [KEY=VALUE ...]``; returns the exit status."""
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    options = [a for a in args if a.startswith("-")]
+    if options:
+        return _error(f"unknown option {options[0]}; see fedhet client --help")
+    try:
+        cfg = compose_client(args)
+    except ConfigError as error:
+        return _error(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        return _error(str(error).strip().splitlines()[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        client = build_client(cfg)
+    except (ConfigError, DataError) as error:
+        return _error(str(error))
+    return client.run()
+
+
+if __name__ == "__main__":
+    sys.exit(client_main(sys.argv[1:]))

@@ -1,0 +1,376 @@
+"""Quantization-aware training (QAT) at a client's bitwidth, with integer GEMMs where they pay.
+
+A client of bitwidth ``b`` trains its model with weights rounded to ``b`` bits (:mod:`fedhet.quant`: symmetric,
+one scale per output channel) in every forward pass; the gradient passes the rounding unchanged (straight-through
+estimator) to an fp32 **master copy** of the weights, which the optimizer updates.
+
+Paths, chosen per layer (:func:`choose_path`):
+
+- ``int8`` (b <= 8, Linear and Conv2d): weights as int8 integers at ``b`` bits, activations quantized to int8 on the
+  fly (one scale per row for Linear, per tensor for Conv2d), and ``torch._int_mm`` with int32 accumulation
+  (oneDNN's AMX/VNNI kernels on CPU, int8 tensor cores on CUDA); Conv2d through a channels-last im2col. Backward
+  follows SwitchBack (Wortsman et al., 2023): the input gradient of a Linear layer is an int8 GEMM of the row-quantized
+  output gradient with the int8 weights; weight gradients, which reduce over the batch, are bf16 GEMMs with fp32
+  accumulation (a Conv2d layer's whole backward is one oneDNN bf16 convolution backward).
+- ``fake`` (b > 8, or a layer too small for the int8 path to win): fp32 GEMM with the weights rounded to ``b`` bits
+  (activations stay fp32). Integers of more than 8 bits do not fit an int8 GEMM; for tiny layers (the classifier
+  512 -> 10) the dozen quantization kernels of the int8 path cost more than the whole fp32 GEMM they replace, so
+  layers with fewer than ``int8_min_macs`` multiply-accumulates per forward take this path (see
+  ``benchmarks/quantized_step.py`` for the per-layer timings behind the default).
+- ``fp32`` (b = 32): the plain layer.
+
+Memory. Between tasks the client holds its weights packed at ``b`` bits (:attr:`QuantizedTrainer.stored`: b/32 of
+fp32 plus one fp32 scale per output channel) and no fp32 weights. During a task the fp32 master copy is
+materialised from the task's weights: 4 bytes per parameter, plus 4 for its gradient (SGD with momentum: 4 more),
+plus, on the int8 path, a transient int8 copy of each layer's weights (1 byte per parameter, rebuilt every step).
+A master copy at lower precision would lose SGD updates smaller than half a quantization step, which at 4 bits is
+most of them. Activations saved for backward on the int8 path are int8 (1 byte instead of 4).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedhet import quant
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.types import Result, Task
+
+__all__ = [
+    "PATHS",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantizedTrainer",
+    "choose_path",
+    "layer_paths",
+    "quantize_model",
+    "set_bitwidth",
+]
+
+PATHS = ("int8", "fake", "fp32")
+_ACT_QMAX = 127  # activations and gradients on the int8 path: 8-bit symmetric
+_MIN_SCALE = 2.0**-126
+DEFAULT_INT8_MIN_MACS = 1 << 21
+# a GEMM reducing over fewer values (the first convolution: 1 channel x 5 x 5 = 25) is bound by memory, not
+# arithmetic: int8 gains nothing there and its im2col of single-byte channels costs more than the fp32 convolution
+_INT8_MIN_REDUCTION = 64
+
+
+def choose_path(layer: nn.Module, bits: int, macs: int, int8_min_macs: int = DEFAULT_INT8_MIN_MACS) -> str:
+    """The path (``int8``, ``fake`` or ``fp32``) a Linear or Conv2d ``layer`` takes at ``bits`` bits for a forward
+    pass of ``macs`` multiply-accumulates (see the module docstring for why)."""
+    if bits == quant.FULL_PRECISION:
+        return "fp32"
+    quant.check_bits(bits)
+    if bits > 8 or macs < int8_min_macs:
+        return "fake"
+    if isinstance(layer, nn.Conv2d):
+        plain = layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
+        reduction = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        return "int8" if plain and isinstance(layer.padding, tuple) and reduction >= _INT8_MIN_REDUCTION else "fake"
+    reduction = layer.in_features if isinstance(layer, nn.Linear) else 0
+    return "int8" if reduction >= _INT8_MIN_REDUCTION else "fake"
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows of a 2-D tensor and their fp32 scales (one per row)."""
+    scale = x.abs().amax(dim=1).div_(_ACT_QMAX).clamp_min_(_MIN_SCALE)
+    return x.mul(scale.reciprocal()[:, None]).round_().to(torch.int8), scale
+
+
+def _quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values of a tensor and its one fp32 scale (a 0-d tensor)."""
+    scale = x.abs().amax().div_(_ACT_QMAX).clamp_min_(_MIN_SCALE)
+    return x.mul(scale.reciprocal()).round_().to(torch.int8), scale
+
+
+def _int_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scales = quant.quantize(weight, bits)
+    return q, scales.to(weight.device)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Weights rounded to ``bits`` bits in the forward pass; the gradient passes unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        return quant.fake_quantize(weight, bits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Int8Linear(torch.autograd.Function):
+    """``y = x W^T + b`` with int8 x (per-row scales) and int8 W at ``bits`` bits (per-output-channel scales)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+        wq, ws = _int_weight(weight, bits)
+        xq, xs = _quantize_rows(x)
+        out = torch._int_mm(xq, wq.t()).float().mul_(xs[:, None]).mul_(ws)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xq, xs, wq, ws = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dL/dx = (g * s_w) @ Wq: an int8 GEMM of the row-quantized gradient
+            gq, gs = _quantize_rows(grad * ws)
+            grad_x = torch._int_mm(gq, wq).float().mul_(gs[:, None])
+        if ctx.needs_input_grad[1]:  # dL/dW = (g * s_x)^T @ xq: reduces over the batch, so bf16 with fp32 sums
+            grad_w = (grad * xs[:, None]).t().to(torch.bfloat16).mm(xq.to(torch.bfloat16)).float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class _Int8Conv2d(torch.autograd.Function):
+    """2-D convolution (groups 1, dilation 1, zero padding) as a channels-last im2col and an int8 GEMM."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out_channels, _, kh, kw = weight.shape
+        (sh, sw), (ph, pw) = stride, padding
+        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        wq, ws = _int_weight(weight, bits)
+        xq, xs = _quantize_tensor(x)
+        padded = xq.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+        padded[:, ph : ph + height, pw : pw + width, :] = xq.permute(0, 2, 3, 1)
+        b_, h_, w_, c_ = padded.stride()
+        cols = padded.as_strided((batch, out_h, out_w, kh, kw, channels), (b_, h_ * sh, w_ * sw, h_, w_, c_)).reshape(
+            batch * out_h * out_w, kh * kw * channels
+        )
+        w_cols = wq.permute(0, 2, 3, 1).reshape(out_channels, -1).t().contiguous()
+        out = torch._int_mm(cols, w_cols).float().mul_(ws * xs)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(padded, xs, wq, ws)
+        ctx.geometry = (stride, padding, height, width)
+        ctx.has_bias = bias is not None
+        return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        padded, xs, wq, ws = ctx.saved_tensors
+        stride, padding, height, width = ctx.geometry
+        ph, pw = padding
+        channels_last = torch.channels_last
+        x = padded[:, ph : ph + height, pw : pw + width, :].permute(0, 3, 1, 2).to(torch.bfloat16).mul_(xs)
+        w = (wq.to(torch.bfloat16) * ws.to(torch.bfloat16).view(-1, 1, 1, 1)).contiguous(memory_format=channels_last)
+        g = grad.to(torch.bfloat16).contiguous(memory_format=channels_last)
+        need_x, need_w = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            g, x.contiguous(memory_format=channels_last), w, None, list(stride), list(padding), [1, 1], False,
+            [0, 0], 1, [need_x, need_w, False],
+        )  # fmt: skip
+        grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (
+            grad_x.float() if need_x else None,
+            grad_w.float() if need_w else None,
+            grad_b,
+            None,
+            None,
+            None,
+        )
+
+
+def _apply(function: type[torch.autograd.Function], *args: Any) -> torch.Tensor:
+    out = function.apply(*args)  # type: ignore[no-untyped-call]
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def _fake_quant_ste(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    return _apply(_FakeQuantSTE, weight, bits)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class _Quantized:
+    """Bitwidth and path choice shared by :class:`QuantLinear` and :class:`QuantConv2d`."""
+
+    bits: int = quant.FULL_PRECISION
+    int8_min_macs: int = DEFAULT_INT8_MIN_MACS
+    last_path: str = ""
+
+    def path_for(self, macs: int, rows: int, reduction: int, columns: int) -> str:
+        """The path for a forward pass of ``macs`` multiply-accumulates, as a (rows x reduction) @ (reduction x
+        columns) GEMM. On CUDA, int8 GEMMs need more than 16 rows and both other sizes a multiple of 8."""
+        assert isinstance(self, nn.Module)
+        path = choose_path(self, self.bits, macs, self.int8_min_macs)
+        weight = self.weight
+        assert isinstance(weight, torch.Tensor)
+        if path == "int8" and weight.is_cuda and (rows <= 16 or reduction % 8 or columns % 8):
+            path = "fake"
+        self.last_path = path
+        return path
+
+
+class QuantLinear(_Quantized, nn.Linear):
+    """nn.Linear trained at ``bits`` bits (same parameters and state-dict keys as nn.Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        m, k, n = rows.shape[0], self.in_features, self.out_features
+        path = self.path_for(m * k * n, m, k, n)
+        if path == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        if path == "fake":
+            return F.linear(x, _fake_quant_ste(self.weight, self.bits), self.bias)
+        out = _apply(_Int8Linear, rows, self.weight, self.bias, self.bits)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantConv2d(_Quantized, nn.Conv2d):
+    """nn.Conv2d trained at ``bits`` bits (same parameters and state-dict keys as nn.Conv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        out_pixels = x.shape[0] * x.shape[2] * x.shape[3] // (self.stride[0] * self.stride[1])
+        k, n = kh * kw * self.in_channels, self.out_channels
+        path = self.path_for(out_pixels * k * n, out_pixels, k, n)
+        if path == "fp32":
+            out: torch.Tensor = self._conv_forward(x, self.weight, self.bias)
+            return out
+        if path == "fake":  # channels-last output, like the int8 path's: pooling and the next im2col run faster on it
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = self._conv_forward(x, _fake_quant_ste(self.weight, self.bits), self.bias)
+            return out
+        return _apply(_Int8Conv2d, x, self.weight, self.bias, self.bits, self.stride, self.padding)
+
+
+def _replacement(module: nn.Module) -> nn.Module | None:
+    """A quantizable copy of a plain Linear or Conv2d (same attributes, parameters copied), else None."""
+    quantized = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}.get(type(module))
+    if quantized is None:
+        return None
+    new = copy.deepcopy(module)
+    new.__class__ = quantized  # the subclasses add behaviour only, no state of their own
+    return new
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear and Conv2d layers train at a settable bitwidth (:func:`set_bitwidth`);
+    state-dict keys and shapes are unchanged, so weights move freely between the two."""
+    top = _replacement(model)
+    if top is not None:
+        return top
+    out = copy.deepcopy(model)
+    _swap_layers(out)
+    return out
+
+
+def _swap_layers(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        new = _replacement(child)
+        if new is None:
+            _swap_layers(child)
+        else:
+            setattr(module, name, new)
+
+
+def set_bitwidth(model: nn.Module, bits: int, int8_min_macs: int = DEFAULT_INT8_MIN_MACS) -> None:
+    """Train every quantizable layer of ``model`` (from :func:`quantize_model`) at ``bits`` bits (32 = fp32)."""
+    if bits != quant.FULL_PRECISION:
+        quant.check_bits(bits)
+    for module in model.modules():
+        if isinstance(module, _Quantized):
+            module.bits = bits
+            module.int8_min_macs = int8_min_macs
+
+
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """The path each quantizable layer took in its latest forward pass (for reports and tests)."""
+    return {name: m.last_path for name, m in model.named_modules() if isinstance(m, _Quantized) and m.last_path}
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class QuantizedTrainer:
+    """Local SGD at a client's bitwidth: receives weights rounded to ``b`` bits, trains with QAT, returns weights
+    rounded to ``b`` bits (so the ``int<b>`` codec encodes them exactly) and keeps them packed between tasks.
+
+    One trainer serves clients of any bitwidth in turn (``train(..., bitwidth=b)``), like :class:`LocalTrainer`:
+    the result depends only on (start weights, data, task, seed, bitwidth).
+
+    Args:
+        model: the float model; a quantizable copy is made (the argument is not modified).
+        config: local optimiser settings.
+        device: where training runs.
+        int8_min_macs: layers with fewer multiply-accumulates per forward pass take the ``fake`` path.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        device: str | torch.device = "cpu",
+        int8_min_macs: int = DEFAULT_INT8_MIN_MACS,
+    ) -> None:
+        if int8_min_macs < 0:
+            raise ValueError(f"int8_min_macs must be >= 0, got {int8_min_macs}")
+        self.model = quantize_model(model)
+        self.int8_min_macs = int8_min_macs
+        self._trainer = LocalTrainer(self.model, config, device)
+        self._shapes = {k: (v.shape, v.dtype) for k, v in self.model.state_dict().items()}
+        self.stored: dict[str, quant.PackedTensor | torch.Tensor] = {}
+        self._release()
+
+    def train(self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int, bitwidth: int) -> Result:
+        """Run ``task`` at ``bitwidth`` bits (32 = plain fp32 training) on samples ``(x, y)``."""
+        set_bitwidth(self.model, bitwidth, self.int8_min_macs)
+        self._materialise()
+        try:
+            start = quant.quantize_weights(task.weights, bitwidth)
+            result = self._trainer.train(replace(task, weights=start), x, y, seed)
+        finally:
+            self._release()
+        weights = quant.quantize_weights(result.weights, bitwidth)
+        self.stored = dict(weights) if bitwidth == quant.FULL_PRECISION else quant.pack_weights(weights, bitwidth)
+        return replace(result, weights=weights)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of weights the client holds between tasks (packed values and scales; fp32 at 32 bits)."""
+        return sum(v.nbytes for v in self.stored.values())
+
+    def _materialise(self) -> None:
+        """Allocate the fp32 master copy (filled by the task's weights)."""
+        for name, tensor in _tensors(self.model).items():
+            shape, dtype = self._shapes[name]
+            tensor.data = torch.empty(shape, dtype=dtype, device=self._trainer.device)
+
+    def _release(self) -> None:
+        """Free the fp32 master copy between tasks; only :attr:`stored` remains."""
+        for tensor in _tensors(self.model).values():
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            tensor.grad = None
+
+
+def _tensors(model: nn.Module) -> Mapping[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -1,0 +1,314 @@
+"""Weight quantization shared by clients, the codec and the server: pure functions on tensors.
+
+Scheme (the choice ProWD leaves open, fixed here): **symmetric uniform quantization with one scale per output
+channel**. For a tensor ``w`` at ``b`` bits, ``qmax = 2**(b-1) - 1``; channel ``c`` (index ``c`` along dim 0 of a
+tensor with 2 or more dimensions; a tensor of 0 or 1 dimension is one channel) has scale
+``s_c = max(max|w_c| / qmax, 2**-126)`` (never 0 nor subnormal, even for an all-zero channel), integer values
+``q = round(w / s_c)`` in ``[-qmax, qmax]`` and dequantized values ``q * s_c``. Weights must be finite.
+
+Round-trip error bound, per element of channel ``c``, in fp32 arithmetic::
+
+    |w - q * s_c| <= s_c / 2 + 2**-22 * max|w_c|      (s_c / 2 = max|w_c| / (2 qmax) unless tiny)
+
+(half a quantization step, plus the fp32 rounding of ``w / s_c`` and of ``q * s_c``; :func:`error_bound`).
+
+Bit packing: the integers of a tensor are stored offset by ``qmax`` (``u = q + qmax`` in ``[0, 2 qmax]``, so the
+all-ones pattern ``2**b - 1`` never occurs) in a little-endian bit stream, value ``i`` at bits ``[i b, (i + 1) b)``:
+``ceil(n b / 8)`` bytes for ``n`` values, the unused high bits of the last byte zero. :func:`unpack` refuses a wrong
+length, non-zero padding bits and the all-ones pattern, so every packed byte string has exactly one meaning.
+
+Supported bitwidths: 2, 4, 6, 8, 12 and 16 (``BITWIDTHS``); 32 stands for fp32 (no quantization). ``bf16`` is a
+format (:func:`round_trip`), not a bitwidth: ``ClientProfile.bitwidth == 16`` means int16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedhet.types import Weights
+
+__all__ = [
+    "BITWIDTHS",
+    "FORMATS",
+    "FULL_PRECISION",
+    "PackedTensor",
+    "QuantError",
+    "check_bits",
+    "dequantize",
+    "error_bound",
+    "fake_quantize",
+    "format_bits",
+    "num_channels",
+    "pack",
+    "pack_tensor",
+    "pack_weights",
+    "packed_nbytes",
+    "qmax",
+    "quantize",
+    "quantize_weights",
+    "round_trip",
+    "sample_bitwidths",
+    "unpack",
+    "unpack_tensor",
+    "unpack_weights",
+]
+
+#: integer bitwidths with a packed representation
+BITWIDTHS: tuple[int, ...] = (2, 4, 6, 8, 12, 16)
+#: the bitwidth that means "not quantized" (fp32)
+FULL_PRECISION = 32
+#: every format :func:`round_trip` accepts
+FORMATS: tuple[str, ...] = (*(f"int{b}" for b in BITWIDTHS), "bf16", "fp32")
+_MIN_SCALE = 2.0**-126  # smallest normal fp32: a scale never underflows to 0 or loses precision as a subnormal
+
+
+class QuantError(ValueError):
+    """A bitwidth, scale or packed byte string that is not valid; the message says what is wrong."""
+
+
+def check_bits(bits: int) -> int:
+    """``bits`` if it is a supported integer bitwidth (2, 4, 6, 8, 12, 16), else :class:`QuantError`."""
+    if bits not in BITWIDTHS:
+        raise QuantError(f"unsupported bitwidth {bits}; choose one of {', '.join(map(str, BITWIDTHS))}")
+    return bits
+
+
+def qmax(bits: int) -> int:
+    """Largest integer magnitude at ``bits`` bits: ``2**(bits-1) - 1`` (127 at 8 bits, 7 at 4 bits)."""
+    return (1 << (check_bits(bits) - 1)) - 1
+
+
+def _int_dtype(bits: int) -> torch.dtype:
+    return torch.int8 if bits <= 8 else torch.int16
+
+
+def num_channels(shape: Sequence[int]) -> int:
+    """Scales a tensor of ``shape`` carries: its dim 0 for 2 or more dims (output channels), else one."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
+def _channel_view(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as (channels, elements per channel)."""
+    channels = num_channels(w.shape)
+    return w.reshape(channels, w.numel() // channels if channels else 0)
+
+
+def _absmax(flat: torch.Tensor) -> torch.Tensor:
+    """Per-channel max |w| of a (channels, elements) view; 0 for channels without elements."""
+    if flat.shape[1] == 0:
+        return torch.zeros(flat.shape[0], device=flat.device)
+    return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_())  # two reductions, no |w| temporary
+
+
+def _scales(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    return (absmax / qmax(bits)).clamp_min_(_MIN_SCALE)
+
+
+def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)``: integers of ``w``'s shape (int8 for bits <= 8, else int16) and fp32 scales, one per channel.
+
+    Works on any device; the integer path of quantized training calls it once per step for each weight. Raises
+    :class:`QuantError` for a tensor holding inf or NaN.
+    """
+    top = qmax(bits)
+    flat = _channel_view(w.detach().float())
+    absmax = _absmax(flat)
+    if not bool(torch.isfinite(absmax).all()):
+        raise QuantError("cannot quantize a tensor holding inf or NaN")
+    scales = _scales(absmax, bits)
+    # multiplying by 1 / s (a few ulps from w / s, within the bound) is cheaper than dividing; the clamp keeps
+    # values in range whatever the fp32 rounding did
+    q = (flat * scales.reciprocal()[:, None]).round_().clamp_(-top, top).to(_int_dtype(bits))
+    return q.reshape(w.shape), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values ``q * s_c`` of integers ``q`` with per-channel ``scales``."""
+    flat = _channel_view(q).float()
+    return (flat * scales.float()[:, None]).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``w`` rounded to ``bits`` bits and back, in ``w``'s dtype; ``bits == 32`` returns ``w`` itself."""
+    if bits == FULL_PRECISION:
+        return w
+    q, scales = quantize(w, bits)
+    return dequantize(q, scales).to(w.dtype)
+
+
+def error_bound(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Largest ``|w - fake_quantize(w, bits)|`` allowed per element, as a tensor of ``w``'s shape (see module)."""
+    flat = _channel_view(w.detach().float())
+    absmax = _absmax(flat)
+    bound = _scales(absmax, bits) / 2 + absmax * 2.0**-22
+    return bound[:, None].expand_as(flat).reshape(w.shape)
+
+
+def format_bits(fmt: str) -> int:
+    """Bits per value of format ``fmt`` (``int2`` ... ``int16``, ``bf16``, ``fp32``)."""
+    if fmt == "fp32":
+        return FULL_PRECISION
+    if fmt == "bf16":
+        return 16
+    if fmt.startswith("int") and fmt[3:].isdigit() and int(fmt[3:]) in BITWIDTHS:
+        return int(fmt[3:])
+    raise QuantError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def round_trip(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``w`` stored in format ``fmt`` and read back, in ``w``'s dtype."""
+    if fmt == "bf16":
+        return w.to(torch.bfloat16).to(w.dtype)
+    bits = format_bits(fmt)
+    return fake_quantize(w, bits)
+
+
+def quantize_weights(weights: Weights, bits: int) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``weights`` rounded to ``bits`` bits (values stay fp32, on the grid);
+    integer tensors (counters) unchanged. ``bits == 32`` returns the tensors as they are."""
+    if bits != FULL_PRECISION:
+        check_bits(bits)
+    return {k: fake_quantize(v, bits) if v.is_floating_point() else v for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------------------------------------- bit packing
+
+
+def _layout(bits: int) -> tuple[int, int]:
+    """(values, bytes) of the smallest whole-byte group: 6 bits -> 4 values in 3 bytes."""
+    group_bits = bits * 8 // math.gcd(bits, 8)
+    return group_bits // bits, group_bits // 8
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes :func:`pack` produces for ``numel`` values at ``bits`` bits: ``ceil(numel * bits / 8)``."""
+    return (numel * check_bits(bits) + 7) // 8
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers ``q`` in ``[-qmax, qmax]`` as a flat uint8 tensor of ``ceil(q.numel() * bits / 8)`` bytes."""
+    top = qmax(bits)
+    n = q.numel()
+    values, group_bytes = _layout(bits)
+    u = q.detach().reshape(-1).to("cpu", torch.int32) + top
+    if n and (int(u.min()) < 0 or int(u.max()) > 2 * top):
+        raise QuantError(f"values outside [-{top}, {top}] cannot be packed at {bits} bits")
+    if values == 1 and group_bytes == 1:
+        return u.to(torch.uint8)
+    groups = -(-n // values)
+    u = torch.nn.functional.pad(u, (0, groups * values - n)).view(groups, values)
+    shifts = torch.arange(values, dtype=torch.int32) * bits
+    words = (u << shifts).sum(dim=1, dtype=torch.int32)  # a group spans at most 24 bits
+    byte_shifts = torch.arange(group_bytes, dtype=torch.int32) * 8
+    out = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: packed_nbytes(n, bits)]
+
+
+def unpack(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``numel`` integers (int8 for bits <= 8, else int16) from packed ``data``.
+
+    Raises :class:`QuantError` for a byte count other than ``ceil(numel * bits / 8)``, non-zero padding bits, or a
+    value outside ``[-qmax, qmax]``.
+    """
+    top = qmax(bits)
+    expected = packed_nbytes(numel, bits)
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != expected:
+        raise QuantError(
+            f"packed data holds {data.numel()} bytes ({data.dtype}); {numel} values at {bits} bits need {expected}"
+        )
+    values, group_bytes = _layout(bits)
+    groups = -(-numel // values)
+    raw = torch.nn.functional.pad(data.to(torch.int32), (0, groups * group_bytes - expected))
+    byte_shifts = torch.arange(group_bytes, dtype=torch.int32) * 8
+    words = (raw.view(groups, group_bytes) << byte_shifts).sum(dim=1, dtype=torch.int32)
+    shifts = torch.arange(values, dtype=torch.int32) * bits
+    u = ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    if bool((u[numel:] != 0).any()):
+        raise QuantError(f"non-zero padding bits after the last of {numel} values")
+    u = u[:numel]
+    if numel and int(u.max()) > 2 * top:
+        raise QuantError(f"packed value {int(u.max())} is outside 0..{2 * top} at {bits} bits")
+    return (u - top).to(_int_dtype(bits))
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor stored at ``bits`` bits: packed integers and fp32 per-channel scales.
+
+    Attributes:
+        bits: bits per value (2, 4, 6, 8, 12 or 16).
+        shape: the tensor's shape.
+        scales: fp32 scales, one per channel (:func:`num_channels`).
+        data: the packed values (uint8, ``ceil(numel * bits / 8)`` bytes).
+    """
+
+    bits: int
+    shape: tuple[int, ...]
+    scales: torch.Tensor
+    data: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed values plus scales."""
+        return self.data.numel() + 4 * self.scales.numel()
+
+
+def _check_scales(scales: torch.Tensor, channels: int) -> None:
+    if scales.dtype != torch.float32 or scales.shape != (channels,):
+        raise QuantError(f"expected {channels} fp32 scales, got {tuple(scales.shape)} {scales.dtype}")
+    if channels and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise QuantError("scales must be finite and > 0 (a zero, negative, infinite or NaN scale was found)")
+
+
+def pack_tensor(w: torch.Tensor, bits: int) -> PackedTensor:
+    """``w`` quantized to ``bits`` bits and packed."""
+    q, scales = quantize(w, bits)
+    return PackedTensor(bits, tuple(w.shape), scales.cpu(), pack(q, bits))
+
+
+def unpack_tensor(packed: PackedTensor) -> torch.Tensor:
+    """The fp32 values of ``packed``; validates its scales and bytes."""
+    _check_scales(packed.scales, num_channels(packed.shape))
+    q = unpack(packed.data, packed.bits, math.prod(packed.shape)).reshape(packed.shape)
+    return dequantize(q, packed.scales)
+
+
+def pack_weights(weights: Weights, bits: int) -> dict[str, PackedTensor | torch.Tensor]:
+    """Floating-point tensors packed at ``bits`` bits; integer tensors kept as they are (counters are exact)."""
+    return {k: pack_tensor(v, bits) if v.is_floating_point() else v.detach().clone() for k, v in weights.items()}
+
+
+def unpack_weights(packed: dict[str, PackedTensor | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_weights` (packed tensors come back as fp32)."""
+    return {k: unpack_tensor(v) if isinstance(v, PackedTensor) else v.clone() for k, v in packed.items()}
+
+
+# ---------------------------------------------------------------------------------------------- fleets
+
+
+def sample_bitwidths(num_clients: int, bitwidths: Sequence[int], fractions: Sequence[float], seed: int) -> list[int]:
+    """One bitwidth per client: exactly ``round(fraction * num_clients)`` clients per bitwidth (largest remainders
+    settle the rounding), in an order shuffled by ``seed``. 32 means fp32.
+
+    Raises ValueError for mismatched lengths, an unsupported bitwidth, or fractions that are negative or do not sum
+    to 1.
+    """
+    if len(bitwidths) != len(fractions) or not bitwidths:
+        raise ValueError(f"bitwidths {list(bitwidths)} and fractions {list(fractions)} must be non-empty and match")
+    for bits in bitwidths:
+        if bits != FULL_PRECISION and bits not in BITWIDTHS:
+            raise ValueError(f"bitwidth {bits} is not one of {', '.join(map(str, (*BITWIDTHS, FULL_PRECISION)))}")
+    if any(not f >= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"bitwidth fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    exact = np.asarray(fractions, dtype=np.float64) * num_clients
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[: num_clients - int(counts.sum())]:
+        counts[i] += 1
+    out = np.repeat(np.asarray(bitwidths, dtype=np.int64), counts)
+    np.random.default_rng([seed, 0xB17]).shuffle(out)
+    return [int(b) for b in out]

@@ -1,0 +1,250 @@
+"""``fedhet server``: compose the config, build the run, listen, drive it to its end."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from fedhet.codec import encoded_size
+from fedhet.data import DATASETS, load_dataset
+from fedhet.errors import ConfigError, DataError
+from fedhet.metrics import MetricsWriter
+from fedhet.models import MODELS, build_model
+from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
+from fedhet.server.config import ServerRunConfig, compose_server, plain
+from fedhet.server.persistence import CheckpointError, StateStore
+from fedhet.server.runtime import Coordinator, RunEnded, RuntimeSettings
+from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
+from fedhet.strategies import build_strategy
+from fedhet.types import Weights
+from fedhet.v1 import service_pb2_grpc
+
+__all__ = ["USAGE", "ServerApp", "build_app", "hydra_message", "main", "serve"]
+
+log = logging.getLogger("fedhet.server")
+
+USAGE = """usage: fedhet server [--resume] [KEY=VALUE ...]
+
+Runs the gRPC server of one federated run (config: configs/server.yaml; groups dataset, model, strategy).
+  --resume   continue the run in server.state_dir (same as server.resume=true)
+Examples: fedhet server strategy=fedavg server.max_versions=50
+          fedhet server server.address=0.0.0.0 server.tls.cert=srv.pem server.tls.key=srv.key \\
+                 server.tokens_file=tokens.txt"""
+
+_MESSAGE_SLACK = 256 << 10  # bytes a message may carry beyond its chunk (header, manifest)
+
+
+def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(factory).parameters
+    return {k: v for k, v in available.items() if k in params}
+
+
+@torch.no_grad()
+def evaluate_weights(model: torch.nn.Module, weights: Weights, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy) of ``model`` loaded with ``weights`` on ``(x, y)``."""
+    model.load_state_dict(weights)
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), 2000):
+        logits = model(x[i : i + 2000])
+        target = y[i : i + 2000]
+        loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return correct / max(1, len(x)), loss / max(1, len(x))
+
+
+class ServerApp:
+    """A built run: the coordinator, the gRPC server bound to its port, and the health service."""
+
+    def __init__(
+        self, cfg: ServerRunConfig, coordinator: Coordinator, server: aio.Server, port: int, health_servicer: Any
+    ) -> None:
+        self.cfg = cfg
+        self.coordinator = coordinator
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.started = asyncio.Event()
+
+    async def run(self, handle_signals: bool = False) -> RunEnded:
+        """Serve until the run ends and clients were told (or the grace passed)."""
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.server.port_file:
+            Path(self.cfg.server.port_file).write_text(str(self.port))
+        self.started.set()
+        log.info(
+            "listening on %s:%d (run %s, version %d)",
+            self.cfg.server.address,
+            self.port,
+            self.coordinator.run_id,
+            self.coordinator.version,
+        )
+        if handle_signals:  # SIGTERM / SIGINT end the run cleanly: final checkpoint, clients told
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.coordinator.request_stop, f"signal {sig.name}")
+        try:
+            ended = await self.coordinator.run()
+        finally:
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(grace=1.0)
+            if self.coordinator.metrics is not None:
+                self.coordinator.metrics.close()
+        return ended
+
+
+def build_app(cfg: ServerRunConfig) -> ServerApp:
+    """Everything that can fail before a port is bound, then the bound server (not started).
+
+    Must be called with a running event loop (grpc.aio binds to it). Raises ConfigError, DataError or
+    CheckpointError with a one-line message.
+    """
+    s = cfg.server
+    tokens = TokenStore.from_file(s.tokens_file) if s.tokens_file else None
+    credentials = server_credentials(s.tls.cert, s.tls.key, s.tls.client_ca) if s.tls.cert else None
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError(
+            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
+        )
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
+    strategy = build_strategy(plain(cfg.strategy), cfg.seed)
+    store = StateStore(s.state_dir) if s.durable else None
+    if store is not None and store.holds_run() and not s.resume:
+        raise ConfigError(
+            f"server.state_dir {s.state_dir} holds a run: pass --resume (server.resume=true) to "
+            "continue it, or choose another server.state_dir"
+        )
+
+    params = {
+        "root": cfg.dataset.root,
+        "alpha": cfg.dataset.alpha,
+        "beta": cfg.dataset.beta,
+        "num_clients": cfg.num_clients,
+        "seed": cfg.seed,
+    }
+    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), params))
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    x_test, y_test = data.x_test, data.y_test
+
+    def evaluate(weights: Weights) -> tuple[float, float]:
+        return evaluate_weights(eval_model, weights, x_test, y_test)
+
+    max_upload = s.max_upload_bytes or 2 * encoded_size(initial, "fp32") + (1 << 20)
+    settings = RuntimeSettings(
+        max_versions=s.max_versions,
+        max_seconds=s.max_seconds,
+        eval_every=s.eval_every,
+        client_timeout=s.client_timeout,
+        norm_bound=s.norm_bound,
+        norm_action=s.norm_action,
+        shutdown_grace=s.shutdown_grace,
+        max_concurrent_uploads=s.max_concurrent_uploads,
+    )
+    Path(s.state_dir).mkdir(parents=True, exist_ok=True)
+    coordinator = Coordinator(
+        strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), evaluate
+    )
+    if store is not None:
+        if s.resume:
+            coordinator.resume()
+        coordinator.open()
+
+    limit = s.chunk_bytes + _MESSAGE_SLACK
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    interceptors = [AuthInterceptor(tokens, SERVICE_NAME)] if tokens is not None else []
+    server = aio.server(options=options, interceptors=interceptors)
+    servicer = FederatedLearningServicer(
+        coordinator, tokens, s.encoding, s.chunk_bytes, max_upload, s.poll_timeout, s.heartbeat_seconds
+    )
+    service_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs predate grpc.aio
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    target = f"{s.address}:{s.port}" if ":" not in s.address else f"[{s.address.strip('[]')}]:{s.port}"
+    try:
+        port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    except RuntimeError as error:
+        raise ConfigError(f"cannot listen on {target}: {error}") from None
+    if port == 0:
+        raise ConfigError(f"cannot listen on {target} (address in use or not available)")
+
+    def on_end(ended: RunEnded) -> None:
+        log.info("run over: %s", ended.reason)
+
+    coordinator.on_end = on_end
+    return ServerApp(cfg, coordinator, server, port, health_servicer)
+
+
+async def serve(cfg: ServerRunConfig) -> RunEnded:
+    """Build and run the server of ``cfg`` until the run ends."""
+    app = build_app(cfg)
+    return await app.run(handle_signals=True)
+
+
+def hydra_message(error: Exception) -> str:
+    """One line for a Hydra / OmegaConf error (their messages span lines and hide the key's problem)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if first.startswith("Could not override"):
+        return f"{first.rstrip('.')}: no such key (see configs/server.yaml and configs/client.yaml)"
+    return first
+
+
+def _error(message: str) -> int:
+    print(f"fedhet server: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: list[str]) -> int:
+    """``fedhet server [--resume] [KEY=VALUE ...]``; returns the exit status."""
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    overrides = [a for a in args if a != "--resume"]
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        return _error(f"unknown option {unknown[0]}; see fedhet server --help")
+    if "--resume" in args:
+        overrides.append("server.resume=true")
+    try:
+        cfg = compose_server(overrides)
+    except ConfigError as error:
+        return _error(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        return _error(hydra_message(error))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        ended = asyncio.run(serve(cfg))
+    except (ConfigError, DataError, CheckpointError) as error:
+        return _error(str(error))
+    except grpc.RpcError as error:  # pragma: no cover - a failure inside grpc itself
+        return _error(f"gRPC failure: {error}")
+    log.info("stopped: %s at version %d", ended.reason, ended.version)
+    return 0

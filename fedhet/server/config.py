@@ -1,0 +1,225 @@
+"""Typed configuration of ``fedhet server``: the schema ``configs/server.yaml`` is validated against, and the
+checks that run before a port is bound."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from fedhet.config import DatasetConfig, ModelConfig, StrategyConfig
+from fedhet.errors import ConfigError
+
+__all__ = [
+    "CONFIG_DIR",
+    "ServerRunConfig",
+    "ServerSettings",
+    "TLSConfig",
+    "check_group_choices",
+    "compose_server",
+    "is_loopback",
+    "register_server_configs",
+    "validate_server",
+]
+
+CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
+
+
+@dataclass
+class TLSConfig:
+    """Transport security (PEM file paths). Empty ``cert`` and ``key`` means no TLS.
+
+    Attributes:
+        cert: the server's certificate chain.
+        key: the server's private key.
+        client_ca: CA bundle that signs client certificates; when set, clients must present one (mutual TLS).
+    """
+
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""
+
+
+@dataclass
+class ServerSettings:
+    """How the server listens, stops, persists and what it accepts.
+
+    Attributes:
+        address: interface to listen on; anything but loopback needs TLS and tokens unless ``insecure``.
+        port: TCP port (0 = any free port, written to ``port_file``).
+        port_file: when set, the bound port is written there once the server listens.
+        insecure: allow a non-loopback address without TLS or tokens (never in production).
+        tls: certificate, key and client CA paths.
+        tokens_file: lines ``<client_id> <token>``; every call must carry its client's token.
+        state_dir: checkpoints, the write-ahead log and ``metrics.jsonl`` live here.
+        durable: write-ahead log every event and checkpoint after every aggregation (false: metrics only).
+        resume: continue the run found in ``state_dir`` (refused without it when the directory holds a run).
+        max_versions: stop when the global model reaches this version.
+        max_seconds: stop after this many seconds of run time (0 = no limit).
+        eval_every: evaluate the global model on the test set every this many versions.
+        encoding: how floating-point weights travel to clients (fp32, fp16, bf16).
+        chunk_bytes: bytes per payload chunk (and the basis of the gRPC message size limit).
+        max_upload_bytes: largest result payload accepted, in bytes (0 = twice the fp32 model, plus 1 MiB).
+        max_concurrent_uploads: uploads in progress at once; more get RESOURCE_EXHAUSTED (retry later).
+        poll_timeout: seconds a task poll waits before answering ``idle``.
+        heartbeat_seconds: how often clients send a heartbeat while training, in seconds.
+        client_timeout: seconds of silence after which a client is marked gone.
+        norm_bound: largest L2 norm of an update (trained minus start weights); 0 = no bound.
+        norm_action: ``reject`` or ``clip`` an update over ``norm_bound``.
+        shutdown_grace: seconds the server keeps answering after the run ends, so clients learn it is over.
+        threads: torch CPU threads (0 = torch's default).
+    """
+
+    address: str = "127.0.0.1"
+    port: int = 50051
+    port_file: str = ""
+    insecure: bool = False
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    tokens_file: str = ""
+    state_dir: str = "server_state"
+    durable: bool = True
+    resume: bool = False
+    max_versions: int = 20
+    max_seconds: float = 0.0
+    eval_every: int = 1
+    encoding: str = "fp32"
+    chunk_bytes: int = 1 << 20
+    max_upload_bytes: int = 0
+    max_concurrent_uploads: int = 32
+    poll_timeout: float = 10.0
+    heartbeat_seconds: float = 5.0
+    client_timeout: float = 30.0
+    norm_bound: float = 0.0
+    norm_action: str = "reject"
+    shutdown_grace: float = 10.0
+    threads: int = 0
+
+
+@dataclass
+class ServerRunConfig:
+    """``fedhet server``: the data the test set comes from, the model, the strategy and the server settings.
+
+    ``num_clients`` is the number of data partitions (Synthetic generates one per client); ``seed`` seeds the
+    initial model and the strategy."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    num_clients: int = 30
+    seed: int = 0
+
+
+def register_server_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="server_schema", node=ServerRunConfig)
+
+
+GROUPS = ("dataset", "model", "strategy")
+
+
+def check_group_choices(overrides: list[str], groups: tuple[str, ...] = GROUPS) -> None:
+    """Refuse ``group=name`` for a name with no config file, naming the choices (Hydra's message does not)."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+~")
+        if sep and group in groups:
+            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            if value not in options:
+                raise ConfigError(f"{group}={value}: unknown {group}; choose one of: {', '.join(options)}")
+
+
+def compose_server(overrides: list[str]) -> ServerRunConfig:
+    """The typed, validated config of ``fedhet server OVERRIDES``."""
+    from hydra import compose, initialize_config_dir
+
+    check_group_choices(overrides)
+    register_server_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="server", overrides=overrides)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServerRunConfig), plain))
+    assert isinstance(typed, ServerRunConfig)
+    validate_server(typed)
+    return typed
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"server.{key} must be > 0, got {value}")
+
+
+def validate_server(cfg: ServerRunConfig) -> None:
+    """Every check that needs no data and no port; raises :class:`ConfigError` naming the key."""
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"server.port must be in 0..65535, got {s.port}")
+    if s.max_versions < 1:
+        raise ConfigError(f"server.max_versions must be >= 1, got {s.max_versions}")
+    if not (math.isfinite(s.max_seconds) and s.max_seconds >= 0):
+        raise ConfigError(f"server.max_seconds must be >= 0 (0 = no limit), got {s.max_seconds}")
+    if s.eval_every < 1:
+        raise ConfigError(f"server.eval_every must be >= 1, got {s.eval_every}")
+    if s.encoding not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"server.encoding must be fp32, fp16 or bf16, got {s.encoding!r}")
+    if s.chunk_bytes < 1024 or s.chunk_bytes > 64 << 20:
+        raise ConfigError(f"server.chunk_bytes must be in 1024..{64 << 20}, got {s.chunk_bytes}")
+    if s.max_upload_bytes < 0:
+        raise ConfigError(f"server.max_upload_bytes must be >= 0 (0 = automatic), got {s.max_upload_bytes}")
+    if s.max_concurrent_uploads < 1:
+        raise ConfigError(f"server.max_concurrent_uploads must be >= 1, got {s.max_concurrent_uploads}")
+    for key in ("poll_timeout", "heartbeat_seconds", "client_timeout", "shutdown_grace"):
+        _positive(key, float(getattr(s, key)))
+    if s.client_timeout <= max(s.poll_timeout, s.heartbeat_seconds):
+        raise ConfigError(
+            f"server.client_timeout ({s.client_timeout} s) must exceed server.poll_timeout ({s.poll_timeout} s) "
+            f"and server.heartbeat_seconds ({s.heartbeat_seconds} s), or live clients would be marked gone"
+        )
+    if not (math.isfinite(s.norm_bound) and s.norm_bound >= 0):
+        raise ConfigError(f"server.norm_bound must be >= 0 (0 = no bound), got {s.norm_bound}")
+    if s.norm_action not in ("reject", "clip"):
+        raise ConfigError(f"server.norm_action must be reject or clip, got {s.norm_action!r}")
+    if bool(s.tls.cert) != bool(s.tls.key):
+        raise ConfigError("server.tls.cert and server.tls.key must be given together")
+    if s.tls.client_ca and not s.tls.cert:
+        raise ConfigError("server.tls.client_ca (mutual TLS) needs server.tls.cert and server.tls.key")
+    for key in ("cert", "key", "client_ca"):
+        path = getattr(s.tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"server.tls.{key}: no such file {path}")
+    if s.tokens_file and not Path(s.tokens_file).is_file():
+        raise ConfigError(f"server.tokens_file: no such file {s.tokens_file}")
+    if not is_loopback(s.address) and not s.insecure and not (s.tls.cert and s.tokens_file):
+        raise ConfigError(
+            f"refusing to listen on non-loopback address {s.address} without TLS and client tokens: set "
+            "server.tls.cert, server.tls.key and server.tokens_file, or server.insecure=true to accept the risk"
+        )
+    if not s.state_dir:
+        raise ConfigError("server.state_dir must name a directory (metrics, checkpoints and the log go there)")
+    if cfg.num_clients < 1:
+        raise ConfigError(f"num_clients must be >= 1, got {cfg.num_clients}")
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A dataclass config node as plain dicts (what ``build_strategy`` takes)."""
+    container = OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}

@@ -1,0 +1,323 @@
+"""Crash safety: a write-ahead log of every event and atomic checkpoints, in one state directory.
+
+Layout of ``state_dir``::
+
+    checkpoint.safetensors   the latest checkpoint: every tensor of the state, the rest as JSON in the metadata
+    wal/<first seq>.jsonl    the events since (one JSON line each, fsynced before the event takes effect)
+    results/<name>.safetensors   the weights of each logged result
+    metrics.jsonl            one line per evaluation (see fedhet.metrics)
+
+A checkpoint is written to a temporary file, fsynced and renamed over the old one, then the directory is fsynced;
+its metadata holds a SHA-256 over the JSON state and every tensor, so a corrupted file is refused. A result is
+durable (its file and its log line fsynced) before the server acknowledges it; on restart the server loads the
+checkpoint and replays the log after it. Nothing is pickled: tensors go through safetensors, the rest through JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+__all__ = [
+    "CheckpointError",
+    "EventLog",
+    "StateStore",
+    "flatten_state",
+    "unflatten_state",
+]
+
+FORMAT = 1
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint, log or result file is missing, corrupted or does not fit; the message names the file."""
+
+
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts with any scalar keys, lists, tuples, tensors, scalars) into a JSON-able tree
+    and named tensors. A tensor object that appears several times is stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = names.get(id(node))
+            if key is None:
+                key = names[id(node)] = f"t{len(names)}"
+                tensors[key] = node.detach().to("cpu").contiguous().clone()
+            return {"tensor": key}
+        if isinstance(node, Mapping):
+            return {"dict": [[walk(k, path), walk(v, f"{path}.{k}")] for k, v in node.items()]}
+        if isinstance(node, tuple):
+            return {"tuple": [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if hasattr(node, "item") and callable(node.item):  # numpy scalars
+            return walk(node.item(), path)
+        raise CheckpointError(f"state entry {path or '<root>'} has type {type(node).__name__}, which cannot be saved")
+
+    return walk(obj, ""), tensors
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if set(tree) == {"tensor"}:
+            if tree["tensor"] not in tensors:
+                raise CheckpointError(f"checkpoint refers to a missing tensor {tree['tensor']!r}")
+            return tensors[tree["tensor"]]
+        if set(tree) == {"tuple"}:
+            return tuple(unflatten_state(v, tensors) for v in tree["tuple"])
+        if set(tree) == {"dict"}:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in tree["dict"]}
+        raise CheckpointError(f"malformed checkpoint entry with keys {sorted(tree)}")
+    return tree
+
+
+def _digest(state_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(state_json.encode())
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def encode_checkpoint(state: Any) -> bytes:
+    """The bytes of a checkpoint file holding ``state`` (safetensors with the JSON state and checksum in its
+    metadata)."""
+    tree, tensors = flatten_state(state)
+    state_json = json.dumps({"format": FORMAT, "state": tree}, separators=(",", ":"))
+    return save_tensors(tensors, metadata={"fedhet": state_json, "sha256": _digest(state_json, tensors)})
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a mapping")
+    return metadata
+
+
+def decode_checkpoint(data: bytes, source: str) -> Any:
+    """The state in checkpoint bytes; raises :class:`CheckpointError` naming ``source`` when corrupted."""
+    try:
+        metadata = _metadata(data)
+        state_json, checksum = metadata["fedhet"], metadata["sha256"]
+        tensors = load_tensors(data)
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        raise CheckpointError(f"{source} is corrupted or not a fedhet checkpoint ({error})") from None
+    if _digest(state_json, tensors) != checksum:
+        raise CheckpointError(f"{source} is corrupted: its checksum does not match its contents")
+    document = json.loads(state_json)
+    if document.get("format") != FORMAT:
+        raise CheckpointError(f"{source} has format {document.get('format')}, this fedhet reads format {FORMAT}")
+    return unflatten_state(document["state"], tensors)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a crash mid-append, never acknowledged) so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One line of the write-ahead log."""
+
+    seq: int
+    body: dict[str, Any]
+
+
+class EventLog:
+    """Append-only JSON-lines log in segments ``wal/<first seq>.jsonl``; each append is fsynced."""
+
+    def __init__(self, directory: Path, next_seq: int) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.next_seq = next_seq
+        self._file = (self.directory / f"{next_seq:012d}.jsonl").open("a", encoding="utf-8")
+        _fsync_dir(self.directory)
+
+    def append(self, body: Mapping[str, Any]) -> int:
+        """Log ``body`` durably; returns its sequence number."""
+        seq = self.next_seq
+        self._file.write(json.dumps({"seq": seq, **body}, separators=(",", ":")) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.next_seq += 1
+        return seq
+
+    def rotate(self) -> None:
+        """Start a new segment at the next sequence number (called when a checkpoint captures the state)."""
+        self._file.close()
+        self._file = (self.directory / f"{self.next_seq:012d}.jsonl").open("a", encoding="utf-8")
+        _fsync_dir(self.directory)
+
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob("*.jsonl"))
+
+    def drop_through(self, seq: int) -> list[dict[str, Any]]:
+        """Delete the segments whose events all have sequence numbers <= ``seq``; returns their events."""
+        paths = self.segments()
+        dropped: list[dict[str, Any]] = []
+        for path, successor in itertools.pairwise(paths):
+            if int(successor.stem) <= seq + 1:
+                dropped.extend(e.body for e in read_segment(path, last=False))
+                path.unlink()
+        return dropped
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_segment(path: Path, last: bool) -> Iterator[LoggedEvent]:
+    """Events of one segment; a torn final line of the ``last`` segment (a crash mid-append) is ignored."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            body = json.loads(line)
+            seq = int(body.pop("seq"))
+        except (ValueError, KeyError, TypeError):
+            if last and number >= len(lines) - 1:
+                return  # torn tail: never acknowledged
+            raise CheckpointError(f"{path}:{number}: corrupted log line") from None
+        yield LoggedEvent(seq, body)
+
+
+class StateStore:
+    """The state directory: checkpoint, write-ahead log and result files."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.results = self.root / "results"
+        self.results.mkdir(exist_ok=True)
+        self.wal_dir = self.root / "wal"
+        self.log: EventLog | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / CHECKPOINT
+
+    def holds_run(self) -> bool:
+        """True when the directory has a checkpoint or logged events."""
+        return self.checkpoint_path.exists() or any(p.stat().st_size for p in self.wal_dir.glob("*.jsonl"))
+
+    def load_checkpoint(self) -> Any | None:
+        """The latest checkpoint's state, or None when there is none."""
+        if not self.checkpoint_path.exists():
+            return None
+        return decode_checkpoint(self.checkpoint_path.read_bytes(), str(self.checkpoint_path))
+
+    def events_after(self, seq: int) -> list[LoggedEvent]:
+        """Logged events with sequence numbers > ``seq``, in order."""
+        paths = sorted(self.wal_dir.glob("*.jsonl")) if self.wal_dir.exists() else []
+        events: list[LoggedEvent] = []
+        for i, path in enumerate(paths):
+            events.extend(e for e in read_segment(path, last=i == len(paths) - 1) if e.seq > seq)
+        for before, after in itertools.pairwise(events):
+            if after.seq != before.seq + 1:
+                raise CheckpointError(f"write-ahead log in {self.wal_dir} skips from event {before.seq} to {after.seq}")
+        return events
+
+    def open_log(self, next_seq: int) -> EventLog:
+        """Start appending at ``next_seq``; a torn last line left by a crash is cut first."""
+        segments = sorted(self.wal_dir.glob("*.jsonl")) if self.wal_dir.exists() else []
+        if segments:
+            _drop_torn_tail(segments[-1])
+        self.log = EventLog(self.wal_dir, next_seq)
+        return self.log
+
+    def write_result(self, weights: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+        """Store a result's weights durably; returns the file's name (relative to the state directory) and the
+        SHA-256 of its bytes."""
+        tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
+        data = save_tensors(tensors, metadata={"order": json.dumps(list(tensors))})
+        name = f"results/{uuid.uuid4().hex}.safetensors"
+        with (self.root / name).open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.results)
+        return name, hashlib.sha256(data).hexdigest()
+
+    def read_result(self, name: str, sha256: str) -> dict[str, torch.Tensor]:
+        path = self.root / name
+        if path.parent != self.results:
+            raise CheckpointError(f"log names a result file outside {self.results}: {name}")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CheckpointError(f"result file {path} is missing: {error}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"result file {path} is corrupted: its checksum does not match the log")
+        tensors = load_tensors(data)
+        order = json.loads(_metadata(data)["order"])  # safetensors sorts names; the model's order matters
+        return {k: tensors[k] for k in order}
+
+    def delete_result(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / name).unlink()
+
+    def commit_checkpoint(self, data: bytes, through_seq: int) -> None:
+        """Make checkpoint ``data`` (state through event ``through_seq``) the latest, then drop the log segments
+        and result files it covers."""
+        write_atomic(self.checkpoint_path, data)
+        if self.log is not None:
+            for body in self.log.drop_through(through_seq):
+                if body.get("kind") == "result":
+                    self.delete_result(str(body["file"]))
+
+    def remove_orphans(self, referenced: set[str]) -> None:
+        """Delete result files no logged event refers to (written before a crash, never acknowledged)."""
+        for path in self.results.glob("*.safetensors"):
+            if f"results/{path.name}" not in referenced:
+                path.unlink()

@@ -1,0 +1,654 @@
+"""The real-clock runtime: feeds a :class:`~fedhet.strategies.Strategy` the events of a live run.
+
+Everything here runs on one asyncio event loop, and no ``await`` separates a check from the strategy call it
+guards, so the strategy is never touched concurrently. The clock is the run's clock: ``time.monotonic()`` plus the
+run time reached before a restart, so deadlines the strategy set survive a restart. Every event is logged (and
+fsynced) before it takes effect; a restart loads the last checkpoint and replays the log through the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
+from fedhet.server.validation import check_norm
+from fedhet.strategies import Strategy, UnknownTaskError
+from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
+from fedhet.v1.wire import TensorMeta, meta_of
+
+__all__ = [
+    "Coordinator",
+    "Counters",
+    "DuplicateResult",
+    "NotOutstanding",
+    "RunEnded",
+    "RuntimeSettings",
+    "UnknownClient",
+]
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Weights], tuple[float, float]]
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass (None: no limit). Cancelling the caller cancels the
+    wait at once (``asyncio.wait_for`` can hold a cancellation back on some Python versions)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
+class UnknownClient(LookupError):
+    """The client has not registered (or the server forgot it): it must call Register."""
+
+
+class NotOutstanding(UnknownTaskError):
+    """The task is not outstanding for this client: unknown, lost, or another client's."""
+
+
+class DuplicateResult(Exception):
+    """The task's result was already accepted; nothing is applied twice."""
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """The run is over: the final version and why it stopped."""
+
+    version: int
+    reason: str
+
+
+@dataclass
+class RuntimeSettings:
+    """What the runtime needs of the server config (see :class:`fedhet.server.config.ServerSettings`)."""
+
+    max_versions: int = 20
+    max_seconds: float = 0.0
+    eval_every: int = 1
+    client_timeout: float = 30.0
+    norm_bound: float = 0.0
+    norm_action: str = "reject"
+    shutdown_grace: float = 10.0
+    max_concurrent_uploads: int = 32
+
+
+@dataclass
+class Counters:
+    """Results the server saw: ``received == accepted + rejected + duplicates + not_outstanding``.
+
+    ``accepted`` results went to the strategy (which may still drop a straggler's: ``updates_dropped``);
+    ``clipped`` of them had their norm clipped. Bytes are payload bytes.
+    """
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    not_outstanding: int = 0
+    clipped: int = 0
+    busy: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    gone: int = 0
+
+
+@dataclass
+class TaskRecord:
+    """A task the strategy handed out and no result has answered yet."""
+
+    task: Task
+    meta: dict[str, TensorMeta]
+    delivered: bool = False
+
+
+@dataclass
+class ClientState:
+    info: ClientInfo
+    last_seen: float
+    gone: bool = False
+    announced: bool = False  # the strategy holds this client as idle (asked for work, or answered its task)
+    told_over: bool = False
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _info_row(info: ClientInfo) -> list[Any]:
+    p = info.profile
+    return [info.client_id, info.num_samples, p.seconds_per_sample, p.bandwidth, p.bitwidth, p.memory_bytes]
+
+
+def _info_from_row(row: list[Any]) -> ClientInfo:
+    cid, n, sps, bw, bits, mem = row
+    return ClientInfo(int(cid), ClientProfile(float(sps), float(bw), int(bits), int(mem)), int(n))
+
+
+class Coordinator:
+    """Owns the strategy, the clock, the clients' mailboxes, the log and the checkpoints of one run.
+
+    Args:
+        strategy: any registered strategy, built but not started.
+        initial_weights: the version-0 model.
+        settings: stopping, timeouts, norm bound.
+        store: the state directory, or None to keep nothing on disk but metrics.
+        metrics: where evaluations go.
+        evaluate: (accuracy, loss) of a global model on the test set, run in a worker thread.
+        on_end: called once when the run ends (the server flips its health status).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        initial_weights: Weights,
+        settings: RuntimeSettings,
+        store: StateStore | None,
+        metrics: MetricsWriter | None = None,
+        evaluate: Evaluator | None = None,
+        on_end: Callable[[RunEnded], None] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.evaluate = evaluate
+        self.on_end = on_end
+        self.counters = Counters()
+        self.run_id = uuid.uuid4().hex
+        self.clients: dict[int, ClientState] = {}
+        self.records: dict[int, TaskRecord] = {}
+        self.accepted: dict[int, int] = {}  # task id -> client id of every accepted result
+        self.ended: RunEnded | None = None
+        self.uploads_in_flight = 0
+        self._replaying = False
+        self._time_base = 0.0  # run seconds reached before this process started
+        self._mono_start = time.monotonic()
+        self._wall_start = time.time()
+        self._wake = asyncio.Event()
+        self._ended_event = asyncio.Event()
+        self._evaluated = -1
+        self._eval_queue: asyncio.Queue[tuple[int, float, dict[str, torch.Tensor], int, int]] = asyncio.Queue()
+        self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self._last_seq = -1
+        strategy.start(initial_weights, 0.0)
+
+    # ------------------------------------------------------------------ clock and state
+    def now(self) -> float:
+        """Run seconds: time.monotonic() since start, plus the run time reached before a restart."""
+        return self._time_base + time.monotonic() - self._mono_start
+
+    @property
+    def version(self) -> int:
+        return self.strategy.version
+
+    def resume(self) -> int:
+        """Load the checkpoint and replay the log after it; returns the number of events replayed.
+
+        Raises :class:`CheckpointError` when a file is corrupted or does not fit this run's model.
+        """
+        assert self.store is not None
+        state = self.store.load_checkpoint()
+        if state is not None:
+            self._load_state(state)
+        events = self.store.events_after(self._last_seq)
+        self._replaying = True
+        try:
+            for event in events:
+                self._replay(event.seq, event.body)
+        finally:
+            self._replaying = False
+        referenced = {str(e.body["file"]) for e in events if e.body.get("kind") == "result"}
+        self.store.remove_orphans(referenced)
+        self._mono_start = time.monotonic()
+        for c in self.clients.values():
+            c.last_seen = self.now()
+        log.info(
+            "resumed run %s at version %d, run time %.1f s (%d events replayed)",
+            self.run_id,
+            self.version,
+            self._time_base,
+            len(events),
+        )
+        return len(events)
+
+    def open(self) -> None:
+        """Start logging (after :meth:`resume`, or for a fresh run) and write the first checkpoint."""
+        if self.store is None:
+            return
+        self.store.open_log(self._last_seq + 1)
+        self._checkpoint_now(sync=True)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "seq": self._last_seq,
+            "now": self.now(),
+            "wall_start": self._wall_start,
+            "strategy": self.strategy.state_dict(),
+            "clients": [[*_info_row(c.info), c.announced] for c in self.clients.values()],
+            "tasks": [
+                [
+                    r.task.task_id,
+                    r.task.client_id,
+                    r.task.version,
+                    r.task.local_steps,
+                    r.task.local_epochs,
+                    dict(r.task.weights),
+                ]
+                for r in self.records.values()
+            ],
+            "accepted": sorted(self.accepted.items()),
+            "counters": asdict(self.counters),
+            "evaluated": self._evaluated,
+            "ended": None if self.ended is None else [self.ended.version, self.ended.reason],
+        }
+
+    def _load_state(self, state: Any) -> None:
+        try:
+            self.run_id = str(state["run_id"])
+            self._last_seq = int(state["seq"])
+            self._time_base = float(state["now"])
+            self._wall_start = float(state["wall_start"])
+            self.strategy.load_state_dict(state["strategy"])
+            self.clients = {}
+            for row in state["clients"]:
+                info = _info_from_row(row[:6])
+                self.clients[info.client_id] = ClientState(info, 0.0, announced=bool(row[6]))
+            self.records = {}
+            for tid, cid, version, steps, epochs, weights in state["tasks"]:
+                task = Task(int(tid), int(cid), int(version), weights, int(steps), int(epochs))
+                self.records[task.task_id] = TaskRecord(task, meta_of(weights))
+            self.accepted = {int(t): int(c) for t, c in state["accepted"]}
+            self.counters = Counters(**state["counters"])
+            self._evaluated = int(state["evaluated"])
+            ended = state["ended"]
+            self.ended = None if ended is None else RunEnded(int(ended[0]), str(ended[1]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint does not fit this run: {error}") from None
+
+    # ------------------------------------------------------------------ events
+    def _log(self, body: dict[str, Any]) -> None:
+        if self.store is not None and not self._replaying:
+            assert self.store.log is not None
+            self._last_seq = self.store.log.append(body)
+
+    def _replay(self, seq: int, body: dict[str, Any]) -> None:
+        self._last_seq = seq
+        now = float(body["now"])
+        self._time_base = max(self._time_base, now)
+        kind = body["kind"]
+        try:
+            if kind == "register":
+                self._register(_info_from_row(body["client"]), now)
+            elif kind == "available":
+                self._available(int(body["client_id"]), now)
+            elif kind == "tick":
+                self._tick(now)
+            elif kind == "result":
+                assert self.store is not None
+                weights = self.store.read_result(str(body["file"]), str(body["sha256"]))
+                result = Result(
+                    int(body["task_id"]),
+                    int(body["client_id"]),
+                    int(body["version"]),
+                    weights,
+                    int(body["num_samples"]),
+                    int(body["local_steps"]),
+                    float(body["train_seconds"]),
+                    float(body["loss"]),
+                )
+                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]))
+            elif kind == "end":
+                self._end(str(body["reason"]), now)
+            else:
+                raise CheckpointError(f"log event {seq} has unknown kind {kind!r}")
+        except (UnknownTaskError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"log event {seq} ({kind}) does not replay onto the checkpoint: {error}") from None
+
+    def _register(self, info: ClientInfo, now: float) -> None:
+        self._log({"kind": "register", "now": now, "client": _info_row(info)})
+        self.clients[info.client_id] = ClientState(info, now)
+
+    def _available(self, client_id: int, now: float) -> None:
+        self._log({"kind": "available", "now": now, "client_id": client_id})
+        state = self.clients[client_id]
+        for tid in [t for t, r in self.records.items() if r.task.client_id == client_id]:
+            del self.records[tid]  # the strategy forgets a task its client asks past
+        state.announced = True
+        self._dispatch(self.strategy.on_available(state.info, now), now)
+
+    def _tick(self, now: float) -> None:
+        self._log({"kind": "tick", "now": now})
+        self._dispatch(self.strategy.on_tick(now), now)
+
+    def _apply_result(self, result: Result, now: float, nbytes: int, clipped: bool) -> None:
+        before = self.strategy.version
+        tasks = self.strategy.on_result(result, now)
+        self.records.pop(result.task_id, None)
+        self.accepted[result.task_id] = result.client_id
+        self.counters.received += 1
+        self.counters.accepted += 1
+        self.counters.clipped += int(clipped)
+        self.counters.bytes_up += nbytes
+        self.clients[result.client_id].announced = True
+        self._dispatch(tasks, now, aggregated=self.strategy.version != before)
+
+    def _dispatch(self, tasks: list[Task], now: float, aggregated: bool = False) -> None:
+        for task in tasks:
+            self.records[task.task_id] = TaskRecord(task, meta_of(task.weights))
+            state = self.clients[task.client_id]
+            state.announced = False
+            state.wakeup.set()
+        if aggregated:
+            self._aggregated(now)
+        self._wake.set()
+
+    def _aggregated(self, now: float) -> None:
+        if self.version >= self.settings.max_versions:
+            self._end("max_versions", now)  # evaluates and checkpoints
+            return
+        if self._replaying:
+            return
+        if self.version % self.settings.eval_every == 0:
+            self._queue_eval(now)
+        self._checkpoint_now()
+
+    def _end(self, reason: str, now: float) -> None:
+        if self.ended is not None:
+            return
+        self._log({"kind": "end", "now": now, "reason": reason})
+        self.ended = RunEnded(self.version, reason)
+        if self._replaying:
+            return
+        log.info("run over (%s) at version %d after %.1f s", reason, self.version, now)
+        for state in self.clients.values():
+            state.wakeup.set()
+        if self._evaluated != self.version:
+            self._queue_eval(now)
+        self._checkpoint_now()
+        self._ended_event.set()
+        self._wake.set()
+        if self.on_end is not None:
+            self.on_end(self.ended)
+
+    # ------------------------------------------------------------------ checkpoints and metrics
+    def _checkpoint_now(self, sync: bool = False) -> None:
+        if self.store is None or self.store.log is None:
+            return
+        data = encode_checkpoint(self._state())
+        self.store.log.rotate()
+        if sync:
+            self.store.commit_checkpoint(data, self._last_seq)
+        else:
+            self._ckpt_queue.put_nowait((data, self._last_seq))
+
+    async def _checkpoint_writer(self) -> None:
+        assert self.store is not None
+        while True:
+            data, seq = await self._ckpt_queue.get()
+            try:
+                await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
+            except OSError as error:  # the log still holds every event: nothing acknowledged is lost
+                log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
+            finally:
+                self._ckpt_queue.task_done()
+
+    def _queue_eval(self, now: float) -> None:
+        self._evaluated = self.version
+        weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
+        self._eval_queue.put_nowait(
+            (self.version, now, weights, self.strategy.updates_applied, self.strategy.updates_dropped)
+        )
+
+    async def _evaluator(self) -> None:
+        while True:
+            version, now, weights, applied, dropped = await self._eval_queue.get()
+            try:
+                if self.evaluate is not None and self.metrics is not None:
+                    accuracy, loss = await asyncio.to_thread(self.evaluate, weights)
+                    self.metrics.write(
+                        MetricsRecord(
+                            version=version,
+                            virtual_time=now,
+                            wall_time=time.time() - self._wall_start,
+                            accuracy=accuracy,
+                            loss=loss,
+                            bytes_up=self.counters.bytes_up,
+                            bytes_down=self.counters.bytes_down,
+                            updates_applied=applied,
+                            updates_dropped=dropped,
+                        )
+                    )
+                    log.info("version %d at %.1f s: accuracy %.4f, loss %.4f", version, now, accuracy, loss)
+            except (RuntimeError, ValueError, OSError) as error:  # a metrics failure must not stop the run
+                log.error("evaluating version %d failed: %s", version, error)
+            finally:
+                self._eval_queue.task_done()
+
+    # ------------------------------------------------------------------ the API the servicer calls
+    def touch(self, client_id: int) -> ClientState:
+        """Note that ``client_id`` is alive; raises :class:`UnknownClient` when it has not registered."""
+        state = self.clients.get(client_id)
+        if state is None:
+            raise UnknownClient(f"client {client_id} is not registered; call Register first")
+        state.last_seen = self.now()
+        if state.gone:
+            state.gone = False
+            log.info("client %d is back", client_id)
+        return state
+
+    def register(self, info: ClientInfo) -> ClientInfo:
+        """Register ``info``; a client that registers again keeps its first profile (the strategy's view)."""
+        known = self.clients.get(info.client_id)
+        if known is not None:
+            self.touch(info.client_id)
+            return known.info
+        if self.ended is None:
+            self._register(info, self.now())
+        return info
+
+    async def next_task(self, client_id: int, timeout: float) -> Task | RunEnded | None:
+        """Long poll: the client's next task, :class:`RunEnded`, or None after ``timeout`` seconds."""
+        state = self.touch(client_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.ended is not None:
+                state.told_over = True
+                return self.ended
+            pending = [r for r in self.records.values() if r.task.client_id == client_id]
+            ready = [r for r in pending if not r.delivered]
+            if ready:
+                record = min(ready, key=lambda r: r.task.task_id)
+                record.delivered = True
+                return record.task
+            if pending or not state.announced:
+                # asking while holding a delivered task means the client lost it (crash, restart, rejection)
+                self._available(client_id, self.now())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state.last_seen = self.now()
+                return None
+            state.wakeup.clear()
+            await wait_event(state.wakeup, remaining)
+
+    def undeliver(self, task_id: int) -> None:
+        """The task's download failed: hand it out again on the next poll."""
+        record = self.records.get(task_id)
+        if record is not None:
+            record.delivered = False
+
+    def begin_result(self, client_id: int, task_id: int, version: int) -> TaskRecord:
+        """The record of the task a result answers, before its payload is read.
+
+        Raises :class:`DuplicateResult` for a task already accepted and :class:`NotOutstanding` otherwise.
+        """
+        self.touch(client_id)
+        if self.accepted.get(task_id) == client_id:
+            self.counters.received += 1
+            self.counters.duplicates += 1
+            raise DuplicateResult(f"task {task_id} was already accepted")
+        record = self.records.get(task_id)
+        if record is None or record.task.client_id != client_id or record.task.version != version:
+            self.counters.received += 1
+            self.counters.not_outstanding += 1
+            raise NotOutstanding(
+                f"task {task_id} of client {client_id} at version {version} is not outstanding "
+                "(unknown, lost, or already closed)"
+            )
+        return record
+
+    def reject(self) -> None:
+        """Count a result refused by validation."""
+        self.counters.received += 1
+        self.counters.rejected += 1
+
+    def bound_norm(self, result: Result, record: TaskRecord) -> tuple[Result, bool]:
+        """Apply the configured norm bound; raises NormBoundExceeded when rejecting."""
+        checked = check_norm(result.weights, record.task.weights, self.settings.norm_bound, self.settings.norm_action)
+        if not checked.clipped:
+            return result, False
+        return Result(
+            result.task_id,
+            result.client_id,
+            result.version,
+            checked.weights,
+            result.num_samples,
+            result.local_steps,
+            result.train_seconds,
+            result.loss,
+        ), True
+
+    async def submit(self, result: Result, record: TaskRecord, nbytes: int, clipped: bool) -> int:
+        """Make a validated result durable, then hand it to the strategy; returns the global version after it.
+
+        Raises :class:`DuplicateResult` or :class:`NotOutstanding` when, while the result was being stored, the
+        task was answered by another upload or lost.
+        """
+        file = sha = ""
+        if self.store is not None:
+            file, sha = await asyncio.to_thread(self.store.write_result, result.weights)
+        try:
+            if self.accepted.get(result.task_id) == result.client_id:
+                self.counters.received += 1
+                self.counters.duplicates += 1
+                raise DuplicateResult(f"task {result.task_id} was already accepted")
+            if self.records.get(result.task_id) is not record or self.ended is not None:
+                self.counters.received += 1
+                self.counters.not_outstanding += 1
+                raise NotOutstanding(f"task {result.task_id} is no longer outstanding")
+        except (DuplicateResult, NotOutstanding):
+            if self.store is not None:
+                self.store.delete_result(file)
+            raise
+        now = self.now()
+        self._log(
+            {
+                "kind": "result",
+                "now": now,
+                "task_id": result.task_id,
+                "client_id": result.client_id,
+                "version": result.version,
+                "num_samples": result.num_samples,
+                "local_steps": result.local_steps,
+                "train_seconds": result.train_seconds,
+                "loss": result.loss,
+                "file": file,
+                "sha256": sha,
+                "bytes": nbytes,
+                "clipped": clipped,
+            }
+        )
+        self._apply_result(result, now, nbytes, clipped)
+        return self.version
+
+    def heartbeat(self, client_id: int) -> bool:
+        """Note a heartbeat; returns True when the run is over (and notes that the client was told)."""
+        state = self.touch(client_id)
+        if self.ended is not None:
+            state.told_over = True
+            return True
+        return False
+
+    def leave(self, client_id: int) -> None:
+        state = self.touch(client_id)
+        state.gone = True
+        state.told_over = True
+        self.counters.gone += 1
+
+    def request_stop(self, reason: str) -> None:
+        """End the run now (a signal, or an operator)."""
+        self._end(reason, self.now())
+
+    # ------------------------------------------------------------------ background work
+    async def run(self) -> RunEnded:
+        """Drive ticks, stopping and liveness until the run ends and clients were told (or the grace passed)."""
+        tasks = [asyncio.create_task(self._evaluator())]
+        if self.store is not None:
+            tasks.append(asyncio.create_task(self._checkpoint_writer()))
+        if self.evaluate is not None and self._evaluated < 0:
+            self._queue_eval(self.now())
+        reaper = asyncio.create_task(self._reaper())
+        try:
+            if self.ended is None:
+                await self._drive()
+            await self._grace()
+            await self._eval_queue.join()
+            await self._ckpt_queue.join()
+        finally:
+            for t in (*tasks, reaper):
+                t.cancel()
+            await asyncio.gather(*tasks, reaper, return_exceptions=True)
+        assert self.ended is not None
+        return self.ended
+
+    async def _drive(self) -> None:
+        stop_at = self.settings.max_seconds or math.inf
+        while self.ended is None:
+            deadline = self.strategy.next_deadline()
+            target = min(stop_at, math.inf if deadline is None else deadline)
+            self._wake.clear()
+            await wait_event(self._wake, max(0.0, target - self.now()) if math.isfinite(target) else None)
+            if self.ended is not None:
+                return
+            now = self.now()
+            if now >= stop_at:
+                self._end("max_seconds", now)
+                return
+            deadline = self.strategy.next_deadline()
+            if deadline is not None and now >= deadline:
+                self._tick(now)
+                if self.strategy.next_deadline() == deadline:
+                    await asyncio.sleep(0.05)  # the tick did not move the deadline: do not spin on it
+
+    async def _grace(self) -> None:
+        end = time.monotonic() + self.settings.shutdown_grace
+        while time.monotonic() < end:
+            if all(c.told_over or c.gone for c in self.clients.values()):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _reaper(self) -> None:
+        period = max(0.05, min(1.0, self.settings.client_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = self.now()
+            for cid, state in self.clients.items():
+                if not state.gone and now - state.last_seen > self.settings.client_timeout:
+                    state.gone = True
+                    self.counters.gone += 1
+                    log.info("client %d silent for %.1f s: marked gone", cid, now - state.last_seen)
+
+    @property
+    def ended_event(self) -> asyncio.Event:
+        return self._ended_event

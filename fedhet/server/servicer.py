@@ -1,0 +1,269 @@
+"""The gRPC face of the runtime: translates ``fedhet.v1`` messages to coordinator calls and errors to statuses.
+
+Status codes: UNAUTHENTICATED (no or wrong token, from :class:`~fedhet.server.auth.AuthInterceptor`),
+PERMISSION_DENIED (a message names another client than the token's), FAILED_PRECONDITION (unregistered client,
+or a result for a task that is not outstanding), INVALID_ARGUMENT (validation), RESOURCE_EXHAUSTED (payload over
+the cap, or too many uploads at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from grpc import aio
+
+from fedhet.server.auth import TokenStore
+from fedhet.server.runtime import Coordinator, DuplicateResult, NotOutstanding, RunEnded, UnknownClient
+from fedhet.server.validation import (
+    ResultFields,
+    check_result_fields,
+    check_update,
+    check_update_manifest,
+)
+from fedhet.types import ClientInfo, ClientProfile, Result, Weights
+from fedhet.v1 import service_pb2 as spb
+from fedhet.v1 import service_pb2_grpc
+from fedhet.v1 import tensor_pb2 as tpb
+from fedhet.v1.wire import ChunkError, PayloadAssembler, PayloadError, PayloadTooLarge, chunks, decode, encode
+
+__all__ = ["SERVICE_NAME", "FederatedLearningServicer"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["FederatedLearning"].full_name
+Context = aio.ServicerContext[Any, Any]
+
+
+class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
+    """Serves one run's coordinator.
+
+    Args:
+        coordinator: the run.
+        tokens: token store, or None to trust the client ids in messages (loopback only).
+        encoding: how task weights travel (fp32, fp16, bf16).
+        chunk_bytes: payload bytes per chunk message.
+        max_upload_bytes: largest result payload accepted.
+        poll_timeout: seconds a GetTask call waits for work.
+        heartbeat_seconds: heartbeat period clients are told to keep while training.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        tokens: TokenStore | None,
+        encoding: str,
+        chunk_bytes: int,
+        max_upload_bytes: int,
+        poll_timeout: float,
+        heartbeat_seconds: float,
+    ) -> None:
+        self.coord = coordinator
+        self.tokens = tokens
+        self.encoding = encoding
+        self.chunk_bytes = chunk_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.poll_timeout = poll_timeout
+        self.heartbeat_seconds = heartbeat_seconds
+        self._encoded: OrderedDict[int, tuple[Weights, tpb.Manifest, bytes]] = OrderedDict()
+
+    # ------------------------------------------------------------------ helpers
+    async def _client(self, context: Context, claimed: int) -> int:
+        """The caller's client id: ``claimed``, which must match the token's client when tokens are in use."""
+        if self.tokens is not None:
+            owner = self.tokens.client_for(context.invocation_metadata())
+            if owner is None:  # the interceptor already refused; defence in depth
+                await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
+            if owner != claimed:
+                await _abort(
+                    context, grpc.StatusCode.PERMISSION_DENIED, f"the token is client {owner}'s, not client {claimed}'s"
+                )
+        if claimed < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id must be >= 0, got {claimed}")
+        return claimed
+
+    async def _known(self, context: Context, client_id: int) -> None:
+        try:
+            self.coord.touch(client_id)
+        except UnknownClient as error:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
+    def _encode(self, weights: Weights) -> tuple[tpb.Manifest, bytes]:
+        """Encode task weights once per weights object (every client of a version shares the global model)."""
+        key = id(weights)
+        hit = self._encoded.get(key)
+        if hit is not None and hit[0] is weights:
+            return hit[1], hit[2]
+        manifest, payload = encode(weights, self.encoding)
+        self._encoded[key] = (weights, manifest, payload)  # holding ``weights`` keeps its id from being reused
+        while len(self._encoded) > 4:
+            self._encoded.popitem(last=False)
+        return manifest, payload
+
+    # ------------------------------------------------------------------ RPCs
+    async def Register(self, request: spb.RegisterRequest, context: Context) -> spb.RegisterReply:
+        client_id = await self._client(context, request.client_id)
+        p = request.profile
+        try:
+            info = ClientInfo(
+                client_id,
+                ClientProfile(p.seconds_per_sample, p.bandwidth, p.bitwidth or 32, int(p.memory_bytes)),
+                request.num_samples,
+            )
+        except ValueError as error:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad registration: {error}")
+        info = self.coord.register(info)
+        over = self.coord.ended is not None
+        if over and client_id in self.coord.clients:
+            self.coord.heartbeat(client_id)  # notes that this client was told
+        log.info(
+            "client %d registered (%d samples, %.3g s/sample)",
+            client_id,
+            info.num_samples,
+            info.profile.seconds_per_sample,
+        )
+        return spb.RegisterReply(
+            client_id=client_id,
+            run_id=self.coord.run_id,
+            version=self.coord.version,
+            chunk_bytes=self.chunk_bytes,
+            max_upload_bytes=self.max_upload_bytes,
+            heartbeat_seconds=self.heartbeat_seconds,
+            run_over=over,
+        )
+
+    async def GetTask(self, request: spb.GetTaskRequest, context: Context) -> AsyncIterator[spb.TaskMessage]:
+        client_id = await self._client(context, request.client_id)
+        await self._known(context, client_id)
+        outcome = await self.coord.next_task(client_id, self.poll_timeout)
+        if isinstance(outcome, RunEnded):
+            yield spb.TaskMessage(run_over=spb.RunOver(version=outcome.version, reason=outcome.reason))
+            return
+        if outcome is None:
+            yield spb.TaskMessage(idle=spb.Idle(retry_after_seconds=0.0, version=self.coord.version))
+            return
+        task = outcome
+        manifest, payload = self._encode(task.weights)
+        sent = False
+        try:
+            yield spb.TaskMessage(
+                header=spb.TaskHeader(
+                    client_id=task.client_id,
+                    task_id=task.task_id,
+                    version=task.version,
+                    local_steps=task.local_steps,
+                    local_epochs=task.local_epochs,
+                    manifest=manifest,
+                )
+            )
+            for chunk in chunks(payload, self.chunk_bytes):
+                yield spb.TaskMessage(chunk=chunk)
+            sent = True
+            self.coord.counters.bytes_down += len(payload)
+        finally:
+            if not sent:
+                self.coord.undeliver(task.task_id)
+
+    async def UploadResult(
+        self, request_iterator: AsyncIterator[spb.ResultMessage], context: Context
+    ) -> spb.UploadReply:
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload: send a header first")
+        if first.WhichOneof("kind") != "header":
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with its header")
+        header = first.header
+        client_id = await self._client(context, header.client_id)
+        await self._known(context, client_id)
+        coord = self.coord
+        if coord.ended is not None:
+            coord.heartbeat(client_id)
+            return spb.UploadReply(task_id=header.task_id, version=coord.version, run_over=True)
+        if coord.uploads_in_flight >= coord.settings.max_concurrent_uploads:
+            coord.counters.busy += 1
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {coord.uploads_in_flight} uploads in progress; retry later",
+            )
+        try:
+            record = coord.begin_result(client_id, header.task_id, header.version)
+        except DuplicateResult:
+            return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
+        except NotOutstanding as error:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        coord.uploads_in_flight += 1
+        try:
+            try:
+                fields = ResultFields(header.num_samples, header.local_steps, header.train_seconds, header.loss)
+                check_result_fields(fields, coord.clients[client_id].info.num_samples)
+                if header.manifest.total_bytes > self.max_upload_bytes:  # the cheapest check first
+                    raise PayloadTooLarge(
+                        f"payload of {header.manifest.total_bytes} bytes exceeds the cap of {self.max_upload_bytes}"
+                    )
+                check_update_manifest(header.manifest, record.meta)
+                assembler = PayloadAssembler(header.manifest, self.max_upload_bytes)
+                async for message in stream:
+                    if message.WhichOneof("kind") != "chunk":
+                        raise ChunkError("an upload sends one header, then only chunks")
+                    assembler.add(message.chunk)
+                weights = await asyncio.to_thread(_finish_checked, assembler, record.meta)
+                result = Result(
+                    header.task_id,
+                    client_id,
+                    header.version,
+                    weights,
+                    header.num_samples,
+                    header.local_steps,
+                    header.train_seconds,
+                    header.loss,
+                )
+                result, clipped = coord.bound_norm(result, record)
+            except PayloadTooLarge as error:
+                coord.reject()
+                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{type(error).__name__}: {error}")
+            except PayloadError as error:
+                coord.reject()
+                log.warning("client %d, task %d: rejected: %s", client_id, header.task_id, error)
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
+            try:
+                version = await coord.submit(result, record, int(header.manifest.total_bytes), clipped)
+            except DuplicateResult:
+                return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
+            except NotOutstanding as error:
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        finally:
+            coord.uploads_in_flight -= 1
+        return spb.UploadReply(task_id=header.task_id, version=version, run_over=coord.ended is not None)
+
+    async def Heartbeat(self, request: spb.HeartbeatRequest, context: Context) -> spb.HeartbeatReply:
+        client_id = await self._client(context, request.client_id)
+        if client_id not in self.coord.clients:
+            return spb.HeartbeatReply(version=self.coord.version, run_over=self.coord.ended is not None, known=False)
+        over = self.coord.heartbeat(client_id)
+        return spb.HeartbeatReply(version=self.coord.version, run_over=over, known=True)
+
+    async def Leave(self, request: spb.LeaveRequest, context: Context) -> spb.LeaveReply:
+        client_id = await self._client(context, request.client_id)
+        await self._known(context, client_id)
+        self.coord.leave(client_id)
+        return spb.LeaveReply(version=self.coord.version)
+
+
+def _finish_checked(assembler: PayloadAssembler, meta: Any) -> dict[str, Any]:
+    """Checksum, decode and check a received payload (in a worker thread: hashing and the NaN scan release the
+    GIL, so the event loop keeps serving)."""
+    weights = decode(assembler.manifest, assembler.finish())
+    check_update(weights, meta)
+    return weights
+
+
+async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover

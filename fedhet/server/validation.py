@@ -1,0 +1,175 @@
+"""Update validation: the aggregator never trusts a client.
+
+Every check runs before any arithmetic on the global model. The manifest checks run before the payload is even
+read, so a wrong-shaped update costs the server one header. Every failure is a :class:`~fedhet.v1.wire.PayloadError`
+subclass (gRPC ``INVALID_ARGUMENT``; :class:`~fedhet.v1.wire.PayloadTooLarge` is ``RESOURCE_EXHAUSTED``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedhet.types import Weights
+from fedhet.v1 import tensor_pb2 as pb
+from fedhet.v1.wire import (
+    DENSE_ENCODINGS,
+    PayloadError,
+    TensorMeta,
+    check_finite,
+    check_manifest,
+    dtype_name,
+    encoding_name,
+)
+
+__all__ = [
+    "DtypeMismatch",
+    "ExtraTensor",
+    "MissingTensor",
+    "NormBoundExceeded",
+    "NormCheck",
+    "SampleCountError",
+    "ShapeMismatch",
+    "check_norm",
+    "check_result_fields",
+    "check_update",
+    "check_update_manifest",
+]
+
+
+class ShapeMismatch(PayloadError):
+    """A tensor's shape differs from the task's, broadcastable or not."""
+
+
+class DtypeMismatch(PayloadError):
+    """A tensor's dtype differs from the task's, or its encoding does not fit its dtype."""
+
+
+class MissingTensor(PayloadError):
+    """The update lacks a tensor the task had."""
+
+
+class ExtraTensor(PayloadError):
+    """The update has a tensor the task did not."""
+
+
+class SampleCountError(PayloadError):
+    """The sample count (the update's weight) or another scalar field is zero, negative, non-finite or absurd."""
+
+
+class NormBoundExceeded(PayloadError):
+    """The update's L2 norm exceeds the configured bound and the server rejects such updates."""
+
+
+_DTYPE_CODE = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.int64: pb.DTYPE_INT64,
+    torch.int32: pb.DTYPE_INT32,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.bool: pb.DTYPE_BOOL,
+}
+
+
+def check_update_manifest(manifest: pb.Manifest, expected: Mapping[str, TensorMeta]) -> None:
+    """The manifest describes exactly the task's tensors: same names, shapes and dtypes, dense encodings."""
+    names = [spec.name for spec in manifest.tensors]
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise MissingTensor(
+            f"update lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" * (len(missing) > 1))
+        )
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        raise ExtraTensor(f"update has unexpected tensor {extra[0]!r}")
+    for spec in manifest.tensors:
+        meta = expected[spec.name]
+        if tuple(spec.shape) != meta.shape:
+            raise ShapeMismatch(f"tensor {spec.name!r}: shape {tuple(spec.shape)} sent for {meta.shape}")
+        if spec.dtype != _DTYPE_CODE.get(meta.dtype):
+            raise DtypeMismatch(f"tensor {spec.name!r}: dtype {dtype_name(spec.dtype)} sent for {meta.dtype}")
+        floating = meta.dtype.is_floating_point
+        allowed = set(DENSE_ENCODINGS.values()) if floating else {pb.ENCODING_RAW}
+        if spec.encoding not in allowed:
+            raise DtypeMismatch(
+                f"tensor {spec.name!r}: encoding {encoding_name(spec.encoding)} is not accepted for {meta.dtype}"
+            )
+    check_manifest(manifest)  # byte lengths against shapes, the total, the checksum's size
+
+
+@dataclass(frozen=True)
+class ResultFields:
+    """The scalar fields of an uploaded result."""
+
+    num_samples: int
+    local_steps: int
+    train_seconds: float
+    loss: float
+
+
+def check_result_fields(fields: ResultFields, registered_samples: int) -> None:
+    """The update's weight (its sample count) is in 1..the samples the client registered; other scalars sane."""
+    if not 1 <= fields.num_samples <= registered_samples:
+        raise SampleCountError(
+            f"num_samples {fields.num_samples} must be in 1..{registered_samples} (the samples the client registered)"
+        )
+    if fields.local_steps < 0:
+        raise SampleCountError(f"local_steps must be >= 0, got {fields.local_steps}")
+    if not (math.isfinite(fields.train_seconds) and fields.train_seconds >= 0):
+        raise SampleCountError(f"train_seconds must be finite and >= 0, got {fields.train_seconds}")
+    if math.isnan(fields.loss):
+        raise SampleCountError("loss is NaN")
+
+
+def check_update(weights: Weights, expected: Mapping[str, TensorMeta]) -> None:
+    """Decoded tensors match the task exactly (names, shapes, dtypes) and hold no NaN or Inf."""
+    if set(weights) != set(expected):
+        raise MissingTensor(f"update tensors {sorted(weights)} differ from the task's {sorted(expected)}")
+    for name, tensor in weights.items():
+        meta = expected[name]
+        if tuple(tensor.shape) != meta.shape:
+            raise ShapeMismatch(f"tensor {name!r}: shape {tuple(tensor.shape)} sent for {meta.shape}")
+        if tensor.dtype != meta.dtype:
+            raise DtypeMismatch(f"tensor {name!r}: dtype {tensor.dtype} sent for {meta.dtype}")
+    check_finite(weights)
+
+
+@dataclass(frozen=True)
+class NormCheck:
+    """Outcome of :func:`check_norm`: the update to use, its norm and whether it was clipped."""
+
+    weights: dict[str, torch.Tensor]
+    norm: float
+    clipped: bool
+
+
+def update_norm(weights: Weights, start: Weights) -> float:
+    """L2 norm of ``weights - start`` over the floating-point tensors (float64 accumulation)."""
+    total = 0.0
+    for name, value in weights.items():
+        if value.is_floating_point():
+            total += float(torch.sum((value.double() - start[name].double()) ** 2))
+    return math.sqrt(total)
+
+
+def check_norm(weights: Weights, start: Weights, bound: float, action: str) -> NormCheck:
+    """Bound the update ``weights - start`` to L2 norm ``bound`` (0 = no bound): ``reject`` raises
+    :class:`NormBoundExceeded`, ``clip`` scales the update down onto the bound."""
+    plain = dict(weights)
+    if bound <= 0:
+        return NormCheck(plain, 0.0, False)
+    norm = update_norm(weights, start)
+    if norm <= bound:
+        return NormCheck(plain, norm, False)
+    if action == "reject":
+        raise NormBoundExceeded(f"update norm {norm:.6g} exceeds the bound {bound:.6g}")
+    scale = bound / norm
+    clipped = {
+        k: (start[k] + (v - start[k]) * scale).to(v.dtype) if v.is_floating_point() else v for k, v in weights.items()
+    }
+    return NormCheck(clipped, norm, True)

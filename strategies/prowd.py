@@ -1,0 +1,515 @@
+"""ProWD (Yoon et al., ICML 2022): bitwidth-heterogeneous FL with progressive weight dequantization, and its
+baselines. Spec and the choices made where the paper is silent: ``shared/algorithms/prowd.md``.
+
+Roles:
+
+- :class:`BitwidthPlanner` (``bitwidth``): each client receives the global weights re-quantized to its own bitwidth
+  (:mod:`fedhet.quant`: symmetric, one scale per output channel). Shared by ProWD and both baselines.
+- :class:`ProWD` (``prowd``): per bitwidth group, the group's mean weights are re-quantized to the group's bitwidth
+  and lifted to full precision by the **progressive dequantizer** (a chain of :class:`DequantizerBlock`), giving an
+  update ``u_g`` against the global model; **selective aggregation** keeps, for groups below ``high_bitwidth``, only
+  the elements of ``u_g`` that agree with the high-bitwidth groups' mean update (:func:`selective_mask`); the new
+  global model is ``theta + sum_g (W_g / W) m_g * u_g``. The dequantizer is trained at every aggregation on
+  pairs built from the high-bitwidth groups' weights, with a reconstruction and a distillation loss on a server
+  buffer (:meth:`ProWD.attach`). With ``dequantizer`` and ``selective`` both off it is exactly the naive mean.
+- :class:`GroupedMean` (``grouped_mean``): FedGroupedAvg, one model per bitwidth group averaged only within its
+  group; the global (evaluated) model is the highest group's. The naive baseline is ``weighted_mean``.
+
+Grouping. Updates are folded per start version into one weighted sum (:class:`~fedhet.strategies.base.UpdateBuffer`);
+ProWD needs the sums per bitwidth. It reads a bucket's ``bitwidth`` attribute (32 when the core does not set one),
+so it groups correctly once buckets are keyed by (start version, bitwidth) -- see :func:`bucket_bitwidth`. Memory
+stays (distinct versions x bitwidths) x model, never (results) x model. Selection therefore masks a group's mean
+update, not each client's; with one client per group this is the paper's per-client mask.
+
+Deviations named in config: ``chain`` (bitwidth levels of the dequantizer), ``hidden`` (block width),
+``high_bitwidth`` (which groups are the reference), ``dequantizer_steps``/``lr``, ``recon_weight``,
+``distill_weight``, ``temperature``, ``mask_steps``/``mask_lr``/``mask_init``/``mask_threshold``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fedhet import quant
+from fedhet.strategies.base import Bucket, StateError, UpdateBuffer
+from fedhet.types import ClientInfo, Weights
+
+__all__ = [
+    "BitwidthPlanner",
+    "DequantizerBlock",
+    "GroupUpdate",
+    "GroupedMean",
+    "GroupedModels",
+    "ProWD",
+    "ProgressiveDequantizer",
+    "bucket_bitwidth",
+    "group_updates",
+    "selective_mask",
+]
+
+FULL = quant.FULL_PRECISION
+
+
+def _check_bitwidth(bits: int, who: str) -> int:
+    if bits != FULL and bits not in quant.BITWIDTHS:
+        raise ValueError(f"{who}: bitwidth {bits} is not one of {', '.join(map(str, (*quant.BITWIDTHS, FULL)))}")
+    return bits
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+
+def bucket_bitwidth(bucket: Bucket) -> int:
+    """Bitwidth of the updates folded into ``bucket``: its ``bitwidth`` attribute, 32 where the core sets none."""
+    return int(getattr(bucket, "bitwidth", FULL))
+
+
+@dataclass(frozen=True)
+class GroupUpdate:
+    """The updates of one bitwidth, averaged.
+
+    Attributes:
+        bitwidth: bits per weight of the group's clients (32 = fp32).
+        mean: weighted mean of their weights (floating tensors) and plain sum of integer tensors.
+        weight: the sum of their update weights.
+        count: how many updates.
+    """
+
+    bitwidth: int
+    mean: dict[str, torch.Tensor]
+    weight: float
+    count: int
+
+
+def group_updates(updates: UpdateBuffer) -> list[GroupUpdate]:
+    """One :class:`GroupUpdate` per bitwidth present in ``updates``, in increasing bitwidth order."""
+    sums: dict[int, tuple[dict[str, torch.Tensor], float, int]] = {}
+    for _, bucket in updates.items():
+        bits = bucket_bitwidth(bucket)
+        acc, weight, count = sums.get(bits, ({}, 0.0, 0))
+        for name, value in bucket.weighted_sum.items():
+            acc[name] = value.clone() if name not in acc else acc[name] + value
+        sums[bits] = (acc, weight + bucket.total_weight, count + bucket.count)
+    groups = []
+    for bits in sorted(sums):
+        acc, weight, count = sums[bits]
+        mean = {k: v / weight if v.is_floating_point() else v for k, v in acc.items()}
+        groups.append(GroupUpdate(bits, mean, weight, count))
+    return groups
+
+
+def _in_model_dtypes(group: GroupUpdate, global_weights: Weights) -> GroupUpdate:
+    """``group`` with its floating means cast to the global model's dtypes (the buffer sums in float64)."""
+    _check_bitwidth(group.bitwidth, "an update")
+    if set(group.mean) != set(global_weights):
+        raise ValueError(f"{group.bitwidth}-bit updates carry tensors {sorted(group.mean)}, not the model's")
+    mean = {k: v.to(global_weights[k].dtype) if v.is_floating_point() else v for k, v in group.mean.items()}
+    return GroupUpdate(group.bitwidth, mean, group.weight, group.count)
+
+
+def _integer_mean(groups: Sequence[GroupUpdate], name: str, like: torch.Tensor) -> torch.Tensor:
+    total = torch.stack([g.mean[name] for g in groups]).sum(0)
+    return torch.div(total, sum(g.count for g in groups), rounding_mode="floor").to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- planner
+
+
+class GroupedModels(dict[str, torch.Tensor]):
+    """Global weights (the highest group's model) that also carry one model per bitwidth group (GroupedMean)."""
+
+    def __init__(self, top: Mapping[str, torch.Tensor], by_bitwidth: Mapping[int, Mapping[str, torch.Tensor]]):
+        super().__init__(top)
+        self.by_bitwidth = {b: dict(m) for b, m in by_bitwidth.items()}
+
+
+class BitwidthPlanner:
+    """Each client receives the global weights re-quantized to its bitwidth (its group's model under
+    :class:`GroupedMean`). Quantized copies are made once per (version, bitwidth) and shared by the clients of that
+    bitwidth: memory is (bitwidths in use) x model."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Weights:
+        bits = _check_bitwidth(client.profile.bitwidth, f"client {client.client_id}")
+        if version != self._version:
+            self._version, self._cache = version, {}
+        planned = self._cache.get(bits)
+        if planned is None:
+            source: Weights = weights
+            if isinstance(weights, GroupedModels):
+                source = weights.by_bitwidth.get(bits, weights)
+            planned = quant.quantize_weights(source, bits)
+            self._cache[bits] = planned
+        return planned
+
+
+# ---------------------------------------------------------------------------------------------- dequantizer
+
+
+class DequantizerBlock(nn.Module):
+    """Lifts weights from ``low`` to ``high`` bits: ``w_high = w_low + (step / 2) * tanh(f(features))``.
+
+    ``step`` is the channel's quantization step at ``low`` bits, so a correction never leaves the quantization bin
+    the weight came from; ``f`` is a small element-wise MLP on (value / channel max, 1 for a bias-like tensor,
+    depth of the tensor in the model in [0, 1]). Its last layer starts at zero: an untrained block is the identity.
+    """
+
+    def __init__(self, low: int, high: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.low, self.high = quant.check_bits(low), high
+        self.hidden = nn.Linear(3, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, w: torch.Tensor, depth: float) -> torch.Tensor:
+        channels = quant.num_channels(w.shape)
+        flat = w.reshape(channels, w.numel() // channels if channels else 0)
+        if flat.numel() == 0:
+            return w
+        absmax = flat.detach().abs().amax(dim=1, keepdim=True).clamp_min(2.0**-126)
+        step = absmax / quant.qmax(self.low)
+        u = flat / absmax
+        features = torch.stack(
+            [u, torch.full_like(u, float(w.dim() <= 1)), torch.full_like(u, depth)], dim=-1
+        )  # (channels, n, 3)
+        delta = torch.tanh(self.out(torch.tanh(self.hidden(features))).squeeze(-1)) * (step / 2)
+        return (flat + delta).reshape(w.shape)
+
+
+class ProgressiveDequantizer(nn.Module):
+    """A chain of :class:`DequantizerBlock`, one per consecutive pair of ``levels`` (e.g. 6 -> 8 -> 12 -> 16 -> 32).
+
+    Weights at ``b`` bits enter at level ``b`` and pass through every later block; fp32 weights pass unchanged.
+    """
+
+    def __init__(self, levels: Sequence[int], hidden: int = 8) -> None:
+        super().__init__()
+        levels = list(levels)
+        if levels != sorted(set(levels)) or not levels or levels[-1] != FULL:
+            raise ValueError(f"chain must be increasing bitwidths ending at {FULL}, got {levels}")
+        for bits in levels[:-1]:
+            quant.check_bits(bits)
+        self.levels = levels
+        self.chain = [DequantizerBlock(lo, hi, hidden) for lo, hi in itertools.pairwise(levels)]
+        self.blocks = nn.ModuleList(self.chain)
+
+    def block_index(self, low: int) -> int:
+        if low not in self.levels[:-1]:
+            raise ValueError(f"bitwidth {low} is not a level of the dequantizer chain {self.levels}")
+        return self.levels.index(low)
+
+    def lift(self, weights: Mapping[str, torch.Tensor], bits: int, first: int | None = None) -> dict[str, torch.Tensor]:
+        """``weights`` at ``bits`` bits through the blocks from level ``bits`` to the end (or only block ``first``
+        when given). Integer tensors pass unchanged."""
+        if bits == FULL:
+            return dict(weights)
+        start = self.block_index(bits)
+        blocks = [self.chain[start]] if first is not None else self.chain[start:]
+        floating = [k for k, v in weights.items() if v.is_floating_point()]
+        out = dict(weights)
+        for block in blocks:
+            for i, name in enumerate(floating):
+                out[name] = block(out[name], i / max(1, len(floating) - 1))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def selective_mask(
+    update: torch.Tensor,
+    reference: torch.Tensor,
+    steps: int = 10,
+    lr: float = 0.5,
+    init: float = 2.0,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Binary mask of the elements of ``update`` to keep: scores ``s`` (all ``init``) are trained for ``steps``
+    Adam steps to maximise ``cos(sigmoid(s) * update, reference)``, then ``sigmoid(s) > threshold``."""
+    if update.numel() == 0 or float(reference.norm()) == 0.0 or float(update.norm()) == 0.0:
+        return torch.ones_like(update, dtype=torch.bool)
+    u, r = update.detach().reshape(-1).float(), reference.detach().reshape(-1).float()
+    scores = torch.full_like(u, init, requires_grad=True)
+    optimizer = torch.optim.Adam([scores], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = -F.cosine_similarity(torch.sigmoid(scores) * u, r, dim=0)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    return (torch.sigmoid(scores.detach()) > threshold).reshape(update.shape)
+
+
+# ---------------------------------------------------------------------------------------------- ProWD
+
+
+class ProWD:
+    """ProWD aggregation (see the module docstring).
+
+    Args:
+        dequantizer: lift low-bitwidth groups through the progressive dequantizer (ablation: off).
+        selective: mask low-bitwidth groups' updates by agreement with the high groups' (ablation: off).
+        chain: bitwidth levels of the dequantizer, increasing, ending at 32 (every client bitwidth must be one).
+        hidden: width of each block's hidden layer.
+        high_bitwidth: groups at or above this bitwidth are the reference (mask all ones, dequantizer targets).
+        dequantizer_steps: Adam steps per block at every aggregation.
+        lr: the dequantizer's Adam learning rate.
+        recon_weight: weight of the reconstruction loss (relative MSE between lifted and target weights).
+        distill_weight: weight of the distillation loss (KL between the model's outputs on the server buffer with
+            target and with lifted weights); > 0 needs :meth:`attach`.
+        temperature: distillation temperature.
+        distill_batch: server-buffer samples per distillation step.
+        mask_steps, mask_lr, mask_init, mask_threshold: :func:`selective_mask`.
+        seed: seeds the distillation minibatches.
+    """
+
+    def __init__(
+        self,
+        dequantizer: bool = True,
+        selective: bool = True,
+        chain: Sequence[int] = (2, 4, 6, 8, 12, 16, 32),
+        hidden: int = 8,
+        high_bitwidth: int = 16,
+        dequantizer_steps: int = 5,
+        lr: float = 1e-2,
+        recon_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        temperature: float = 2.0,
+        distill_batch: int = 64,
+        mask_steps: int = 10,
+        mask_lr: float = 0.5,
+        mask_init: float = 2.0,
+        mask_threshold: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        for key, value in (("hidden", hidden), ("distill_batch", distill_batch)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        for key, value in (("dequantizer_steps", dequantizer_steps), ("mask_steps", mask_steps)):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, fvalue in (("recon_weight", recon_weight), ("distill_weight", distill_weight)):
+            if not (math.isfinite(fvalue) and fvalue >= 0):
+                raise ValueError(f"{key} must be finite and >= 0, got {fvalue}")
+        for key, fvalue in (("lr", lr), ("temperature", temperature), ("mask_lr", mask_lr)):
+            if not (math.isfinite(fvalue) and fvalue > 0):
+                raise ValueError(f"{key} must be finite and > 0, got {fvalue}")
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+        _check_bitwidth(high_bitwidth, "high_bitwidth")
+        self.use_dequantizer = dequantizer
+        self.selective = selective
+        self.dequantizer = ProgressiveDequantizer(list(chain), hidden)
+        self.high_bitwidth = high_bitwidth
+        self.dequantizer_steps = dequantizer_steps
+        self.lr = lr
+        self.recon_weight = recon_weight
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+        self.distill_batch = distill_batch
+        self.mask_steps = mask_steps
+        self.mask_lr = mask_lr
+        self.mask_init = mask_init
+        self.mask_threshold = mask_threshold
+        self.seed = seed
+        self.model: nn.Module | None = None
+        self.server_inputs: torch.Tensor | None = None
+        self.reference: dict[str, torch.Tensor] = {}  # the latest high-bitwidth mean update
+        self.lowest_seen = FULL  # lowest client bitwidth aggregated so far: blocks below it are never used
+        self.last_masks: dict[int, float] = {}  # bitwidth -> fraction of elements kept at the latest aggregation
+
+    def attach(self, model: nn.Module, server_inputs: torch.Tensor) -> None:
+        """Give the server what distillation needs: a model of the run's architecture (its weights are ignored;
+        the dequantizer's candidates are plugged in) and the server buffer's inputs (held-out samples no client
+        holds; labels are not needed)."""
+        if len(server_inputs) == 0:
+            raise ValueError("the ProWD server buffer is empty; give it at least one sample")
+        self.model = model
+        self.server_inputs = server_inputs
+
+    # ------------------------------------------------------------------------------------ aggregation
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        groups = [_in_model_dtypes(g, global_weights) for g in group_updates(updates)]
+        if not groups:
+            return dict(global_weights)
+        high = [g for g in groups if g.bitwidth >= self.high_bitwidth]
+        lows = [g.bitwidth for g in groups if g.bitwidth < FULL]
+        self.lowest_seen = min([self.lowest_seen, *lows])
+        if self.use_dequantizer:  # trained whenever high groups report, so it is ready when low ones return
+            self._train_dequantizer(high, version)
+        lifted = {g.bitwidth: self._lift(g) for g in groups}
+        floating = [k for k, v in global_weights.items() if v.is_floating_point()]
+        deltas = {b: {k: w[k].double() - global_weights[k].double() for k in floating} for b, w in lifted.items()}
+        if high:
+            high_weight = sum(g.weight for g in high)
+            reference = {k: torch.zeros_like(deltas[high[0].bitwidth][k]) for k in floating}
+            for g in high:
+                for k in floating:
+                    reference[k].add_(deltas[g.bitwidth][k], alpha=g.weight / high_weight)
+            self.reference = {k: v.float() for k, v in reference.items()}
+        total = sum(g.weight for g in groups)
+        out: dict[str, torch.Tensor] = {}
+        self.last_masks = {}
+        for name, current in global_weights.items():
+            if not current.is_floating_point():
+                out[name] = _integer_mean(groups, name, current)
+                continue
+            new = current.double()
+            for group in groups:
+                delta = deltas[group.bitwidth][name]
+                if self.selective and group.bitwidth < self.high_bitwidth and name in self.reference:
+                    mask = selective_mask(
+                        delta, self.reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
+                    )
+                    delta = delta * mask
+                    kept = self.last_masks.get(group.bitwidth, 0.0)
+                    self.last_masks[group.bitwidth] = kept + float(mask.sum())
+                new = new + delta * (group.weight / total)
+            out[name] = new.to(current.dtype)
+        numel = sum(global_weights[k].numel() for k in floating)
+        self.last_masks = {b: kept / numel for b, kept in self.last_masks.items()}
+        return out
+
+    def _lift(self, group: GroupUpdate) -> dict[str, torch.Tensor]:
+        """A group's mean at full precision: re-quantized to the group's grid, then through the dequantizer."""
+        if not self.use_dequantizer or group.bitwidth == FULL:
+            return group.mean
+        with torch.no_grad():
+            return self.dequantizer.lift(quant.quantize_weights(group.mean, group.bitwidth), group.bitwidth)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def _train_dequantizer(self, high: Sequence[GroupUpdate], version: int) -> None:
+        """Train every block that some client's weights pass through (from the lowest bitwidth seen) and that has a
+        target: pairs from the high groups' weights (bitwidth >= the block's higher one)."""
+        if self.dequantizer_steps == 0 or not high or self.lowest_seen == FULL:
+            return
+        if self.distill_weight > 0 and (self.model is None or self.server_inputs is None):
+            raise ValueError(
+                "ProWD's distillation loss needs the server buffer: the runtime must call "
+                "aggregator.attach(model, server_inputs) (or set distill_weight: 0)"
+            )
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
+        first = self.dequantizer.block_index(self.lowest_seen)
+        for index, block in enumerate(self.dequantizer.chain):
+            if index < first:
+                continue
+            sources = [g for g in high if g.bitwidth >= block.high]
+            if not sources:
+                continue  # nothing holds weights at this block's higher bitwidth yet: it stays as trained so far
+            optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
+            pairs = [
+                (quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)) for g in sources
+            ]
+            for step in range(self.dequantizer_steps):
+                low, target = pairs[step % len(pairs)]
+                lifted = self.dequantizer.lift(low, block.low, first=index)
+                loss = self.recon_weight * _relative_mse(lifted, target)
+                if self.distill_weight > 0:
+                    loss = loss + self.distill_weight * self._distill(lifted, target, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+
+    def _distill(
+        self, lifted: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        assert self.model is not None and self.server_inputs is not None
+        n = len(self.server_inputs)
+        idx = torch.randperm(n, generator=generator)[: min(n, self.distill_batch)]
+        x = self.server_inputs[idx]
+        t = self.temperature
+        with torch.no_grad():
+            teacher = functional_call(self.model, dict(target), (x,))
+        student = functional_call(self.model, dict(lifted), (x,))
+        return F.kl_div(
+            F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True
+        ) * (t * t)
+
+    # ------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dequantizer": self.dequantizer.state_dict(),
+            "reference": dict(self.reference),
+            "lowest_seen": self.lowest_seen,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        keys = {"dequantizer", "reference", "lowest_seen"}
+        if set(state) != keys:
+            raise StateError(f"prowd state keys {sorted(state)} differ from {sorted(keys)}")
+        lowest = int(state["lowest_seen"])
+        if lowest != FULL and lowest not in self.dequantizer.levels:
+            raise StateError(f"prowd state: lowest bitwidth {lowest} is not a level of the chain")
+        try:
+            self.dequantizer.load_state_dict(state["dequantizer"])
+        except (RuntimeError, KeyError) as error:
+            raise StateError(f"prowd dequantizer state does not fit the configured chain: {error}") from None
+        reference = state["reference"]
+        if not isinstance(reference, Mapping) or not all(isinstance(v, torch.Tensor) for v in reference.values()):
+            raise StateError("prowd reference update must map names to tensors")
+        self.reference = dict(reference)
+        self.lowest_seen = lowest
+
+
+def _relative_mse(lifted: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over floating tensors of ``|lifted - target|^2 / |target|^2``."""
+    terms = [
+        (lifted[k] - v).pow(2).sum() / v.pow(2).sum().clamp_min(1e-30)
+        for k, v in target.items()
+        if v.is_floating_point() and v.numel()
+    ]
+    return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------------------------------------- grouped
+
+
+class GroupedMean:
+    """FedGroupedAvg: each bitwidth group keeps its own model, the sample-weighted mean of its own clients' updates
+    (groups never mix); the global model the runtime evaluates is the highest bitwidth group's. Pair it with the
+    ``bitwidth`` planner, which hands each client its group's model. Memory: (bitwidth groups) x model."""
+
+    def __init__(self) -> None:
+        self.models: dict[int, dict[str, torch.Tensor]] = {}
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        for group in group_updates(updates):
+            group = _in_model_dtypes(group, global_weights)
+            self.models[group.bitwidth] = {
+                k: v if v.is_floating_point() else _integer_mean([group], k, global_weights[k])
+                for k, v in group.mean.items()
+            }
+        if not self.models:
+            return dict(global_weights)
+        return GroupedModels(self.models[max(self.models)], self.models)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"models": {str(b): dict(m) for b, m in self.models.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state) != {"models"} or not isinstance(state["models"], Mapping):
+            raise StateError(f"grouped mean state keys {sorted(state)} differ from ['models']")
+        models = {}
+        for bits, model in state["models"].items():
+            if not isinstance(model, Mapping) or not all(isinstance(t, torch.Tensor) for t in model.values()):
+                raise StateError(f"grouped mean: the model of group {bits!r} is not a mapping of tensors")
+            try:
+                models[_check_bitwidth(int(bits), "grouped mean state")] = dict(model)
+            except ValueError as error:
+                raise StateError(str(error)) from None
+        self.models = models

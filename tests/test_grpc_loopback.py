@@ -1,0 +1,135 @@
+"""Real processes on loopback: one server and four clients of different speeds finish a run to a target version.
+
+Synchronous FedAvg over every client is deterministic, so the deployed run must reach the simulator's accuracy
+for the same config exactly; FedCompass (if registered) must reach the target version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fedhet.cli import compose
+from fedhet.metrics import read_metrics
+from fedhet.server.testing import Process, spawn, wait_for_file
+from fedhet.strategies import SCHEDULERS
+
+SLOWDOWNS = (1.0, 2.0, 4.0, 8.0)
+VERSIONS = 5
+COMMON = ["num_clients=4", "seed=0"]
+
+
+def server_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        *COMMON,
+        "server.port=0",
+        f"server.port_file={tmp_path / 'port'}",
+        f"server.state_dir={tmp_path / 'state'}",
+        f"server.max_versions={VERSIONS}",
+        "server.poll_timeout=1.0",
+        "server.heartbeat_seconds=0.2",
+        "server.client_timeout=5.0",
+        "server.shutdown_grace=5.0",
+        "server.threads=1",
+        *extra,
+    ]
+
+
+def client_args(port: str | int, i: int, *extra: str) -> list[str]:
+    return [
+        *COMMON,
+        f"partition_id={i}",
+        f"network.client_id={i}",
+        f"network.server=127.0.0.1:{port}",
+        f"profile.slowdown={SLOWDOWNS[i]}",
+        "profile.seconds_per_sample=0.001",
+        "network.backoff_initial=0.2",
+        "network.backoff_max=1.0",
+        "network.reconnect_timeout=30",
+        "network.max_seconds=90",
+        "threads=1",
+        *extra,
+    ]
+
+
+def run_loopback(tmp_path: Path, server_extra: list[str], client_extra: list[str]) -> tuple[list[int], float]:
+    """Run a server and four clients to the end; returns the clients' exit codes and the wall time (s)."""
+    start = time.monotonic()
+    server = spawn("fedhet.server", server_args(tmp_path, *server_extra), tmp_path / "server.log", tmp_path)
+    clients: list[Process] = []
+    try:
+        port = wait_for_file(tmp_path / "port", 60, server)
+        clients = [
+            spawn("fedhet.clients.network", client_args(port, i, *client_extra), tmp_path / f"client{i}.log", tmp_path)
+            for i in range(4)
+        ]
+        codes = [c.wait(timeout=100) for c in clients]
+        assert server.wait(timeout=30) == 0, server.text()[-3000:]
+    finally:
+        for p in (*clients, server):
+            p.kill()
+    for i, c in enumerate(clients):
+        assert codes[i] == 0, f"client {i}:\n{c.text()[-3000:]}"
+    return codes, time.monotonic() - start
+
+
+def test_fedavg_four_clients_of_different_speeds_reach_the_simulators_accuracy(tmp_path: Path) -> None:
+    fedavg = ["strategy.scheduler.fraction=1.0", "strategy.scheduler.min_clients=4"]
+    _, wall = run_loopback(tmp_path, fedavg, [])
+    records = read_metrics(tmp_path / "state" / "metrics.jsonl")
+    assert [r.version for r in records] == list(range(VERSIONS + 1))
+    final = records[-1]
+    assert final.updates_applied == 4 * VERSIONS and final.updates_dropped == 0
+
+    from fedhet.sim.runner import simulate
+
+    sim_cfg = compose(
+        [
+            "dataset=synthetic",
+            "model=logreg",
+            *COMMON,
+            *fedavg,
+            f"sim.max_versions={VERSIONS}",
+            "sim.progress=false",
+            "fleet=homogeneous",
+        ]
+    )
+    expected = simulate(sim_cfg, tmp_path / "sim").final
+    assert final.accuracy == expected.accuracy
+    assert final.loss == pytest.approx(expected.loss, rel=1e-5)
+    assert final.accuracy > records[0].accuracy + 0.3
+    print(
+        json.dumps(
+            {
+                "strategy": "fedavg",
+                "versions": final.version,
+                "accuracy": final.accuracy,
+                "wall_s": round(wall, 1),
+                "run_s": round(final.virtual_time, 2),
+            }
+        )
+    )
+
+
+@pytest.mark.skipif("fedcompass" not in SCHEDULERS, reason="FedCompass has not landed")
+def test_fedcompass_runs_unchanged_over_grpc(tmp_path: Path) -> None:
+    compass = ["strategy=fedcompass", "strategy.scheduler.q_min=2", "strategy.scheduler.q_max=8"]
+    _, wall = run_loopback(tmp_path, compass, [])
+    records = read_metrics(tmp_path / "state" / "metrics.jsonl")
+    final = records[-1]
+    assert final.version == VERSIONS
+    assert final.accuracy > records[0].accuracy  # it learns; how fast is the algorithm's business, not the server's
+    print(
+        json.dumps(
+            {
+                "strategy": "fedcompass",
+                "versions": final.version,
+                "accuracy": final.accuracy,
+                "wall_s": round(wall, 1),
+                "run_s": round(final.virtual_time, 2),
+            }
+        )
+    )

@@ -1,0 +1,190 @@
+"""The tensor wire codec and chunk assembly, and a fuzz test of every decoder the server runs on client bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import pytest
+import torch
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from fedhet.codec import CodecError
+from fedhet.codec import decode as codec_decode
+from fedhet.codec import encode as codec_encode
+from fedhet.server.validation import check_update_manifest
+from fedhet.v1 import service_pb2 as spb
+from fedhet.v1 import tensor_pb2 as tpb
+from fedhet.v1.wire import (
+    ChunkError,
+    ManifestError,
+    PayloadAssembler,
+    PayloadError,
+    PayloadTooLarge,
+    check_finite,
+    chunks,
+    decode,
+    encode,
+    meta_of,
+)
+
+WEIGHTS = {
+    "conv.weight": torch.randn(4, 1, 3, 3),
+    "fc.bias": torch.randn(7),
+    "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
+    "scalar": torch.tensor(1.5),
+    "empty": torch.zeros(0, 3),
+}
+
+
+def assemble(manifest: tpb.Manifest, payload: bytes, size: int, cap: int = 1 << 30) -> bytearray:
+    assembler = PayloadAssembler(manifest, cap)
+    for chunk in chunks(payload, size):
+        assembler.add(chunk)
+    return assembler.finish()
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "bf16"])
+def test_round_trip_keeps_names_shapes_dtypes(encoding: str) -> None:
+    manifest, payload = encode(WEIGHTS, encoding)
+    assert manifest.total_bytes == len(payload)
+    assert manifest.sha256 == hashlib.sha256(payload).digest()
+    out = decode(manifest, assemble(manifest, payload, 7))
+    assert list(out) == list(WEIGHTS)
+    for name, tensor in WEIGHTS.items():
+        assert out[name].shape == tensor.shape and out[name].dtype == tensor.dtype
+    assert torch.equal(out["bn.num_batches_tracked"], WEIGHTS["bn.num_batches_tracked"])
+    if encoding == "fp32":
+        assert all(torch.equal(out[k], v) for k, v in WEIGHTS.items())
+    else:
+        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}[encoding]
+        assert torch.equal(out["fc.bias"], WEIGHTS["fc.bias"].to(wire).float())
+
+
+def test_payload_in_many_chunks_checks_order_and_checksum() -> None:
+    manifest, payload = encode(WEIGHTS)
+    parts = list(chunks(payload, 16))
+    reordered = PayloadAssembler(manifest, 1 << 20)
+    reordered.add(parts[0])
+    with pytest.raises(ChunkError, match="expected offset 16"):
+        reordered.add(parts[2])
+    missing = PayloadAssembler(manifest, 1 << 20)
+    for part in parts[:-1]:
+        missing.add(part)
+    with pytest.raises(ChunkError, match="ended after"):
+        missing.finish()
+    corrupted = PayloadAssembler(manifest, 1 << 20)
+    for part in parts:
+        corrupted.add(tpb.Chunk(offset=part.offset, data=bytes(b ^ (i == 3) for i, b in enumerate(part.data))))
+    with pytest.raises(ChunkError, match="SHA-256"):
+        corrupted.finish()
+
+
+def test_declared_size_over_the_cap_is_refused_before_any_chunk() -> None:
+    manifest, _ = encode(WEIGHTS)
+    with pytest.raises(PayloadTooLarge, match="exceeds the cap"):
+        PayloadAssembler(manifest, manifest.total_bytes - 1)
+
+
+def test_stream_past_the_declared_size_is_cut_at_the_first_extra_chunk() -> None:
+    manifest, payload = encode(WEIGHTS)
+    assembler = PayloadAssembler(manifest, 1 << 20)
+    accepted = 0
+    with pytest.raises(PayloadTooLarge):
+        for chunk in chunks(payload + bytes(1000), 64):
+            assembler.add(chunk)
+            accepted += 1
+    assert accepted == len(payload) // 64  # the chunk that crossed the declared end was the one refused
+
+
+def test_nan_and_inf_are_found() -> None:
+    check_finite(WEIGHTS)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(PayloadError, match="fc.bias"):
+            check_finite({**WEIGHTS, "fc.bias": torch.tensor([0.0, bad])})
+
+
+def test_inconsistent_specs_are_manifest_errors() -> None:
+    manifest, payload = encode(WEIGHTS)
+    manifest.tensors[0].byte_length += 4
+    with pytest.raises(ManifestError, match="bytes declared"):
+        decode(manifest, payload)
+    manifest, payload = encode(WEIGHTS)
+    manifest.tensors.add().CopyFrom(manifest.tensors[0])
+    with pytest.raises(ManifestError, match="appears twice"):
+        decode(manifest, payload)
+    manifest, payload = encode(WEIGHTS)
+    manifest.tensors[1].quant.bits = 4
+    with pytest.raises(ManifestError, match="layout"):
+        decode(manifest, payload)
+
+
+@pytest.mark.slow
+def test_big_model_round_trips_through_chunks_with_an_equal_checksum() -> None:
+    """A model over 2 GiB (2**29 + 1 fp32 values) assembled from 64 MiB chunks (slow: about 7 GiB of memory)."""
+    big = {"w": torch.ones(2**29 + 1)}
+    manifest, payload = encode(big)
+    assert len(payload) > 2**31
+    received = assemble(manifest, payload, 64 << 20, cap=1 << 33)
+    assert hashlib.sha256(received).digest() == manifest.sha256
+    assert bool(decode(manifest, received)["w"].eq(1).all())
+
+
+# ---------------------------------------------------------------- fuzz
+PROTO_ERRORS = (DecodeError, PayloadError)
+VALID_MANIFEST, VALID_PAYLOAD = encode(WEIGHTS)
+VALID_HEADER = spb.ResultMessage(
+    header=spb.ResultHeader(client_id=1, task_id=2, version=3, num_samples=4, manifest=VALID_MANIFEST)
+).SerializeToString()
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    buf = bytearray(data)
+    for pos, value in edits:
+        if buf:
+            buf[pos % len(buf)] = value
+    return bytes(buf)
+
+
+edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8)
+
+
+@FUZZ
+@given(st.binary(max_size=512) | st.builds(mutate, st.just(VALID_HEADER), edits))
+@example(VALID_HEADER.replace(b"\x05empty\x12\x02\x00\x03\x18\x01", b"\x05empty\x12\x02\x00\x03\x18\x09"))  # dtype 9
+def test_fuzz_protobuf_messages_and_the_tensor_decoder(data: bytes) -> None:
+    """Random and mutated bytes parse to messages or fail with DecodeError; any manifest they hold fails only with
+    typed payload errors when checked, assembled and decoded."""
+    for message_type in (spb.ResultMessage, spb.TaskMessage, spb.RegisterRequest, tpb.Manifest):
+        try:
+            message = message_type.FromString(data)
+        except DecodeError:
+            continue
+        if isinstance(message, spb.ResultMessage) and message.WhichOneof("kind") == "header":
+            manifest = message.header.manifest
+            try:
+                check_update_manifest(manifest, meta_of(WEIGHTS))
+                decode(manifest, assemble(manifest, VALID_PAYLOAD, 100, cap=1 << 20))
+            except PayloadError:
+                pass
+
+
+@FUZZ
+@given(st.builds(mutate, st.just(VALID_PAYLOAD), edits), st.integers(1, 300))
+def test_fuzz_mutated_payloads_only_raise_typed_errors(payload: bytes, size: int) -> None:
+    try:
+        weights = decode(VALID_MANIFEST, assemble(VALID_MANIFEST, payload, size))
+        check_finite(weights)
+    except PayloadError:
+        return
+    assert payload == VALID_PAYLOAD  # anything else fails its checksum
+
+
+@FUZZ
+@given(st.binary(max_size=512) | st.builds(mutate, st.just(codec_encode(WEIGHTS)), edits))
+def test_fuzz_the_shared_tensor_codec(data: bytes) -> None:
+    with contextlib.suppress(CodecError):
+        codec_decode(data)
