@@ -114,6 +114,9 @@ class Result:
         local_steps: minibatch steps actually taken.
         train_seconds: measured wall time of local training, in seconds.
         loss: mean training loss over the local steps.
+        bitwidth: bits per weight the update was computed and stored at (32 = fp32). The server never trusts a
+            client's value: :meth:`~fedhet.strategies.base.Strategy.on_result` sets it from the registered client's
+            profile, and buffers and bitwidth-aware aggregators (ProWD, grouped averaging) group updates by it.
     """
 
     task_id: int
@@ -124,3 +127,4 @@ class Result:
     local_steps: int
     train_seconds: float
     loss: float
+    bitwidth: int = 32

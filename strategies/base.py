@@ -6,12 +6,14 @@ what happened and when (``now``, in seconds on the runtime's clock) and it answe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
+from fedhet.quant import FULL_PRECISION
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
 
 __all__ = [
@@ -47,36 +49,42 @@ class Assignment:
 
 @dataclass
 class Bucket:
-    """Updates that started from one global version, folded into a weighted sum.
+    """Updates that started from one global version at one bitwidth, folded into a weighted sum.
 
     ``weighted_sum`` holds ``sum_i w_i * theta_i`` for floating-point tensors and the plain sum for integer
-    tensors (counters, which are averaged unweighted).
+    tensors (counters, which are averaged unweighted). ``bitwidth`` is the bits per weight of every update folded
+    in (32 = fp32), so bitwidth-aware aggregators never mix groups.
     """
 
     weighted_sum: dict[str, torch.Tensor]
     total_weight: float = 0.0
     count: int = 0
     task_ids: list[int] = field(default_factory=list)
+    bitwidth: int = FULL_PRECISION
 
 
 class UpdateBuffer:
-    """Results waiting to be aggregated, folded on arrival into one :class:`Bucket` per start version.
+    """Results waiting to be aggregated, folded on arrival into one :class:`Bucket` per (start version, bitwidth).
 
-    Memory is (distinct start versions) x (model size), never (results) x (model size), so a round of a
-    thousand clients costs what a round of ten does.
+    Memory is (distinct start versions x bitwidths) x (model size), never (results) x (model size), so a round of a
+    thousand clients costs what a round of ten does. A fleet of one bitwidth has one bucket per start version.
     """
 
     def __init__(self) -> None:
-        self._buckets: dict[int, Bucket] = {}
+        self._buckets: dict[tuple[int, int], Bucket] = {}
 
     def add(self, result: Result, weight: float) -> None:
-        """Fold ``result`` in with weight ``weight`` (> 0; samples, or 1 for a uniform mean)."""
+        """Fold ``result`` in with weight ``weight`` (> 0; samples, or 1 for a uniform mean), into the bucket of its
+        start version and bitwidth."""
         if not weight > 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
-        bucket = self._buckets.get(result.version)
+        key = (result.version, result.bitwidth)
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = Bucket({k: torch.zeros_like(v, dtype=_sum_dtype(v)) for k, v in result.weights.items()})
-            self._buckets[result.version] = bucket
+            bucket = Bucket(
+                {k: torch.zeros_like(v, dtype=_sum_dtype(v)) for k, v in result.weights.items()}, bitwidth=key[1]
+            )
+            self._buckets[key] = bucket
         for name, acc in bucket.weighted_sum.items():
             value = result.weights[name]
             if value.is_floating_point():
@@ -91,23 +99,29 @@ class UpdateBuffer:
         return sum(b.count for b in self._buckets.values())
 
     def items(self) -> Iterator[tuple[int, Bucket]]:
-        """(start version, bucket) pairs in increasing version order."""
-        return iter(sorted(self._buckets.items()))
+        """(start version, bucket) pairs in increasing (version, bitwidth) order; a version appears once per
+        bitwidth among its updates (the bucket's ``bitwidth`` tells them apart)."""
+        return iter([(version, bucket) for (version, _), bucket in sorted(self._buckets.items())])
 
     def task_ids(self) -> list[int]:
         return [t for _, b in self.items() for t in b.task_ids]
 
     def versions(self) -> set[int]:
-        """Start versions of the updates held."""
+        """Start versions of the updates held (whatever their bitwidth)."""
+        return {version for version, _ in self._buckets}
+
+    def keys(self) -> set[tuple[int, int]]:
+        """(start version, bitwidth) of every bucket held."""
         return set(self._buckets)
 
     def absorb(self, other: UpdateBuffer) -> None:
-        """Move every update of ``other`` into this buffer (bucket by bucket, no update lost) and clear ``other``."""
-        for version, bucket in other.items():
-            mine = self._buckets.get(version)
+        """Move every update of ``other`` into this buffer (bucket by bucket, matched on (start version, bitwidth),
+        no update lost) and clear ``other``."""
+        for key, bucket in sorted(other._buckets.items()):
+            mine = self._buckets.get(key)
             if mine is None:
-                self._buckets[version] = Bucket(
-                    dict(bucket.weighted_sum), bucket.total_weight, bucket.count, list(bucket.task_ids)
+                self._buckets[key] = Bucket(
+                    dict(bucket.weighted_sum), bucket.total_weight, bucket.count, list(bucket.task_ids), key[1]
                 )
                 continue
             for name, acc in mine.weighted_sum.items():
@@ -121,25 +135,52 @@ class UpdateBuffer:
         self._buckets.clear()
 
     def state_dict(self) -> dict[str, Any]:
+        """One entry per bucket, keyed ``"<start version>:<bitwidth>"``."""
         return {
-            str(v): {
+            f"{v}:{bits}": {
                 "sum": b.weighted_sum,
                 "weight": b.total_weight,
                 "count": b.count,
                 "tasks": list(b.task_ids),
             }
-            for v, b in self._buckets.items()
+            for (v, bits), b in self._buckets.items()
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        buckets = {}
-        for version, row in state.items():
+        """Load buckets keyed ``"v:b"``; a plain ``"v"`` (checkpoints from before buckets had a bitwidth) is
+        bitwidth 32. Refuses a malformed key or entry, a bitwidth outside 1..32 and a bucket given twice."""
+        buckets: dict[tuple[int, int], Bucket] = {}
+        for name, row in state.items():
+            key = _bucket_key(name)
+            if key in buckets:
+                raise StateError(f"update buffer entry {name!r} repeats the bucket of version {key[0]}, {key[1]} bits")
             if not isinstance(row, Mapping) or set(row) != {"sum", "weight", "count", "tasks"}:
-                raise StateError(f"update buffer entry {version!r} is malformed")
-            buckets[int(version)] = Bucket(
-                dict(row["sum"]), float(row["weight"]), int(row["count"]), list(row["tasks"])
-            )
+                raise StateError(f"update buffer entry {name!r} is malformed")
+            sums = row["sum"]
+            if not isinstance(sums, Mapping) or not all(isinstance(t, torch.Tensor) for t in sums.values()):
+                raise StateError(f"update buffer entry {name!r}: its sum is not a mapping of tensors")
+            try:
+                weight, count, tasks = float(row["weight"]), int(row["count"]), [int(t) for t in row["tasks"]]
+            except (TypeError, ValueError) as error:
+                raise StateError(f"update buffer entry {name!r} is malformed: {error}") from None
+            if not (math.isfinite(weight) and weight > 0) or count < 1 or len(tasks) != count:
+                raise StateError(
+                    f"update buffer entry {name!r} holds {count} updates, {len(tasks)} task ids and weight {weight}"
+                )
+            buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1])
         self._buckets = buckets
+
+
+def _bucket_key(name: object) -> tuple[int, int]:
+    """(start version, bitwidth) of a state-dict key ``"v:b"``, or ``"v"`` for bitwidth 32."""
+    version, sep, bits = str(name).partition(":")
+    try:
+        key = (int(version), int(bits) if sep else FULL_PRECISION)
+    except ValueError:
+        raise StateError(f"update buffer key {name!r} is not '<version>:<bitwidth>'") from None
+    if key[0] < 0 or not 1 <= key[1] <= FULL_PRECISION:
+        raise StateError(f"update buffer key {name!r}: start version must be >= 0 and bitwidth in 1..32")
+    return key
 
 
 def _sum_dtype(value: torch.Tensor) -> torch.dtype:
@@ -217,7 +258,8 @@ class Strategy:
         return self._apply(self.scheduler.on_available(client, now))
 
     def on_result(self, result: Result, now: float) -> list[Task]:
-        """An update arrived at ``now``. Raises :class:`UnknownTaskError` for a task not outstanding."""
+        """An update arrived at ``now``. Raises :class:`UnknownTaskError` for a task not outstanding. The result's
+        ``bitwidth`` is set from the registered client's profile before the scheduler sees it."""
         owner = self._outstanding.get(result.task_id)
         if owner is None:
             raise UnknownTaskError(f"task {result.task_id} is not outstanding (unknown, lost or already applied)")
@@ -227,7 +269,10 @@ class Strategy:
                 f"not client {result.client_id} at version {result.version}"
             )
         del self._outstanding[result.task_id]
-        return self._apply(self.scheduler.on_result(result, self.clients[result.client_id], now))
+        client = self.clients[result.client_id]
+        # the bitwidth an update is grouped by is the registered profile's, never what the client claims
+        result = replace(result, bitwidth=client.profile.bitwidth)
+        return self._apply(self.scheduler.on_result(result, client, now))
 
     def on_tick(self, now: float) -> list[Task]:
         """A deadline the strategy asked for (``next_deadline``) has passed."""

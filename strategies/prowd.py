@@ -15,10 +15,10 @@ Roles:
 - :class:`GroupedMean` (``grouped_mean``): FedGroupedAvg, one model per bitwidth group averaged only within its
   group; the global (evaluated) model is the highest group's. The naive baseline is ``weighted_mean``.
 
-Grouping. Updates are folded per start version into one weighted sum (:class:`~fedhet.strategies.base.UpdateBuffer`);
-ProWD needs the sums per bitwidth. It reads a bucket's ``bitwidth`` attribute (32 when the core does not set one),
-so it groups correctly once buckets are keyed by (start version, bitwidth) -- see :func:`bucket_bitwidth`. Memory
-stays (distinct versions x bitwidths) x model, never (results) x model. Selection therefore masks a group's mean
+Grouping. Updates are folded per (start version, bitwidth) into one weighted sum
+(:class:`~fedhet.strategies.base.UpdateBuffer`; the bitwidth is the registered client's, set by the strategy core),
+and ProWD sums a group's buckets over start versions (:func:`group_updates`). Memory stays
+(distinct versions x bitwidths) x model, never (results) x model. Selection therefore masks a group's mean
 update, not each client's; with one client per group this is the paper's per-client mask.
 
 Deviations named in config: ``chain`` (bitwidth levels of the dequantizer), ``hidden`` (block width),
@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedhet import quant
-from fedhet.strategies.base import Bucket, StateError, UpdateBuffer
+from fedhet.strategies.base import StateError, UpdateBuffer
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "GroupedModels",
     "ProWD",
     "ProgressiveDequantizer",
-    "bucket_bitwidth",
     "group_updates",
     "selective_mask",
 ]
@@ -66,11 +65,6 @@ def _check_bitwidth(bits: int, who: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- grouping
-
-
-def bucket_bitwidth(bucket: Bucket) -> int:
-    """Bitwidth of the updates folded into ``bucket``: its ``bitwidth`` attribute, 32 where the core sets none."""
-    return int(getattr(bucket, "bitwidth", FULL))
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,7 @@ def group_updates(updates: UpdateBuffer) -> list[GroupUpdate]:
     """One :class:`GroupUpdate` per bitwidth present in ``updates``, in increasing bitwidth order."""
     sums: dict[int, tuple[dict[str, torch.Tensor], float, int]] = {}
     for _, bucket in updates.items():
-        bits = bucket_bitwidth(bucket)
+        bits = bucket.bitwidth
         acc, weight, count = sums.get(bits, ({}, 0.0, 0))
         for name, value in bucket.weighted_sum.items():
             acc[name] = value.clone() if name not in acc else acc[name] + value

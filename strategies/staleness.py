@@ -11,14 +11,15 @@ samples, or 1. Two update rules:
 Integer tensors (counters) are not mixed: they become the mean of the contributors, rounded down.
 
 Gradient-based aggregation needs each update's start model ``theta_start,i``. Updates arrive folded per start
-version (an :class:`~fedhet.strategies.base.UpdateBuffer` bucket holds ``sum w_i theta_i`` and ``sum w_i``), so
-``sum_i a_i g_i = sum_v alpha s(T - v) (W_v theta_v - S_v)`` needs ``theta_v`` once per start version, not once
-per update. The aggregator keeps the global weights of exactly those versions that may still be needed: a
-scheduler returns a :class:`StalenessBuffer` whose ``live_versions`` names the start versions of every update still
-out (tasks in flight) or held in another buffer. The weights are kept by reference (the strategy replaces its
-global weights each version and never mutates them), so in simulation they are the very tensors the tasks in
-flight already hold. Memory: (distinct live start versions) x (model); the live versions are those of clients
-training or waiting with an update, so at most a couple per client, and in FedCompass about one per group.
+version and bitwidth (an :class:`~fedhet.strategies.base.UpdateBuffer` bucket holds ``sum w_i theta_i`` and
+``sum w_i``), so ``sum_i a_i g_i = sum_v alpha s(T - v) (W_v theta_v - S_v)``, summed over a version's buckets,
+needs ``theta_v`` once per start version, not once per update. The aggregator keeps the global weights of exactly
+those versions that may still be needed: a scheduler returns a :class:`StalenessBuffer` whose ``live_versions``
+names the start versions of every update still out (tasks in flight) or held in another buffer. The weights are
+kept by reference (the strategy replaces its global weights each version and never mutates them), so in simulation
+they are the very tensors the tasks in flight already hold. Memory: (distinct live start versions) x (model); the
+live versions are those of clients training or waiting with an update, so at most a couple per client, and in
+FedCompass about one per group.
 """
 
 from __future__ import annotations

@@ -40,16 +40,14 @@ def weights(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def buffer(groups: dict[int, list[Weights]]) -> UpdateBuffer:
-    """Updates of several bitwidths. Buckets are keyed by (version, bitwidth) once the core does so (see the
-    report); here each group gets its own start version and its bucket is labelled with its bitwidth."""
+    """Updates of several bitwidths, all from version 0: the buffer keys its buckets by (version, bitwidth)."""
     buf = UpdateBuffer()
     task = 0
-    for version, members in enumerate(groups.values()):
+    for bits, members in groups.items():
         for w in members:
-            buf.add(Result(task, task, version, w, num_samples=10 + task, local_steps=1, train_seconds=1, loss=0), 1.0)
+            result = Result(task, task, 0, w, 10 + task, local_steps=1, train_seconds=1, loss=0, bitwidth=bits)
+            buf.add(result, 1.0)
             task += 1
-    for (_, bucket), bits in zip(buf.items(), groups, strict=True):
-        bucket.bitwidth = bits  # type: ignore[attr-defined]
     return buf
 
 

@@ -4,11 +4,14 @@ executor may compute tasks in any order or all at once; the simulator delivers t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from fedhet import quant
+from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import LocalTrainer
 from fedhet.types import Result, Task
 
@@ -24,7 +27,19 @@ class Executor(Protocol):
 
 
 class SequentialExecutor:
-    """One task after another on one shared model instance: memory stays at one model, whatever the fleet."""
+    """One task after another on one shared model instance: memory stays at one model, whatever the fleet.
+
+    A client of ``b < 32`` bits trains with quantization-aware training at ``b`` bits (``quantized``, one more model
+    instance shared by every such client, holding no fp32 weights between tasks); fp32 clients train with
+    ``trainer``, exactly as without a quantized trainer.
+
+    Args:
+        trainer: trains fp32 clients.
+        x, y: every client's samples; ``shards`` maps a client id to its indices into them.
+        seed: the run seed (minibatch order).
+        quantized: trains clients below 32 bits; needed when ``bitwidths`` names any.
+        bitwidths: each client's bitwidth (its profile's); a client not listed is fp32.
+    """
 
     batch_size = 1
 
@@ -35,16 +50,32 @@ class SequentialExecutor:
         y: torch.Tensor,
         shards: Mapping[int, np.ndarray],
         seed: int,
+        quantized: QuantizedTrainer | None = None,
+        bitwidths: Mapping[int, int] | None = None,
     ) -> None:
         self.trainer = trainer
         self.x = x
         self.y = y
         self.shards = shards
         self.seed = seed
+        self.quantized = quantized
+        self.bitwidths = {c: b for c, b in (bitwidths or {}).items() if b != quant.FULL_PRECISION}
+        for bits in set(self.bitwidths.values()):
+            quant.check_bits(bits)
+        if self.bitwidths and quantized is None:
+            low = sorted(set(self.bitwidths.values()))
+            raise ValueError(f"clients at {low} bits need a QuantizedTrainer: pass quantized=")
 
     def run(self, tasks: Sequence[Task]) -> list[Result]:
         results = []
         for task in tasks:
             idx = torch.from_numpy(self.shards[task.client_id])
-            results.append(self.trainer.train(task, self.x[idx], self.y[idx], self.seed))
+            x, y = self.x[idx], self.y[idx]
+            bits = self.bitwidths.get(task.client_id)
+            if bits is None:
+                results.append(self.trainer.train(task, x, y, self.seed))
+            else:
+                assert self.quantized is not None  # checked in __init__
+                result = self.quantized.train(task, x, y, self.seed, bits)
+                results.append(replace(result, bitwidth=bits))
         return results

@@ -2,7 +2,9 @@
 
 A task handed to client c at time t arrives at ``t + download + compute + upload`` where
 ``compute = steps * batch_size * seconds_per_sample`` and ``download``/``upload`` are the encoded payload bytes
-divided by the client's bandwidth. Results are computed lazily, when their arrival is the next event (in batches
+divided by the client's bandwidth. Payloads travel in the client's encoding: ``int<b>`` for a client of ``b`` bits,
+the run's float encoding for an fp32 client (:func:`fedhet.codec.encoding_for_bitwidth`), so a 4-bit client moves
+about an eighth of an fp32 client's bytes. Results are computed lazily, when their arrival is the next event (in batches
 of the executor's ``batch_size``), so at most a batch of results is ever held.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedhet.codec import encoded_size
+from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
@@ -41,7 +43,8 @@ class SimConfig:
         eval_interval: and at most once per this many virtual seconds (0 = no limit); asynchronous strategies
             make a version per update, far more often than an evaluation is worth.
         batch_size: local minibatch size, needed for the compute time of a task (samples).
-        encoding: wire encoding used to size payloads (fp32, fp16, bf16).
+        encoding: wire encoding used to size fp32 clients' payloads (fp32, fp16, bf16); a client of ``b < 32`` bits
+            sends and receives ``int<b>``.
     """
 
     max_versions: int = 50
@@ -87,10 +90,12 @@ class Simulator:
     ) -> None:
         self.strategy = strategy
         self.clients = {c.client_id: c for c in clients}
+        self.config = config
+        for client in clients:  # a bitwidth without a wire encoding fails here, not mid-run
+            self._encoding(client)
         self.executor = executor
         self.evaluate = evaluate
         self.metrics = metrics
-        self.config = config
         self.seed = seed
         self.progress = progress
         self.queue = EventQueue()
@@ -144,7 +149,7 @@ class Simulator:
     def _dispatch(self, tasks: list[Task], now: float) -> None:
         for task in tasks:
             client = self.clients[task.client_id]
-            size = encoded_size(task.weights, self.config.encoding)
+            size = encoded_size(task.weights, self._encoding(client))
             self.bytes_down += size
             duration = task_duration(task, client, self.config.batch_size, size)
             if self._comes_back(task, client):
@@ -171,8 +176,12 @@ class Simulator:
         client = self.clients[result.client_id]
         compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
         result = replace(result, train_seconds=compute)
-        self.bytes_up += encoded_size(result.weights, self.config.encoding)
+        self.bytes_up += encoded_size(result.weights, self._encoding(client))
         return result
+
+    def _encoding(self, client: ClientInfo) -> str:
+        """The wire encoding of ``client``'s payloads, both ways."""
+        return encoding_for_bitwidth(client.profile.bitwidth, self.config.encoding)
 
     def _schedule_tick(self) -> None:
         deadline = self.strategy.next_deadline()
