@@ -1,5 +1,5 @@
 """What one device does: local trainers and (in deployment) the network loop."""
 
-from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
 
-__all__ = ["LocalTrainer", "TrainConfig", "evaluate"]
+__all__ = ["LocalTrainer", "TrainConfig"]

@@ -9,14 +9,13 @@ and exits 0 when the server says the run is over.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import ipaddress
 import logging
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.config import ClientConfig, DatasetConfig, ModelConfig
-from fedhet.data import DATASETS, PARTITIONERS, load_dataset, partition, split_train_test
+from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import MODELS, build_model
 from fedhet.types import ClientProfile, Result, Task
@@ -211,48 +210,11 @@ def _validate(cfg: ClientRunConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(factory).parameters
-    return {k: v for k, v in available.items() if k in params}
-
-
 def local_partition(cfg: ClientRunConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
     """(x, y, input shape, classes) of this client's training split: the same partition the simulator would give
     client ``partition_id`` of ``num_clients`` with this dataset config and seed."""
-    params = {
-        "root": cfg.dataset.root,
-        "alpha": cfg.dataset.alpha,
-        "beta": cfg.dataset.beta,
-        "num_clients": cfg.num_clients,
-        "seed": cfg.seed,
-    }
-    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), params))
-    part = cfg.dataset.partition
-    if part.name == "natural":
-        if data.natural_partition is None or len(data.natural_partition) != cfg.num_clients:
-            raise ConfigError(f"dataset {data.name} has no natural split into {cfg.num_clients} clients")
-        shard = data.natural_partition[cfg.partition_id]
-    else:
-        if part.name not in PARTITIONERS:
-            raise ConfigError(
-                f"dataset.partition.name: unknown partitioner {part.name!r}; choose one of: natural, "
-                f"{', '.join(PARTITIONERS.names())}"
-            )
-        available = {
-            "alpha": part.alpha,
-            "alpha2": part.alpha,
-            "alpha1": part.alpha1 or float(cfg.num_clients),
-            "classes_per_client": part.classes_per_client,
-        }
-        shards = partition(
-            part.name,
-            data.y_train.numpy(),
-            cfg.num_clients,
-            cfg.seed,
-            **_accepted(PARTITIONERS.get(part.name), available),
-        )
-        shard = shards[cfg.partition_id]
-    train, _ = split_train_test(shard, part.test_fraction, cfg.seed + cfg.partition_id)
+    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
+    train, _ = client_splits(cfg.dataset, data, cfg.num_clients, cfg.seed)[cfg.partition_id]
     index = torch.from_numpy(train)
     return data.x_train[index], data.y_train[index], data.input_shape, data.num_classes
 

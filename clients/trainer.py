@@ -11,7 +11,7 @@ from torch import nn
 
 from fedhet.types import Result, Task
 
-__all__ = ["LocalTrainer", "TrainConfig", "evaluate"]
+__all__ = ["LocalTrainer", "TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,3 @@ def _minibatches(num_samples: int, batch_size: int, steps: int, generator: torch
         order = torch.randperm(num_samples, generator=generator)
         out.extend(order[i : i + batch_size] for i in range(0, num_samples, batch_size))
     return out[:steps]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy loss) of ``model`` on ``(x, y)``."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    loss_sum = 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size].to(device))
-        target = y[i : i + batch_size].to(device)
-        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    return correct / len(x), loss_sum / len(x)

@@ -7,6 +7,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.sim.fleet import FleetConfig
 
 __all__ = [
@@ -19,44 +20,6 @@ __all__ = [
     "StrategyConfig",
     "register_configs",
 ]
-
-
-@dataclass
-class PartitionConfig:
-    """How training samples are split among clients.
-
-    Attributes:
-        name: ``iid``, ``dirichlet``, ``shards`` (k classes per client) or ``dual_dirichlet``; ``natural`` keeps a
-            dataset's own per-client split (Synthetic).
-        alpha: Dirichlet concentration over labels (> 0; smaller is more skewed). For ``dual_dirichlet``, alpha2.
-        alpha1: ``dual_dirichlet`` only: concentration of client sizes (0 = the number of clients, as in FedCompass).
-        classes_per_client: ``shards`` only: classes per client (k).
-        test_fraction: fraction of each client's samples held out as its own test split.
-    """
-
-    name: str = "dirichlet"
-    alpha: float = 0.5
-    alpha1: float = 0.0
-    classes_per_client: int = 2
-    test_fraction: float = 0.2
-
-
-@dataclass
-class DatasetConfig:
-    """Which data, where it lives and how it is partitioned.
-
-    Attributes:
-        name: registered dataset (``fashion_mnist``, ``synthetic``).
-        root: directory of the data files (Fashion-MNIST: the Debian package's IDX files).
-        alpha, beta: Synthetic(alpha, beta) heterogeneity of models and of inputs.
-        partition: how samples are split among clients.
-    """
-
-    name: str = "fashion_mnist"
-    root: str = "/usr/share/datasets/fashion-mnist"
-    alpha: float = 1.0
-    beta: float = 1.0
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
-from fedhet.models import MODELS, build_model
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.models import MODELS, build_model, evaluate
 from fedhet.types import Task
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fedhet.data.base import DATASETS, Dataset, DatasetLoader, IndexArray, load_dataset
+from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.data.fashion_mnist import load_fashion_mnist
+from fedhet.data.federated import ClientSplit, client_splits, load_configured
 from fedhet.data.partition import (
     PARTITIONERS,
     Partitioner,
@@ -19,13 +21,18 @@ from fedhet.data.synthetic import make_synthetic
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
+    "ClientSplit",
     "Dataset",
+    "DatasetConfig",
     "DatasetLoader",
     "IndexArray",
+    "PartitionConfig",
     "Partitioner",
+    "client_splits",
     "dirichlet",
     "dual_dirichlet",
     "iid",
+    "load_configured",
     "load_dataset",
     "load_fashion_mnist",
     "make_synthetic",

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedhet.registry import Registry
 
-__all__ = ["MODELS", "ModelBuilder", "build_model"]
+__all__ = ["MODELS", "ModelBuilder", "build_model", "evaluate"]
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
@@ -66,3 +66,18 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
         return builder(input_shape, num_classes)
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy loss) of ``model`` on ``(x, y)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    loss_sum = 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        target = y[i : i + batch_size].to(device)
+        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return correct / len(x), loss_sum / len(x)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import sys
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,10 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhet.codec import encoded_size
-from fedhet.data import DATASETS, load_dataset
+from fedhet.data import DATASETS, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
-from fedhet.models import MODELS, build_model
+from fedhet.models import MODELS, build_model, evaluate
 from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
 from fedhet.server.config import ServerRunConfig, compose_server, plain
 from fedhet.server.persistence import CheckpointError, StateStore
@@ -45,25 +43,6 @@ Examples: fedhet server strategy=fedavg server.max_versions=50
                  server.tokens_file=tokens.txt"""
 
 _MESSAGE_SLACK = 256 << 10  # bytes a message may carry beyond its chunk (header, manifest)
-
-
-def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(factory).parameters
-    return {k: v for k, v in available.items() if k in params}
-
-
-@torch.no_grad()
-def evaluate_weights(model: torch.nn.Module, weights: Weights, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy) of ``model`` loaded with ``weights`` on ``(x, y)``."""
-    model.load_state_dict(weights)
-    model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(x), 2000):
-        logits = model(x[i : i + 2000])
-        target = y[i : i + 2000]
-        loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    return correct / max(1, len(x)), loss / max(1, len(x))
 
 
 class ServerApp:
@@ -134,21 +113,15 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
             "continue it, or choose another server.state_dir"
         )
 
-    params = {
-        "root": cfg.dataset.root,
-        "alpha": cfg.dataset.alpha,
-        "beta": cfg.dataset.beta,
-        "num_clients": cfg.num_clients,
-        "seed": cfg.seed,
-    }
-    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), params))
+    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     x_test, y_test = data.x_test, data.y_test
 
-    def evaluate(weights: Weights) -> tuple[float, float]:
-        return evaluate_weights(eval_model, weights, x_test, y_test)
+    def evaluate_global(weights: Weights) -> tuple[float, float]:
+        eval_model.load_state_dict(weights)
+        return evaluate(eval_model, x_test, y_test)
 
     max_upload = s.max_upload_bytes or 2 * encoded_size(initial, "fp32") + (1 << 20)
     settings = RuntimeSettings(
@@ -163,7 +136,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     )
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(
-        strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), evaluate
+        strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), evaluate_global
     )
     if store is not None:
         if s.resume:

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from fedhet.clients.trainer import LocalTrainer, TrainConfig, evaluate
-from fedhet.strategies import build_strategy
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig
-from fedhet.data import DATASETS, PARTITIONERS, Dataset, load_dataset, partition, split_train_test
+from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.models import MODELS, build_model
+from fedhet.models import MODELS, build_model, evaluate
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
+from fedhet.strategies import build_strategy
 from fedhet.types import ClientInfo, Weights
 
-__all__ = ["ClientSplit", "make_clients", "simulate", "validate"]
+__all__ = ["simulate", "validate"]
 
 log = logging.getLogger(__name__)
-
-ClientSplit = tuple[np.ndarray, np.ndarray]  # (train indices, held-out indices) into the training arrays
 
 
 def validate(cfg: RunConfig) -> None:
@@ -76,62 +71,13 @@ def _plain(node: Any) -> dict[str, Any]:
     return {str(k): v for k, v in container.items()}
 
 
-def _accepted(factory: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
-    """Those of ``available`` that ``factory`` takes: one config node carries the keys of several components
-    (``dataset.alpha`` is Synthetic's; ``partition.classes_per_client`` is only for shards)."""
-    accepted = inspect.signature(factory).parameters
-    return {k: v for k, v in available.items() if k in accepted}
-
-
-def make_clients(cfg: RunConfig, data: Dataset) -> list[ClientSplit]:
-    """Each client's (train, held-out) indices into the training arrays, from the configured partition."""
-    part = cfg.dataset.partition
-    labels = data.y_train.numpy()
-    if part.name == "natural":
-        if data.natural_partition is None:
-            raise ConfigError(f"dataset.partition.name: dataset {data.name} has no natural per-client split")
-        if len(data.natural_partition) != cfg.num_clients:
-            raise ConfigError(
-                f"num_clients ({cfg.num_clients}) must equal the {len(data.natural_partition)} clients "
-                f"dataset {data.name} was generated for"
-            )
-        shards = list(data.natural_partition)
-    else:
-        params = {
-            "alpha": part.alpha,
-            "alpha2": part.alpha,
-            "alpha1": part.alpha1 or float(cfg.num_clients),
-            "classes_per_client": part.classes_per_client,
-        }
-        if part.name not in PARTITIONERS:
-            raise ConfigError(
-                f"dataset.partition.name: unknown partitioner {part.name!r}; "
-                f"choose one of: natural, {', '.join(PARTITIONERS.names())}"
-            )
-        shards = partition(
-            part.name, labels, cfg.num_clients, cfg.seed, **_accepted(PARTITIONERS.get(part.name), params)
-        )
-    return [split_train_test(s, part.test_fraction, cfg.seed + i) for i, s in enumerate(shards)]
-
-
 def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     """Run the simulation ``cfg`` describes, writing ``metrics.jsonl`` into ``run_dir``."""
     validate(cfg)
     if cfg.sim.threads:
         torch.set_num_threads(cfg.sim.threads)
-    data_params = {
-        "root": cfg.dataset.root,
-        "alpha": cfg.dataset.alpha,
-        "beta": cfg.dataset.beta,
-        "num_clients": cfg.num_clients,
-        "seed": cfg.seed,
-    }
-    data = load_dataset(cfg.dataset.name, **_accepted(DATASETS.get(cfg.dataset.name), data_params))
-    if cfg.num_clients > len(data.y_train):
-        raise ConfigError(
-            f"num_clients ({cfg.num_clients}) exceeds the {len(data.y_train)} training samples of {data.name}"
-        )
-    splits = make_clients(cfg, data)
+    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
+    splits = client_splits(cfg.dataset, data, cfg.num_clients, cfg.seed)
     profiles = sample_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
     clients = [ClientInfo(i, p, len(train)) for i, (p, (train, _)) in enumerate(zip(profiles, splits, strict=True))]
 
