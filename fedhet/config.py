@@ -62,6 +62,11 @@ class SimulationConfig:
         threads: torch CPU threads (0 = torch's default).
         device: where clients train and the global model is evaluated: ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
+        executor: how client tasks are computed: ``sequential`` (one after another), ``vectorized`` (many clients
+            as batched tensor operations; what it cannot batch runs sequentially) or ``ray`` (on a Ray cluster).
+        precision: ``fp32`` or ``bf16`` (bfloat16 products, fp32 weights; ``vectorized`` and ``ray`` executors).
+        ray_address: ``ray`` executor: the cluster to join (``auto``, ``ray://host:10001``); empty starts a local
+            one on this machine.
     """
 
     max_versions: int = 60
@@ -72,6 +77,9 @@ class SimulationConfig:
     threads: int = 0
     device: str = "cpu"
     progress: bool = True
+    executor: str = "sequential"
+    precision: str = "fp32"
+    ray_address: str = ""
 
 
 @dataclass

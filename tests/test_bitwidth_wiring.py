@@ -331,3 +331,24 @@ def test_executor_needs_a_quantized_trainer_for_low_bitwidth_clients() -> None:
         SequentialExecutor(
             LocalTrainer(model, TrainConfig()), x, y, shards, 0, QuantizedTrainer(model, TrainConfig()), {0: 7}
         )
+
+
+def test_prowd_runs_end_to_end_on_a_mixed_bitwidth_fleet(tmp_path: Path) -> None:
+    """The runner gives low-bitwidth clients the quantized trainer and ProWD its server buffer."""
+    from fedhet.cli import compose
+    from fedhet.metrics import read_metrics
+    from fedhet.sim.runner import simulate
+
+    overrides = [
+        "strategy=prowd",
+        "fleet=int8_fp32_50",
+        "dataset=synthetic",
+        "model=logreg",
+        "num_clients=30",
+        "sim.max_versions=2",
+        "sim.progress=false",
+        "strategy.scheduler.fraction=0.5",
+    ]
+    simulate(compose(overrides), tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1].version == 2 and records[-1].updates_applied > 0

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig
@@ -18,15 +22,22 @@ from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.models import MODELS, build_model, evaluate
-from fedhet.sim.executor import SequentialExecutor
+from fedhet.quant import FULL_PRECISION
+from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
+from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
 from fedhet.strategies import build_strategy
+from fedhet.strategies.prowd import ProWD
 from fedhet.types import ClientInfo, Weights
 
-__all__ = ["simulate", "validate"]
+__all__ = ["EXECUTORS", "make_executor", "simulate", "validate"]
 
 log = logging.getLogger(__name__)
+
+SERVER_BUFFER = 512  # samples of ProWD's server-side distillation buffer
+
+EXECUTORS = ("sequential", "vectorized", "ray")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -61,6 +72,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sim.device is {cfg.sim.device} but torch sees no CUDA device; use sim.device=cpu")
     if cfg.sim.encoding not in ENCODINGS:
         raise ConfigError(f"sim.encoding must be one of {', '.join(ENCODINGS)}, got {cfg.sim.encoding!r}")
+    if cfg.sim.executor not in EXECUTORS:
+        raise ConfigError(f"sim.executor must be one of {', '.join(EXECUTORS)}, got {cfg.sim.executor!r}")
+    if cfg.sim.precision not in PRECISIONS:
+        raise ConfigError(f"sim.precision must be one of {', '.join(PRECISIONS)}, got {cfg.sim.precision!r}")
+    if cfg.sim.precision != "fp32" and cfg.sim.executor == "sequential":
+        raise ConfigError(f"sim.precision={cfg.sim.precision} needs sim.executor=vectorized (or ray)")
+    if cfg.sim.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("sim.executor=ray needs Ray: pip install 'fedhet[ray]' (or choose another sim.executor)")
     build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
 
 
@@ -69,6 +88,33 @@ def _plain(node: Any) -> dict[str, Any]:
     container = OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}
+
+
+def make_executor(
+    cfg: RunConfig,
+    trainer: LocalTrainer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    shards: Mapping[int, np.ndarray],
+    clients: Sequence[ClientInfo],
+) -> Executor:
+    """The executor ``cfg.sim.executor`` names, computing tasks with ``trainer`` on ``(x, y)`` split by ``shards``;
+    clients below 32 bits train quantization-aware at their bitwidth."""
+    bitwidths = {c.client_id: c.profile.bitwidth for c in clients}
+    quantized = None
+    if any(b < FULL_PRECISION for b in bitwidths.values()):
+        if cfg.sim.executor == "ray":
+            raise ConfigError("sim.executor=ray does not train low-bitwidth clients; use sequential or vectorized")
+        quantized = QuantizedTrainer(trainer.model, trainer.config, trainer.device)
+    if cfg.sim.executor == "vectorized":
+        return VectorizedExecutor(
+            trainer, x, y, shards, cfg.seed, precision=cfg.sim.precision, quantized=quantized, bitwidths=bitwidths
+        )
+    if cfg.sim.executor == "ray":
+        from fedhet.sim.ray_executor import RayExecutor
+
+        return RayExecutor(trainer, x, y, shards, cfg.seed, address=cfg.sim.ray_address, precision=cfg.sim.precision)
+    return SequentialExecutor(trainer, x, y, shards, cfg.seed, quantized=quantized, bitwidths=bitwidths)
 
 
 def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
@@ -85,13 +131,22 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
     device = torch.device(cfg.sim.device)
     trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device)
-    executor = SequentialExecutor(
+    executor = make_executor(
+        cfg,
         trainer,
         data.x_train.to(device),
         data.y_train.to(device),
         {c.client_id: s[0] for c, s in zip(clients, splits, strict=True)},
-        cfg.seed,
+        clients,
     )
+    if isinstance(strategy.aggregator, ProWD) and strategy.aggregator.distill_weight > 0:
+        # the server buffer: held-out samples of the clients' own splits, which no client trains on
+        held = np.concatenate([h for _, h in splits])
+        pick = np.sort(np.random.default_rng([cfg.seed, 0x5E7]).permutation(held)[:SERVER_BUFFER])
+        if len(pick) == 0:
+            raise ConfigError("strategy.aggregator: ProWD distillation needs dataset.partition.test_fraction > 0")
+        server_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+        strategy.aggregator.attach(server_model, data.x_train[torch.from_numpy(pick)])
     eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed).to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
 
@@ -133,7 +188,12 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress)
-        summary = simulator.run({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        try:
+            summary = simulator.run({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        finally:
+            close = getattr(executor, "close", None)  # the Ray executor stops its workers
+            if close is not None:
+                close()
     bar.close()
     final = summary.final
     log.info(

@@ -1,0 +1,767 @@
+"""The vectorized executor: the local SGD of many clients as a few large tensor operations.
+
+Tasks whose weights fit the trainer's model train together, up to ``batch_size`` clients at a time (a *chunk*):
+
+* while every client of the chunk still holds the same start weights (the first step of a synchronous round) a
+  layer runs as one ordinary operation over all the clients' samples, and only weight gradients are per client;
+* linear layers run as batched matrix products over clients; under plain SGD a linear weight stays the shared
+  start ``W0`` minus a low-rank per-client change (:class:`_LowRank`) until the end of the chunk;
+* convolutions run as one oneDNN call per client on CPU (a batch-32 channels-last bf16 convolution is as fast per
+  sample there as a batch of 512, while a vmapped convolution becomes a slow grouped one), and as unfold + ``bmm``
+  on CUDA, where kernel launches count; other parameters are stacked per client, ``(clients, *shape)``, in fp32;
+* minibatches are padded to the step's longest with zero loss weight, so padding adds no gradient; tasks are
+  sorted by local steps, so the clients still training at a step are a prefix of the chunk and clients with fewer
+  steps (FedCompass) simply stop early; clients with different start versions are stacked from the first step;
+* the minibatch order is the sequential trainer's (same seed, same task id), and the backward pass is written out
+  layer by layer, so in fp32 the results equal :class:`~fedhet.sim.executor.SequentialExecutor`'s up to float
+  rounding. ``precision="bf16"`` computes products in bfloat16 (fp32 master weights, loss and updates).
+
+Supported models are ``nn.Sequential`` stacks of ``Conv2d`` (groups 1, zero padding), ``Linear``, ``ReLU``,
+``MaxPool2d`` and ``Flatten`` without buffers: the FedAvg CNN, the 2NN and logistic regression. Anything else, and
+any task whose weights do not fit the model (a pruned or quantized plan), falls back to the sequential trainer;
+the fallback is logged once per reason and counted in ``fallback_tasks``.
+
+Results' weights are CPU tensors, views into their chunk's stacked weights on CPU (one copy per parameter and
+chunk from a GPU): a chunk is freed when the last of its results is dropped. See docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from fedhet.clients.trainer import LocalTrainer, _minibatches, _task_seed
+from fedhet.sim.executor import SequentialExecutor
+from fedhet.types import Result, Task
+
+if TYPE_CHECKING:
+    from fedhet.clients.quantized import QuantizedTrainer
+
+__all__ = ["PRECISIONS", "VectorizedExecutor", "reuse_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_MAX_CHUNK = 2048  # clients per chunk at most, whatever the memory budget allows
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every large tensor is otherwise a fresh ``mmap`` whose pages fault in on first touch; in a VM a fault costs
+    microseconds, which makes allocating a 6 MB update (the FedAvg CNN) 20 times slower than copying it. The
+    setting is process-wide and leaves peak RSS as it was. Returns False where malloc is not glibc's.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)
+
+
+@dataclass(frozen=True)
+class _Outer:
+    """A linear layer's weight gradient per client, kept as its factors: ``sum_b dy[c, b] x[c, b]^T``."""
+
+    dy: torch.Tensor  # (clients, batch, out)
+    x: torch.Tensor  # (clients, batch, in)
+
+    def dense(self) -> torch.Tensor:
+        """``(clients, out, in)``."""
+        return torch.bmm(self.dy.transpose(1, 2), self.x)
+
+
+@dataclass
+class _LowRank:
+    """Linear weights of clients that all started from ``base`` and took plain SGD steps since:
+    ``base - lr * u[c]^T v[c]``, whose rank is at most the samples seen. The first layer of the FedAvg CNN holds
+    1.6 M weights against 32 x 3,136 inputs a step, so a client of 60 samples is 7 times smaller this way, and the
+    forward and backward passes use the shared ``base`` with one large matrix product."""
+
+    base: torch.Tensor  # (out, in), fp32
+    u: torch.Tensor  # (clients, rank, out), compute dtype
+    v: torch.Tensor  # (clients, rank, in)
+    lr: float
+    compute_base: torch.Tensor  # ``base`` in the compute dtype
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def prefix(self, clients: int) -> _LowRank:
+        return _LowRank(self.base, self.u[:clients], self.v[:clients], self.lr, self.compute_base)
+
+    def extend(self, grad: _Outer) -> None:
+        """Take one SGD step: append the gradient's factors (zero for clients no longer training)."""
+        active, batch = grad.dy.shape[:2]
+        u = self.u.new_zeros(self.u.shape[0], batch, self.u.shape[2])
+        v = self.v.new_zeros(self.v.shape[0], batch, self.v.shape[2])
+        u[:active], v[:active] = grad.dy, grad.x
+        self.u, self.v = torch.cat([self.u, u], 1), torch.cat([self.v, v], 1)
+
+    def dense(self) -> torch.Tensor:
+        """The fp32 weights ``(clients, out, in)``."""
+        base = self.base.expand(self.u.shape[0], *self.base.shape)
+        if self.u.dtype == torch.float32:
+            return torch.baddbmm(base, self.u.transpose(1, 2), self.v, alpha=-self.lr)
+        update = torch.bmm(self.u.transpose(1, 2), self.v).float()
+        return torch.add(base, update, alpha=-self.lr)
+
+
+Param = torch.Tensor | _LowRank
+Grad = torch.Tensor | _Outer
+
+
+class _Layer(Protocol):
+    """One layer of a client-batched network. Activations are ``(clients * batch, ...)``. A parameter is shared
+    by every client (a tensor of its own shape), stacked per client (``(clients, *shape)``) or, for a linear
+    layer's weight, a :class:`_LowRank`; the layer tells them apart by their shape."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """State-dict keys of its parameters, in order."""
+        ...
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        """The fp32 master parameters as the forward and backward passes take them (dtype, memory layout)."""
+        ...
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        """(input gradient or None, per-client parameter gradients ``(clients, *shape)``)."""
+        ...
+
+
+def _tensor(param: Param) -> torch.Tensor:
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"expected a tensor parameter, got {type(param).__name__}")
+    return param
+
+
+def _concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along the batch, channels-last (torch.cat of channels-last tensors is slow on CPU)."""
+    first = parts[0]
+    out = torch.empty(
+        (sum(p.shape[0] for p in parts), *first.shape[1:]),
+        dtype=first.dtype,
+        device=first.device,
+        memory_format=torch.channels_last,
+    )
+    start = 0
+    for part in parts:
+        out[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return out
+
+
+@dataclass(frozen=True)
+class _Linear:
+    keys: tuple[str, ...]
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        return [p if isinstance(p, _LowRank) else p.to(dtype) for p in params]
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        w, b = params[0], _tensor(params[1]) if len(params) > 1 else None
+        shared_b = b if b is not None and b.dim() == 1 else None
+        if isinstance(w, _LowRank):
+            y = F.linear(x, w.compute_base, shared_b)
+            if w.rank:
+                xv = torch.bmm(x.view(clients, -1, x.shape[-1]), w.v.transpose(1, 2))
+                y.view(clients, -1, y.shape[-1]).baddbmm_(xv, w.u, alpha=-w.lr)
+        elif w.dim() == 2:
+            y = F.linear(x, w, shared_b)
+        else:
+            y = torch.bmm(x.view(clients, -1, x.shape[-1]), w.transpose(1, 2)).view(x.shape[0], -1)
+        if b is not None and shared_b is None:
+            y.view(clients, -1, y.shape[-1]).add_(b.unsqueeze(1))
+        return y, (x,)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        (x,) = saved
+        w = params[0]
+        dyb = dy.view(clients, -1, dy.shape[-1])
+        grads: list[Grad] = [_Outer(dyb, x.view(clients, -1, x.shape[-1]))]
+        if len(params) > 1:
+            grads.append(dyb.sum(1, dtype=torch.float32))
+        if not need_dx:
+            return None, grads
+        if isinstance(w, _LowRank):
+            dx = dy @ w.compute_base
+            if w.rank:
+                dx.view(clients, -1, dx.shape[-1]).baddbmm_(torch.bmm(dyb, w.u.transpose(1, 2)), w.v, alpha=-w.lr)
+        elif w.dim() == 2:
+            dx = dy @ w
+        else:
+            dx = torch.bmm(dyb, w).view(dy.shape[0], -1)
+        return dx, grads
+
+
+@dataclass(frozen=True)
+class _Conv2d:
+    keys: tuple[str, ...]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    unfold: bool  # per-client convolutions as unfold + bmm (CUDA) instead of one call per client (CPU)
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        """The weight channels-last like the activations (oneDNN takes a slow path on mixed formats)."""
+        w = _tensor(params[0])
+        if self.unfold:
+            weight = w.to(dtype)
+        elif w.dim() == 4:
+            weight = w.to(dtype, memory_format=torch.channels_last)
+        else:  # stacked: (clients, cout, kh, kw, cin) in memory, so that every client's slice is channels-last
+            weight = w.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format).permute(0, 1, 4, 2, 3)
+        return [weight, *(_tensor(p).to(dtype) for p in params[1:])]
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        w, b = _tensor(params[0]), _tensor(params[1]) if len(params) > 1 else None
+        if w.dim() == 4:
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        elif self.unfold:
+            y = self._unfold_forward(x, w, b, clients)
+        else:
+            bs = [None] * clients if b is None else b.unbind()
+            parts = [
+                F.conv2d(xc, wc, bc, self.stride, self.padding, self.dilation)
+                for xc, wc, bc in zip(x.chunk(clients), w, bs, strict=True)
+            ]
+            y = _concat(parts)
+        return y, (x,)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        (x,) = saved
+        w = _tensor(params[0])
+        shared = w.dim() == 4
+        bias = len(params) > 1
+        if self.unfold:
+            return self._unfold_backward(dy, x, w, clients, shared, need_dx, bias)
+        dx = None
+        if shared and need_dx:
+            dx = self._conv_backward(dy, x, w, (True, False, False))[0]
+        parts = [
+            self._conv_backward(dyc, xc, w if shared else wc, (need_dx and not shared, True, bias))
+            for dyc, xc, wc in zip(dy.chunk(clients), x.chunk(clients), w.expand(clients, *w.shape[-4:]), strict=True)
+        ]
+        if need_dx and not shared:
+            dx = _concat([p[0] for p in parts])
+        grads: list[Grad] = [torch.stack([p[1] for p in parts])]
+        if bias:
+            grads.append(torch.stack([p[2] for p in parts]).float())
+        return dx, grads
+
+    def _conv_backward(
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: tuple[bool, bool, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.aten.convolution_backward(
+            dy,
+            x,
+            w,
+            [w.shape[0]] if mask[2] else None,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0, 0],
+            1,
+            list(mask),
+        )
+        return out
+
+    def _cols(self, x: torch.Tensor, w: torch.Tensor, clients: int) -> tuple[torch.Tensor, int, int]:
+        """Per-client unfolded input ``(clients, cin*kh*kw, batch*L)`` and the output height and width."""
+        kernel = (w.shape[-2], w.shape[-1])
+        cols = F.unfold(x, kernel, self.dilation, self.padding, self.stride)  # (N, cin*kh*kw, L)
+        height, width = (
+            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (kernel[i] - 1) - 1) // self.stride[i] + 1
+            for i in range(2)
+        )
+        n, k, length = cols.shape
+        cols = cols.view(clients, n // clients, k, length).transpose(1, 2).reshape(clients, k, -1)
+        return cols, height, width
+
+    def _unfold_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, clients: int) -> torch.Tensor:
+        cols, height, width = self._cols(x, w, clients)
+        w2 = w.reshape(clients, w.shape[1], -1)
+        y = torch.bmm(w2, cols) if b is None else torch.baddbmm(b.unsqueeze(2), w2, cols)
+        y = y.view(clients, w.shape[1], -1, height, width).transpose(1, 2)
+        return y.reshape(x.shape[0], w.shape[1], height, width)
+
+    def _unfold_backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        clients: int,
+        shared: bool,
+        need_dx: bool,
+        bias: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        cols, _, _ = self._cols(x, w, clients)
+        cout = w.shape[-4]
+        dy2 = dy.reshape(clients, -1, cout, dy.shape[2] * dy.shape[3]).transpose(1, 2).reshape(clients, cout, -1)
+        grads: list[Grad] = [torch.bmm(dy2, cols.transpose(1, 2)).view(clients, *w.shape[-4:])]
+        if bias:
+            grads.append(dy2.sum(2, dtype=torch.float32))
+        dx = None
+        if need_dx and shared:
+            dx = self._conv_backward(dy, x, w, (True, False, False))[0]
+        elif need_dx:
+            dcols = torch.bmm(w.reshape(clients, cout, -1).transpose(1, 2), dy2)
+            n = x.shape[0]
+            dcols = dcols.view(clients, dcols.shape[1], n // clients, -1).transpose(1, 2).reshape(n, dcols.shape[1], -1)
+            dx = F.fold(dcols, x.shape[2:], w.shape[-2:], self.dilation, self.padding, self.stride)
+        return dx, grads
+
+
+@dataclass(frozen=True)
+class _ReLU:
+    keys: tuple[str, ...] = ()
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        return []
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        y = x.clamp_min_(0)  # in place: no layer keeps its own output for its backward
+        return y, (y,)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        return (torch.ops.aten.threshold_backward(dy, saved[0], 0) if need_dx else None), []
+
+
+@dataclass(frozen=True)
+class _MaxPool2d:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+    keys: tuple[str, ...] = ()
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        return []
+
+    def _args(self) -> tuple[list[int], list[int], list[int], list[int], bool]:
+        return list(self.kernel), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        y, indices = torch.ops.aten.max_pool2d_with_indices(x, *self._args())
+        return y, (x, indices)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        if not need_dx:
+            return None, []
+        x, indices = saved
+        dx: torch.Tensor = torch.ops.aten.max_pool2d_with_indices_backward(dy, x, *self._args(), indices)
+        return dx, []
+
+
+@dataclass(frozen=True)
+class _Flatten:
+    keys: tuple[str, ...] = ()
+
+    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+        return []
+
+    def forward(
+        self, x: torch.Tensor, params: Sequence[Param], clients: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return x.reshape(x.shape[0], -1), (torch.empty(x.shape, device="meta"),)  # keeps the shape only
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        params: Sequence[Param],
+        saved: tuple[torch.Tensor, ...],
+        clients: int,
+        need_dx: bool,
+    ) -> tuple[torch.Tensor | None, list[Grad]]:
+        if not need_dx:
+            return None, []
+        dx = dy.reshape(saved[0].shape)
+        return (dx.contiguous(memory_format=torch.channels_last) if dx.dim() == 4 else dx), []
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"expected an int or a pair, got {value!r}")
+    return pair[0], pair[1]
+
+
+def compile_model(model: nn.Module, input_rank: int, unfold: bool) -> tuple[list[_Layer], str]:
+    """The client-batched layers of ``model`` (inputs of rank ``input_rank`` with the batch dimension), or an
+    empty list and the reason it cannot be vectorized."""
+    if not isinstance(model, nn.Sequential):
+        return [], f"{type(model).__name__} is not an nn.Sequential"
+    if any(True for _ in model.buffers()):
+        return [], "the model has buffers (running statistics), which local training would update"
+    layers: list[_Layer] = []
+    rank = input_rank
+    for name, module in model.named_children():
+        keys = tuple(f"{name}.{p}" for p, _ in module.named_parameters())
+        if isinstance(module, nn.Conv2d) and rank == 4:
+            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                return [], f"layer {name} ({module}) has groups, a padding mode or a padding string"
+            layer: _Layer = _Conv2d(keys, _pair(module.stride), _pair(module.padding), _pair(module.dilation), unfold)
+        elif isinstance(module, nn.Linear) and rank == 2:
+            layer = _Linear(keys)
+        elif isinstance(module, nn.ReLU):
+            layer = _ReLU()
+        elif isinstance(module, nn.MaxPool2d) and rank == 4 and not module.return_indices:
+            stride = module.stride if module.stride is not None else module.kernel_size
+            layer = _MaxPool2d(
+                _pair(module.kernel_size),
+                _pair(stride),
+                _pair(module.padding),
+                _pair(module.dilation),
+                module.ceil_mode,
+            )
+        elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            layer, rank = _Flatten(), 2
+        else:
+            return [], f"layer {name} ({module}) is not supported on inputs of rank {rank}"
+        if isinstance(layer, _MaxPool2d) and layers and isinstance(layers[-1], _ReLU):
+            # max pooling commutes with ReLU; pooling first runs ReLU and its backward on a quarter of the values
+            layers.insert(len(layers) - 1, layer)
+        else:
+            layers.append(layer)
+    return layers, ""
+
+
+@dataclass
+class _Plan:
+    """One task's minibatches as global sample indices ``(steps, batch)``, -1 past a short minibatch's end, and
+    where its result goes."""
+
+    position: int
+    task: Task
+    num_samples: int
+    indices: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.indices.shape[0]
+
+
+class VectorizedExecutor:
+    """Trains tasks that share the model's architecture together; see the module docstring.
+
+    Args:
+        trainer: the sequential trainer: its model (the architecture), optimiser settings and device; it also
+            runs whatever cannot be vectorized.
+        x, y: all training inputs and labels; ``shards`` maps a client id to its indices into them.
+        seed: the run seed (with the task id it fixes a task's minibatch order, as in the sequential trainer).
+        precision: ``fp32`` (results equal the sequential executor's up to rounding) or ``bf16`` (products in
+            bfloat16; fp32 master weights).
+        memory_bytes: working memory to aim at, in bytes (0: 2 GiB on CPU, 8 GiB on a GPU); sets ``batch_size``
+            (clients per chunk) from the model size, the minibatch size and the activations, so memory does not
+            grow with the number of clients.
+        batch_size: clients per chunk; 0 derives it from ``memory_bytes``.
+        quantized, bitwidths: clients below 32 bits (``bitwidths``) train with quantization-aware training on the
+            sequential path (``quantized``), as :class:`~fedhet.sim.executor.SequentialExecutor` describes.
+    """
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        shards: Mapping[int, np.ndarray],
+        seed: int,
+        precision: str = "fp32",
+        memory_bytes: int = 0,
+        batch_size: int = 0,
+        quantized: QuantizedTrainer | None = None,
+        bitwidths: Mapping[int, int] | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if batch_size < 0 or memory_bytes < 0:
+            raise ValueError(f"batch_size and memory_bytes must be >= 0, got {batch_size} and {memory_bytes}")
+        self.sequential = SequentialExecutor(trainer, x, y, shards, seed, quantized=quantized, bitwidths=bitwidths)
+        self.low_bit = {c: b for c, b in (bitwidths or {}).items() if b < 32}
+        self.config = trainer.config
+        self.device = trainer.device
+        self.dtype = _DTYPES[precision]
+        self.precision = precision
+        self.shards = {c: torch.from_numpy(np.asarray(s, dtype=np.int64)) for c, s in shards.items()}
+        self.seed = seed
+        self.vectorized_tasks = 0
+        self.fallback_tasks = 0
+        self._warned: set[str] = set()
+        model = trainer.model
+        self.layers, self.unsupported = compile_model(model, x.dim(), unfold=self.device.type == "cuda")
+        self.signature = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, _Linear)}
+        if self.unsupported:
+            log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
+        self.x = x.to(self.device, self.dtype)
+        if self.x.dim() == 4:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = y.to(self.device)
+        memory_bytes = memory_bytes or (2 << 30 if self.device.type == "cpu" else 8 << 30)
+        self.batch_size = batch_size or self._auto_batch_size(model, x, memory_bytes)
+        if reuse_freed_memory():  # host memory: the results (copied from a GPU) and their aggregation
+            log.debug("glibc malloc keeps freed memory for reuse (page faults dominate fresh allocations)")
+
+    def _auto_batch_size(self, model: nn.Module, x: torch.Tensor, memory_bytes: int) -> int:
+        """Clients per chunk that fit ``memory_bytes``: per client the fp32 weights (the results), a compute copy,
+        a gradient and a momentum buffer, and twice the activations of one minibatch."""
+        params = sum(v.numel() for v in model.state_dict().values())
+        with torch.no_grad():
+            probe = x[:1].to(self.device)
+            activations = 0
+            for module in model.children() if isinstance(model, nn.Sequential) else [model]:
+                probe = module(probe)
+                activations += probe.numel()
+        element = torch.finfo(self.dtype).bits // 8
+        per_client = params * (4 + element + 4 + (4 if self.config.momentum else 0))
+        per_client += 2 * self.config.batch_size * (activations + x[0].numel()) * element
+        return int(max(1, min(_MAX_CHUNK, memory_bytes // per_client)))
+
+    def run(self, tasks: Sequence[Task]) -> list[Result]:
+        """Results of ``tasks``, in their order."""
+        results: list[Result | None] = [None] * len(tasks)
+        plans: list[_Plan] = []
+        fallback: list[int] = []
+        for i, task in enumerate(tasks):
+            reason = self._reason_to_fall_back(task)
+            if reason:
+                fallback.append(i)
+                if reason not in self._warned:
+                    self._warned.add(reason)
+                    log.warning("vectorized executor: task %d runs sequentially: %s", task.task_id, reason)
+            else:
+                plans.append(self._plan(i, task))
+        for i, result in zip(fallback, self.sequential.run([tasks[i] for i in fallback]), strict=True):
+            results[i] = result
+        self.fallback_tasks += len(fallback)
+        # tasks sharing start weights go together, so a chunk's first step can run with shared weights
+        groups: dict[tuple[int, ...], int] = {}
+        plans.sort(key=lambda p: groups.setdefault(tuple(map(id, p.task.weights.values())), len(groups)))
+        for start in range(0, len(plans), self.batch_size):
+            for plan, result in self._train_chunk(plans[start : start + self.batch_size]):
+                results[plan.position] = result
+        self.vectorized_tasks += len(plans)
+        return [r for r in results if r is not None]
+
+    def _reason_to_fall_back(self, task: Task) -> str:
+        if self.unsupported:
+            return self.unsupported
+        weights = task.weights
+        if len(weights) != len(self.signature) or any(
+            k not in weights or (tuple(weights[k].shape), weights[k].dtype) != s for k, s in self.signature.items()
+        ):
+            return "its weights do not match the model's names, shapes and dtypes (a planned sub-model?)"
+        if task.client_id not in self.shards or len(self.shards[task.client_id]) == 0:
+            return f"client {task.client_id} has no training samples"
+        if task.client_id in self.low_bit:
+            return "its client trains at fewer than 32 bits (quantization-aware training)"
+        return ""
+
+    def _plan(self, position: int, task: Task) -> _Plan:
+        shard = self.shards[task.client_id]
+        generator = torch.Generator().manual_seed(_task_seed(self.seed, task.task_id))
+        steps = task.steps_for(len(shard), self.config.batch_size)
+        batches = _minibatches(len(shard), self.config.batch_size, steps, generator)
+        indices = torch.split(shard[torch.cat(batches)], [len(b) for b in batches])
+        return _Plan(position, task, len(shard), pad_sequence(list(indices), batch_first=True, padding_value=-1))
+
+    def _train_chunk(self, plans: list[_Plan]) -> list[tuple[_Plan, Result]]:
+        begin = time.perf_counter()
+        plans = sorted(plans, key=lambda p: -p.steps)  # the clients training at a step are a prefix
+        master = self._start_weights(plans)
+        momentum: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros(len(plans), dtype=torch.float64, device=self.device)
+        indices = self._chunk_indices(plans)
+        for step in range(plans[0].steps):
+            active = sum(1 for p in plans if p.steps > step)
+            idx, weight = self._step_batch(indices[:active, step])
+            h = self.x[idx.view(-1)]
+            params = [
+                layer.prepare([self._view(k, master[k], active) for k in layer.keys], self.dtype)
+                for layer in self.layers
+            ]
+            saved = []
+            for layer, layer_params in zip(self.layers, params, strict=True):
+                h, context = layer.forward(h, layer_params, active)
+                saved.append(context)
+            loss, dlogits = _cross_entropy(h.float().view(active, idx.shape[1], -1), self.y[idx], weight)
+            loss_sum[:active] += loss
+            grad: torch.Tensor | None = dlogits.view(h.shape).to(self.dtype)
+            for i in reversed(range(len(self.layers))):
+                layer = self.layers[i]
+                assert grad is not None
+                grad, grads = layer.backward(grad, params[i], saved[i], active, need_dx=i > 0)
+                saved[i] = ()
+                for key, g in zip(layer.keys, grads, strict=True):
+                    master[key] = self._step(key, master[key], g, active, momentum)
+        weights = {k: v.dense() if isinstance(v, _LowRank) else v for k, v in master.items()}
+        if self.device.type != "cpu":  # Weights are CPU tensors: one transfer per parameter and chunk
+            weights = {k: v.cpu() for k, v in weights.items()}
+        losses = loss_sum.tolist()
+        seconds = (time.perf_counter() - begin) / len(plans)
+        return [
+            (
+                plan,
+                Result(
+                    task_id=plan.task.task_id,
+                    client_id=plan.task.client_id,
+                    version=plan.task.version,
+                    weights={k: v[c] for k, v in weights.items()},
+                    num_samples=plan.num_samples,
+                    local_steps=plan.steps,
+                    train_seconds=seconds,
+                    loss=losses[c] / plan.steps,
+                ),
+            )
+            for c, plan in enumerate(plans)
+        ]
+
+    def _start_weights(self, plans: list[_Plan]) -> dict[str, Param]:
+        """The chunk's parameters before the first step: shared when every client starts from the same weights
+        (linear weights as a rank-0 :class:`_LowRank` under plain SGD), else stacked per client."""
+        first = plans[0].task.weights
+        if not all(p.task.weights[k] is v for p in plans for k, v in first.items()):
+            return {k: torch.stack([p.task.weights[k] for p in plans]).to(self.device, torch.float32) for k in first}
+        master: dict[str, Param] = {}
+        for key, value in first.items():
+            base = value.to(self.device, torch.float32)
+            if key in self.low_rank_keys and not (self.config.momentum or self.config.weight_decay):
+                out, inp = base.shape
+                u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
+                v = base.new_empty((len(plans), 0, inp), dtype=self.dtype)
+                master[key] = _LowRank(base, u, v, self.config.lr, base.to(self.dtype))
+            else:
+                master[key] = base
+        return master
+
+    def _view(self, key: str, param: Param, active: int) -> Param:
+        """``param`` for the first ``active`` clients."""
+        if isinstance(param, _LowRank):
+            return param.prefix(active)
+        return param if param.dim() == len(self.signature[key][0]) else param[:active]
+
+    def _chunk_indices(self, plans: list[_Plan]) -> torch.Tensor:
+        """Every plan's minibatch indices, ``(clients, steps, batch)``, -1 where there is no sample."""
+        width = max(p.indices.shape[1] for p in plans)
+        out = torch.full((len(plans), plans[0].steps, width), -1, dtype=torch.int64)
+        for c, plan in enumerate(plans):
+            out[c, : plan.steps, : plan.indices.shape[1]] = plan.indices
+        return out
+
+    def _step_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's sample indices ``(clients, longest minibatch)``, padding pointing at sample 0, and each
+        sample's loss weight: 1 / (its minibatch size), 0 on padding."""
+        real = idx >= 0
+        sizes = real.sum(1, keepdim=True)
+        width = int(sizes.max())
+        weight = real[:, :width] / sizes
+        return idx[:, :width].clamp_min(0).to(self.device), weight.to(self.device)
+
+    def _step(self, key: str, param: Param, grad: Grad, active: int, momentum: dict[str, torch.Tensor]) -> Param:
+        """One optimiser step of parameter ``key`` for the first ``active`` clients."""
+        if isinstance(param, _LowRank):
+            if isinstance(grad, _Outer) and param.rank + grad.dy.shape[1] <= min(param.base.shape) // 2:
+                param.extend(grad)
+                return param
+            param = param.dense()  # the factors would outgrow the weights
+        return self._sgd(key, param, grad.dense() if isinstance(grad, _Outer) else grad, active, momentum)
+
+    def _sgd(
+        self, key: str, param: torch.Tensor, grad: torch.Tensor, active: int, momentum: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """torch.optim.SGD's step (weight decay, then momentum without dampening) for the first ``active``
+        clients; a shared parameter becomes a stacked one."""
+        cfg = self.config
+        shared = param.dim() == len(self.signature[key][0])
+        current = param if shared else param[:active]
+        grad = grad.float()  # before mixing with fp32: torch's mixed-dtype elementwise kernels are slower than a cast
+        if cfg.weight_decay:
+            grad = grad.add(current, alpha=cfg.weight_decay)
+        if cfg.momentum:
+            if key not in momentum:
+                momentum[key] = grad.clone()
+            else:
+                momentum[key][:active].mul_(cfg.momentum).add_(grad)
+            grad = momentum[key][:active]
+        if shared:
+            return torch.sub(param, grad, alpha=cfg.lr)
+        current.sub_(grad, alpha=cfg.lr)
+        return param
+
+
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-client weighted cross-entropy ``(clients,)`` of ``logits (clients, batch, classes)`` and its gradient."""
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    grad = logp.exp_()
+    grad.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(nll, -1.0).unsqueeze(-1))
+    return (nll * weight).sum(1), grad.mul_(weight.unsqueeze(-1))

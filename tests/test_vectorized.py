@@ -1,0 +1,201 @@
+"""The vectorized executor computes what the sequential one does (fp32), and falls back visibly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedhet.cli import compose
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.errors import ConfigError
+from fedhet.metrics import read_metrics
+from fedhet.models import build_model
+from fedhet.sim.executor import SequentialExecutor
+from fedhet.sim.runner import simulate, validate
+from fedhet.sim.vectorized import VectorizedExecutor, compile_model
+from fedhet.types import Result, Task, Weights
+
+SHAPE = (1, 12, 12)
+
+
+def data(num_clients: int = 7) -> tuple[torch.Tensor, torch.Tensor, dict[int, np.ndarray]]:
+    """Random inputs; shards of uneven sizes (13..43 samples) so last minibatches differ and get padded."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, *SHAPE, generator=generator)
+    y = torch.randint(0, 10, (400,), generator=generator)
+    sizes = [13 + 5 * i for i in range(num_clients)]
+    starts = np.cumsum([0, *sizes])
+    return x, y, {i: np.arange(starts[i], starts[i] + sizes[i]) for i in range(num_clients)}
+
+
+def tasks_for(model: nn.Module, num_clients: int) -> list[Task]:
+    """Two start versions, and a mix of local epochs and of (different) local step counts beyond one epoch."""
+    v0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    v1 = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in v0.items()}
+    return [
+        Task(i, i, i % 2, v1 if i % 2 else v0, local_epochs=1 if i % 3 == 0 else 0, local_steps=4 * i if i % 3 else 0)
+        for i in range(num_clients)
+    ]
+
+
+def assert_same(expected: list[Result], actual: list[Result], atol: float = 1e-5) -> None:
+    assert [(r.task_id, r.client_id, r.version, r.num_samples, r.local_steps) for r in actual] == [
+        (r.task_id, r.client_id, r.version, r.num_samples, r.local_steps) for r in expected
+    ]
+    for e, a in zip(expected, actual, strict=True):
+        assert list(a.weights) == list(e.weights)
+        for key in e.weights:
+            assert a.weights[key].shape == e.weights[key].shape
+            torch.testing.assert_close(a.weights[key], e.weights[key], rtol=1e-4, atol=atol)
+        assert a.loss == pytest.approx(e.loss, rel=1e-4, abs=1e-5)
+
+
+def run_both(
+    model_name: str, config: TrainConfig, batch_size: int, unfold: bool = False
+) -> tuple[list[Result], list[Result], VectorizedExecutor]:
+    x, y, shards = data()
+    model = build_model(model_name, SHAPE, 10, seed=0)
+    tasks = tasks_for(model, len(shards))
+    expected = SequentialExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
+    trainer = LocalTrainer(build_model(model_name, SHAPE, 10, seed=0), config)
+    executor = VectorizedExecutor(trainer, x, y, shards, seed=5, batch_size=batch_size)
+    if unfold:  # the CUDA path (per-client convolutions as unfold + bmm), checked here on the CPU
+        executor.layers, _ = compile_model(trainer.model, 4, unfold=True)
+    return expected, executor.run(tasks), executor
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "2nn", "logreg"])
+@pytest.mark.parametrize("batch_size", [3, 16], ids=["chunks-of-3", "one-chunk"])
+def test_fp32_results_equal_the_sequential_executors(model_name: str, batch_size: int) -> None:
+    expected, actual, executor = run_both(model_name, TrainConfig(lr=0.05, batch_size=8), batch_size)
+    assert_same(expected, actual)
+    assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(expected), 0)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "2nn"])
+def test_momentum_and_weight_decay_follow_torch_sgd(model_name: str) -> None:
+    config = TrainConfig(lr=0.05, batch_size=8, momentum=0.9, weight_decay=1e-3)
+    expected, actual, _ = run_both(model_name, config, batch_size=4)
+    assert_same(expected, actual)
+
+
+def test_the_cuda_convolution_path_is_exact_too() -> None:
+    expected, actual, _ = run_both("cnn", TrainConfig(lr=0.05, batch_size=8), batch_size=4, unfold=True)
+    assert_same(expected, actual)
+
+
+def test_bf16_stays_close_to_fp32() -> None:
+    x, y, shards = data()
+    model = build_model("cnn", SHAPE, 10, seed=0)
+    tasks = tasks_for(model, len(shards))
+    config = TrainConfig(lr=0.05, batch_size=8)
+    fp32 = VectorizedExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
+    bf16 = VectorizedExecutor(LocalTrainer(model, config), x, y, shards, seed=5, precision="bf16").run(tasks)
+    for a, b in zip(fp32, bf16, strict=True):
+        for key in a.weights:
+            torch.testing.assert_close(b.weights[key], a.weights[key], rtol=0.05, atol=0.02)
+    with pytest.raises(ValueError, match="precision"):
+        VectorizedExecutor(LocalTrainer(model, config), x, y, shards, seed=5, precision="fp8")
+
+
+def test_an_unsupported_model_falls_back_to_the_sequential_trainer_visibly(caplog: pytest.LogCaptureFixture) -> None:
+    x, y, shards = data(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.Tanh(), nn.Linear(16, 10))
+    tasks = tasks_for(model, 3)
+    expected = SequentialExecutor(LocalTrainer(model, TrainConfig()), x, y, shards, seed=5).run(tasks)
+    with caplog.at_level(logging.WARNING, logger="fedhet.sim.vectorized"):
+        executor = VectorizedExecutor(LocalTrainer(model, TrainConfig()), x, y, shards, seed=5)
+        actual = executor.run(tasks)
+    assert "Tanh" in caplog.text and "falls back" in caplog.text
+    assert (executor.vectorized_tasks, executor.fallback_tasks) == (0, 3)
+    assert_same(expected, actual, atol=0.0)
+
+
+def test_a_task_that_does_not_fit_the_model_falls_back_alone(caplog: pytest.LogCaptureFixture) -> None:
+    x, y, shards = data(4)
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    tasks = tasks_for(model, 4)
+    odd: Weights = {k: v.double() for k, v in tasks[2].weights.items()}  # fp64 weights: not the model's dtype
+    tasks[2] = Task(2, 2, tasks[2].version, odd, local_steps=tasks[2].local_steps)
+    config = TrainConfig(lr=0.05, batch_size=8)
+    expected = SequentialExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
+    executor = VectorizedExecutor(LocalTrainer(build_model("2nn", SHAPE, 10, seed=0), config), x, y, shards, seed=5)
+    with caplog.at_level(logging.WARNING, logger="fedhet.sim.vectorized"):
+        actual = executor.run(tasks)
+    assert "task 2 runs sequentially" in caplog.text
+    assert (executor.vectorized_tasks, executor.fallback_tasks) == (3, 1)
+    assert_same(expected, actual)
+
+
+def test_batch_size_follows_the_memory_budget_not_the_client_count() -> None:
+    x, y, shards = data()
+    trainer = LocalTrainer(build_model("cnn", SHAPE, 10, seed=0), TrainConfig(batch_size=8))
+    small = VectorizedExecutor(trainer, x, y, shards, seed=0, memory_bytes=1)
+    large = VectorizedExecutor(trainer, x, y, shards, seed=0, memory_bytes=1 << 30)
+    assert small.batch_size == 1
+    assert 100 < large.batch_size <= 2048
+
+
+def test_a_simulation_with_the_vectorized_executor_matches_the_sequential_one(tmp_path: Path) -> None:
+    overrides = [
+        "dataset=synthetic",
+        "model=logreg",
+        "num_clients=30",
+        "sim.max_versions=3",
+        "sim.progress=false",
+        "strategy.scheduler.fraction=0.5",
+    ]
+    finals = []
+    for executor in ("sequential", "vectorized"):
+        cfg = compose([*overrides, f"sim.executor={executor}"])
+        simulate(cfg, tmp_path / executor)
+        finals.append(read_metrics(tmp_path / executor / "metrics.jsonl"))
+    sequential, vectorized = finals
+    assert [r.version for r in vectorized] == [r.version for r in sequential]
+    assert [r.virtual_time for r in vectorized] == pytest.approx([r.virtual_time for r in sequential])
+    assert [r.accuracy for r in vectorized] == pytest.approx([r.accuracy for r in sequential], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sim.executor=threads"], "sim.executor must be one of"),
+        (["sim.precision=fp16"], "sim.precision must be one of"),
+        (["sim.precision=bf16"], "needs sim.executor=vectorized"),
+    ],
+)
+def test_executor_settings_are_checked_before_the_run(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))
+
+
+def test_clients_below_32_bits_train_quantization_aware_on_the_sequential_path() -> None:
+    quantized = pytest.importorskip("fedhet.clients.quantized")
+    x, y, shards = data(4)
+    config = TrainConfig(lr=0.05, batch_size=8)
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    tasks = tasks_for(model, 4)
+    bits = {1: 8}
+    expected = SequentialExecutor(
+        LocalTrainer(model, config),
+        x,
+        y,
+        shards,
+        5,
+        quantized=quantized.QuantizedTrainer(model, config),
+        bitwidths=bits,
+    ).run(tasks)
+    trainer = LocalTrainer(build_model("2nn", SHAPE, 10, seed=0), config)
+    executor = VectorizedExecutor(
+        trainer, x, y, shards, 5, quantized=quantized.QuantizedTrainer(trainer.model, config), bitwidths=bits
+    )
+    actual = executor.run(tasks)
+    assert (executor.vectorized_tasks, executor.fallback_tasks) == (3, 1)
+    assert [r.bitwidth for r in actual] == [32, 8, 32, 32]
+    assert_same(expected, actual)
