@@ -9,6 +9,7 @@ the cap, or too many uploads at once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -231,6 +232,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             except PayloadError as error:
                 coord.reject()
                 log.warning("client %d, task %d: rejected: %s", client_id, header.task_id, error)
+                await _drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
                 version = await coord.submit(result, record, int(header.manifest.total_bytes), clipped)
@@ -262,6 +264,25 @@ def _finish_checked(assembler: PayloadAssembler, meta: Any) -> dict[str, Any]:
     weights = decode(assembler.manifest, assembler.finish())
     check_update(weights, meta)
     return weights
+
+
+_DRAIN_SECONDS = 2.0  # longest a refused upload's remaining messages are read for
+
+
+async def _drain(stream: AsyncIterator[spb.ResultMessage], limit: int) -> None:
+    """Read (and drop) what a refused client is still sending, at most ``limit`` bytes for ``_DRAIN_SECONDS``, so
+    its writes complete and it receives the refusal's status; a client cut off mid-write can see a bare INTERNAL
+    error instead. Nothing read here is kept or used."""
+
+    async def read() -> None:
+        seen = 0
+        async for message in stream:
+            seen += message.ByteSize()
+            if seen > limit:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(read(), _DRAIN_SECONDS)
 
 
 async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
