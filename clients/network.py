@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,11 @@ import grpc
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
-from fedhet.config import ClientConfig, DatasetConfig, ModelConfig
+from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, compose_typed
 from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import MODELS, build_model
@@ -51,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger("fedhet.client")
 
-_CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
 _MAX_MESSAGE = (64 << 20) + (1 << 20)  # the largest chunk a server may use, plus its header
 
 
@@ -140,16 +137,8 @@ class ClientRunConfig:
 
 def compose_client(overrides: list[str]) -> ClientRunConfig:
     """The typed, validated config of ``fedhet client OVERRIDES``."""
-    from hydra import compose, initialize_config_dir
-
     ConfigStore.instance().store(name="client_schema", node=ClientRunConfig)
-    with initialize_config_dir(config_dir=str(_CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="client", overrides=overrides)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClientRunConfig), container))
-    assert isinstance(typed, ClientRunConfig)
+    typed = compose_typed("client", ClientRunConfig, overrides)
     _validate(typed)
     return typed
 

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fedhet.config import RunConfig, register_configs
+from fedhet.config import CONFIG_DIR, RunConfig, compose_typed, register_configs, to_typed
 from fedhet.errors import ConfigError, DataError
 
 __all__ = ["CONFIG_DIR", "compose", "main"]
 
 log = logging.getLogger("fedhet")
 
-CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
 GROUPS = ("dataset", "model", "strategy", "fleet")
 
 USAGE = """usage: fedhet simulate [KEY=VALUE ...]       run one simulation (Hydra overrides)
@@ -57,23 +55,9 @@ def _check_group_choices(overrides: list[str]) -> None:
 
 
 def compose(overrides: list[str]) -> RunConfig:
-    """The validated, typed run config for ``overrides`` (what ``fedhet simulate`` would run)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
+    """The typed run config for ``overrides`` (what ``fedhet simulate`` would run)."""
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return _typed(cfg)
-
-
-def _typed(cfg: DictConfig) -> RunConfig:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), plain))
-    assert isinstance(typed, RunConfig)
-    return typed
+    return compose_typed("config", RunConfig, overrides)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -82,7 +66,7 @@ def _simulate_job(cfg: DictConfig) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = simulate(_typed(cfg), run_dir)
+        summary = simulate(to_typed(cfg, RunConfig), run_dir)
     except (ConfigError, DataError) as error:
         raise SystemExit(_error(str(error))) from None
     return summary.final.accuracy

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.sim.fleet import FleetConfig
 
 __all__ = [
+    "CONFIG_DIR",
     "ClientConfig",
     "DatasetConfig",
     "ModelConfig",
@@ -18,7 +22,9 @@ __all__ = [
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "compose_typed",
     "register_configs",
+    "to_typed",
 ]
 
 
@@ -100,3 +106,27 @@ class RunConfig:
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
+_Schema = TypeVar("_Schema")
+
+
+def compose_typed(config_name: str, schema: type[_Schema], overrides: list[str]) -> _Schema:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` and return it as an instance of ``schema``
+    (a dataclass whose schema the caller has stored in Hydra's ConfigStore); Hydra's own keys are dropped."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return to_typed(cfg, schema)
+
+
+def to_typed(cfg: Any, schema: type[_Schema]) -> _Schema:
+    """A composed config as an instance of ``schema``, Hydra's own keys dropped."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    assert isinstance(typed, schema)
+    return typed

@@ -6,14 +6,13 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from fedhet.config import DatasetConfig, ModelConfig, StrategyConfig
+from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed
 from fedhet.errors import ConfigError
 
 __all__ = [
@@ -27,8 +26,6 @@ __all__ = [
     "register_server_configs",
     "validate_server",
 ]
-
-CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
 
 
 @dataclass
@@ -137,17 +134,9 @@ def check_group_choices(overrides: list[str], groups: tuple[str, ...] = GROUPS) 
 
 def compose_server(overrides: list[str]) -> ServerRunConfig:
     """The typed, validated config of ``fedhet server OVERRIDES``."""
-    from hydra import compose, initialize_config_dir
-
     check_group_choices(overrides)
     register_server_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="server", overrides=overrides)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServerRunConfig), plain))
-    assert isinstance(typed, ServerRunConfig)
+    typed = compose_typed("server", ServerRunConfig, overrides)
     validate_server(typed)
     return typed
 
