@@ -44,6 +44,15 @@ def test_committed_stubs_match_the_proto_files(tmp_path: Path) -> None:
     assert not extra, f"protoc produced files that are not committed: {sorted(extra)}"
 
 
+def test_committed_gencode_loads_under_protobuf_6_and_7() -> None:
+    """The stubs carry protobuf 6 gencode: protobuf 7 runtimes load gencode of an older major, protobuf 6 runtimes
+    refuse gencode of 7, and Flower (the ``flower`` extra) pins protobuf<7. Regenerating with a grpcio-tools that
+    emits protobuf 7 gencode would split fedhet and Flower into two environments."""
+    for name in ("fedhet/v1/tensor_pb2.py", "fedhet/v1/service_pb2.py"):
+        header = (ROOT / name).read_text().splitlines()[4]
+        assert header.startswith("# Protobuf Python Version: 6."), f"{name}: {header}"
+
+
 def test_generated_modules_import_as_fedhet_v1() -> None:
     assert service_pb2.DESCRIPTOR.package == "fedhet.v1"
     assert "fedhet.v1.tensor_pb2" in sys.modules

@@ -1,0 +1,1 @@
+"""Flower interoperability (filled in below)."""
