@@ -1,0 +1,246 @@
+"""A Flower ClientApp that runs fedhet's client trainers on the task a message carries.
+
+Each SuperNode is one fedhet client: its partition is ``partition-id`` of ``num-partitions`` in the node config
+(what Flower's simulation engine sets, and what ``flower-supernode --node-config`` gives a real node), split by
+fedhet's own partitioners, so node k trains on exactly the samples fedhet's simulator gives client k. A client of
+bitwidth ``b`` < 32 trains with :class:`~fedhet.clients.quantized.QuantizedTrainer` and answers at ``int<b>``;
+fp32 clients train with :class:`~fedhet.clients.trainer.LocalTrainer`.
+
+The app answers ``query`` (its profile), ``train`` (a fedhet task, or a round of a Flower strategy such as Flower's
+``FedAvg``) and ``evaluate`` (accuracy on its held-out split). Speeds can be imposed per partition, as ``fedhet
+client``'s ``profile.slowdown`` does: a task is padded with sleep to ``steps x batch x seconds_per_sample``, and
+that is the training time the reply reports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedhet import codec, quant
+from fedhet.clients.probe import measure_seconds_per_sample
+from fedhet.clients.quantized import QuantizedTrainer
+from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.config import DatasetConfig
+from fedhet.data import client_splits, load_configured
+from fedhet.flower.records import RecordError, parse_task, profile_content, result_content
+from fedhet.models import build_model, evaluate
+from fedhet.types import ClientProfile, Result
+
+__all__ = ["ClientAppSettings", "FedhetClient", "make_client_app", "node_partition"]
+
+
+@dataclass(frozen=True)
+class ClientAppSettings:
+    """What every node of a run shares; per-partition values are tuples indexed by partition id.
+
+    Attributes:
+        dataset: the run's dataset and partitioning (as ``fedhet simulate`` / ``fedhet client`` configure it).
+        model: registered model name (``cnn``, ``2nn``, ``logreg``).
+        num_clients: partitions the dataset is split into (must match the node config's ``num-partitions``).
+        seed: the run seed: data split, model init, minibatch order.
+        train: local optimiser settings.
+        seconds_per_sample: imposed speed per partition, seconds per sample (tasks are padded with sleep to it);
+            empty: measure each node's speed at its first query and do not pace.
+        bitwidths: bits per weight per partition (32 = fp32); empty: every client is fp32.
+        bandwidth: the link speed clients report, bytes per second.
+        encoding: how fp32 clients' floating-point results travel (``fp32``, ``fp16``, ``bf16``).
+        minibatch_seed: ``task``: a task's minibatch order is drawn from (seed, task id), as in fedhet's simulator;
+            ``round``: from (seed, partition, round = version + 1), as for a Flower strategy's rounds, so one
+            experiment under fedhet's FedAvg and Flower's FedAvg trains on the same minibatches.
+        local_epochs: epochs of a Flower strategy's round that names neither ``local-steps`` nor ``local-epochs``.
+        threads: torch threads per node (0 = leave torch's default).
+    """
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: str = "cnn"
+    num_clients: int = 10
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seconds_per_sample: tuple[float, ...] = ()
+    bitwidths: tuple[int, ...] = ()
+    bandwidth: float = 1.0e7
+    encoding: str = "fp32"
+    minibatch_seed: str = "task"
+    local_epochs: int = 1
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        for name in ("seconds_per_sample", "bitwidths"):
+            values = getattr(self, name)
+            if values and len(values) != self.num_clients:
+                raise ValueError(f"{name} needs one value per partition ({self.num_clients}), got {len(values)}")
+        if any(not s > 0 for s in self.seconds_per_sample):
+            raise ValueError("seconds_per_sample values must be > 0")
+        for bits in self.bitwidths:
+            if bits != quant.FULL_PRECISION and bits not in quant.BITWIDTHS:
+                raise ValueError(f"bitwidth {bits} is not one of {list(quant.BITWIDTHS)} or 32")
+        if self.encoding not in codec.ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(codec.ENCODINGS)}, got {self.encoding!r}")
+        if self.minibatch_seed not in ("task", "round"):
+            raise ValueError(f"minibatch_seed must be task or round, got {self.minibatch_seed!r}")
+        if self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+
+
+def node_partition(context: Context, settings: ClientAppSettings) -> int:
+    """The node's partition id (``partition-id`` of its node config), checked against the run's client count."""
+    config = context.node_config
+    partition, count = config.get("partition-id"), config.get("num-partitions", settings.num_clients)
+    if not isinstance(partition, int) or isinstance(partition, bool):
+        raise RecordError(f"node {context.node_id}: node config needs an integer partition-id, got {partition!r}")
+    if count != settings.num_clients or not 0 <= partition < settings.num_clients:
+        raise RecordError(
+            f"node {context.node_id}: partition {partition} of {count} does not fit a run of "
+            f"{settings.num_clients} clients"
+        )
+    return partition
+
+
+class FedhetClient:
+    """One process's fedhet client state: the dataset (loaded once), and per thread one model and trainer shared
+    by the partitions it serves in turn (Flower's simulation runs many nodes per worker); nothing per node but a
+    measured speed. Pickles to its settings alone (Flower ships the ClientApp to its workers)."""
+
+    def __init__(self, settings: ClientAppSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._data: Any = None
+        self._splits: list[tuple[np.ndarray, np.ndarray]] = []
+        self._measured: dict[int, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"])  # type: ignore[misc]
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._data is None:
+                s = self.settings
+                if s.threads:
+                    torch.set_num_threads(s.threads)
+                data = load_configured(s.dataset, s.num_clients, s.seed)
+                self._splits = client_splits(s.dataset, data, s.num_clients, s.seed)
+                self._data = data
+
+    def samples(self, partition: int, held_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of a partition's training split (or its held-out split)."""
+        self._load()
+        index = torch.from_numpy(self._splits[partition][1 if held_out else 0])
+        return self._data.x_train[index], self._data.y_train[index]
+
+    def _model(self) -> torch.nn.Module:
+        self._load()
+        return build_model(self.settings.model, self._data.input_shape, self._data.num_classes, self.settings.seed)
+
+    def trainer(self) -> LocalTrainer:
+        """This thread's fp32 trainer."""
+        trainer: LocalTrainer | None = getattr(self._local, "trainer", None)
+        if trainer is None:
+            trainer = self._local.trainer = LocalTrainer(self._model(), self.settings.train)
+        return trainer
+
+    def quantized_trainer(self) -> QuantizedTrainer:
+        """This thread's quantization-aware trainer."""
+        trainer: QuantizedTrainer | None = getattr(self._local, "quantized", None)
+        if trainer is None:
+            trainer = self._local.quantized = QuantizedTrainer(self._model(), self.settings.train)
+        return trainer
+
+    def bitwidth(self, partition: int) -> int:
+        return self.settings.bitwidths[partition] if self.settings.bitwidths else quant.FULL_PRECISION
+
+    def profile(self, partition: int) -> tuple[ClientProfile, int]:
+        """(profile, training samples) of a partition: the imposed speed, or one measured on first use."""
+        x, y = self.samples(partition)
+        if self.settings.seconds_per_sample:
+            seconds = self.settings.seconds_per_sample[partition]
+        else:
+            if partition not in self._measured:
+                self._measured[partition] = measure_seconds_per_sample(self.trainer(), x, y)
+            seconds = self._measured[partition]
+        profile = ClientProfile(seconds, self.settings.bandwidth, self.bitwidth(partition))
+        return profile, len(x)
+
+    def train(self, content: RecordDict, partition: int) -> RecordDict:
+        """Run the task of a train message's ``content``; the reply's content."""
+        spec = parse_task(content, partition, self.settings.local_epochs)
+        task = spec.task
+        x, y = self.samples(partition)
+        seed, seeded = self.settings.seed, task
+        if self.settings.minibatch_seed == "round" or not spec.fedhet_task:
+            seed = int(np.random.SeedSequence([self.settings.seed, partition]).generate_state(1)[0])
+            seeded = replace(task, task_id=task.version + 1)
+        bits = self.bitwidth(partition)
+        start = time.perf_counter()
+        if bits == quant.FULL_PRECISION:
+            result = self.trainer().train(seeded, x, y, seed)
+            encoding = self.settings.encoding
+        else:
+            result = self.quantized_trainer().train(seeded, x, y, seed, bits)
+            encoding = codec.encoding_for_bitwidth(bits)
+        seconds = time.perf_counter() - start
+        if self.settings.seconds_per_sample:  # pace the task to the imposed speed
+            target = result.local_steps * min(self.settings.train.batch_size, len(x))
+            target_seconds = target * self.settings.seconds_per_sample[partition]
+            time.sleep(max(0.0, target_seconds - seconds))
+            seconds = max(seconds, target_seconds)
+        result = Result(
+            task.task_id,
+            partition,
+            task.version,
+            result.weights,
+            result.num_samples,
+            result.local_steps,
+            seconds,
+            result.loss,
+        )
+        if not spec.fedhet_task:
+            encoding = "fp32"  # Flower's strategies aggregate numpy arrays
+        return result_content(result, encoding, spec.fedhet_task)
+
+    def evaluate(self, content: RecordDict, partition: int) -> RecordDict:
+        """Accuracy and loss of the message's model on the partition's held-out split."""
+        spec = parse_task(content, partition, self.settings.local_epochs)
+        x, y = self.samples(partition, held_out=True)
+        model = self.trainer().model
+        model.load_state_dict(spec.task.weights)
+        accuracy, loss = evaluate(model, x, y) if len(x) else (0.0, 0.0)
+        return RecordDict({"metrics": MetricRecord({"eval-acc": accuracy, "eval-loss": loss, "num-examples": len(x)})})
+
+
+def make_client_app(settings: ClientAppSettings) -> ClientApp:
+    """A Flower ClientApp running fedhet's trainers with ``settings``."""
+    client = FedhetClient(settings)
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        partition = node_partition(context, settings)
+        profile, samples = client.profile(partition)
+        return Message(profile_content(profile, samples, partition), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return Message(client.train(message.content, node_partition(context, settings)), reply_to=message)
+
+    @app.evaluate()
+    def evaluate_(message: Message, context: Context) -> Message:
+        content = message.content
+        if "config" not in content:
+            content["config"] = ConfigRecord({"server-round": 0})
+        return Message(client.evaluate(content, node_partition(context, settings)), reply_to=message)
+
+    return app

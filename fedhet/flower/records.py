@@ -1,0 +1,303 @@
+"""fedhet's tasks, results, profiles and tensor encodings as Flower records, without loss.
+
+A tensor travels as one Flower :class:`~flwr.app.Array`:
+
+- an fp32 tensor in an fp32 payload, and every integer or bool tensor, as Flower's own ``numpy.ndarray`` stype
+  (``np.save`` bytes, no pickle), so Flower's strategies (``FedAvg`` and the rest, which aggregate
+  ``Array.numpy()``) read fedhet updates unchanged;
+- anything else (fp16, bf16, the packed ``int<b>`` encodings, a model whose dtype is not fp32) as stype
+  ``fedhet.codec/<encoding>``: the bytes :func:`fedhet.codec.encode` writes for that one tensor, with the model's
+  dtype and shape in the Array's own fields. Decoding goes through :func:`fedhet.codec.decode`, so a packed 4-bit
+  update arrives at the server exactly as it would over fedhet's gRPC wire, at a 4-bit update's size.
+
+Message layout (keys of the :class:`~flwr.app.RecordDict`):
+
+========== ========================================================================================================
+query      server -> client: nothing. Reply ``profile`` (ConfigRecord): the client's ``partition-id``, ``num-samples``,
+           ``seconds-per-sample``, ``bandwidth``, ``bitwidth``, ``memory-bytes``, ``availability``.
+train      server -> client: ``arrays`` (the task's weights) and ``config`` (ConfigRecord: ``task-id``, ``version``,
+           ``local-steps``, ``local-epochs``, ``server-round`` = version + 1, ``encoding``). Reply: ``arrays`` (the
+           trained weights, at the client's encoding), ``metrics`` (MetricRecord: ``num-examples``, ``local-steps``,
+           ``train-seconds``, ``train-loss``), and ``fedhet`` (ConfigRecord: ``task-id``, ``version``) when the task
+           came from a fedhet strategy. A reply carries one ArrayRecord and one MetricRecord, the shape Flower's own
+           strategies require, so the same ClientApp serves Flower's ``FedAvg`` too.
+========== ========================================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedhet import codec
+from fedhet.types import ClientProfile, Result, Task, Weights
+
+__all__ = [
+    "CODEC_STYPE_PREFIX",
+    "NUMPY_STYPE",
+    "RecordError",
+    "TaskSpec",
+    "array_record_nbytes",
+    "from_array_record",
+    "parse_profile",
+    "parse_result",
+    "parse_task",
+    "profile_content",
+    "result_content",
+    "task_content",
+    "to_array_record",
+]
+
+NUMPY_STYPE = "numpy.ndarray"
+CODEC_STYPE_PREFIX = "fedhet.codec/"
+
+ARRAYS, CONFIG, METRICS, PROFILE, FEDHET = "arrays", "config", "metrics", "profile", "fedhet"
+
+
+class RecordError(ValueError):
+    """A Flower record does not hold what fedhet expects; the message names the key or tensor."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_array(name: str, tensor: torch.Tensor, encoding: str) -> Array:
+    tensor = tensor.detach().to("cpu")
+    exact = not tensor.is_floating_point() and tensor.dtype != torch.bfloat16
+    if exact or (tensor.dtype == torch.float32 and encoding == "fp32"):
+        return Array(tensor.contiguous().numpy())
+    try:
+        data = codec.encode({name: tensor}, encoding)
+    except codec.CodecError as error:
+        raise RecordError(f"tensor {name!r}: {error}") from None
+    return Array(_dtype_name(tensor.dtype), tuple(tensor.shape), CODEC_STYPE_PREFIX + encoding, data)
+
+
+def to_array_record(weights: Weights, encoding: str = "fp32") -> ArrayRecord:
+    """``weights`` as an ArrayRecord (state-dict order), floating-point tensors at ``encoding`` (any of
+    :data:`fedhet.codec.ALL_ENCODINGS`); :func:`from_array_record` returns what ``codec.decode(codec.encode(weights,
+    encoding))`` would, bit for bit."""
+    if encoding not in codec.ALL_ENCODINGS:
+        raise RecordError(f"unknown encoding {encoding!r}; choose one of {sorted(codec.ALL_ENCODINGS)}")
+    return ArrayRecord({name: _to_array(name, tensor, encoding) for name, tensor in weights.items()})
+
+
+def _from_array(name: str, array: Array) -> torch.Tensor:
+    shape = tuple(int(d) for d in array.shape)
+    if array.stype == NUMPY_STYPE:
+        try:
+            values = array.numpy()
+        except (ValueError, TypeError) as error:
+            raise RecordError(f"tensor {name!r}: unreadable numpy payload: {error}") from None
+        if values.dtype == np.object_ or tuple(values.shape) != shape:
+            raise RecordError(f"tensor {name!r}: numpy payload of shape {values.shape} declared as {shape}")
+        return torch.from_numpy(np.array(values, copy=True))
+    if not array.stype.startswith(CODEC_STYPE_PREFIX):
+        raise RecordError(f"tensor {name!r}: unknown serialization {array.stype!r}")
+    try:
+        decoded = codec.decode(array.data)
+    except codec.CodecError as error:
+        raise RecordError(f"tensor {name!r}: {error}") from None
+    tensor = decoded.get(name)
+    if len(decoded) != 1 or tensor is None:
+        raise RecordError(f"tensor {name!r}: its payload holds {sorted(decoded)}")
+    if tuple(tensor.shape) != shape or _dtype_name(tensor.dtype) != array.dtype:
+        raise RecordError(
+            f"tensor {name!r}: payload of {_dtype_name(tensor.dtype)}{list(tensor.shape)} declared as "
+            f"{array.dtype}{list(shape)}"
+        )
+    return tensor
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of ``record`` (written by :func:`to_array_record`, or a Flower ``ArrayRecord`` of numpy
+    arrays), in order; raises :class:`RecordError` for anything that does not decode."""
+    return {name: _from_array(name, array) for name, array in record.items()}
+
+
+def array_record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of tensor data an ArrayRecord carries (what travels, before Flower's framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def _int(record: ConfigRecord | MetricRecord, key: str, where: str) -> int:
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RecordError(f"{where}[{key!r}] must be an integer, got {value!r}")
+    return value
+
+
+def _float(record: ConfigRecord | MetricRecord, key: str, where: str) -> float:
+    value = record.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise RecordError(f"{where}[{key!r}] must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _str(record: ConfigRecord, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise RecordError(f"{where}[{key!r}] must be a string, got {value!r}")
+    return value
+
+
+def _config(content: RecordDict, key: str) -> ConfigRecord:
+    record = content.get(key)
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"message has no ConfigRecord {key!r}")
+    return record
+
+
+def _arrays(content: RecordDict) -> ArrayRecord:
+    record = content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise RecordError(f"message has no ArrayRecord {ARRAYS!r}")
+    return record
+
+
+def profile_content(profile: ClientProfile, num_samples: int, partition: int = -1) -> RecordDict:
+    """A query reply: the client's profile, sample count and partition id (-1: none)."""
+    return RecordDict(
+        {
+            PROFILE: ConfigRecord(
+                {
+                    "partition-id": partition,
+                    "num-samples": num_samples,
+                    "seconds-per-sample": profile.seconds_per_sample,
+                    "bandwidth": profile.bandwidth,
+                    "bitwidth": profile.bitwidth,
+                    "memory-bytes": profile.memory_bytes,
+                    "availability": profile.availability,
+                }
+            )
+        }
+    )
+
+
+def parse_profile(content: RecordDict) -> tuple[ClientProfile, int, int]:
+    """(profile, sample count, partition id or -1) of a query reply; raises :class:`RecordError` for a missing or
+    invalid value."""
+    record = _config(content, PROFILE)
+    try:
+        profile = ClientProfile(
+            seconds_per_sample=_float(record, "seconds-per-sample", PROFILE),
+            bandwidth=_float(record, "bandwidth", PROFILE),
+            bitwidth=_int(record, "bitwidth", PROFILE),
+            memory_bytes=_int(record, "memory-bytes", PROFILE),
+            availability=_float(record, "availability", PROFILE),
+        )
+    except ValueError as error:
+        raise RecordError(f"{PROFILE}: {error}") from None
+    samples = _int(record, "num-samples", PROFILE)
+    if samples < 1:
+        raise RecordError(f"{PROFILE}['num-samples'] must be >= 1, got {samples}")
+    partition = _int(record, "partition-id", PROFILE) if "partition-id" in record else -1
+    return profile, samples, max(-1, partition)
+
+
+def task_content(task: Task, encoding: str) -> RecordDict:
+    """A train message's content for ``task``, its weights at ``encoding``."""
+    return RecordDict(
+        {
+            ARRAYS: to_array_record(task.weights, encoding),
+            CONFIG: ConfigRecord(
+                {
+                    "task-id": task.task_id,
+                    "version": task.version,
+                    "local-steps": task.local_steps,
+                    "local-epochs": task.local_epochs,
+                    "server-round": task.version + 1,
+                    "encoding": encoding,
+                }
+            ),
+        }
+    )
+
+
+class TaskSpec:
+    """What a train message asks of a client: a fedhet task (``fedhet_task`` true) or a Flower strategy's round
+    (``task-id`` and ``version`` absent: the task id is derived from ``server-round``)."""
+
+    def __init__(self, task: Task, encoding: str, fedhet_task: bool) -> None:
+        self.task = task
+        self.encoding = encoding
+        self.fedhet_task = fedhet_task
+
+
+def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 1) -> TaskSpec:
+    """The task a train message carries. A message from a Flower strategy (no ``task-id``) becomes a task of
+    ``default_local_epochs`` epochs whose id is ``server-round`` (so its minibatch order depends on the round)."""
+    config = _config(content, CONFIG)
+    weights = from_array_record(_arrays(content))
+    fedhet_task = "task-id" in config
+    if fedhet_task:
+        task_id = _int(config, "task-id", CONFIG)
+        version = _int(config, "version", CONFIG)
+        steps = _int(config, "local-steps", CONFIG)
+        epochs = _int(config, "local-epochs", CONFIG)
+        encoding = _str(config, "encoding", CONFIG)
+    else:
+        task_id = _int(config, "server-round", CONFIG) if "server-round" in config else 0
+        version = max(0, task_id - 1)
+        steps = _int(config, "local-steps", CONFIG) if "local-steps" in config else 0
+        epochs = 0 if steps else _int(config, "local-epochs", CONFIG) if "local-epochs" in config else 0
+        epochs = epochs or (0 if steps else default_local_epochs)
+        encoding = "fp32"
+    if encoding not in codec.ALL_ENCODINGS:
+        raise RecordError(f"{CONFIG}['encoding']: unknown encoding {encoding!r}")
+    try:
+        task = Task(task_id, client_id, version, weights, steps, epochs)
+    except ValueError as error:
+        raise RecordError(str(error)) from None
+    return TaskSpec(task, encoding, fedhet_task)
+
+
+def result_content(result: Result, encoding: str, fedhet_task: bool = True) -> RecordDict:
+    """A train reply for ``result``, its weights at ``encoding``; ``fedhet_task`` adds the task id and version a
+    fedhet strategy checks (a Flower strategy's reply carries only ``arrays`` and ``metrics``)."""
+    content = RecordDict(
+        {
+            ARRAYS: to_array_record(result.weights, encoding),
+            METRICS: MetricRecord(
+                {
+                    "num-examples": result.num_samples,
+                    "local-steps": result.local_steps,
+                    "train-seconds": result.train_seconds,
+                    "train-loss": result.loss,
+                }
+            ),
+        }
+    )
+    if fedhet_task:
+        content[FEDHET] = ConfigRecord({"task-id": result.task_id, "version": result.version})
+    return content
+
+
+def parse_result(content: RecordDict, client_id: int) -> Result:
+    """The fedhet :class:`~fedhet.types.Result` of a train reply from ``client_id`` (the sender, as the runtime
+    knows it: never taken from the message)."""
+    ids = _config(content, FEDHET)
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord):
+        raise RecordError(f"message has no MetricRecord {METRICS!r}")
+    samples = _int(metrics, "num-examples", METRICS)
+    steps = _int(metrics, "local-steps", METRICS)
+    if samples < 1 or steps < 0:
+        raise RecordError(f"{METRICS}: num-examples must be >= 1 and local-steps >= 0, got {samples}, {steps}")
+    seconds = _float(metrics, "train-seconds", METRICS)
+    if seconds < 0:
+        raise RecordError(f"{METRICS}['train-seconds'] must be >= 0, got {seconds}")
+    return Result(
+        task_id=_int(ids, "task-id", FEDHET),
+        client_id=client_id,
+        version=_int(ids, "version", FEDHET),
+        weights=from_array_record(_arrays(content)),
+        num_samples=samples,
+        local_steps=steps,
+        train_seconds=seconds,
+        loss=_float(metrics, "train-loss", METRICS),
+    )

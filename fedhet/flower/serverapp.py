@@ -1,0 +1,454 @@
+"""A Flower ServerApp that drives any fedhet strategy through Flower's Grid, on the real clock.
+
+Flower's own strategies run a fixed round loop (``configure_train`` -> ``send_and_receive`` -> ``aggregate_train``)
+that cannot host an asynchronous or semi-asynchronous scheduler. :class:`GridDriver` instead feeds a fedhet
+:class:`~fedhet.strategies.Strategy` the events of a live Flower run, exactly as ``fedhet server``'s coordinator
+does over gRPC: a node that answers the profile query is a client that became available (``on_available``), each
+train reply is a result (``on_result``), and a passed ``next_deadline()`` is a tick (``on_tick``). Messages go out
+with ``Grid.push_messages`` the moment the strategy hands out a task, and replies are collected with
+``Grid.pull_messages`` as they arrive, so FedCompass, FedAsync, FedBuff and FedAvg (with any planner and aggregator)
+run unchanged on a SuperLink or in Flower's simulation engine. Evaluations go to the same ``metrics.jsonl`` as
+``fedhet server`` writes (``virtual_time`` is the run's real clock, in seconds).
+
+The driver is a loop in the ServerApp's thread; evaluation runs in a worker thread so it never delays a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedhet import codec
+from fedhet.config import DatasetConfig
+from fedhet.data import load_configured
+from fedhet.flower.records import RecordError, array_record_nbytes, parse_profile, parse_result, task_content
+from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.models import build_model, evaluate
+from fedhet.strategies import Strategy, UnknownTaskError, build_strategy
+from fedhet.types import ClientInfo, Task, Weights
+
+__all__ = [
+    "Aggregation",
+    "Assigned",
+    "DriverSettings",
+    "Evaluator",
+    "GridDriver",
+    "RunSummary",
+    "ServerAppSettings",
+    "make_server_app",
+    "run_on_grid",
+]
+
+log = logging.getLogger("fedhet.flower")
+
+Evaluator = Callable[[Weights], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """Stopping, evaluation and messaging of a :class:`GridDriver`.
+
+    Attributes:
+        max_versions: stop once the global model reaches this version.
+        max_seconds: stop after this many seconds (0 = no limit).
+        eval_every: evaluate every this many versions (and always the first and last).
+        min_nodes: wait for at least this many nodes before the run starts.
+        node_wait: seconds to wait for ``min_nodes`` nodes; fewer then is an error.
+        discover_every: seconds between looks for nodes that joined later.
+        task_ttl: seconds a task message (and its reply) stays valid at the SuperLink.
+        poll_interval: seconds between pulls when nothing arrived.
+        retry_after: seconds before a node whose message failed is asked again.
+        encoding: how tasks for fp32 clients travel (``fp32``, ``fp16``, ``bf16``); a client of bitwidth b < 32
+            gets ``int<b>``.
+    """
+
+    max_versions: int = 20
+    max_seconds: float = 0.0
+    eval_every: int = 1
+    min_nodes: int = 2
+    node_wait: float = 120.0
+    discover_every: float = 2.0
+    task_ttl: float = 3600.0
+    poll_interval: float = 0.02
+    retry_after: float = 1.0
+    encoding: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.max_versions < 1 or self.eval_every < 1 or self.min_nodes < 1:
+            raise ValueError("max_versions, eval_every and min_nodes must be >= 1")
+        if self.max_seconds < 0 or not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
+            raise ValueError("max_seconds must be >= 0 and node_wait, task_ttl, poll_interval > 0 seconds")
+        if self.encoding not in codec.ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(codec.ENCODINGS)}, got {self.encoding!r}")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One new global version: when (run seconds), how many updates it folded in, and the clients whose results
+    were accepted since the previous version (a FedCompass group, a FedAvg round)."""
+
+    version: int
+    time: float
+    updates: int
+    clients: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """A task handed out: when (run seconds), to whom, and how much local work."""
+
+    time: float
+    client_id: int
+    task_id: int
+    version: int
+    local_steps: int
+    local_epochs: int
+
+
+@dataclass
+class RunSummary:
+    """How a run went: why it stopped, its final version and accuracy, and its trace."""
+
+    reason: str = ""
+    version: int = 0
+    seconds: float = 0.0
+    accuracy: float | None = None
+    results: int = 0
+    refused: int = 0
+    failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    clients: dict[int, ClientInfo] = field(default_factory=dict)
+    aggregations: list[Aggregation] = field(default_factory=list)
+    assignments: list[Assigned] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    kind: str  # "query" or "train"
+    node: int
+    client_id: int = -1  # -1: a node not numbered yet
+    task: Task | None = None
+
+
+class GridDriver:
+    """Drives ``strategy`` over ``grid`` until ``settings.max_versions`` (or ``max_seconds``).
+
+    Each Flower node is one fedhet client. Its client id is the partition id it reports (``partition-id`` of its
+    node config) when no other node holds it, else the next number above every id in use.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        initial_weights: Weights,
+        settings: DriverSettings,
+        metrics: MetricsWriter | None = None,
+        evaluate: Evaluator | None = None,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.initial_weights = initial_weights
+        self.settings = settings
+        self.metrics = metrics
+        self.evaluate = evaluate
+        self.summary = RunSummary()
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.client_of: dict[int, int] = {}  # node id -> client id
+        self._pending: dict[str, _Pending] = {}
+        self._retry: dict[int, float] = {}  # node id -> time (s) to ask again
+        self._asked: set[int] = set()  # nodes asked for their profile
+        self._accepted_since: list[int] = []
+        self._version = 0
+        self._applied = 0
+        self._start = 0.0
+        self._evaluated = -1
+        self._evals: list[Future[None]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedhet-eval")
+
+    def now(self) -> float:
+        """Run seconds on the real clock."""
+        return time.monotonic() - self._start
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> RunSummary:
+        """Run to the end; returns the summary (also at :attr:`summary`)."""
+        self._start = time.monotonic()
+        self.strategy.start(self.initial_weights, 0.0)
+        self._queue_eval()
+        try:
+            self._wait_for_nodes()
+            last_look = self.now()
+            stop_at = self.settings.max_seconds or math.inf
+            while not self.summary.reason:
+                busy = self._pull()
+                now = self.now()
+                if not self.summary.reason and now >= stop_at:
+                    self._end("max_seconds")
+                if self.summary.reason:
+                    break
+                deadline = self.strategy.next_deadline()
+                if deadline is not None and now >= deadline:
+                    self._after(self.strategy.on_tick(now), now)
+                    busy = True
+                for node, at in sorted(self._retry.items()):
+                    if now >= at:
+                        del self._retry[node]
+                        self._query([node])
+                if now - last_look >= self.settings.discover_every:
+                    last_look = now
+                    self._discover()
+                if not busy:
+                    time.sleep(self.settings.poll_interval)
+            if self._evaluated != self.strategy.version:
+                self._queue_eval()
+            for job in self._evals:
+                job.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        self.summary.version = self.strategy.version
+        self.summary.seconds = self.now()
+        self.summary.clients = dict(self.strategy.clients)
+        return self.summary
+
+    def _end(self, reason: str) -> None:
+        self.summary.reason = reason
+        log.info("run over (%s) at version %d after %.1f s", reason, self.strategy.version, self.now())
+
+    def _wait_for_nodes(self) -> None:
+        deadline = time.monotonic() + self.settings.node_wait
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.settings.min_nodes:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} Flower nodes joined within {self.settings.node_wait} s; "
+                    f"the run needs min_nodes = {self.settings.min_nodes}"
+                )
+            time.sleep(self.settings.poll_interval)
+        self._discover()
+
+    def _discover(self) -> None:
+        """Ask every node not seen before for its profile."""
+        new = [n for n in sorted(self.grid.get_node_ids()) if n not in self._asked]
+        self._asked.update(new)
+        self._query(new)
+
+    def _query(self, nodes: Iterable[int]) -> None:
+        messages = [Message(RecordDict(), node, MessageType.QUERY, ttl=self.settings.task_ttl) for node in nodes]
+        pending = [_Pending("query", n, self.client_of.get(n, -1)) for n in nodes]
+        self._push(messages, pending)
+
+    def _push(self, messages: list[Message], pending: list[_Pending]) -> None:
+        if not messages:
+            return
+        ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(messages):
+            raise RuntimeError(f"the grid accepted {len(ids)} of {len(messages)} messages")
+        self._pending.update(zip(ids, pending, strict=True))
+
+    def _pull(self) -> bool:
+        """Handle every reply that arrived; True when there was one."""
+        if not self._pending:
+            return False
+        replies = list(self.grid.pull_messages(list(self._pending)))
+        for reply in replies:
+            pending = self._pending.pop(reply.metadata.reply_to_message_id, None)
+            if pending is None or self.summary.reason:
+                continue
+            now = self.now()
+            if reply.has_error():
+                self._failed(pending, f"error {reply.error.code}: {reply.error.reason}", now)
+            elif pending.kind == "query":
+                self._registered(pending, reply, now)
+            else:
+                self._result(pending, reply, now)
+        return bool(replies)
+
+    def _failed(self, pending: _Pending, why: str, now: float) -> None:
+        self.summary.failed += 1
+        what = "profile query" if pending.task is None else f"task {pending.task.task_id}"
+        log.warning(
+            "node %d: %s failed (%s); asking again in %.1f s", pending.node, what, why, self.settings.retry_after
+        )
+        self._retry[pending.node] = now + self.settings.retry_after
+
+    def _registered(self, pending: _Pending, reply: Message, now: float) -> None:
+        try:
+            profile, samples, partition = parse_profile(reply.content)
+        except RecordError as error:
+            self._failed(pending, str(error), now)
+            return
+        cid = pending.client_id
+        if cid < 0:
+            taken = partition < 0 or partition in self.node_of
+            cid = max(self.node_of, default=-1) + 1 if taken else partition
+            self.node_of[cid] = pending.node
+            self.client_of[pending.node] = cid
+        info = ClientInfo(cid, profile, samples)
+        known = self.strategy.clients.get(cid)
+        if known is not None and known != info:  # the node restarted with another profile: keep the first
+            info = known
+        self._after(self.strategy.on_available(info, now), now)
+
+    def _result(self, pending: _Pending, reply: Message, now: float) -> None:
+        task = pending.task
+        assert task is not None
+        try:
+            result = parse_result(reply.content, pending.client_id)
+            if result.task_id != task.task_id or result.version != task.version:
+                raise RecordError(f"reply names task {result.task_id}@{result.version}")
+            _check_update(result.weights, task.weights)
+        except RecordError as error:
+            self.summary.refused += 1
+            self._failed(pending, f"refused: {error}", now)
+            return
+        self.summary.bytes_up += array_record_nbytes(reply.content["arrays"])  # type: ignore[arg-type]
+        try:
+            tasks = self.strategy.on_result(result, now)
+        except UnknownTaskError as error:  # lost meanwhile (the node was asked again): nothing is applied
+            self.summary.refused += 1
+            log.info("client %d: %s", pending.client_id, error)
+            return
+        self.summary.results += 1
+        self._accepted_since.append(pending.client_id)
+        self._after(tasks, now)
+
+    def _after(self, tasks: list[Task], now: float) -> None:
+        """Send ``tasks``; note, evaluate and stop on a new version."""
+        version = self.strategy.version
+        if version != self._version:
+            applied = self.strategy.updates_applied - self._applied
+            self._version, self._applied = version, self.strategy.updates_applied
+            self.summary.aggregations.append(Aggregation(version, now, applied, tuple(self._accepted_since)))
+            self._accepted_since = []
+            if version >= self.settings.max_versions:
+                self._end("max_versions")
+            elif version % self.settings.eval_every == 0:
+                self._queue_eval()
+        if self.summary.reason:
+            return
+        messages, pending = [], []
+        for task in tasks:
+            info = self.strategy.clients[task.client_id]
+            encoding = codec.encoding_for_bitwidth(info.profile.bitwidth, self.settings.encoding)
+            content = task_content(task, encoding)
+            self.summary.bytes_down += array_record_nbytes(content["arrays"])  # type: ignore[arg-type]
+            node = self.node_of[task.client_id]
+            messages.append(
+                Message(content, node, MessageType.TRAIN, ttl=self.settings.task_ttl, group_id=str(task.version))
+            )
+            pending.append(_Pending("train", node, task.client_id, task))
+            self.summary.assignments.append(
+                Assigned(now, task.client_id, task.task_id, task.version, task.local_steps, task.local_epochs)
+            )
+        self._push(messages, pending)
+
+    # ------------------------------------------------------------------ metrics
+    def _queue_eval(self) -> None:
+        version = self.strategy.version
+        self._evaluated = version
+        if self.evaluate is None:
+            return
+        weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
+        record = (
+            version,
+            self.now(),
+            self.summary.bytes_up,
+            self.summary.bytes_down,
+            self.strategy.updates_applied,
+            self.strategy.updates_dropped,
+        )
+        self._evals.append(self._pool.submit(self._evaluate, weights, record))
+
+    def _evaluate(self, weights: dict[str, torch.Tensor], record: tuple[int, float, int, int, int, int]) -> None:
+        assert self.evaluate is not None
+        version, now, up, down, applied, dropped = record
+        accuracy, loss = self.evaluate(weights)
+        self.summary.accuracy = accuracy
+        log.info("version %d at %.1f s: accuracy %.4f, loss %.4f", version, now, accuracy, loss)
+        if self.metrics is not None:
+            wall = time.monotonic() - self._start
+            self.metrics.write(MetricsRecord(version, now, wall, accuracy, loss, up, down, applied, dropped))
+
+
+def _check_update(weights: Weights, reference: Weights) -> None:
+    """The update has the task's tensor names, shapes and dtypes, and finite values (before any arithmetic)."""
+    if list(weights) != list(reference):
+        missing, extra = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
+        raise RecordError(f"update tensors differ from the task's: missing {missing}, unexpected {extra}")
+    for name, tensor in weights.items():
+        ref = reference[name]
+        if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
+            raise RecordError(
+                f"tensor {name!r}: {tensor.dtype}{list(tensor.shape)}, expected {ref.dtype}{list(ref.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RecordError(f"tensor {name!r} holds NaN or Inf")
+
+
+@dataclass(frozen=True)
+class ServerAppSettings:
+    """A fedhet run as a Flower ServerApp: what ``fedhet server`` configures, minus the network.
+
+    Attributes:
+        strategy: ``{scheduler: {name: ...}, planner: {...}, aggregator: {...}}`` (a ``configs/strategy`` file).
+        dataset, model, num_clients, seed: as for ``fedhet simulate`` / ``fedhet server``; the server evaluates
+            the global model on the dataset's test set.
+        driver: stopping, evaluation, messaging.
+        metrics_path: where ``metrics.jsonl`` goes ("" = no file).
+    """
+
+    strategy: Mapping[str, Any]
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: str = "cnn"
+    num_clients: int = 10
+    seed: int = 0
+    driver: DriverSettings = field(default_factory=DriverSettings)
+    metrics_path: str = ""
+
+
+def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], None] | None = None) -> ServerApp:
+    """A Flower ServerApp that runs ``settings.strategy`` through a :class:`GridDriver`; ``on_end`` receives the
+    run's summary."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_on_grid(grid, settings)
+        if on_end is not None:
+            on_end(summary)
+
+    return app
+
+
+def run_on_grid(grid: Grid, settings: ServerAppSettings) -> RunSummary:
+    """Build the strategy, the initial model and the test-set evaluation of ``settings``; drive them on ``grid``."""
+    strategy = build_strategy(settings.strategy, settings.seed)
+    data = load_configured(settings.dataset, settings.num_clients, settings.seed)
+    model = build_model(settings.model, data.input_shape, data.num_classes, settings.seed)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def test_accuracy(weights: Weights) -> tuple[float, float]:
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            return evaluate(model, data.x_test, data.y_test)
+
+    metrics = MetricsWriter(Path(settings.metrics_path)) if settings.metrics_path else None
+    try:
+        return GridDriver(grid, strategy, initial, settings.driver, metrics, test_accuracy).run()
+    finally:
+        if metrics is not None:
+            metrics.close()
