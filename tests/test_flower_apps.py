@@ -1,0 +1,171 @@
+"""The fedhet ServerApp and ClientApp against each other and against Flower's own FedAvg, on Flower's Grid API.
+
+These run the ClientApps in threads of the test process (:class:`fedhet.flower.LocalGrid`): the same ServerApp
+logic, ClientApps and Flower messages as a SuperLink or the simulation engine, in seconds (the engine's Ray start
+alone takes tens of seconds here; ``test_flower_simulation.py`` runs it). Speeds are imposed by the ClientApp,
+scaled down (milliseconds per step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedhet.clients.trainer import TrainConfig
+from fedhet.config import DatasetConfig, PartitionConfig
+from fedhet.data import load_configured
+from fedhet.flower import ClientAppSettings, DriverSettings, LocalGrid, ServerAppSettings, make_client_app, run_on_grid
+from fedhet.flower.records import from_array_record, to_array_record
+from fedhet.models import build_model, evaluate
+
+N = 10
+SYNTHETIC = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
+COMPASS = {
+    "scheduler": {"name": "fedcompass", "q_min": 5, "q_max": 20},
+    "planner": {"name": "identity"},
+    "aggregator": {"name": "staleness_weighted"},
+}
+# ten clients, 10x apart from fastest to slowest: 0.2 ms to 2 ms per sample (6 to 64 ms per step of 32)
+SPEEDS = tuple(0.0002 * (1 + i) for i in range(N))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _client(**changes: object) -> ClientAppSettings:
+    settings = {
+        "dataset": SYNTHETIC,
+        "model": "logreg",
+        "num_clients": N,
+        "seed": 0,
+        "train": TrainConfig(lr=0.05, batch_size=16),
+    }
+    return ClientAppSettings(**{**settings, **changes})  # type: ignore[arg-type]
+
+
+def _server(strategy: dict[str, object], versions: int, metrics: str = "", model: str = "logreg") -> ServerAppSettings:
+    return ServerAppSettings(
+        strategy=strategy,
+        dataset=SYNTHETIC,
+        model=model,
+        num_clients=N,
+        seed=0,
+        driver=DriverSettings(max_versions=versions, min_nodes=N),
+        metrics_path=metrics,
+    )
+
+
+def test_fedcompass_forms_groups_of_clients_of_different_speeds(tmp_path: Path) -> None:
+    grid = LocalGrid(make_client_app(_client(seconds_per_sample=SPEEDS)), N)
+    try:
+        summary = run_on_grid(grid, _server(COMPASS, 30, str(tmp_path / "metrics.jsonl")))
+    finally:
+        grid.close()
+    assert summary.reason == "max_versions" and summary.version == 30 and summary.failed == summary.refused == 0
+    # after every client's first (ungrouped) task, groups aggregate several clients at once, fast and slow together
+    grouped = [a for a in summary.aggregations if a.updates >= 3]
+    assert len(grouped) >= 3, summary.aggregations
+    assert any(set(a.clients) & {0, 1, 2} and set(a.clients) & {7, 8, 9} for a in grouped), summary.aggregations
+    # Q from each client's measured speed, so that a group finishes together: fast clients get more local steps
+    later = [a for a in summary.assignments if a.version >= N]
+    assert len({a.local_steps for a in later}) >= 4
+    steps = {c: np.mean([a.local_steps for a in later if a.client_id == c]) for c in range(N)}
+    assert np.mean([steps[c] for c in range(3)]) > np.mean([steps[c] for c in range(N - 3, N)]), steps
+    assert summary.accuracy is not None and summary.accuracy > 0.6
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["version"] == 0 and rows[-1]["version"] == 30
+    assert set(rows[-1]) >= {"version", "virtual_time", "wall_time", "accuracy", "loss", "bytes_up", "bytes_down"}
+    assert rows[-1]["updates_applied"] == sum(a.updates for a in summary.aggregations)
+
+
+def test_low_bitwidth_clients_train_quantized_and_upload_packed() -> None:
+    bits = (4, 8) + (32,) * (N - 2)
+    grid = LocalGrid(make_client_app(_client(bitwidths=bits, model="2nn")), N)
+    strategy = {
+        "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": N},
+        "planner": {"name": "bitwidth"},
+        "aggregator": {"name": "weighted_mean"},
+    }
+    try:
+        summary = run_on_grid(grid, _server(strategy, 2, model="2nn"))
+    finally:
+        grid.close()
+    assert summary.version == 2 and summary.failed == summary.refused == 0
+    assert {c: info.profile.bitwidth for c, info in summary.clients.items()} == dict(enumerate(bits))
+    # a round moves 8 fp32 models and two packed ones (4- and 8-bit) each way
+    fp32 = sum(v.numel() * 4 for v in build_model("2nn", (60,), 10, 0).state_dict().values())
+    assert 2 * 8.3 * fp32 < summary.bytes_up < 2 * 8.45 * fp32
+    assert 2 * 8.3 * fp32 < summary.bytes_down < 2 * 8.45 * fp32
+
+
+def test_a_failing_client_is_asked_again_and_the_run_goes_on() -> None:
+    bad = _client(seconds_per_sample=SPEEDS)
+    grid = LocalGrid(make_client_app(bad), N)
+    calls = {"n": 0}
+    original = grid.client_app
+
+    class Flaky:
+        def __call__(self, message: object, context: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == 15:
+                raise RuntimeError("device fell over")
+            return original(message, context)  # type: ignore[arg-type]
+
+    grid.client_app = Flaky()  # type: ignore[assignment]
+    try:
+        summary = run_on_grid(grid, _server(COMPASS, 12))
+    finally:
+        grid.close()
+    assert summary.version == 12 and summary.failed == 1
+
+
+def test_fidelity_fedhet_fedavg_matches_flower_fedavg() -> None:
+    """Same partition, seed, model and local training (the same ClientApp, minibatches drawn per round): fedhet's
+    FedAvg through the fedhet ServerApp and Flower's own FedAvg reach the same test accuracy."""
+    rounds = 8
+    data = load_configured(SYNTHETIC, N, 0)
+    model = build_model("logreg", data.input_shape, data.num_classes, 0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def accuracy(weights: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            return evaluate(model, data.x_test, data.y_test)[0]
+
+    client = _client(minibatch_seed="round", local_epochs=1)
+    grid = LocalGrid(make_client_app(client), N)
+    try:
+        flower = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N)
+        history: dict[int, float] = {}
+
+        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            history[server_round] = accuracy(from_array_record(arrays))
+            return MetricRecord({"accuracy": history[server_round]})
+
+        result = flower.start(
+            grid, to_array_record(initial), num_rounds=rounds, train_config=ConfigRecord(), evaluate_fn=central
+        )
+        flower_accuracy = accuracy(from_array_record(result.arrays))
+        strategy = {
+            "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": N, "local_epochs": 1},
+            "planner": {"name": "identity"},
+            "aggregator": {"name": "weighted_mean"},
+        }
+        summary = run_on_grid(grid, _server(strategy, rounds))
+    finally:
+        grid.close()
+    assert summary.version == rounds and summary.accuracy is not None
+    print(f"after {rounds} rounds: fedhet FedAvg {summary.accuracy:.4f}, Flower FedAvg {flower_accuracy:.4f}")
+    assert flower_accuracy > history[0] + 0.2  # both trained
+    assert abs(summary.accuracy - flower_accuracy) <= 0.005

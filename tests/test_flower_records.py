@@ -1,0 +1,112 @@
+"""fedhet's tensor encodings as Flower records: lossless, readable by Flower's strategies, refused when malformed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedhet import codec
+from fedhet.flower.records import (
+    CODEC_STYPE_PREFIX,
+    NUMPY_STYPE,
+    RecordError,
+    array_record_nbytes,
+    from_array_record,
+    parse_profile,
+    parse_result,
+    parse_task,
+    profile_content,
+    result_content,
+    task_content,
+    to_array_record,
+)
+from fedhet.types import ClientProfile, Result, Task
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(4, 1, 3, 3, generator=g),
+        "fc.weight": torch.randn(10, 36, generator=g),
+        "fc.bias": torch.randn(10, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+@pytest.mark.parametrize("encoding", codec.ALL_ENCODINGS)
+def test_every_encoding_round_trips_exactly_as_the_codec(encoding: str) -> None:
+    weights = _weights()
+    record = to_array_record(weights, encoding)
+    got = from_array_record(record)
+    expected = codec.decode(codec.encode(weights, encoding))
+    assert list(got) == list(weights)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        assert torch.equal(got[name], tensor), name
+
+
+def test_fp32_payloads_are_flower_numpy_arrays_and_packed_ones_are_small() -> None:
+    weights = _weights()
+    fp32 = to_array_record(weights, "fp32")
+    assert all(a.stype == NUMPY_STYPE for a in fp32.values())
+    assert torch.equal(torch.from_numpy(fp32["fc.weight"].numpy()), weights["fc.weight"])  # what Flower's FedAvg reads
+    int4 = to_array_record(weights, "int4")
+    assert int4["fc.weight"].stype == CODEC_STYPE_PREFIX + "int4"
+    assert int4["bn.num_batches_tracked"].stype == NUMPY_STYPE  # integer tensors travel exactly
+    assert array_record_nbytes(int4) < array_record_nbytes(fp32) / 3
+
+
+def test_a_plain_flower_array_record_decodes() -> None:
+    record = ArrayRecord({"w": Array(torch.ones(2, 3).numpy())})
+    assert torch.equal(from_array_record(record)["w"], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        Array("float32", (2, 2), "pickle", b"\x80\x04"),
+        Array("float32", (3, 3), NUMPY_STYPE, Array(torch.ones(2, 2).numpy()).data),
+        Array("float32", (2, 2), CODEC_STYPE_PREFIX + "int4", b"garbage"),
+        Array("float64", (10, 36), CODEC_STYPE_PREFIX + "fp16", codec.encode({"w": torch.ones(10, 36)}, "fp16")),
+        Array("float32", (10, 36), CODEC_STYPE_PREFIX + "fp16", codec.encode({"other": torch.ones(10, 36)}, "fp16")),
+    ],
+    ids=["unknown-stype", "wrong-shape", "corrupt", "wrong-dtype", "wrong-name"],
+)
+def test_malformed_arrays_are_refused(array: Array) -> None:
+    with pytest.raises(RecordError):
+        from_array_record(ArrayRecord({"w": array}))
+
+
+def test_task_result_and_profile_messages_round_trip() -> None:
+    weights = _weights()
+    task = Task(5, 3, 2, weights, local_steps=7)
+    spec = parse_task(task_content(task, "int8"), client_id=3)
+    assert spec.fedhet_task and spec.encoding == "int8"
+    assert (spec.task.task_id, spec.task.version, spec.task.local_steps) == (5, 2, 7)
+    result = Result(5, 3, 2, weights, num_samples=40, local_steps=7, train_seconds=0.5, loss=1.25)
+    back = parse_result(result_content(result, "fp32"), client_id=3)
+    assert (back.task_id, back.version, back.num_samples, back.train_seconds, back.loss) == (5, 2, 40, 0.5, 1.25)
+    profile = ClientProfile(0.01, 1e6, bitwidth=4)
+    assert parse_profile(profile_content(profile, 40, partition=3)) == (profile, 40, 3)
+
+
+def test_a_flower_strategy_round_becomes_a_task_of_its_round() -> None:
+    content = RecordDict({"arrays": to_array_record(_weights()), "config": ConfigRecord({"server-round": 4})})
+    spec = parse_task(content, client_id=0, default_local_epochs=2)
+    assert not spec.fedhet_task
+    assert (spec.task.task_id, spec.task.version, spec.task.local_epochs) == (4, 3, 2)
+
+
+def test_a_result_without_fedhet_ids_or_with_bad_metrics_is_refused() -> None:
+    result = Result(1, 0, 0, _weights(), num_samples=10, local_steps=1, train_seconds=0.1, loss=0.5)
+    with pytest.raises(RecordError, match="fedhet"):
+        parse_result(result_content(result, "fp32", fedhet_task=False), client_id=0)
+    content = result_content(result, "fp32")
+    content["metrics"]["train-seconds"] = float("nan")  # type: ignore[index]
+    with pytest.raises(RecordError, match="train-seconds"):
+        parse_result(content, client_id=0)
