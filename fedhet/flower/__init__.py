@@ -16,6 +16,7 @@ See ``docs/coming_from_flower.md``.
 
 from fedhet.flower.clientapp import ClientAppSettings, FedhetClient, make_client_app
 from fedhet.flower.local import LocalGrid
+from fedhet.flower.numpy_client import NumPyClientTrainer, join
 from fedhet.flower.records import RecordError, from_array_record, to_array_record
 from fedhet.flower.serverapp import (
     DriverSettings,
@@ -32,10 +33,12 @@ __all__ = [
     "FedhetClient",
     "GridDriver",
     "LocalGrid",
+    "NumPyClientTrainer",
     "RecordError",
     "RunSummary",
     "ServerAppSettings",
     "from_array_record",
+    "join",
     "make_client_app",
     "make_server_app",
     "run_on_grid",
