@@ -34,7 +34,7 @@ from fedhet.data import load_configured
 from fedhet.flower.records import RecordError, array_record_nbytes, parse_profile, parse_result, task_content
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.models import build_model, evaluate
-from fedhet.strategies import Strategy, UnknownTaskError, build_strategy
+from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer, build_strategy
 from fedhet.types import ClientInfo, Task, Weights
 
 __all__ = [
@@ -94,8 +94,8 @@ class DriverSettings:
 
 @dataclass(frozen=True)
 class Aggregation:
-    """One new global version: when (run seconds), how many updates it folded in, and the clients whose results
-    were accepted since the previous version (a FedCompass group, a FedAvg round)."""
+    """One new global version: when (run seconds), how many updates it folded in, and the clients whose updates
+    those were, in (start version, bitwidth) order (a FedCompass group with any late updates, a FedAvg round)."""
 
     version: int
     time: float
@@ -133,6 +133,27 @@ class RunSummary:
     assignments: list[Assigned] = field(default_factory=list)
 
 
+class _RecordingAggregator:
+    """Passes every call to the strategy's aggregator, noting the task ids each aggregation folds in."""
+
+    def __init__(self, inner: Aggregator) -> None:
+        self.inner = inner
+        self.folded: list[int] = []
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        self.folded.extend(updates.task_ids())
+        return self.inner.aggregate(global_weights, updates, version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 @dataclass
 class _Pending:
     kind: str  # "query" or "train"
@@ -158,6 +179,8 @@ class GridDriver:
         evaluate: Evaluator | None = None,
     ) -> None:
         self.grid = grid
+        self._recorder = _RecordingAggregator(strategy.aggregator)
+        strategy.aggregator = self._recorder
         self.strategy = strategy
         self.initial_weights = initial_weights
         self.settings = settings
@@ -169,7 +192,7 @@ class GridDriver:
         self._pending: dict[str, _Pending] = {}
         self._retry: dict[int, float] = {}  # node id -> time (s) to ask again
         self._asked: set[int] = set()  # nodes asked for their profile
-        self._accepted_since: list[int] = []
+        self._task_client: dict[int, int] = {}  # task id -> client id
         self._version = 0
         self._applied = 0
         self._start = 0.0
@@ -217,6 +240,7 @@ class GridDriver:
                 job.result()
         finally:
             self._pool.shutdown(wait=True)
+            self.strategy.aggregator = self._recorder.inner
         self.summary.version = self.strategy.version
         self.summary.seconds = self.now()
         self.summary.clients = dict(self.strategy.clients)
@@ -323,7 +347,6 @@ class GridDriver:
             log.info("client %d: %s", pending.client_id, error)
             return
         self.summary.results += 1
-        self._accepted_since.append(pending.client_id)
         self._after(tasks, now)
 
     def _after(self, tasks: list[Task], now: float) -> None:
@@ -332,8 +355,9 @@ class GridDriver:
         if version != self._version:
             applied = self.strategy.updates_applied - self._applied
             self._version, self._applied = version, self.strategy.updates_applied
-            self.summary.aggregations.append(Aggregation(version, now, applied, tuple(self._accepted_since)))
-            self._accepted_since = []
+            clients = tuple(self._task_client.pop(t, -1) for t in self._recorder.folded)
+            self._recorder.folded.clear()
+            self.summary.aggregations.append(Aggregation(version, now, applied, clients))
             if version >= self.settings.max_versions:
                 self._end("max_versions")
             elif version % self.settings.eval_every == 0:
@@ -351,6 +375,7 @@ class GridDriver:
                 Message(content, node, MessageType.TRAIN, ttl=self.settings.task_ttl, group_id=str(task.version))
             )
             pending.append(_Pending("train", node, task.client_id, task))
+            self._task_client[task.task_id] = task.client_id
             self.summary.assignments.append(
                 Assigned(now, task.client_id, task.task_id, task.version, task.local_steps, task.local_epochs)
             )
