@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig
 from fedhet.types import Result, Task
 
 __all__ = [
@@ -341,13 +341,16 @@ class QuantizedTrainer:
         self.stored: dict[str, quant.PackedTensor | torch.Tensor] = {}
         self._release()
 
-    def train(self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int, bitwidth: int) -> Result:
-        """Run ``task`` at ``bitwidth`` bits (32 = plain fp32 training) on samples ``(x, y)``."""
+    def train(
+        self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int, bitwidth: int, state: ClientState | None = None
+    ) -> Result:
+        """Run ``task`` at ``bitwidth`` bits (32 = plain fp32 training) on samples ``(x, y)``; ``state`` is the
+        client's :class:`~fedhet.clients.trainer.ClientState` (its own tensors train in fp32, QAT-rounded in use)."""
         set_bitwidth(self.model, bitwidth, self.int8_min_macs)
         self._materialise()
         try:
             start = quant.quantize_weights(task.weights, bitwidth)
-            result = self._trainer.train(replace(task, weights=start), x, y, seed)
+            result = self._trainer.train(replace(task, weights=start), x, y, seed, state)
         finally:
             self._release()
         weights = quant.quantize_weights(result.weights, bitwidth)

@@ -1,17 +1,38 @@
-"""Local training: what one client does with a task."""
+"""Local training: what one client does with a task.
+
+A task may carry only part of the model (FedP3: the shared layers, some of them pruned). The tensors of the client's
+model that the task does not carry are the client's **own** (FedP3's personal head): they live in its
+:class:`ClientState` across all its tasks, train alongside the task's ``train`` tensors, and never leave the client.
+The tensors the task carries but does not list in ``train`` stay frozen. The result carries the ``train`` tensors.
+
+With a :class:`PrivacyConfig` the trainer runs DP-SGD through Opacus: minibatches drawn by Poisson sampling (rate
+``q = batch_size / samples``), each sample's gradient clipped to ``max_grad_norm`` and Gaussian noise of standard
+deviation ``noise_multiplier * max_grad_norm`` added to their sum, on the trained tensors only. The model is wrapped
+in Opacus's ``GradSampleModule`` once per set of trained tensors (Opacus computes per-sample gradients only for
+the layers trainable when it is attached, so a FedP3 client, whose layers never change, has its wrapper attached
+at its first task and reused for all the others; in simulation the clients of one layer assignment share it, and
+only the active wrapper's hooks are enabled). Each client's RDP accountant lives in its :class:`ClientState` and is
+stepped once per DP-SGD step, so its epsilon covers every task the client ever ran. Uploaded weights come from the
+unwrapped model (no ``_module.`` prefixes, no hooks).
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedhet.types import Result, Task
+from fedhet.types import Result, Task, Weights
 
-__all__ = ["LocalTrainer", "TrainConfig"]
+if TYPE_CHECKING:  # Opacus is imported when DP is used: it adds seconds to every client's start-up
+    from opacus.accountants import RDPAccountant
+
+__all__ = ["ClientState", "ClientStates", "LocalTrainer", "PrivacyConfig", "TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -41,44 +62,163 @@ class TrainConfig:
             raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
 
 
-class LocalTrainer:
-    """Local SGD from a task's weights on one client's samples.
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD settings (Abadi et al., 2016), the same for every client.
 
-    One trainer (and one model instance) serves any number of clients in turn: it holds no client state between
-    tasks, so memory does not grow with the number of clients.
+    Attributes:
+        max_grad_norm: C, the per-sample gradient clipping norm (> 0).
+        noise_multiplier: sigma; the noise standard deviation is ``sigma * C``. 0 means: derive it per client from
+            ``target_epsilon`` (one of the two must be > 0).
+        target_epsilon: the epsilon a client may reach after ``planned_tasks`` tasks (used when sigma is 0).
+        delta: the delta of every client's (epsilon, delta) guarantee, in (0, 1).
+        planned_tasks: tasks per client the target epsilon is spread over (with full participation: the rounds).
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, device: str | torch.device = "cpu") -> None:
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    planned_tasks: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier < 0 or self.target_epsilon < 0:
+            raise ValueError("privacy.noise_multiplier and privacy.target_epsilon must be >= 0")
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ValueError(
+                f"set exactly one of privacy.noise_multiplier ({self.noise_multiplier}) and privacy.target_epsilon "
+                f"({self.target_epsilon})"
+            )
+        if self.target_epsilon > 0 and self.planned_tasks < 1:
+            raise ValueError("privacy.target_epsilon needs privacy.planned_tasks >= 1 (tasks per client)")
+
+    def noise_for(self, sample_rate: float, steps_per_task: int) -> float:
+        """sigma for a client sampling at ``sample_rate`` for ``steps_per_task`` steps per task."""
+        if self.noise_multiplier > 0:
+            return self.noise_multiplier
+        from opacus.accountants.utils import get_noise_multiplier
+
+        return float(
+            get_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=sample_rate,
+                steps=self.planned_tasks * steps_per_task,
+                accountant="rdp",
+            )
+        )
+
+
+@dataclass
+class ClientState:
+    """What one client keeps between its tasks.
+
+    Attributes:
+        tensors: its own tensors (FedP3's personal head), never sent to the server.
+        accountant: its RDP accountant under DP (every DP-SGD step it ever took), else None.
+        noise_multiplier: the sigma it trains with under DP, fixed at its first task.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    accountant: RDPAccountant | None = None
+    noise_multiplier: float = 0.0
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at ``delta`` (0 before any DP step)."""
+        if self.accountant is None or not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta))
+
+
+class ClientStates:
+    """Every simulated client's :class:`ClientState`, created on first use with its own tensors taken from
+    ``initial`` (the initial global model). Memory: the own tensors of the clients that trained (FedP3: one head
+    each, fp32) and one accountant history each under DP."""
+
+    def __init__(self, initial: Weights) -> None:
+        self.initial = {k: v.detach().to("cpu", copy=True) for k, v in initial.items()}
+        self.states: dict[int, ClientState] = {}
+
+    def get(self, client_id: int, task: Task) -> ClientState:
+        """``client_id``'s state, its own tensors being those of the model that ``task`` does not carry."""
+        state = self.states.get(client_id)
+        if state is None:
+            own = {k: v.clone() for k, v in self.initial.items() if k not in task.weights}
+            state = self.states[client_id] = ClientState(own)
+        return state
+
+    def own_tensors(self, client_id: int) -> dict[str, torch.Tensor]:
+        """The client's own tensors (the initial ones if it has not trained yet)."""
+        state = self.states.get(client_id)
+        return state.tensors if state is not None else {}
+
+
+class LocalTrainer:
+    """Local SGD (or DP-SGD) from a task's weights on one client's samples.
+
+    One trainer (and one model instance) serves any number of clients in turn; what a client keeps between tasks
+    is passed in as its :class:`ClientState`, so memory does not grow with the number of clients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        device: str | torch.device = "cpu",
+        privacy: PrivacyConfig | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
+        self.privacy = privacy
         self.loss_fn = nn.CrossEntropyLoss()
+        self._wrappers: dict[frozenset[str], Any] = {}  # DP: trained names -> the GradSampleModule attached for them
 
-    def train(self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int) -> Result:
-        """Run ``task`` on samples ``(x, y)``; minibatch order is drawn from ``seed`` and the task id, so the
-        result depends only on (start weights, data, task, seed)."""
+    def train(
+        self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int, state: ClientState | None = None
+    ) -> Result:
+        """Run ``task`` on samples ``(x, y)``; minibatch order (or Poisson sampling) is drawn from ``seed`` and the
+        task id, so the result depends only on (start weights, client state, data, task, seed). ``state`` holds the
+        client's own tensors (needed when the task does not carry the whole model) and, under DP, its accountant;
+        both are updated."""
         if len(x) == 0 or len(x) != len(y):
             raise ValueError(f"task {task.task_id}: client {task.client_id} has {len(x)} inputs and {len(y)} labels")
         start = time.perf_counter()
-        self.model.load_state_dict(task.weights)
+        own = {k: v for k, v in (state.tensors if state is not None else {}).items() if k not in task.weights}
+        missing = set(self.model.state_dict()) - set(task.weights) - set(own)
+        if missing:
+            raise ValueError(f"task {task.task_id}: client {task.client_id} has no values for {sorted(missing)}")
+        self.model.load_state_dict({**task.weights, **own})
         self.model.train()
+        trained = task.trained | set(own)
+        params = []
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in trained)
+            if name in trained:
+                params.append(param)
         cfg = self.config
-        optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        generator = torch.Generator().manual_seed(_task_seed(seed, task.task_id))
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(task_seed(seed, task.task_id))
         steps = task.steps_for(len(x), cfg.batch_size)
-        batches = _minibatches(len(x), cfg.batch_size, steps, generator)
-        total_loss = torch.zeros((), device=self.device)
-        for idx in batches:
-            xb = x[idx].to(self.device, non_blocking=True)
-            yb = y[idx].to(self.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach()
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        try:
+            if self.privacy is None:
+                batches = minibatches(len(x), cfg.batch_size, steps, generator)
+                total_loss = self._sgd(self.model, optimizer, batches, x, y)
+            else:
+                if state is None:
+                    raise ValueError(f"task {task.task_id}: DP training needs the client's state (its accountant)")
+                total_loss = self._dp_sgd(optimizer, state, frozenset(trained), steps, x, y, generator)
+        finally:
+            for param in self.model.parameters():
+                param.requires_grad_(True)
+        model_state = self.model.state_dict()
+        if state is not None:
+            state.tensors = {k: model_state[k].detach().to("cpu", copy=True) for k in own}
+        weights = {k: model_state[k].detach().to("cpu", copy=True) for k in task.weights if k in task.trained}
         return Result(
             task_id=task.task_id,
             client_id=task.client_id,
@@ -87,16 +227,89 @@ class LocalTrainer:
             num_samples=len(x),
             local_steps=steps,
             train_seconds=time.perf_counter() - start,
-            loss=float(total_loss) / steps,
+            loss=total_loss / steps,
         )
 
+    def _sgd(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> float:
+        """Steps over ``batches``; the summed minibatch loss."""
+        total_loss = torch.zeros((), device=self.device)
+        for idx in batches:
+            xb = x[idx].to(self.device, non_blocking=True)
+            yb = y[idx].to(self.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if len(idx):  # an empty Poisson batch has a NaN mean loss and contributes noise only
+                total_loss += loss.detach()
+        return float(total_loss)
 
-def _task_seed(seed: int, task_id: int) -> int:
+    def per_sample_module(self, trained: frozenset[str]) -> Any:
+        """The ``GradSampleModule`` for ``trained`` (the model's trainable flags must be set for it), attached the
+        first time and reused after; the other wrappers' hooks are disabled."""
+        from opacus import GradSampleModule
+
+        wrapper = self._wrappers.get(trained)
+        if wrapper is None:
+            wrapper = self._wrappers[trained] = GradSampleModule(self.model)
+        for other in self._wrappers.values():
+            if other is wrapper:
+                other.enable_hooks()
+            else:
+                other.disable_hooks()
+        return wrapper
+
+    def _dp_sgd(
+        self,
+        optimizer: torch.optim.Optimizer,
+        state: ClientState,
+        trained: frozenset[str],
+        steps: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+    ) -> float:
+        """DP-SGD steps with Poisson sampling; steps the client's accountant once per step."""
+        from opacus.accountants import RDPAccountant
+        from opacus.optimizers import DPOptimizer
+
+        assert self.privacy is not None
+        wrapper = self.per_sample_module(trained)
+        batch = self.config.batch_size
+        sample_rate = min(1.0, batch / len(x))
+        if state.accountant is None:
+            state.accountant = RDPAccountant()
+            state.noise_multiplier = self.privacy.noise_for(sample_rate, steps)
+        private = DPOptimizer(
+            optimizer,
+            noise_multiplier=state.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm,
+            expected_batch_size=batch,
+            generator=torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (), generator=generator))),
+        )
+        batches = [
+            torch.nonzero(torch.rand(len(x), generator=generator) < sample_rate).reshape(-1) for _ in range(steps)
+        ]
+        total = self._sgd(wrapper, private, batches, x, y)
+        for _ in range(steps):
+            state.accountant.step(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate)
+        private.zero_grad(set_to_none=True)  # drops the per-sample gradients
+        return total
+
+
+def task_seed(seed: int, task_id: int) -> int:
     """A 64-bit seed mixing both numbers (torch's CPU generator would ignore high bits of a plain combination)."""
     return int(np.random.SeedSequence([seed, task_id]).generate_state(1, np.uint64)[0])
 
 
-def _minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+def minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """``steps`` minibatch index tensors, walking through fresh permutations epoch after epoch."""
     out: list[torch.Tensor] = []
     while len(out) < steps:

@@ -8,6 +8,11 @@ Encodings of floating-point tensors: ``fp32``, ``fp16``, ``bf16`` (cast), and th
 ``int2``, ``int4``, ``int6``, ``int8``, ``int12``, ``int16`` (:mod:`fedhet.quant`: symmetric per-output-channel
 quantization). A packed tensor's bytes are its ``C`` fp32 scales (``C`` = dim 0 for 2 or more dims, else 1) followed
 by ``ceil(numel * b / 8)`` bytes of ``b``-bit values. Integer and bool tensors always travel exactly.
+
+Pruned tensors (the names in ``sparse``) travel as ``sparse-<float encoding>``: a bitmask of the nonzero positions
+(``ceil(numel / 8)`` bytes, little-endian bit order, padding bits zero) followed by the nonzero values in order at
+that float encoding (the run's float encoding; fp32 when the payload is packed). At FedP3's default keep ratio of
+0.9 an fp32 tensor takes 3.73 bytes per value instead of 4.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "ALL_ENCODINGS",
     "ENCODINGS",
     "PACKED_ENCODINGS",
+    "SPARSE_ENCODINGS",
     "CodecError",
     "decode",
     "encode",
@@ -43,6 +49,8 @@ ENCODINGS: Mapping[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.flo
 PACKED_ENCODINGS: Mapping[str, int] = {f"int{b}": b for b in quant.BITWIDTHS}
 #: every encoding :func:`encode` accepts
 ALL_ENCODINGS: tuple[str, ...] = (*ENCODINGS, *PACKED_ENCODINGS)
+#: per-tensor encodings of pruned tensors: a bitmask, then the nonzero values at a float encoding
+SPARSE_ENCODINGS: Mapping[str, str] = {f"sparse-{e}": e for e in ENCODINGS}
 _DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -98,15 +106,34 @@ def _wire_dtype(tensor: torch.Tensor, encoding: str) -> torch.dtype:
     return ENCODINGS[encoding] if tensor.is_floating_point() else tensor.dtype
 
 
-def _header(weights: Weights, encoding: str) -> list[_Entry]:
+def _sparse_encoding(encoding: str) -> str:
+    """The per-tensor encoding of a pruned tensor in a payload of ``encoding``."""
+    return f"sparse-{encoding if encoding in ENCODINGS else 'fp32'}"
+
+
+def _header(weights: Weights, encoding: str, sparse: frozenset[str] = frozenset()) -> list[_Entry]:
     if encoding not in ALL_ENCODINGS:
         raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
+    unknown = sparse - set(weights)
+    if unknown:
+        raise CodecError(f"sparse names tensors the payload does not hold: {sorted(unknown)}")
     entries = []
     for name, tensor in weights.items():
         shape = tuple(tensor.shape)
-        nbytes = _nbytes(shape, tensor.dtype, encoding)
-        entries.append(_Entry(name, shape, _dtype_name(tensor.dtype), encoding, nbytes))
+        if name in sparse and tensor.is_floating_point():
+            enc = _sparse_encoding(encoding)
+            nnz = int(torch.count_nonzero(tensor))
+            nbytes = _mask_nbytes(tensor.numel()) + nnz * ENCODINGS[SPARSE_ENCODINGS[enc]].itemsize
+            entries.append(_Entry(name, shape, _dtype_name(tensor.dtype), enc, nbytes))
+        else:
+            entries.append(
+                _Entry(name, shape, _dtype_name(tensor.dtype), encoding, _nbytes(shape, tensor.dtype, encoding))
+            )
     return entries
+
+
+def _mask_nbytes(numel: int) -> int:
+    return (numel + 7) // 8
 
 
 def _header_bytes(entries: list[_Entry]) -> bytes:
@@ -114,9 +141,9 @@ def _header_bytes(entries: list[_Entry]) -> bytes:
     return json.dumps(rows, separators=(",", ":")).encode()
 
 
-def encoded_size(weights: Weights, encoding: str = "fp32") -> int:
-    """Bytes that ``encode(weights, encoding)`` produces, without encoding anything."""
-    entries = _header(weights, encoding)
+def encoded_size(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> int:
+    """Bytes that ``encode(weights, encoding, sparse)`` produces, without encoding anything."""
+    entries = _header(weights, encoding, sparse)
     return _LEN.size + len(_header_bytes(entries)) + sum(e.nbytes for e in entries)
 
 
@@ -124,18 +151,34 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode(weights: Weights, encoding: str = "fp32") -> bytes:
+_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+
+
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool vector as bytes, bit ``i`` of byte ``j`` holding element ``8 j + i``; padding bits are zero."""
+    padded = torch.zeros(_mask_nbytes(mask.numel()) * 8, dtype=torch.uint8)
+    padded[: mask.numel()] = mask.to(torch.uint8)
+    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> bytes:
     """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16, bf16) or quantized and
-    packed (int2 ... int16). Raises :class:`CodecError` for an unknown encoding or, when packing, inf/NaN values."""
-    header = _header_bytes(_header(weights, encoding))
+    packed (int2 ... int16), and the tensors named in ``sparse`` travel as a bitmask and their nonzero values.
+    Raises :class:`CodecError` for an unknown encoding or, when packing, inf/NaN values."""
+    entries = _header(weights, encoding, sparse)
+    header = _header_bytes(entries)
     parts = [_LEN.pack(len(header)), header]
     bits = PACKED_ENCODINGS.get(encoding)
-    for name, tensor in weights.items():
-        if bits is not None and tensor.is_floating_point():
+    for entry, tensor in zip(entries, weights.values(), strict=True):
+        if entry.encoding in SPARSE_ENCODINGS:
+            flat = tensor.detach().to("cpu").reshape(-1)
+            mask = flat != 0
+            parts += [_raw(_pack_mask(mask)), _raw(flat[mask].to(ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]))]
+        elif bits is not None and tensor.is_floating_point():
             try:
                 packed = quant.pack_tensor(tensor, bits)
             except quant.QuantError as error:
-                raise CodecError(f"tensor {name!r}: {error}") from None
+                raise CodecError(f"tensor {entry.name!r}: {error}") from None
             parts += [_raw(packed.scales), _raw(packed.data)]
         else:
             parts.append(_raw(tensor.to(_wire_dtype(tensor, encoding))))
@@ -174,11 +217,15 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
     for entry in entries:
         if entry.name in out:
             raise CodecError(f"tensor {entry.name!r} appears twice")
-        if entry.dtype not in _DTYPES or entry.encoding not in ALL_ENCODINGS:
+        if entry.dtype not in _DTYPES or entry.encoding not in (*ALL_ENCODINGS, *SPARSE_ENCODINGS):
             raise CodecError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype} / encoding {entry.encoding}")
         if any(d < 0 for d in entry.shape):
             raise CodecError(f"tensor {entry.name!r}: negative dimension in shape {entry.shape}")
         dtype = _DTYPES[entry.dtype]
+        if entry.encoding in SPARSE_ENCODINGS:
+            out[entry.name] = _decode_sparse(entry, dtype, data, offset)
+            offset += entry.nbytes
+            continue
         expected = _nbytes(entry.shape, dtype, entry.encoding)
         if entry.nbytes != expected or offset + expected > len(data):
             raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, shape needs {expected}")
@@ -194,3 +241,27 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
     if offset != len(data):
         raise CodecError(f"{len(data) - offset} trailing bytes after the last tensor")
     return out
+
+
+def _decode_sparse(entry: _Entry, dtype: torch.dtype, data: bytes, offset: int) -> torch.Tensor:
+    """A pruned tensor from its bitmask and nonzero values; any inconsistency is a CodecError."""
+    if not dtype.is_floating_point:
+        raise CodecError(f"tensor {entry.name!r}: {entry.encoding} is for floating-point tensors, not {entry.dtype}")
+    numel = math.prod(entry.shape)
+    mask_bytes = _mask_nbytes(numel)
+    if entry.nbytes < mask_bytes or offset + entry.nbytes > len(data):
+        raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, the payload holds fewer")
+    raw = torch.frombuffer(bytearray(data[offset : offset + entry.nbytes]), dtype=torch.uint8)
+    bits = (raw[:mask_bytes].view(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)
+    if bits[numel:].any():
+        raise CodecError(f"tensor {entry.name!r}: mask padding bits past element {numel} are set")
+    mask = bits[:numel]
+    wire = ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]
+    nnz = int(mask.sum())
+    if entry.nbytes != mask_bytes + nnz * wire.itemsize:
+        raise CodecError(
+            f"tensor {entry.name!r}: mask marks {nnz} values, {entry.nbytes - mask_bytes} value bytes declared"
+        )
+    out = torch.zeros(numel, dtype=dtype)
+    out[mask] = raw[mask_bytes:].clone().view(wire).to(dtype)  # clone: values start at any byte offset
+    return out.reshape(entry.shape)

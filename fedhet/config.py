@@ -19,6 +19,7 @@ __all__ = [
     "DatasetConfig",
     "ModelConfig",
     "PartitionConfig",
+    "PrivacySettings",
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -73,6 +74,10 @@ class SimulationConfig:
         precision: ``fp32`` or ``bf16`` (bfloat16 products, fp32 weights; ``vectorized`` and ``ray`` executors).
         ray_address: ``ray`` executor: the cluster to join (``auto``, ``ray://host:10001``); empty starts a local
             one on this machine.
+        personal_eval: also measure personalised accuracy at every evaluation (``personal_accuracy`` in the
+            metrics: the mean over clients of their held-out accuracy with their own head fine-tuned on the global
+            shared layers; needs ``dataset.partition.test_fraction > 0``).
+        finetune_epochs: head fine-tuning epochs of the personalised evaluation.
     """
 
     max_versions: int = 60
@@ -86,6 +91,30 @@ class SimulationConfig:
     executor: str = "sequential"
     precision: str = "fp32"
     ray_address: str = ""
+    personal_eval: bool = False
+    finetune_epochs: int = 5
+
+
+@dataclass
+class PrivacySettings:
+    """DP-SGD on every client (:class:`fedhet.clients.trainer.PrivacyConfig`), off unless ``enabled``.
+
+    Attributes:
+        enabled: train with DP-SGD (Opacus); each client's epsilon is logged in the metrics.
+        max_grad_norm: per-sample clipping norm C.
+        noise_multiplier: sigma (noise std = sigma * C); 0 = derive it from ``target_epsilon``.
+        target_epsilon: epsilon each client may reach after ``planned_tasks`` tasks.
+        delta: delta of every client's guarantee.
+        planned_tasks: tasks per client the target epsilon covers; 0 = ``sim.max_versions``, which no scheduler's
+            client can exceed (a client gets at most one task per global version).
+    """
+
+    enabled: bool = False
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    planned_tasks: int = 0
 
 
 @dataclass
@@ -99,6 +128,7 @@ class RunConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     sim: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     num_clients: int = 100
     seed: int = 0
 

@@ -27,6 +27,9 @@ class MetricsRecord:
         bytes_down: total bytes the server sent so far.
         updates_applied: client updates folded into the global model so far.
         updates_dropped: client updates discarded (arrived after their round closed) so far.
+        personal_accuracy: mean over clients of the accuracy of each client's personalised model (the global
+            shared layers with its own head fine-tuned) on its own held-out split; None when not measured.
+        epsilon: under DP, each client's epsilon spent so far, keyed by client id; None without DP.
     """
 
     version: int
@@ -38,6 +41,8 @@ class MetricsRecord:
     bytes_down: int
     updates_applied: int
     updates_dropped: int
+    personal_accuracy: float | None = None
+    epsilon: dict[str, float] | None = None
 
 
 class MetricsWriter:
@@ -49,7 +54,8 @@ class MetricsWriter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: MetricsRecord) -> None:
-        self._file.write(json.dumps(asdict(record)) + "\n")
+        row = {k: v for k, v in asdict(record).items() if v is not None}  # unmeasured fields are left out
+        self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -78,6 +78,9 @@ class Task:
         weights: the model the client starts from (possibly planned: quantized, pruned).
         local_steps: number of local minibatch steps, or 0 when ``local_epochs`` is given.
         local_epochs: number of passes over the client's training shard, or 0 when ``local_steps`` is given.
+        train: names of ``weights`` the client trains and sends back; empty means all of them. The client keeps
+            whatever else its model holds (FedP3's personal head) and leaves the other received tensors frozen.
+        sparse: names of ``weights`` that are pruned; they travel in the codec's sparse encoding.
     """
 
     task_id: int
@@ -86,6 +89,8 @@ class Task:
     weights: Weights
     local_steps: int = 0
     local_epochs: int = 0
+    train: frozenset[str] = frozenset()
+    sparse: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if (self.local_steps > 0) == (self.local_epochs > 0):
@@ -93,6 +98,14 @@ class Task:
                 f"task {self.task_id}: exactly one of local_steps ({self.local_steps}) "
                 f"and local_epochs ({self.local_epochs}) must be > 0"
             )
+        extra = (self.train | self.sparse) - set(self.weights)
+        if extra:
+            raise ValueError(f"task {self.task_id}: names tensors it does not carry: {sorted(extra)}")
+
+    @property
+    def trained(self) -> frozenset[str]:
+        """Names the client trains and sends back."""
+        return self.train or frozenset(self.weights)
 
     def steps_for(self, num_samples: int, batch_size: int) -> int:
         """Local minibatch steps this task takes on a shard of ``num_samples`` with ``batch_size``."""

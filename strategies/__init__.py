@@ -13,6 +13,7 @@ from fedhet.strategies.base import (
     Aggregator,
     Assignment,
     Decision,
+    Plan,
     Planner,
     Scheduler,
     StateError,
@@ -24,6 +25,7 @@ from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.fedbuff import FedBuffScheduler
 from fedhet.strategies.fedcompass import FedCompassScheduler
+from fedhet.strategies.fedp3 import FedP3Planner
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.prowd import BitwidthPlanner, GroupedMean, ProWD
 from fedhet.strategies.staleness import StalenessWeighted
@@ -36,7 +38,9 @@ __all__ = [
     "Assignment",
     "BitwidthPlanner",
     "Decision",
+    "FedP3Planner",
     "GroupedMean",
+    "Plan",
     "Planner",
     "ProWD",
     "Scheduler",
@@ -57,6 +61,7 @@ SCHEDULERS.register("fedasync")(FedAsyncScheduler)
 SCHEDULERS.register("fedbuff")(FedBuffScheduler)
 PLANNERS.register("identity")(IdentityPlanner)
 PLANNERS.register("bitwidth")(BitwidthPlanner)
+PLANNERS.register("fedp3")(FedP3Planner)
 AGGREGATORS.register("prowd")(ProWD)
 AGGREGATORS.register("grouped_mean")(GroupedMean)
 AGGREGATORS.register("weighted_mean")(WeightedMean)

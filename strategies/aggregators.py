@@ -16,19 +16,24 @@ __all__ = ["WeightedMean"]
 class WeightedMean:
     """FedAvg's mean of the updates, each weighted by the weight it was buffered with (its sample count).
 
-    Integer tensors (counters) take the unweighted mean of the contributors, rounded down.
+    Each tensor is averaged over the updates that carried it (FedP3 clients send back only the layers they
+    trained); a tensor no update carried keeps its global value. Integer tensors (counters) take the unweighted
+    mean of their contributors, rounded down.
     """
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
         buckets = [b for _, b in updates.items()]
-        total_weight = sum(b.total_weight for b in buckets)
-        count = sum(b.count for b in buckets)
         out = {}
         for name, current in global_weights.items():
-            acc = torch.stack([b.weighted_sum[name] for b in buckets]).sum(0)
+            carried = [b for b in buckets if name in b.weighted_sum]
+            if not carried:
+                out[name] = current
+                continue
+            acc = torch.stack([b.weighted_sum[name] for b in carried]).sum(0)
             if current.is_floating_point():
-                out[name] = (acc / total_weight).to(current.dtype)
+                out[name] = (acc / sum(b.weight_of(name) for b in carried)).to(current.dtype)
             else:
+                count = sum(b.key_counts[name] for b in carried)
                 out[name] = torch.div(acc, count, rounding_mode="floor").to(current.dtype)
         return out
 

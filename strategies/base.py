@@ -21,6 +21,7 @@ __all__ = [
     "Assignment",
     "Bucket",
     "Decision",
+    "Plan",
     "Planner",
     "Scheduler",
     "StateError",
@@ -47,6 +48,26 @@ class Assignment:
     local_epochs: int = 0
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one client receives, as a planner decides it.
+
+    Attributes:
+        weights: the tensors sent (the full global model, a re-quantized copy, or a sub-model).
+        train: names the client trains and sends back; empty means every tensor of ``weights``.
+        sparse: names of ``weights`` that are pruned (mostly zeros); they travel in the codec's sparse encoding.
+    """
+
+    weights: Weights
+    train: frozenset[str] = frozenset()
+    sparse: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        extra = (self.train | self.sparse) - set(self.weights)
+        if extra:
+            raise ValueError(f"plan names tensors it does not send: {sorted(extra)}")
+
+
 @dataclass
 class Bucket:
     """Updates that started from one global version at one bitwidth, folded into a weighted sum.
@@ -54,6 +75,10 @@ class Bucket:
     ``weighted_sum`` holds ``sum_i w_i * theta_i`` for floating-point tensors and the plain sum for integer
     tensors (counters, which are averaged unweighted). ``bitwidth`` is the bits per weight of every update folded
     in (32 = fp32), so bitwidth-aware aggregators never mix groups.
+
+    An update may carry only some tensors (FedP3 clients send back the layers they trained): ``key_weights`` and
+    ``key_counts`` hold, per tensor name, the total weight and the number of updates that carried it, so every
+    tensor is averaged over its own contributors. For full updates they equal ``total_weight`` and ``count``.
     """
 
     weighted_sum: dict[str, torch.Tensor]
@@ -61,6 +86,17 @@ class Bucket:
     count: int = 0
     task_ids: list[int] = field(default_factory=list)
     bitwidth: int = FULL_PRECISION
+    key_weights: dict[str, float] = field(default_factory=dict)
+    key_counts: dict[str, int] = field(default_factory=dict)
+
+    def weight_of(self, name: str) -> float:
+        """Total weight of the updates that carried tensor ``name`` (0 when none did)."""
+        return self.key_weights.get(name, 0.0)
+
+    @property
+    def partial(self) -> bool:
+        """Whether some update left out a tensor another one carried."""
+        return any(n != self.count for n in self.key_counts.values())
 
 
 class UpdateBuffer:
@@ -81,16 +117,25 @@ class UpdateBuffer:
         key = (result.version, result.bitwidth)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = Bucket(
-                {k: torch.zeros_like(v, dtype=_sum_dtype(v)) for k, v in result.weights.items()}, bitwidth=key[1]
-            )
+            bucket = Bucket({}, bitwidth=key[1])
             self._buckets[key] = bucket
-        for name, acc in bucket.weighted_sum.items():
-            value = result.weights[name]
+        for name, value in result.weights.items():  # checked before anything is folded in
+            held = bucket.weighted_sum.get(name)
+            if held is not None and held.shape != value.shape:
+                raise ValueError(
+                    f"task {result.task_id}: tensor {name!r} has shape {tuple(value.shape)}, "
+                    f"the buffered updates {tuple(held.shape)}"
+                )
+        for name, value in result.weights.items():
+            acc = bucket.weighted_sum.get(name)
+            if acc is None:
+                acc = bucket.weighted_sum[name] = torch.zeros_like(value, dtype=_sum_dtype(value))
             if value.is_floating_point():
                 acc.add_(value.to(acc.dtype), alpha=weight)
             else:
                 acc.add_(value.to(acc.dtype))
+            bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + weight
+            bucket.key_counts[name] = bucket.key_counts.get(name, 0) + 1
         bucket.total_weight += weight
         bucket.count += 1
         bucket.task_ids.append(result.task_id)
@@ -121,11 +166,23 @@ class UpdateBuffer:
             mine = self._buckets.get(key)
             if mine is None:
                 self._buckets[key] = Bucket(
-                    dict(bucket.weighted_sum), bucket.total_weight, bucket.count, list(bucket.task_ids), key[1]
+                    dict(bucket.weighted_sum),
+                    bucket.total_weight,
+                    bucket.count,
+                    list(bucket.task_ids),
+                    key[1],
+                    dict(bucket.key_weights),
+                    dict(bucket.key_counts),
                 )
                 continue
-            for name, acc in mine.weighted_sum.items():
-                acc.add_(bucket.weighted_sum[name])
+            for name, value in bucket.weighted_sum.items():
+                acc = mine.weighted_sum.get(name)
+                if acc is None:
+                    mine.weighted_sum[name] = value
+                else:
+                    acc.add_(value)
+                mine.key_weights[name] = mine.key_weights.get(name, 0.0) + bucket.key_weights[name]
+                mine.key_counts[name] = mine.key_counts.get(name, 0) + bucket.key_counts[name]
             mine.total_weight += bucket.total_weight
             mine.count += bucket.count
             mine.task_ids.extend(bucket.task_ids)
@@ -135,16 +192,17 @@ class UpdateBuffer:
         self._buckets.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """One entry per bucket, keyed ``"<start version>:<bitwidth>"``."""
-        return {
-            f"{v}:{bits}": {
-                "sum": b.weighted_sum,
-                "weight": b.total_weight,
-                "count": b.count,
-                "tasks": list(b.task_ids),
-            }
-            for (v, bits), b in self._buckets.items()
-        }
+        """One entry per bucket, keyed ``"<start version>:<bitwidth>"``; a bucket of partial updates also lists
+        each tensor's weight and count."""
+        out: dict[str, Any] = {}
+        for (v, bits), b in self._buckets.items():
+            row: dict[str, Any] = {"sum": b.weighted_sum, "weight": b.total_weight, "count": b.count}
+            row["tasks"] = list(b.task_ids)
+            if b.partial:
+                row["key_weights"] = dict(b.key_weights)
+                row["key_counts"] = dict(b.key_counts)
+            out[f"{v}:{bits}"] = row
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load buckets keyed ``"v:b"``; a plain ``"v"`` (checkpoints from before buckets had a bitwidth) is
@@ -154,7 +212,8 @@ class UpdateBuffer:
             key = _bucket_key(name)
             if key in buckets:
                 raise StateError(f"update buffer entry {name!r} repeats the bucket of version {key[0]}, {key[1]} bits")
-            if not isinstance(row, Mapping) or set(row) != {"sum", "weight", "count", "tasks"}:
+            required = {"sum", "weight", "count", "tasks"}
+            if not isinstance(row, Mapping) or not required <= set(row) <= required | {"key_weights", "key_counts"}:
                 raise StateError(f"update buffer entry {name!r} is malformed")
             sums = row["sum"]
             if not isinstance(sums, Mapping) or not all(isinstance(t, torch.Tensor) for t in sums.values()):
@@ -167,8 +226,30 @@ class UpdateBuffer:
                 raise StateError(
                     f"update buffer entry {name!r} holds {count} updates, {len(tasks)} task ids and weight {weight}"
                 )
-            buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1])
+            key_weights, key_counts = _key_totals(name, row, sums, weight, count)
+            buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1], key_weights, key_counts)
         self._buckets = buckets
+
+
+def _key_totals(
+    name: str, row: Mapping[str, Any], sums: Mapping[str, torch.Tensor], weight: float, count: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-tensor weights and counts of a checkpointed bucket: listed for partial updates, else every tensor's are
+    the bucket's."""
+    if "key_weights" not in row:
+        return {k: weight for k in sums}, {k: count for k in sums}
+    try:
+        key_weights = {str(k): float(w) for k, w in row["key_weights"].items()}
+        key_counts = {str(k): int(c) for k, c in row["key_counts"].items()}
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise StateError(f"update buffer entry {name!r}: malformed per-tensor totals: {error!r}") from None
+    if set(key_weights) != set(sums) or set(key_counts) != set(sums):
+        raise StateError(f"update buffer entry {name!r}: per-tensor totals do not name the buffered tensors")
+    if any(not (math.isfinite(w) and 0 < w <= weight * (1 + 1e-9)) for w in key_weights.values()) or any(
+        not 1 <= c <= count for c in key_counts.values()
+    ):
+        raise StateError(f"update buffer entry {name!r}: a tensor's weight or count exceeds the bucket's")
+    return key_weights, key_counts
 
 
 def _bucket_key(name: object) -> tuple[int, int]:
@@ -211,7 +292,7 @@ class Scheduler(Protocol):
 class Planner(Protocol):
     """Decides what a client receives: the full model, a bitwidth, a sub-model."""
 
-    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Weights: ...
+    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan: ...
 
 
 class Aggregator(Protocol):
@@ -298,13 +379,16 @@ class Strategy:
 
     def _task(self, assignment: Assignment) -> Task:
         client = self.clients[assignment.client_id]
+        plan = self.planner.plan(client, self.global_weights, self.version)
         task = Task(
             task_id=self._next_task_id,
             client_id=client.client_id,
             version=self.version,
-            weights=self.planner.plan(client, self.global_weights, self.version),
+            weights=plan.weights,
             local_steps=assignment.local_steps,
             local_epochs=assignment.local_epochs,
+            train=plan.train,
+            sparse=plan.sparse,
         )
         self._next_task_id += 1
         self._outstanding[task.task_id] = (client.client_id, self.version)

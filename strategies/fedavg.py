@@ -11,7 +11,9 @@ import numpy as np
 from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
 from fedhet.types import ClientInfo, Result
 
-__all__ = ["SyncScheduler"]
+__all__ = ["SYNC_WEIGHTINGS", "SyncScheduler"]
+
+SYNC_WEIGHTINGS = ("samples", "uniform", "layers")
 
 
 class SyncScheduler:
@@ -29,6 +31,9 @@ class SyncScheduler:
         round_timeout: seconds after its start at which a round closes with whatever arrived.
         local_epochs: E, local passes over each client's shard (or 0 when ``local_steps`` is set).
         local_steps: local minibatch steps per task (or 0 when ``local_epochs`` is set).
+        weighting: the weight of each update in the mean: ``samples`` (FedAvg: its sample count), ``uniform``
+            (1 each) or ``layers`` (the number of layers it carries: FedP3's layer-count weighting; the mean of
+            every tensor is normalised over the updates that carried it).
         seed: seeds client sampling.
     """
 
@@ -39,8 +44,11 @@ class SyncScheduler:
         round_timeout: float = 600.0,
         local_epochs: int = 1,
         local_steps: int = 0,
+        weighting: str = "samples",
         seed: int = 0,
     ) -> None:
+        if weighting not in SYNC_WEIGHTINGS:
+            raise ValueError(f"strategy.weighting must be one of {', '.join(SYNC_WEIGHTINGS)}, got {weighting!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"strategy.fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
@@ -57,6 +65,7 @@ class SyncScheduler:
         self.round_timeout = round_timeout
         self.local_epochs = local_epochs
         self.local_steps = local_steps
+        self.weighting = weighting
         self.seed = seed
         self.round = 0
         self.buffer = UpdateBuffer()
@@ -93,8 +102,15 @@ class SyncScheduler:
                 self._start_at = now
             return decision
         self._pending.discard(client.client_id)
-        self.buffer.add(result, float(result.num_samples))
+        self.buffer.add(result, self._weight(result))
         return self._close_round(now) if not self._pending else Decision()
+
+    def _weight(self, result: Result) -> float:
+        if self.weighting == "samples":
+            return float(result.num_samples)
+        if self.weighting == "layers":
+            return float(len({name.rpartition(".")[0] for name in result.weights}))
+        return 1.0
 
     def on_tick(self, now: float) -> Decision:
         if self._round_deadline is not None and now >= self._round_deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedhet.strategies.base import Plan
 from fedhet.types import ClientInfo, Weights
 
 __all__ = ["IdentityPlanner"]
@@ -10,5 +11,5 @@ __all__ = ["IdentityPlanner"]
 class IdentityPlanner:
     """Every client receives the full global model as it is (shared, never copied: clients must not mutate it)."""
 
-    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Weights:
-        return weights
+    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
+        return Plan(weights)

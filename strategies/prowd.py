@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedhet import quant
-from fedhet.strategies.base import StateError, UpdateBuffer
+from fedhet.strategies.base import Plan, StateError, UpdateBuffer
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [
@@ -133,9 +133,9 @@ class BitwidthPlanner:
 
     def __init__(self) -> None:
         self._version = -1
-        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._cache: dict[int, Plan] = {}
 
-    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Weights:
+    def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
         bits = _check_bitwidth(client.profile.bitwidth, f"client {client.client_id}")
         if version != self._version:
             self._version, self._cache = version, {}
@@ -144,7 +144,7 @@ class BitwidthPlanner:
             source: Weights = weights
             if isinstance(weights, GroupedModels):
                 source = weights.by_bitwidth.get(bits, weights)
-            planned = quant.quantize_weights(source, bits)
+            planned = Plan(quant.quantize_weights(source, bits))
             self._cache[bits] = planned
         return planned
 

@@ -24,6 +24,7 @@ FedCompass about one per group.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -225,30 +226,36 @@ class StalenessWeighted:
         for start, bucket in buckets:
             if start > version:
                 raise ValueError(f"an update started from version {start}, after the current version {version}")
-            if set(bucket.weighted_sum) != set(global_weights):
-                raise ValueError(
-                    f"updates from version {start} carry tensors {sorted(bucket.weighted_sum)}, "
-                    f"the global model {sorted(global_weights)}"
-                )
+            extra = set(bucket.weighted_sum) - set(global_weights)
+            if extra:
+                raise ValueError(f"updates from version {start} carry tensors the global model lacks: {sorted(extra)}")
         coefficients = [self.coefficient(version - start) for start, _ in buckets]
         starts = [self._start(start, version, global_weights) for start, _ in buckets] if self.gradient_based else []
-        count = sum(b.count for _, b in buckets)
         out: dict[str, torch.Tensor] = {}
         for name, current in global_weights.items():
+            # each tensor moves by the updates that carried it (FedP3 clients send back only their layers)
+            carried = [
+                (c, b, s)
+                for c, (_, b), s in itertools.zip_longest(coefficients, buckets, starts)
+                if name in b.weighted_sum
+            ]
+            if not carried:
+                out[name] = current
+                continue
             if not current.is_floating_point():
-                total = torch.stack([b.weighted_sum[name] for _, b in buckets]).sum(0)
+                total = torch.stack([b.weighted_sum[name] for _, b, _ in carried]).sum(0)
+                count = sum(b.key_counts[name] for _, b, _ in carried)
                 out[name] = torch.div(total, count, rounding_mode="floor").to(current.dtype)
                 continue
             new = current.to(torch.float64)
             if self.gradient_based:
-                for c, (_, bucket), start_weights in zip(coefficients, buckets, starts, strict=True):
+                for c, bucket, start_weights in carried:
                     # sum_i a_i g_i over the bucket = c * (W theta_v - S)
-                    step = start_weights[name].to(torch.float64) * bucket.total_weight - bucket.weighted_sum[name]
+                    step = start_weights[name].to(torch.float64) * bucket.weight_of(name) - bucket.weighted_sum[name]
                     new = new - c * step
             else:
-                mixed = sum(c * b.total_weight for c, (_, b) in zip(coefficients, buckets, strict=True))
-                new = new * (1.0 - mixed)
-                for c, (_, bucket) in zip(coefficients, buckets, strict=True):
+                new = new * (1.0 - sum(c * b.weight_of(name) for c, b, _ in carried))
+                for c, bucket, _ in carried:
                     new = new + c * bucket.weighted_sum[name]
             out[name] = new.to(current.dtype)
         if self.gradient_based:

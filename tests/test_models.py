@@ -41,7 +41,7 @@ def test_model_init_is_seeded_and_leaves_the_global_generator_alone() -> None:
 def test_registry_refuses_duplicates_and_names_choices() -> None:
     with pytest.raises(ValueError, match="already registered"):
         MODELS.register("cnn")(lambda shape, classes: torch.nn.Linear(1, 1))
-    with pytest.raises(KeyError, match="choose one of: 2nn, cnn, logreg"):
+    with pytest.raises(KeyError, match="choose one of: 2nn, cnn, fedp3_cnn, logreg"):
         MODELS.get("resnet9000")
 
 

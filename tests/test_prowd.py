@@ -151,9 +151,9 @@ def test_planner_quantizes_to_each_clients_bitwidth_once_per_version() -> None:
     w = weights(7)
     four = planner.plan(client(0, 4), w, 3)
     assert planner.plan(client(1, 4), w, 3) is four  # shared by the clients of one bitwidth
-    assert torch.equal(four["1.weight"], quant.fake_quantize(w["1.weight"], 4))
+    assert torch.equal(four.weights["1.weight"], quant.fake_quantize(w["1.weight"], 4))
     full = planner.plan(client(2, 32), w, 3)
-    assert torch.equal(full["1.weight"], w["1.weight"])
+    assert torch.equal(full.weights["1.weight"], w["1.weight"])
     assert planner.plan(client(0, 4), weights(8), 4) is not four  # a new version is planned afresh
     with pytest.raises(ValueError, match="bitwidth 3"):
         planner.plan(client(3, 3), w, 4)
@@ -167,9 +167,11 @@ def test_grouped_mean_keeps_groups_apart() -> None:
     assert isinstance(out, GroupedModels)
     torch.testing.assert_close(out["1.weight"], high["1.weight"])  # the fp32 group's own mean
     planner = BitwidthPlanner()
-    torch.testing.assert_close(planner.plan(client(0, 8), out, 1)["1.weight"], low["1.weight"])
-    torch.testing.assert_close(planner.plan(client(1, 32), out, 1)["1.weight"], high["1.weight"])
-    torch.testing.assert_close(planner.plan(client(2, 4), out, 1)["1.weight"], quant.fake_quantize(high["1.weight"], 4))
+    torch.testing.assert_close(planner.plan(client(0, 8), out, 1).weights["1.weight"], low["1.weight"])
+    torch.testing.assert_close(planner.plan(client(1, 32), out, 1).weights["1.weight"], high["1.weight"])
+    torch.testing.assert_close(
+        planner.plan(client(2, 4), out, 1).weights["1.weight"], quant.fake_quantize(high["1.weight"], 4)
+    )
     restored = GroupedMean()
     restored.load_state_dict(agg.state_dict())
     assert set(restored.models) == {8, 32}

@@ -12,7 +12,7 @@ import torch
 
 from fedhet import quant
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import LocalTrainer
+from fedhet.clients.trainer import ClientStates, LocalTrainer
 from fedhet.types import Result, Task
 
 __all__ = ["Executor", "SequentialExecutor"]
@@ -39,6 +39,8 @@ class SequentialExecutor:
         seed: the run seed (minibatch order).
         quantized: trains clients below 32 bits; needed when ``bitwidths`` names any.
         bitwidths: each client's bitwidth (its profile's); a client not listed is fp32.
+        states: what each client keeps between tasks (FedP3's personal head, a DP accountant); by default a fresh
+            store whose own tensors start from the trainer's model as it is now (the initial global model).
     """
 
     batch_size = 1
@@ -52,8 +54,10 @@ class SequentialExecutor:
         seed: int,
         quantized: QuantizedTrainer | None = None,
         bitwidths: Mapping[int, int] | None = None,
+        states: ClientStates | None = None,
     ) -> None:
         self.trainer = trainer
+        self.states = states if states is not None else ClientStates(trainer.model.state_dict())
         self.x = x
         self.y = y
         self.shards = shards
@@ -72,10 +76,11 @@ class SequentialExecutor:
             idx = torch.from_numpy(self.shards[task.client_id])
             x, y = self.x[idx], self.y[idx]
             bits = self.bitwidths.get(task.client_id)
+            state = self.states.get(task.client_id, task)
             if bits is None:
-                results.append(self.trainer.train(task, x, y, self.seed))
+                results.append(self.trainer.train(task, x, y, self.seed, state))
             else:
                 assert self.quantized is not None  # checked in __init__
-                result = self.quantized.train(task, x, y, self.seed, bits)
+                result = self.quantized.train(task, x, y, self.seed, bits, state)
                 results.append(replace(result, bitwidth=bits))
         return results

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.clients.trainer import ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig
 from fedhet.data import DATASETS, client_splits, load_configured
@@ -25,6 +25,7 @@ from fedhet.models import MODELS, build_model, evaluate
 from fedhet.quant import FULL_PRECISION
 from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
+from fedhet.sim.personal import PersonalEvaluator
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
 from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
 from fedhet.strategies import build_strategy
@@ -80,7 +81,31 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sim.precision={cfg.sim.precision} needs sim.executor=vectorized (or ray)")
     if cfg.sim.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("sim.executor=ray needs Ray: pip install 'fedhet[ray]' (or choose another sim.executor)")
+    if cfg.sim.executor == "ray" and (cfg.privacy.enabled or cfg.strategy.planner.get("name") == "fedp3"):
+        raise ConfigError("sim.executor=ray keeps no per-client state: FedP3 and DP runs need sequential or vectorized")
+    if cfg.sim.finetune_epochs < 0:
+        raise ConfigError(f"sim.finetune_epochs must be >= 0, got {cfg.sim.finetune_epochs}")
+    if cfg.sim.personal_eval and part.test_fraction == 0:
+        raise ConfigError("sim.personal_eval needs held-out client data: set dataset.partition.test_fraction > 0")
+    privacy_config(cfg)
     build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
+
+
+def privacy_config(cfg: RunConfig) -> PrivacyConfig | None:
+    """The DP-SGD settings of ``cfg`` (None when ``privacy.enabled`` is false); a bad value is a ConfigError."""
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    try:
+        return PrivacyConfig(
+            max_grad_norm=p.max_grad_norm,
+            noise_multiplier=p.noise_multiplier,
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            planned_tasks=p.planned_tasks or cfg.sim.max_versions,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -97,9 +122,11 @@ def make_executor(
     y: torch.Tensor,
     shards: Mapping[int, np.ndarray],
     clients: Sequence[ClientInfo],
+    states: ClientStates | None = None,
 ) -> Executor:
     """The executor ``cfg.sim.executor`` names, computing tasks with ``trainer`` on ``(x, y)`` split by ``shards``;
-    clients below 32 bits train quantization-aware at their bitwidth."""
+    clients below 32 bits train quantization-aware at their bitwidth; ``states`` keeps what clients keep between
+    tasks (FedP3 heads, DP accountants)."""
     bitwidths = {c.client_id: c.profile.bitwidth for c in clients}
     quantized = None
     if any(b < FULL_PRECISION for b in bitwidths.values()):
@@ -108,13 +135,21 @@ def make_executor(
         quantized = QuantizedTrainer(trainer.model, trainer.config, trainer.device)
     if cfg.sim.executor == "vectorized":
         return VectorizedExecutor(
-            trainer, x, y, shards, cfg.seed, precision=cfg.sim.precision, quantized=quantized, bitwidths=bitwidths
+            trainer,
+            x,
+            y,
+            shards,
+            cfg.seed,
+            precision=cfg.sim.precision,
+            quantized=quantized,
+            bitwidths=bitwidths,
+            states=states,
         )
     if cfg.sim.executor == "ray":
         from fedhet.sim.ray_executor import RayExecutor
 
         return RayExecutor(trainer, x, y, shards, cfg.seed, address=cfg.sim.ray_address, precision=cfg.sim.precision)
-    return SequentialExecutor(trainer, x, y, shards, cfg.seed, quantized=quantized, bitwidths=bitwidths)
+    return SequentialExecutor(trainer, x, y, shards, cfg.seed, quantized=quantized, bitwidths=bitwidths, states=states)
 
 
 def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
@@ -130,7 +165,9 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
     device = torch.device(cfg.sim.device)
-    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device)
+    privacy = privacy_config(cfg)
+    states = ClientStates(model.state_dict())  # FedP3's heads start from the initial model's
+    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device, privacy)
     executor = make_executor(
         cfg,
         trainer,
@@ -138,6 +175,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         data.y_train.to(device),
         {c.client_id: s[0] for c, s in zip(clients, splits, strict=True)},
         clients,
+        states,
     )
     if isinstance(strategy.aggregator, ProWD) and strategy.aggregator.distill_weight > 0:
         # the server buffer: held-out samples of the clients' own splits, which no client trains on
@@ -153,6 +191,29 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     def evaluate_global(weights: Weights) -> tuple[float, float]:
         eval_model.load_state_dict(weights)
         return evaluate(eval_model, x_test, y_test)
+
+    personal = None
+    if cfg.sim.personal_eval:
+        try:
+            personal = PersonalEvaluator(
+                build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed).to(device),
+                data.x_train.to(device),
+                data.y_train.to(device),
+                dict(enumerate(splits)),
+                states,
+                epochs=cfg.sim.finetune_epochs,
+                lr=cfg.client.lr,
+                batch_size=cfg.client.batch_size,
+                seed=cfg.seed,
+            )
+        except ValueError as error:
+            raise ConfigError(f"sim.personal_eval: {error}") from None
+
+    def extra_metrics(weights: Weights) -> dict[str, Any]:
+        out: dict[str, Any] = dict(personal(weights)) if personal is not None else {}
+        if privacy is not None:
+            out["epsilon"] = {str(c): s.epsilon(privacy.delta) for c, s in sorted(states.states.items())}
+        return out
 
     log.info(
         "%s: %d clients (%s partition), %s model (%d parameters), %s strategy, %s fleet, run dir %s",
@@ -187,7 +248,9 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         )
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
-        simulator = Simulator(strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress)
+        simulator = Simulator(
+            strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress, extra_metrics
+        )
         try:
             summary = simulator.run({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
         finally:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,7 @@ __all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[Weights], tuple[float, float]]
+ExtraMetrics = Callable[[Weights], Mapping[str, Any]]
 Progress = Callable[[MetricsRecord], None]
 
 
@@ -64,14 +66,17 @@ class RunSummary:
     reason: str
 
 
-def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int) -> float:
+def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int, upload_bytes: int = -1) -> float:
     """Virtual seconds from handing ``task`` out to its result arriving: download, compute, upload.
 
-    ``compute = steps * batch_size * seconds_per_sample``; each transfer is ``payload_bytes / bandwidth``.
+    ``compute = steps * batch_size * seconds_per_sample``; each transfer is its bytes / bandwidth. The upload is
+    ``upload_bytes``, or as large as the download when not given (-1): a client sends back what it received unless
+    it trains only part of it (FedP3).
     """
     steps = task.steps_for(client.num_samples, batch_size)
     compute = steps * batch_size * client.profile.seconds_per_sample
-    return compute + 2 * payload_bytes / client.profile.bandwidth
+    upload = payload_bytes if upload_bytes < 0 else upload_bytes
+    return compute + (payload_bytes + upload) / client.profile.bandwidth
 
 
 class Simulator:
@@ -87,8 +92,10 @@ class Simulator:
         config: SimConfig,
         seed: int,
         progress: Progress | None = None,
+        extra_metrics: ExtraMetrics | None = None,
     ) -> None:
         self.strategy = strategy
+        self.extra_metrics = extra_metrics
         self.clients = {c.client_id: c for c in clients}
         self.config = config
         for client in clients:  # a bitwidth without a wire encoding fails here, not mid-run
@@ -149,9 +156,13 @@ class Simulator:
     def _dispatch(self, tasks: list[Task], now: float) -> None:
         for task in tasks:
             client = self.clients[task.client_id]
-            size = encoded_size(task.weights, self._encoding(client))
+            encoding = self._encoding(client)
+            size = encoded_size(task.weights, encoding, task.sparse)
             self.bytes_down += size
-            duration = task_duration(task, client, self.config.batch_size, size)
+            upload = size
+            if task.train or task.sparse:  # the client sends back only what it trained, dense
+                upload = encoded_size({k: v for k, v in task.weights.items() if k in task.trained}, encoding)
+            duration = task_duration(task, client, self.config.batch_size, size, upload)
             if self._comes_back(task, client):
                 self._in_flight[task.task_id] = task
                 self.queue.push(now + duration, EventKind.ARRIVAL, client_id=client.client_id, task_id=task.task_id)
@@ -191,6 +202,7 @@ class Simulator:
 
     def _record(self) -> MetricsRecord:
         accuracy, loss = self.evaluate(self.strategy.global_weights)
+        extras = self.extra_metrics(self.strategy.global_weights) if self.extra_metrics is not None else {}
         record = MetricsRecord(
             version=self.strategy.version,
             virtual_time=self.queue.now,
@@ -201,6 +213,7 @@ class Simulator:
             bytes_down=self.bytes_down,
             updates_applied=self.strategy.updates_applied,
             updates_dropped=self.strategy.updates_dropped,
+            **extras,
         )
         self.metrics.write(record)
         if self.progress is not None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from fedhet.clients.trainer import LocalTrainer, _minibatches, _task_seed
+from fedhet.clients.trainer import ClientStates, LocalTrainer, minibatches, task_seed
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.types import Result, Task
 
@@ -538,12 +538,15 @@ class VectorizedExecutor:
         batch_size: int = 0,
         quantized: QuantizedTrainer | None = None,
         bitwidths: Mapping[int, int] | None = None,
+        states: ClientStates | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if batch_size < 0 or memory_bytes < 0:
             raise ValueError(f"batch_size and memory_bytes must be >= 0, got {batch_size} and {memory_bytes}")
-        self.sequential = SequentialExecutor(trainer, x, y, shards, seed, quantized=quantized, bitwidths=bitwidths)
+        self.sequential = SequentialExecutor(
+            trainer, x, y, shards, seed, quantized=quantized, bitwidths=bitwidths, states=states
+        )
         self.low_bit = {c: b for c, b in (bitwidths or {}).items() if b < 32}
         self.config = trainer.config
         self.device = trainer.device
@@ -618,6 +621,10 @@ class VectorizedExecutor:
             k not in weights or (tuple(weights[k].shape), weights[k].dtype) != s for k, s in self.signature.items()
         ):
             return "its weights do not match the model's names, shapes and dtypes (a planned sub-model?)"
+        if task.train:
+            return "it trains only part of the model (a FedP3 plan)"
+        if self.sequential.trainer.privacy is not None:
+            return "its client trains with DP-SGD (per-sample gradients through Opacus)"
         if task.client_id not in self.shards or len(self.shards[task.client_id]) == 0:
             return f"client {task.client_id} has no training samples"
         if task.client_id in self.low_bit:
@@ -626,9 +633,9 @@ class VectorizedExecutor:
 
     def _plan(self, position: int, task: Task) -> _Plan:
         shard = self.shards[task.client_id]
-        generator = torch.Generator().manual_seed(_task_seed(self.seed, task.task_id))
+        generator = torch.Generator().manual_seed(task_seed(self.seed, task.task_id))
         steps = task.steps_for(len(shard), self.config.batch_size)
-        batches = _minibatches(len(shard), self.config.batch_size, steps, generator)
+        batches = minibatches(len(shard), self.config.batch_size, steps, generator)
         indices = torch.split(shard[torch.cat(batches)], [len(b) for b in batches])
         return _Plan(position, task, len(shard), pad_sequence(list(indices), batch_first=True, padding_value=-1))
 
