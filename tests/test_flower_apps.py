@@ -51,7 +51,7 @@ def _client(**changes: object) -> ClientAppSettings:
         "seed": 0,
         "train": TrainConfig(lr=0.05, batch_size=16),
     }
-    return ClientAppSettings(**{**settings, **changes})  # type: ignore[arg-type]
+    return ClientAppSettings(**{**settings, **changes})
 
 
 def _server(strategy: dict[str, object], versions: int, metrics: str = "", model: str = "logreg") -> ServerAppSettings:

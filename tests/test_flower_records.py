@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedhet import codec
 from fedhet.flower.records import (
@@ -107,6 +107,8 @@ def test_a_result_without_fedhet_ids_or_with_bad_metrics_is_refused() -> None:
     with pytest.raises(RecordError, match="fedhet"):
         parse_result(result_content(result, "fp32", fedhet_task=False), client_id=0)
     content = result_content(result, "fp32")
-    content["metrics"]["train-seconds"] = float("nan")  # type: ignore[index]
+    metrics = content["metrics"]
+    assert isinstance(metrics, MetricRecord)
+    metrics["train-seconds"] = float("nan")
     with pytest.raises(RecordError, match="train-seconds"):
         parse_result(content, client_id=0)

@@ -85,7 +85,7 @@ class NumPyClientTrainer:
             weights[name] = value.to(ref.dtype)
         if int(num_examples) < 1:
             raise ValueError(f"task {task.task_id}: fit reported {num_examples} examples")
-        loss = next((float(metrics[k]) for k in _LOSS_KEYS if k in metrics), 0.0)  # type: ignore[arg-type]
+        loss = next((float(metrics[k]) for k in _LOSS_KEYS if k in metrics), 0.0)
         return Result(
             task_id=task.task_id,
             client_id=task.client_id,
