@@ -8,10 +8,9 @@ The tensors the task carries but does not list in ``train`` stay frozen. The res
 With a :class:`PrivacyConfig` the trainer runs DP-SGD through Opacus: minibatches drawn by Poisson sampling (rate
 ``q = batch_size / samples``), each sample's gradient clipped to ``max_grad_norm`` and Gaussian noise of standard
 deviation ``noise_multiplier * max_grad_norm`` added to their sum, on the trained tensors only. The model is wrapped
-in Opacus's ``GradSampleModule`` once per set of trained tensors (Opacus computes per-sample gradients only for
-the layers trainable when it is attached, so a FedP3 client, whose layers never change, has its wrapper attached
-at its first task and reused for all the others; in simulation the clients of one layer assignment share it, and
-only the active wrapper's hooks are enabled). Each client's RDP accountant lives in its :class:`ClientState` and is
+in Opacus's ``GradSampleModule`` once (Opacus computes per-sample gradients only for the layers trainable when
+its hooks are added; a FedP3 client's layers never change, and in simulation, where one model serves every
+client, the hooks move when the next task trains other layers). Each client's RDP accountant lives in its :class:`ClientState` and is
 stepped once per DP-SGD step, so its epsilon covers every task the client ever ran. Uploaded weights come from the
 unwrapped model (no ``_module.`` prefixes, no hooks).
 """
@@ -176,7 +175,8 @@ class LocalTrainer:
         self.config = config
         self.privacy = privacy
         self.loss_fn = nn.CrossEntropyLoss()
-        self._wrappers: dict[frozenset[str], Any] = {}  # DP: trained names -> the GradSampleModule attached for them
+        self._per_sample: Any = None  # DP: Opacus's GradSampleModule, attached at the first DP task
+        self._hooked_for: frozenset[str] = frozenset()  # the trained names its hooks were added for
 
     def train(
         self, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int, state: ClientState | None = None
@@ -252,19 +252,26 @@ class LocalTrainer:
         return float(total_loss)
 
     def per_sample_module(self, trained: frozenset[str]) -> Any:
-        """The ``GradSampleModule`` for ``trained`` (the model's trainable flags must be set for it), attached the
-        first time and reused after; the other wrappers' hooks are disabled."""
+        """Opacus's ``GradSampleModule`` around the model, hooked on the layers that train now (the model's
+        trainable flags must be set for ``trained``). It is attached once; Opacus hooks only the layers trainable
+        at hooking time, so when the trained set changes (another FedP3 layer assignment in simulation, where one
+        model serves every client) its hooks are moved: removed and added again, never a second wrapper."""
         from opacus import GradSampleModule
 
-        wrapper = self._wrappers.get(trained)
-        if wrapper is None:
-            wrapper = self._wrappers[trained] = GradSampleModule(self.model)
-        for other in self._wrappers.values():
-            if other is wrapper:
-                other.enable_hooks()
-            else:
-                other.disable_hooks()
-        return wrapper
+        if self._per_sample is None:
+            # attached with every parameter trainable, so Opacus prepares all of them; then hooked for ``trained``
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            for param, _ in flags:
+                param.requires_grad_(True)
+            self._per_sample = GradSampleModule(self.model)
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            self._hooked_for = frozenset(n for n, _ in self.model.named_parameters())
+        if trained != self._hooked_for:
+            self._per_sample.remove_hooks()
+            self._per_sample.add_hooks()
+        self._hooked_for = trained
+        return self._per_sample
 
     def _dp_sgd(
         self,

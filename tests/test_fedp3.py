@@ -241,13 +241,18 @@ def test_dp_epsilon_equals_an_offline_recomputation_with_opacus() -> None:
     plan = FedP3Planner("opu2").plan(info(1), w, 0)
     x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
     state = ClientState({k: w[k].clone() for k in ("11.weight", "11.bias")})
+    other = FedP3Planner("lowerb").plan(info(3), w, 0)  # another client, other layers, the same model
+    other_state = ClientState({k: w[k].clone() for k in ("11.weight", "11.bias")})
     steps = 0
     for task_id in range(3):
         task = Task(task_id, 1, 0, dict(plan.weights), local_epochs=1, train=plan.train)
         out = trainer.train(task, x, y, seed=task_id, state=state)
         steps += out.local_steps
         assert set(out.weights) == plan.train  # plain names: no "_module." prefix from Opacus's wrapper
-        assert len(trainer._wrappers) == 1  # attached once for the client's layers, never re-wrapped
+        wrapper = trainer._per_sample
+        mine = Task(10 + task_id, 3, 0, dict(other.weights), local_steps=2, train=other.train)
+        assert set(trainer.train(mine, x, y, seed=0, state=other_state).weights) == other.train
+        assert trainer._per_sample is wrapper  # attached once, never wrapped again
     offline = RDPAccountant()
     offline.history = [(1.1, 8 / 40, steps)]
     assert steps == 3 * 5

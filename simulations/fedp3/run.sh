@@ -4,11 +4,14 @@
 # layers) every EVAL_EVERY rounds:
 #   - partitions: Dirichlet(0.5) and 5 classes per client (shards);
 #   - FedAvg with full models (fedavg), FedP3 LowerB / OPU2 / OPU3 (lowerb, opu2, opu3);
-#   - DP-FedP3 (OPU2 with DP-SGD, C = 1, delta = 1e-5) at epsilon 1, 4 and 8 (dp1, dp4, dp8), on Dirichlet(0.5).
+#   - DP-FedP3 (OPU2 with DP-SGD, C = 1, delta = 1e-5) at epsilon 1, 4 and 8 (dp1, dp4, dp8), on Dirichlet(0.5);
+#   - FedP3 OPU2 planning under FedCompass's scheduler (compass_opu2, q in [Q_MIN, Q_MAX] local steps; the sync runs
+#     take 2 epochs, about 18 steps), stopped at COMPASS_SECONDS virtual seconds, on Dirichlet(0.5).
 # One `fedhet simulate` per (partition, variant, seed), JOBS at a time, in OUT/<partition>/<variant>/s<seed>; a run
 # that finished (DONE file) is skipped, so the grid can run in waves. Then summarize.py writes the table and plot.
 #   simulations/fedp3/run.sh [OUT_DIR]
-#   (environment: JOBS DEVICE ROUNDS EVAL_EVERY EPOCHS SEEDS PARTITIONS VARIANTS DP_VARIANTS DEADLINE DATA_ROOT FEDHET;
+#   (environment: JOBS DEVICE ROUNDS EVAL_EVERY EPOCHS SEEDS PARTITIONS VARIANTS DP_VARIANTS COMPASS_VARIANTS
+#    COMPASS_SECONDS Q_MIN Q_MAX DEADLINE DATA_ROOT FEDHET;
 #    DEADLINE = a Unix time at which every run still going is stopped, for a machine lent by the minute)
 set -euo pipefail
 out=${1:-multirun/fedp3}
@@ -21,6 +24,8 @@ seeds=${SEEDS:-0}
 partitions=${PARTITIONS:-dirichlet shards}
 variants=${VARIANTS:-fedavg lowerb opu2 opu3}
 dp_variants=${DP_VARIANTS:-dp1 dp4 dp8}
+compass_variants=${COMPASS_VARIANTS:-compass_opu2}
+compass_seconds=${COMPASS_SECONDS:-400}
 deadline=${DEADLINE:-0}
 fedhet=${FEDHET:-fedhet}
 
@@ -38,6 +43,9 @@ variant_overrides() {
     lowerb|opu2|opu3) echo "strategy=fedp3 $full strategy.planner.variant=$1" ;;
     dp*) echo "strategy=fedp3 $full strategy.planner.variant=opu2 privacy.enabled=true \
 privacy.target_epsilon=${1#dp} privacy.max_grad_norm=1.0 privacy.delta=1e-5" ;;
+    compass_opu2) echo "strategy=fedcompass strategy.planner.name=fedp3 +strategy.planner.variant=opu2 \
+strategy.scheduler.q_min=${Q_MIN:-5} strategy.scheduler.q_max=${Q_MAX:-18} sim.max_versions=100000000 \
+sim.max_virtual_seconds=$compass_seconds sim.eval_interval=$((compass_seconds / 10))" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }
@@ -61,10 +69,10 @@ run_one() {  # partition $1, variant $2, seed $3
   fi
 }
 export -f run_one variant_overrides
-export out fedhet common full epochs deadline
+export out fedhet common full epochs deadline compass_seconds
 
 mkdir -p "$out"
 {
-  for s in $seeds; do for v in $dp_variants; do echo "dirichlet $v $s"; done; done  # the slowest first
+  for s in $seeds; do for v in $dp_variants $compass_variants; do echo "dirichlet $v $s"; done; done  # slowest first
   for s in $seeds; do for p in $partitions; do for v in $variants; do echo "$p $v $s"; done; done; done
 } | xargs -P "$jobs" -n 3 bash -c 'run_one "$0" "$1" "$2"'
