@@ -3,7 +3,8 @@
 # participation, held-out split of 30% per client, personalised accuracy (head fine-tuned on the global shared
 # layers) every EVAL_EVERY rounds:
 #   - partitions: Dirichlet(0.5) and 5 classes per client (shards);
-#   - FedAvg with full models (fedavg), FedP3 LowerB / OPU2 / OPU3 (lowerb, opu2, opu3);
+#   - FedAvg with full models (fedavg), FedP3 LowerB / OPU2 / OPU3 (lowerb, opu2, opu3) at keep ratio 0.9, and
+#     OPU2 / OPU3 with the other shared layers pruned to half (opu2_k50, opu3_k50);
 #   - DP-FedP3 (OPU2 with DP-SGD, C = 1, delta = 1e-5) at epsilon 1, 4 and 8 (dp1, dp4, dp8), on Dirichlet(0.5);
 #   - FedP3 OPU2 planning under FedCompass's scheduler (compass_opu2, q in [Q_MIN, Q_MAX] local steps; the sync runs
 #     take 2 epochs, about 18 steps), stopped at COMPASS_SECONDS virtual seconds, on Dirichlet(0.5).
@@ -41,6 +42,8 @@ variant_overrides() {
   case $1 in
     fedavg) echo "strategy=fedavg $full" ;;
     lowerb|opu2|opu3) echo "strategy=fedp3 $full strategy.planner.variant=$1" ;;
+    # the other shared layers pruned to half: opu2_k50, opu3_k50
+    opu2_k50|opu3_k50) echo "strategy=fedp3 $full strategy.planner.variant=${1%_k50} strategy.planner.keep_ratio=0.5" ;;
     dp*) echo "strategy=fedp3 $full strategy.planner.variant=opu2 privacy.enabled=true \
 privacy.target_epsilon=${1#dp} privacy.max_grad_norm=1.0 privacy.delta=1e-5" ;;
     compass_opu2) echo "strategy=fedcompass strategy.planner.name=fedp3 +strategy.planner.variant=opu2 \
@@ -61,7 +64,7 @@ run_one() {  # partition $1, variant $2, seed $3
     t=(timeout "$left")
   fi
   # shellcheck disable=SC2086
-  if "${t[@]}" $fedhet simulate $overrides $common "dataset.partition.name=$1" "seed=$3" \
+  if "${t[@]}" $fedhet simulate $common $overrides "dataset.partition.name=$1" "seed=$3" \
     "hydra.run.dir=$dir" >"$dir/stdout.log" 2>&1; then
     touch "$dir/DONE"
   else
