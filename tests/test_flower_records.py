@@ -16,11 +16,13 @@ from fedhet.flower.records import (
     RecordError,
     array_record_nbytes,
     from_array_record,
+    parse_epsilon,
     parse_profile,
     parse_result,
     parse_task,
     profile_content,
     result_content,
+    sparse_names,
     task_content,
     to_array_record,
 )
@@ -112,3 +114,69 @@ def test_a_result_without_fedhet_ids_or_with_bad_metrics_is_refused() -> None:
     metrics["train-seconds"] = float("nan")
     with pytest.raises(RecordError, match="train-seconds"):
         parse_result(content, client_id=0)
+
+
+def _pruned() -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """Weights with two tensors pruned to about a third of their values."""
+    weights = _weights()
+    for name in ("conv.weight", "fc.weight"):
+        tensor = weights[name]
+        weights[name] = torch.where(tensor.abs() > 0.5, tensor, torch.zeros(()))
+    return weights, frozenset({"conv.weight", "fc.weight"})
+
+
+@pytest.mark.parametrize("encoding", codec.ALL_ENCODINGS)
+def test_pruned_tensors_travel_sparse_and_round_trip_exactly_as_the_codec(encoding: str) -> None:
+    weights, sparse = _pruned()
+    record = to_array_record(weights, encoding, sparse)
+    assert sparse_names(record) == sparse
+    fp = encoding if encoding in codec.ENCODINGS else "fp32"
+    assert record["fc.weight"].stype == CODEC_STYPE_PREFIX + "sparse-" + fp
+    got = from_array_record(record)
+    expected = codec.decode(codec.encode(weights, encoding, sparse))
+    assert list(got) == list(weights)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    if encoding in codec.ENCODINGS:  # a third of the values kept: smaller than dense at the same float encoding
+        dense = to_array_record(weights, encoding)
+        assert len(record["fc.weight"].data) < len(dense["fc.weight"].data)
+
+
+def test_a_partial_task_carries_its_train_and_sparse_names() -> None:
+    weights, sparse = _pruned()
+    task = Task(5, 3, 2, weights, local_epochs=1, train=frozenset({"fc.bias"}), sparse=sparse)
+    content = task_content(task, "fp32")
+    assert sparse_names(content["arrays"]) == sparse  # type: ignore[arg-type]
+    spec = parse_task(content, client_id=3)
+    assert spec.task.train == {"fc.bias"} and spec.task.sparse == sparse and spec.task.trained == {"fc.bias"}
+    assert all(torch.equal(spec.task.weights[n], weights[n]) for n in weights)
+    whole = parse_task(task_content(Task(6, 3, 2, weights, local_steps=1), "fp32"), client_id=3).task
+    assert whole.train == whole.sparse == frozenset() and whole.trained == set(weights)
+
+
+@pytest.mark.parametrize("case", ["unlisted-sparse", "unknown-train", "not-a-list"])
+def test_a_task_with_inconsistent_names_is_refused(case: str) -> None:
+    weights, sparse = _pruned()
+    content = task_content(Task(5, 3, 2, weights, local_epochs=1, sparse=sparse), "fp32")
+    config = content["config"]
+    assert isinstance(config, ConfigRecord)
+    if case == "unlisted-sparse":
+        config["sparse"] = ["fc.weight"]  # conv.weight still travels sparse
+    elif case == "unknown-train":
+        config["train"] = ["head.weight"]
+    else:
+        config["train"] = "fc.bias"
+    with pytest.raises(RecordError):
+        parse_task(content, client_id=3)
+
+
+def test_a_dp_reply_carries_its_epsilon() -> None:
+    result = Result(1, 0, 0, {"fc.bias": torch.ones(3)}, num_samples=10, local_steps=1, train_seconds=0.1, loss=0.5)
+    assert parse_epsilon(result_content(result, "fp32")) is None
+    content = result_content(result, "fp32", epsilon=1.5)
+    assert parse_epsilon(content) == 1.5
+    metrics = content["metrics"]
+    assert isinstance(metrics, MetricRecord)
+    metrics["epsilon"] = -1.0
+    with pytest.raises(RecordError, match="epsilon"):
+        parse_epsilon(content)

@@ -4,7 +4,18 @@ Each SuperNode is one fedhet client: its partition is ``partition-id`` of ``num-
 (what Flower's simulation engine sets, and what ``flower-supernode --node-config`` gives a real node), split by
 fedhet's own partitioners, so node k trains on exactly the samples fedhet's simulator gives client k. A client of
 bitwidth ``b`` < 32 trains with :class:`~fedhet.clients.quantized.QuantizedTrainer` and answers at ``int<b>``;
-fp32 clients train with :class:`~fedhet.clients.trainer.LocalTrainer`.
+fp32 clients train with :class:`~fedhet.clients.trainer.LocalTrainer`, with DP-SGD (Opacus) when
+``ClientAppSettings.privacy`` is set.
+
+A task may carry part of the model (FedP3: its shared layers, the unassigned ones pruned, listed in the message's
+``train`` and ``sparse`` names): the client trains the ``train`` tensors and its own ones (the personal head, which
+never travels) and answers with the ``train`` tensors only. What a client keeps between its tasks, its
+:class:`~fedhet.clients.trainer.ClientState` (own tensors, DP accountant), lives **per node process**: in the
+:class:`FedhetClient` of the process, keyed by partition id (Flower's simulation engine and :class:`LocalGrid` keep
+one such process for all their tasks). A SuperNode starts a fresh ClientApp process per message, so the state is
+also written to the node's ``Context.state`` after every task (``fedhet-own``: the own tensors; ``fedhet-dp``: the
+accountant's history) and read back by a process that does not hold it; the SuperNode keeps that context for the
+run.
 
 The app answers ``query`` (its profile), ``train`` (a fedhet task, or a round of a Flower strategy such as Flower's
 ``FedAvg``) and ``evaluate`` (accuracy on its held-out split). Speeds can be imposed per partition, as ``fedhet
@@ -21,20 +32,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhet import codec, quant
 from fedhet.clients.probe import measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import LocalTrainer, TrainConfig
+from fedhet.clients.trainer import ClientState, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.config import DatasetConfig
 from fedhet.data import client_splits, load_configured
-from fedhet.flower.records import RecordError, parse_task, profile_content, result_content
+from fedhet.flower.records import (
+    RecordError,
+    from_array_record,
+    parse_task,
+    profile_content,
+    result_content,
+    to_array_record,
+)
 from fedhet.models import build_model, evaluate
-from fedhet.types import ClientProfile, Result
+from fedhet.types import ClientProfile, Result, Task
 
-__all__ = ["ClientAppSettings", "FedhetClient", "make_client_app", "node_partition"]
+__all__ = ["ClientAppSettings", "FedhetClient", "load_state", "make_client_app", "node_partition", "save_state"]
+
+OWN_KEY, DP_KEY = "fedhet-own", "fedhet-dp"  # a node's ClientState in its Context.state
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,9 @@ class ClientAppSettings:
             experiment under fedhet's FedAvg and Flower's FedAvg trains on the same minibatches.
         local_epochs: epochs of a Flower strategy's round that names neither ``local-steps`` nor ``local-epochs``.
         threads: torch threads per node (0 = leave torch's default).
+        privacy: DP-SGD settings of every client (None: plain SGD); fp32 clients only. Each client's epsilon at
+            ``privacy.delta`` goes into its train replies' metrics (``epsilon``). With ``target_epsilon``, set
+            ``planned_tasks`` to the tasks a client will run (with full participation: the versions).
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -71,6 +94,7 @@ class ClientAppSettings:
     minibatch_seed: str = "task"
     local_epochs: int = 1
     threads: int = 0
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -90,6 +114,8 @@ class ClientAppSettings:
             raise ValueError(f"minibatch_seed must be task or round, got {self.minibatch_seed!r}")
         if self.local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.privacy is not None and any(b != quant.FULL_PRECISION for b in self.bitwidths):
+            raise ValueError("privacy (DP-SGD) trains fp32 clients only; bitwidths must all be 32")
 
 
 def node_partition(context: Context, settings: ClientAppSettings) -> int:
@@ -107,9 +133,10 @@ def node_partition(context: Context, settings: ClientAppSettings) -> int:
 
 
 class FedhetClient:
-    """One process's fedhet client state: the dataset (loaded once), and per thread one model and trainer shared
-    by the partitions it serves in turn (Flower's simulation runs many nodes per worker); nothing per node but a
-    measured speed. Pickles to its settings alone (Flower ships the ClientApp to its workers)."""
+    """One process's fedhet client state: the dataset (loaded once), per thread one model and trainer shared by the
+    partitions it serves in turn (Flower's simulation runs many nodes per worker), and per partition a measured
+    speed and its :class:`~fedhet.clients.trainer.ClientState` (own tensors, DP accountant), kept in this process
+    for the partition's next task. Pickles to its settings alone (Flower ships the ClientApp to its workers)."""
 
     def __init__(self, settings: ClientAppSettings) -> None:
         self.settings = settings
@@ -118,6 +145,9 @@ class FedhetClient:
         self._data: Any = None
         self._splits: list[tuple[np.ndarray, np.ndarray]] = []
         self._measured: dict[int, float] = {}
+        self._initial: dict[str, torch.Tensor] = {}
+        self.states: dict[int, ClientState] = {}  # partition id -> its state, in this process
+        self._partition_locks: dict[int, threading.Lock] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"settings": self.settings}
@@ -133,6 +163,8 @@ class FedhetClient:
                     torch.set_num_threads(s.threads)
                 data = load_configured(s.dataset, s.num_clients, s.seed)
                 self._splits = client_splits(s.dataset, data, s.num_clients, s.seed)
+                initial = build_model(s.model, data.input_shape, data.num_classes, s.seed)
+                self._initial = {k: v.detach().clone() for k, v in initial.state_dict().items()}
                 self._data = data
 
     def samples(self, partition: int, held_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +181,9 @@ class FedhetClient:
         """This thread's fp32 trainer."""
         trainer: LocalTrainer | None = getattr(self._local, "trainer", None)
         if trainer is None:
-            trainer = self._local.trainer = LocalTrainer(self._model(), self.settings.train)
+            trainer = self._local.trainer = LocalTrainer(
+                self._model(), self.settings.train, privacy=self.settings.privacy
+            )
         return trainer
 
     def quantized_trainer(self) -> QuantizedTrainer:
@@ -174,8 +208,37 @@ class FedhetClient:
         profile = ClientProfile(seconds, self.settings.bandwidth, self.bitwidth(partition))
         return profile, len(x)
 
-    def train(self, content: RecordDict, partition: int) -> RecordDict:
-        """Run the task of a train message's ``content``; the reply's content."""
+    def state(self, partition: int, task: Task | None = None, context: Context | None = None) -> ClientState:
+        """The partition's :class:`~fedhet.clients.trainer.ClientState`: the one this process holds, else the one
+        saved in the node's ``context`` (a fresh ClientApp process on a SuperNode), else a new one. Tensors of the
+        model that ``task`` does not carry and the state does not hold yet (FedP3's head, at the partition's first
+        such task) start from the initial model, as in fedhet's simulator."""
+        self._load()
+        state = self.states.get(partition)
+        if state is None and context is not None:
+            state = load_state(context, partition, self.settings.privacy)
+        if state is None:
+            state = ClientState()
+        if task is not None:
+            for name, value in self._initial.items():
+                if name not in task.weights and name not in state.tensors:
+                    state.tensors[name] = value.clone()
+        self.states[partition] = state
+        return state
+
+    def epsilon(self, partition: int) -> float:
+        """The epsilon the partition has spent at ``privacy.delta`` (0 without DP or before its first task)."""
+        state = self.states.get(partition)
+        privacy = self.settings.privacy
+        return state.epsilon(privacy.delta) if state is not None and privacy is not None else 0.0
+
+    def _partition_lock(self, partition: int) -> threading.Lock:
+        with self._lock:
+            return self._partition_locks.setdefault(partition, threading.Lock())
+
+    def train(self, content: RecordDict, partition: int, context: Context | None = None) -> RecordDict:
+        """Run the task of a train message's ``content`` with the partition's state (saved into ``context`` too,
+        when given); the reply's content."""
         spec = parse_task(content, partition, self.settings.local_epochs)
         task = spec.task
         x, y = self.samples(partition)
@@ -184,14 +247,18 @@ class FedhetClient:
             seed = int(np.random.SeedSequence([self.settings.seed, partition]).generate_state(1)[0])
             seeded = replace(task, task_id=task.version + 1)
         bits = self.bitwidth(partition)
-        start = time.perf_counter()
-        if bits == quant.FULL_PRECISION:
-            result = self.trainer().train(seeded, x, y, seed)
-            encoding = self.settings.encoding
-        else:
-            result = self.quantized_trainer().train(seeded, x, y, seed, bits)
-            encoding = codec.encoding_for_bitwidth(bits)
-        seconds = time.perf_counter() - start
+        with self._partition_lock(partition):  # one task of a partition at a time: it updates the state
+            state = self.state(partition, task, context)
+            start = time.perf_counter()
+            if bits == quant.FULL_PRECISION:
+                result = self.trainer().train(seeded, x, y, seed, state)
+                encoding = self.settings.encoding
+            else:
+                result = self.quantized_trainer().train(seeded, x, y, seed, bits, state)
+                encoding = codec.encoding_for_bitwidth(bits)
+            seconds = time.perf_counter() - start
+            if context is not None:
+                save_state(context, partition, state)
         if self.settings.seconds_per_sample:  # pace the task to the imposed speed
             target = result.local_steps * min(self.settings.train.batch_size, len(x))
             target_seconds = target * self.settings.seconds_per_sample[partition]
@@ -209,14 +276,21 @@ class FedhetClient:
         )
         if not spec.fedhet_task:
             encoding = "fp32"  # Flower's strategies aggregate numpy arrays
-        return result_content(result, encoding, spec.fedhet_task)
+        epsilon = self.epsilon(partition) if self.settings.privacy is not None else None
+        return result_content(result, encoding, spec.fedhet_task, epsilon)
 
-    def evaluate(self, content: RecordDict, partition: int) -> RecordDict:
-        """Accuracy and loss of the message's model on the partition's held-out split."""
+    def evaluate(self, content: RecordDict, partition: int, context: Context | None = None) -> RecordDict:
+        """Accuracy and loss of the message's model on the partition's held-out split; tensors the message does not
+        carry (FedP3's head) are the partition's own (personalised accuracy)."""
         spec = parse_task(content, partition, self.settings.local_epochs)
         x, y = self.samples(partition, held_out=True)
         model = self.trainer().model
-        model.load_state_dict(spec.task.weights)
+        self._load()
+        held = self.states.get(partition)
+        if held is None and context is not None:
+            held = load_state(context, partition, self.settings.privacy)
+        own = held.tensors if held is not None else {}
+        model.load_state_dict({**self._initial, **own, **spec.task.weights})
         accuracy, loss = evaluate(model, x, y) if len(x) else (0.0, 0.0)
         return RecordDict({"metrics": MetricRecord({"eval-acc": accuracy, "eval-loss": loss, "num-examples": len(x)})})
 
@@ -234,13 +308,49 @@ def make_client_app(settings: ClientAppSettings) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return Message(client.train(message.content, node_partition(context, settings)), reply_to=message)
+        partition = node_partition(context, settings)
+        return Message(client.train(message.content, partition, context), reply_to=message)
 
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
         content = message.content
         if "config" not in content:
             content["config"] = ConfigRecord({"server-round": 0})
-        return Message(client.evaluate(content, node_partition(context, settings)), reply_to=message)
+        return Message(client.evaluate(content, node_partition(context, settings), context), reply_to=message)
 
     return app
+
+
+def save_state(context: Context, partition: int, state: ClientState) -> None:
+    """Write ``state`` into the node's ``context.state`` (which a SuperNode keeps for the run)."""
+    context.state[OWN_KEY] = to_array_record(state.tensors)
+    history = list(state.accountant.history) if state.accountant is not None else []
+    context.state[DP_KEY] = ConfigRecord(
+        {
+            "partition-id": partition,
+            "accountant": state.accountant is not None,
+            "noise-multiplier": float(state.noise_multiplier),
+            "noise": [float(h[0]) for h in history],
+            "sample-rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
+    )
+
+
+def load_state(context: Context, partition: int, privacy: PrivacyConfig | None) -> ClientState | None:
+    """The partition's state saved in ``context.state`` by :func:`save_state` (None: none saved for it)."""
+    own, dp = context.state.get(OWN_KEY), context.state.get(DP_KEY)
+    if not isinstance(own, ArrayRecord) or not isinstance(dp, ConfigRecord) or dp.get("partition-id") != partition:
+        return None
+    state = ClientState(from_array_record(own))
+    if dp.get("accountant") and privacy is not None:
+        from opacus.accountants import RDPAccountant
+
+        noise, rates, steps = dp.get("noise"), dp.get("sample-rate"), dp.get("steps")
+        if not (isinstance(noise, list) and isinstance(rates, list) and isinstance(steps, list)):
+            raise RecordError(f"context state {DP_KEY!r}: malformed accountant history")
+        state.accountant = RDPAccountant()
+        state.accountant.history = [(float(n), float(r), int(k)) for n, r, k in zip(noise, rates, steps, strict=True)]
+        noise_multiplier = dp.get("noise-multiplier")
+        state.noise_multiplier = float(noise_multiplier) if isinstance(noise_multiplier, int | float) else 0.0
+    return state

@@ -8,7 +8,10 @@ A tensor travels as one Flower :class:`~flwr.app.Array`:
 - anything else (fp16, bf16, the packed ``int<b>`` encodings, a model whose dtype is not fp32) as stype
   ``fedhet.codec/<encoding>``: the bytes :func:`fedhet.codec.encode` writes for that one tensor, with the model's
   dtype and shape in the Array's own fields. Decoding goes through :func:`fedhet.codec.decode`, so a packed 4-bit
-  update arrives at the server exactly as it would over fedhet's gRPC wire, at a 4-bit update's size.
+  update arrives at the server exactly as it would over fedhet's gRPC wire, at a 4-bit update's size;
+- a pruned tensor (a task's ``sparse`` names: FedP3's unassigned shared layers) as stype
+  ``fedhet.codec/sparse-<float encoding>`` (``sparse-fp32`` when the payload is packed): the codec's bitmask and
+  nonzero values, so it arrives bit for bit, at its pruned size.
 
 Message layout (keys of the :class:`~flwr.app.RecordDict`):
 
@@ -16,11 +19,14 @@ Message layout (keys of the :class:`~flwr.app.RecordDict`):
 query      server -> client: nothing. Reply ``profile`` (ConfigRecord): the client's ``partition-id``, ``num-samples``,
            ``seconds-per-sample``, ``bandwidth``, ``bitwidth``, ``memory-bytes``, ``availability``.
 train      server -> client: ``arrays`` (the task's weights) and ``config`` (ConfigRecord: ``task-id``, ``version``,
-           ``local-steps``, ``local-epochs``, ``server-round`` = version + 1, ``encoding``). Reply: ``arrays`` (the
-           trained weights, at the client's encoding), ``metrics`` (MetricRecord: ``num-examples``, ``local-steps``,
-           ``train-seconds``, ``train-loss``), and ``fedhet`` (ConfigRecord: ``task-id``, ``version``) when the task
-           came from a fedhet strategy. A reply carries one ArrayRecord and one MetricRecord, the shape Flower's own
-           strategies require, so the same ClientApp serves Flower's ``FedAvg`` too.
+           ``local-steps``, ``local-epochs``, ``server-round`` = version + 1, ``encoding``, ``train`` and
+           ``sparse``: the task's name lists, empty for a whole-model task). Reply: ``arrays`` (the trained
+           weights, at the client's encoding: every tensor, or only the task's ``train`` names when it has them),
+           ``metrics`` (MetricRecord: ``num-examples``, ``local-steps``, ``train-seconds``, ``train-loss``, and
+           ``epsilon`` under DP: the client's spent epsilon at its delta), and ``fedhet`` (ConfigRecord:
+           ``task-id``, ``version``) when the task came from a fedhet strategy. A reply carries one ArrayRecord
+           and one MetricRecord, the shape Flower's own strategies require, so the same ClientApp serves Flower's
+           ``FedAvg`` too.
 ========== ========================================================================================================
 """
 
@@ -42,11 +48,14 @@ __all__ = [
     "TaskSpec",
     "array_record_nbytes",
     "from_array_record",
+    "parse_epsilon",
     "parse_profile",
     "parse_result",
     "parse_task",
     "profile_content",
     "result_content",
+    "sparse_encoding",
+    "sparse_names",
     "task_content",
     "to_array_record",
 ]
@@ -65,25 +74,44 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _to_array(name: str, tensor: torch.Tensor, encoding: str) -> Array:
+def sparse_encoding(encoding: str) -> str:
+    """The per-tensor encoding of a pruned tensor in a payload of ``encoding`` (the codec's rule)."""
+    return f"sparse-{encoding if encoding in codec.ENCODINGS else 'fp32'}"
+
+
+def _to_array(name: str, tensor: torch.Tensor, encoding: str, sparse: bool) -> Array:
     tensor = tensor.detach().to("cpu")
-    exact = not tensor.is_floating_point() and tensor.dtype != torch.bfloat16
-    if exact or (tensor.dtype == torch.float32 and encoding == "fp32"):
+    floating = tensor.is_floating_point()
+    if sparse and floating:
+        stype = sparse_encoding(encoding)
+    elif not floating or (tensor.dtype == torch.float32 and encoding == "fp32"):
         return Array(tensor.contiguous().numpy())
+    else:
+        stype = encoding
     try:
-        data = codec.encode({name: tensor}, encoding)
+        data = codec.encode({name: tensor}, encoding, frozenset({name}) if sparse else frozenset())
     except codec.CodecError as error:
         raise RecordError(f"tensor {name!r}: {error}") from None
-    return Array(_dtype_name(tensor.dtype), tuple(tensor.shape), CODEC_STYPE_PREFIX + encoding, data)
+    return Array(_dtype_name(tensor.dtype), tuple(tensor.shape), CODEC_STYPE_PREFIX + stype, data)
 
 
-def to_array_record(weights: Weights, encoding: str = "fp32") -> ArrayRecord:
+def to_array_record(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> ArrayRecord:
     """``weights`` as an ArrayRecord (state-dict order), floating-point tensors at ``encoding`` (any of
-    :data:`fedhet.codec.ALL_ENCODINGS`); :func:`from_array_record` returns what ``codec.decode(codec.encode(weights,
-    encoding))`` would, bit for bit."""
+    :data:`fedhet.codec.ALL_ENCODINGS`) and those named in ``sparse`` in the codec's sparse encoding;
+    :func:`from_array_record` returns what ``codec.decode(codec.encode(weights, encoding, sparse))`` would, bit for
+    bit."""
     if encoding not in codec.ALL_ENCODINGS:
         raise RecordError(f"unknown encoding {encoding!r}; choose one of {sorted(codec.ALL_ENCODINGS)}")
-    return ArrayRecord({name: _to_array(name, tensor, encoding) for name, tensor in weights.items()})
+    unknown = sparse - set(weights)
+    if unknown:
+        raise RecordError(f"sparse names tensors the weights do not hold: {sorted(unknown)}")
+    return ArrayRecord({name: _to_array(name, tensor, encoding, name in sparse) for name, tensor in weights.items()})
+
+
+def sparse_names(record: ArrayRecord) -> frozenset[str]:
+    """Names of the tensors of ``record`` that travel in a sparse encoding."""
+    prefix = CODEC_STYPE_PREFIX + "sparse-"
+    return frozenset(name for name, array in record.items() if array.stype.startswith(prefix))
 
 
 def _from_array(name: str, array: Array) -> torch.Tensor:
@@ -145,6 +173,14 @@ def _str(record: ConfigRecord, key: str, where: str) -> str:
     return value
 
 
+def _names(record: ConfigRecord, key: str, where: str) -> frozenset[str]:
+    """A list of tensor names (absent: empty)."""
+    value = record.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"{where}[{key!r}] must be a list of tensor names, got {value!r}")
+    return frozenset(str(v) for v in value)
+
+
 def _config(content: RecordDict, key: str) -> ConfigRecord:
     record = content.get(key)
     if not isinstance(record, ConfigRecord):
@@ -200,10 +236,11 @@ def parse_profile(content: RecordDict) -> tuple[ClientProfile, int, int]:
 
 
 def task_content(task: Task, encoding: str) -> RecordDict:
-    """A train message's content for ``task``, its weights at ``encoding``."""
+    """A train message's content for ``task``, its weights at ``encoding`` (its ``sparse`` names pruned), with its
+    ``train`` and ``sparse`` name lists."""
     return RecordDict(
         {
-            ARRAYS: to_array_record(task.weights, encoding),
+            ARRAYS: to_array_record(task.weights, encoding, task.sparse),
             CONFIG: ConfigRecord(
                 {
                     "task-id": task.task_id,
@@ -212,6 +249,8 @@ def task_content(task: Task, encoding: str) -> RecordDict:
                     "local-epochs": task.local_epochs,
                     "server-round": task.version + 1,
                     "encoding": encoding,
+                    "train": [n for n in task.weights if n in task.train],
+                    "sparse": [n for n in task.weights if n in task.sparse],
                 }
             ),
         }
@@ -232,7 +271,12 @@ def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 
     """The task a train message carries. A message from a Flower strategy (no ``task-id``) becomes a task of
     ``default_local_epochs`` epochs whose id is ``server-round`` (so its minibatch order depends on the round)."""
     config = _config(content, CONFIG)
-    weights = from_array_record(_arrays(content))
+    arrays = _arrays(content)
+    weights = from_array_record(arrays)
+    train, sparse = _names(config, "train", CONFIG), _names(config, "sparse", CONFIG)
+    unlisted = sparse_names(arrays) - sparse
+    if unlisted:
+        raise RecordError(f"tensors {sorted(unlisted)} travel sparse but the task does not list them as sparse")
     fedhet_task = "task-id" in config
     if fedhet_task:
         task_id = _int(config, "task-id", CONFIG)
@@ -250,28 +294,27 @@ def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 
     if encoding not in codec.ALL_ENCODINGS:
         raise RecordError(f"{CONFIG}['encoding']: unknown encoding {encoding!r}")
     try:
-        task = Task(task_id, client_id, version, weights, steps, epochs)
+        task = Task(task_id, client_id, version, weights, steps, epochs, train, sparse)
     except ValueError as error:
         raise RecordError(str(error)) from None
     return TaskSpec(task, encoding, fedhet_task)
 
 
-def result_content(result: Result, encoding: str, fedhet_task: bool = True) -> RecordDict:
+def result_content(result: Result, encoding: str, fedhet_task: bool = True, epsilon: float | None = None) -> RecordDict:
     """A train reply for ``result``, its weights at ``encoding``; ``fedhet_task`` adds the task id and version a
-    fedhet strategy checks (a Flower strategy's reply carries only ``arrays`` and ``metrics``)."""
-    content = RecordDict(
+    fedhet strategy checks (a Flower strategy's reply carries only ``arrays`` and ``metrics``); ``epsilon`` (a DP
+    client's spent epsilon) goes into the metrics."""
+    metrics = MetricRecord(
         {
-            ARRAYS: to_array_record(result.weights, encoding),
-            METRICS: MetricRecord(
-                {
-                    "num-examples": result.num_samples,
-                    "local-steps": result.local_steps,
-                    "train-seconds": result.train_seconds,
-                    "train-loss": result.loss,
-                }
-            ),
+            "num-examples": result.num_samples,
+            "local-steps": result.local_steps,
+            "train-seconds": result.train_seconds,
+            "train-loss": result.loss,
         }
     )
+    if epsilon is not None:
+        metrics["epsilon"] = float(epsilon)
+    content = RecordDict({ARRAYS: to_array_record(result.weights, encoding), METRICS: metrics})
     if fedhet_task:
         content[FEDHET] = ConfigRecord({"task-id": result.task_id, "version": result.version})
     return content
@@ -301,3 +344,15 @@ def parse_result(content: RecordDict, client_id: int) -> Result:
         train_seconds=seconds,
         loss=_float(metrics, "train-loss", METRICS),
     )
+
+
+def parse_epsilon(content: RecordDict) -> float | None:
+    """The epsilon a DP client reports in a train reply (None: not a DP client); raises :class:`RecordError` for a
+    negative or non-finite value."""
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord) or "epsilon" not in metrics:
+        return None
+    value = _float(metrics, "epsilon", METRICS)
+    if value < 0:
+        raise RecordError(f"{METRICS}['epsilon'] must be >= 0, got {value}")
+    return value

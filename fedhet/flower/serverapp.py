@@ -31,7 +31,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedhet import codec
 from fedhet.config import DatasetConfig
 from fedhet.data import load_configured
-from fedhet.flower.records import RecordError, array_record_nbytes, parse_profile, parse_result, task_content
+from fedhet.flower.records import (
+    RecordError,
+    array_record_nbytes,
+    parse_epsilon,
+    parse_profile,
+    parse_result,
+    task_content,
+)
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.models import build_model, evaluate
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer, build_strategy
@@ -117,7 +124,8 @@ class Assigned:
 
 @dataclass
 class RunSummary:
-    """How a run went: why it stopped, its final version and accuracy, and its trace."""
+    """How a run went: why it stopped, its final version and accuracy, and its trace (``epsilon``: per DP client,
+    the epsilon each of its accepted results reported, in order)."""
 
     reason: str = ""
     version: int = 0
@@ -131,6 +139,7 @@ class RunSummary:
     clients: dict[int, ClientInfo] = field(default_factory=dict)
     aggregations: list[Aggregation] = field(default_factory=list)
     assignments: list[Assigned] = field(default_factory=list)
+    epsilon: dict[int, list[float]] = field(default_factory=dict)
 
 
 class _RecordingAggregator:
@@ -334,7 +343,8 @@ class GridDriver:
             result = parse_result(reply.content, pending.client_id)
             if result.task_id != task.task_id or result.version != task.version:
                 raise RecordError(f"reply names task {result.task_id}@{result.version}")
-            _check_update(result.weights, task.weights)
+            _check_update(result.weights, task)
+            epsilon = parse_epsilon(reply.content)
         except RecordError as error:
             self.summary.refused += 1
             self._failed(pending, f"refused: {error}", now)
@@ -347,6 +357,8 @@ class GridDriver:
             log.info("client %d: %s", pending.client_id, error)
             return
         self.summary.results += 1
+        if epsilon is not None:
+            self.summary.epsilon.setdefault(pending.client_id, []).append(epsilon)
         self._after(tasks, now)
 
     def _after(self, tasks: list[Task], now: float) -> None:
@@ -368,7 +380,7 @@ class GridDriver:
         for task in tasks:
             info = self.strategy.clients[task.client_id]
             encoding = codec.encoding_for_bitwidth(info.profile.bitwidth, self.settings.encoding)
-            content = task_content(task, encoding)
+            content = task_content(task, encoding)  # with its train and sparse names; pruned tensors sparse
             self.summary.bytes_down += array_record_nbytes(content["arrays"])  # type: ignore[arg-type]
             node = self.node_of[task.client_id]
             messages.append(
@@ -409,9 +421,19 @@ class GridDriver:
             self.metrics.write(MetricsRecord(version, now, wall, accuracy, loss, up, down, applied, dropped))
 
 
-def _check_update(weights: Weights, reference: Weights) -> None:
-    """The update has the task's tensor names, shapes and dtypes, and finite values (before any arithmetic)."""
-    if list(weights) != list(reference):
+def _check_update(weights: Weights, task: Task) -> None:
+    """The update carries tensors the task trains, with the task's shapes and dtypes and finite values (before any
+    arithmetic). A task with ``train`` names (FedP3) takes any nonempty subset of them (the aggregator averages each
+    tensor over the updates that carry it); a whole-model task takes every tensor, in order, as aggregators that
+    are not per-tensor expect."""
+    reference = task.weights
+    if task.train:
+        extra = sorted(set(weights) - task.train)
+        if extra or not weights:
+            raise RecordError(
+                f"update tensors must be a nonempty subset of the task's trained ones; unexpected {extra}"
+            )
+    elif list(weights) != list(reference):
         missing, extra = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
         raise RecordError(f"update tensors differ from the task's: missing {missing}, unexpected {extra}")
     for name, tensor in weights.items():
