@@ -27,14 +27,16 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
-from fedhet.clients.trainer import LocalTrainer, TrainConfig
-from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, compose_typed
+from fedhet.clients.trainer import ClientState, ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.codec import CodecError
+from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed
 from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import MODELS, build_model
 from fedhet.types import ClientProfile, Result, Task
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import service_pb2_grpc
+from fedhet.v1 import tensor_pb2 as tpb
 from fedhet.v1.wire import PayloadAssembler, PayloadError, check_finite, chunks, decode, encode
 
 __all__ = [
@@ -121,7 +123,9 @@ class ProfileConfig:
 class ClientRunConfig:
     """``fedhet client``: its data (``dataset``, ``partition_id`` of ``num_clients`` partitions), the model, local
     training, the profile and the network. ``dataset``, ``num_clients`` and ``seed`` must match the server's so
-    the partitions are the ones the run was planned with."""
+    the partitions are the ones the run was planned with. ``privacy`` turns on DP-SGD (``planned_tasks`` is needed
+    with a target epsilon: a client cannot know the server's run length). ``state_dir`` keeps what the client keeps
+    between tasks (FedP3's personal head, the DP accountant) across restarts; empty keeps it in memory only."""
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +137,8 @@ class ClientRunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    state_dir: str = ""
 
 
 def compose_client(overrides: list[str]) -> ClientRunConfig:
@@ -197,6 +203,18 @@ def _validate(cfg: ClientRunConfig) -> None:
         TrainConfig(**asdict(cfg.train))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    privacy_of(cfg)
+
+
+def privacy_of(cfg: ClientRunConfig) -> PrivacyConfig | None:
+    """The client's DP-SGD settings (None without ``privacy.enabled``); a bad value is a ConfigError."""
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    try:
+        return PrivacyConfig(p.max_grad_norm, p.noise_multiplier, p.target_epsilon, p.delta, p.planned_tasks)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def local_partition(cfg: ClientRunConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
@@ -249,9 +267,18 @@ class NetworkClient:
         profile: ClientProfile,
         seed: int = 0,
         slowdown: float = 1.0,
+        initial: dict[str, torch.Tensor] | None = None,
+        state_dir: str = "",
     ) -> None:
         self.net = net
         self.trainer = trainer
+        # what the client keeps between tasks: its own tensors start from the initial model (the server's version 0)
+        self.states = ClientStates(initial if initial is not None else trainer.model.state_dict())
+        self.state_file = Path(state_dir) / f"client{net.client_id}.state" if state_dir else None
+        if self.state_file is not None and self.state_file.exists():
+            self.states.states[net.client_id] = ClientState.from_bytes(self.state_file.read_bytes())
+            log.info("client %d: state restored from %s", net.client_id, self.state_file)
+        self._dp_reports: dict[int, spb.DPReport] = {}
         self.x, self.y = x, y
         self.profile = profile
         self.seed = seed
@@ -362,8 +389,23 @@ class NetworkClient:
             log.warning("task %d: bad download (%s); asking again", header.task_id, error)
             stream.cancel()
             return None
+        sparse = frozenset(s.name for s in header.manifest.tensors if s.encoding == tpb.ENCODING_SPARSE)
+        try:
+            task = Task(
+                header.task_id,
+                self.client_id,
+                header.version,
+                weights,
+                header.local_steps,
+                header.local_epochs,
+                frozenset(header.train),
+                sparse,
+            )
+        except ValueError as error:
+            log.warning("task %d: bad task (%s); asking again", header.task_id, error)
+            return None
         log.info("task %d received (version %d)", header.task_id, header.version)
-        return Task(header.task_id, self.client_id, header.version, weights, header.local_steps, header.local_epochs)
+        return task
 
     def _train(self, task: Task) -> Result | None:
         """Train ``task`` while a thread sends heartbeats; None when the run ended meanwhile or the task is bad."""
@@ -382,7 +424,14 @@ class NetworkClient:
         thread = threading.Thread(target=beat, name=f"heartbeat-{self.client_id}", daemon=True)
         thread.start()
         try:
-            result = self.trainer.train(task, self.x, self.y, self.seed)
+            state = self.states.get(self.client_id, task)
+            result = self.trainer.train(task, self.x, self.y, self.seed, state)
+            self._keep(state)
+            if self.trainer.privacy is not None:
+                rate = PrivacyConfig.sample_rate(self.trainer.config.batch_size, len(self.x))
+                self._dp_reports[task.task_id] = spb.DPReport(
+                    noise_multiplier=state.noise_multiplier, sample_rate=rate, steps=result.local_steps
+                )
             seconds = result.train_seconds
             if self.slowdown > 1.0:  # pace the task to the profile's speed, emulating a slower device
                 samples = result.local_steps * min(self.trainer.config.batch_size, len(self.x))
@@ -408,6 +457,15 @@ class NetworkClient:
             result.loss,
         )
 
+    def _keep(self, state: ClientState) -> None:
+        """Write the client's state to its file (atomically) when it has one."""
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.state_file.with_suffix(".partial")
+        partial.write_bytes(state.to_bytes())
+        partial.replace(self.state_file)
+
     def _upload(self, result: Result) -> Result | None:
         """Stream ``result``; None once the server answered for it (accepted, duplicate or refused for good)."""
         manifest, payload = encode(result.weights, self.net.encoding)
@@ -420,6 +478,7 @@ class NetworkClient:
             train_seconds=result.train_seconds,
             loss=result.loss,
             manifest=manifest,
+            dp=self._dp_reports.get(result.task_id),
         )
 
         def messages() -> Iterator[spb.ResultMessage]:
@@ -435,6 +494,7 @@ class NetworkClient:
                 and not (error.details() or "").startswith("server busy")
             ):
                 log.warning("task %d: result refused: %s %s", result.task_id, error.code().name, error.details())
+                self._dp_reports.pop(result.task_id, None)
                 return None
             raise
         if reply.run_over:
@@ -442,6 +502,7 @@ class NetworkClient:
         log.info(
             "task %d uploaded%s; global version %d", result.task_id, " (duplicate)" * reply.duplicate, reply.version
         )
+        self._dp_reports.pop(result.task_id, None)
         return None
 
     def _leave(self) -> None:
@@ -481,9 +542,13 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")
     x, y, input_shape, classes = local_partition(cfg)
     model = build_model(cfg.model.name, input_shape, classes, cfg.seed)
-    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
-    seconds = prof.seconds_per_sample or measure_seconds_per_sample(trainer, x, y, prof.benchmark_steps)
+    seconds = prof.seconds_per_sample
+    if not seconds:  # timed with plain SGD (a DP step costs more; the profile is a planning hint)
+        plain = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device)
+        seconds = measure_seconds_per_sample(plain, x, y, prof.benchmark_steps)
+    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device, privacy_of(cfg))
     profile = ClientProfile(
         seconds_per_sample=seconds * prof.slowdown,
         bandwidth=prof.bandwidth,
@@ -497,7 +562,10 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         len(x),
         profile.seconds_per_sample,
     )
-    return NetworkClient(cfg.network, trainer, x, y, profile, cfg.seed, prof.slowdown)
+    try:
+        return NetworkClient(cfg.network, trainer, x, y, profile, cfg.seed, prof.slowdown, initial, cfg.state_dir)
+    except (CodecError, OSError) as error:
+        raise ConfigError(f"state_dir: cannot restore the client's state: {error}") from None
 
 
 USAGE = """usage: fedhet client [KEY=VALUE ...]

@@ -10,9 +10,11 @@ With a :class:`PrivacyConfig` the trainer runs DP-SGD through Opacus: minibatche
 deviation ``noise_multiplier * max_grad_norm`` added to their sum, on the trained tensors only. The model is wrapped
 in Opacus's ``GradSampleModule`` once (Opacus computes per-sample gradients only for the layers trainable when
 its hooks are added; a FedP3 client's layers never change, and in simulation, where one model serves every
-client, the hooks move when the next task trains other layers). Each client's RDP accountant lives in its :class:`ClientState` and is
-stepped once per DP-SGD step, so its epsilon covers every task the client ever ran. Uploaded weights come from the
-unwrapped model (no ``_module.`` prefixes, no hooks).
+client, the hooks move when the next task trains other layers). Each client's RDP accountant lives in its
+:class:`ClientState` and is stepped once per DP-SGD step, so its epsilon covers every task the client ever ran (a
+deployed client keeps its state in a file across restarts, and reports each task's steps to the server, whose
+ledger keeps every client's epsilon in its checkpoint). Uploaded weights come from the unwrapped model (no
+``_module.`` prefixes, no hooks).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ class PrivacyConfig:
         if self.target_epsilon > 0 and self.planned_tasks < 1:
             raise ValueError("privacy.target_epsilon needs privacy.planned_tasks >= 1 (tasks per client)")
 
+    @staticmethod
+    def sample_rate(batch_size: int, num_samples: int) -> float:
+        """q, the Poisson sampling rate of a client with ``num_samples`` samples at ``batch_size``."""
+        return min(1.0, batch_size / num_samples)
+
     def noise_for(self, sample_rate: float, steps_per_task: int) -> float:
         """sigma for a client sampling at ``sample_rate`` for ``steps_per_task`` steps per task."""
         if self.noise_multiplier > 0:
@@ -131,6 +138,36 @@ class ClientState:
         if self.accountant is None or not self.accountant.history:
             return 0.0
         return float(self.accountant.get_epsilon(delta))
+
+    def to_bytes(self) -> bytes:
+        """The state as one :mod:`fedhet.codec` payload (no pickle): own tensors under ``own/``, the accountant's
+        history as a float64 ``[steps entries, 3]`` tensor (noise multiplier, sample rate, steps)."""
+        from fedhet.codec import encode
+
+        history = self.accountant.history if self.accountant is not None else []
+        tensors = {f"own/{k}": v for k, v in self.tensors.items()}
+        tensors["dp/history"] = torch.tensor([list(map(float, h)) for h in history], dtype=torch.float64).reshape(-1, 3)
+        tensors["dp/noise"] = torch.tensor([self.noise_multiplier], dtype=torch.float64)
+        return encode(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ClientState:
+        """A state written by :meth:`to_bytes`; raises ValueError (``CodecError``) for anything else."""
+        from fedhet.codec import CodecError, decode
+
+        tensors = decode(data)
+        history, noise = tensors.pop("dp/history", None), tensors.pop("dp/noise", None)
+        if history is None or noise is None or history.dim() != 2 or history.shape[1] != 3 or noise.numel() != 1:
+            raise CodecError("not a client state: dp/history [n, 3] and dp/noise [1] are missing or malformed")
+        if any(not k.startswith("own/") for k in tensors):
+            raise CodecError(f"not a client state: unexpected tensors {sorted(k for k in tensors if '/' not in k)}")
+        state = cls({k.removeprefix("own/"): v for k, v in tensors.items()}, noise_multiplier=float(noise[0]))
+        if len(history):
+            from opacus.accountants import RDPAccountant
+
+            state.accountant = RDPAccountant()
+            state.accountant.history = [(float(n), float(q), int(c)) for n, q, c in history.tolist()]
+        return state
 
 
 class ClientStates:
@@ -290,7 +327,7 @@ class LocalTrainer:
         assert self.privacy is not None
         wrapper = self.per_sample_module(trained)
         batch = self.config.batch_size
-        sample_rate = min(1.0, batch / len(x))
+        sample_rate = PrivacyConfig.sample_rate(batch, len(x))
         if state.accountant is None:
             state.accountant = RDPAccountant()
             state.noise_multiplier = self.privacy.noise_for(sample_rate, steps)
@@ -298,7 +335,7 @@ class LocalTrainer:
             optimizer,
             noise_multiplier=state.noise_multiplier,
             max_grad_norm=self.privacy.max_grad_norm,
-            expected_batch_size=batch,
+            expected_batch_size=min(batch, len(x)),  # q * n: the expected Poisson batch
             generator=torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (), generator=generator))),
         )
         batches = [

@@ -11,8 +11,8 @@ by ``ceil(numel * b / 8)`` bytes of ``b``-bit values. Integer and bool tensors a
 
 Pruned tensors (the names in ``sparse``) travel as ``sparse-<float encoding>``: a bitmask of the nonzero positions
 (``ceil(numel / 8)`` bytes, little-endian bit order, padding bits zero) followed by the nonzero values in order at
-that float encoding (the run's float encoding; fp32 when the payload is packed). At FedP3's default keep ratio of
-0.9 an fp32 tensor takes 3.73 bytes per value instead of 4.
+the payload's float encoding. At FedP3's default keep ratio of 0.9 an fp32 tensor takes 3.73 bytes per value
+instead of 4. In a packed payload (``int<b>``) pruned tensors are packed like the others, which is smaller.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "encode",
     "encoded_size",
     "encoding_for_bitwidth",
+    "pack_mask",
+    "unpack_mask",
 ]
 
 _LEN = struct.Struct("<Q")
@@ -106,11 +108,6 @@ def _wire_dtype(tensor: torch.Tensor, encoding: str) -> torch.dtype:
     return ENCODINGS[encoding] if tensor.is_floating_point() else tensor.dtype
 
 
-def _sparse_encoding(encoding: str) -> str:
-    """The per-tensor encoding of a pruned tensor in a payload of ``encoding``."""
-    return f"sparse-{encoding if encoding in ENCODINGS else 'fp32'}"
-
-
 def _header(weights: Weights, encoding: str, sparse: frozenset[str] = frozenset()) -> list[_Entry]:
     if encoding not in ALL_ENCODINGS:
         raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
@@ -120,8 +117,8 @@ def _header(weights: Weights, encoding: str, sparse: frozenset[str] = frozenset(
     entries = []
     for name, tensor in weights.items():
         shape = tuple(tensor.shape)
-        if name in sparse and tensor.is_floating_point():
-            enc = _sparse_encoding(encoding)
+        if name in sparse and tensor.is_floating_point() and encoding in ENCODINGS:
+            enc = f"sparse-{encoding}"
             nnz = int(torch.count_nonzero(tensor))
             nbytes = _mask_nbytes(tensor.numel()) + nnz * ENCODINGS[SPARSE_ENCODINGS[enc]].itemsize
             entries.append(_Entry(name, shape, _dtype_name(tensor.dtype), enc, nbytes))
@@ -154,8 +151,9 @@ def _raw(tensor: torch.Tensor) -> bytes:
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 
-def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool vector as bytes, bit ``i`` of byte ``j`` holding element ``8 j + i``; padding bits are zero."""
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool vector as ``ceil(numel / 8)`` bytes, bit ``i`` of byte ``j`` holding element ``8 j + i``; padding
+    bits are zero (the sparse encoding's mask, here and on the gRPC wire)."""
     padded = torch.zeros(_mask_nbytes(mask.numel()) * 8, dtype=torch.uint8)
     padded[: mask.numel()] = mask.to(torch.uint8)
     return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
@@ -173,7 +171,7 @@ def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = fr
         if entry.encoding in SPARSE_ENCODINGS:
             flat = tensor.detach().to("cpu").reshape(-1)
             mask = flat != 0
-            parts += [_raw(_pack_mask(mask)), _raw(flat[mask].to(ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]))]
+            parts += [_raw(pack_mask(mask)), _raw(flat[mask].to(ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]))]
         elif bits is not None and tensor.is_floating_point():
             try:
                 packed = quant.pack_tensor(tensor, bits)
@@ -219,8 +217,8 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
             raise CodecError(f"tensor {entry.name!r} appears twice")
         if entry.dtype not in _DTYPES or entry.encoding not in (*ALL_ENCODINGS, *SPARSE_ENCODINGS):
             raise CodecError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype} / encoding {entry.encoding}")
-        if any(d < 0 for d in entry.shape):
-            raise CodecError(f"tensor {entry.name!r}: negative dimension in shape {entry.shape}")
+        if any(not 0 <= d < 2**62 for d in entry.shape) or math.prod(entry.shape) >= 2**62:
+            raise CodecError(f"tensor {entry.name!r}: shape {entry.shape} is negative or too large")
         dtype = _DTYPES[entry.dtype]
         if entry.encoding in SPARSE_ENCODINGS:
             out[entry.name] = _decode_sparse(entry, dtype, data, offset)
@@ -243,6 +241,17 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
     return out
 
 
+def unpack_mask(data: torch.Tensor, numel: int) -> torch.Tensor:
+    """The bool vector of :func:`pack_mask`'s ``ceil(numel / 8)`` bytes; raises ValueError for a wrong length or a
+    padding bit that is set."""
+    if data.numel() != _mask_nbytes(numel):
+        raise ValueError(f"a mask of {numel} values takes {_mask_nbytes(numel)} bytes, got {data.numel()}")
+    bits = (data.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)
+    if bits[numel:].any():
+        raise ValueError(f"mask padding bits past element {numel} are set")
+    return bits[:numel]
+
+
 def _decode_sparse(entry: _Entry, dtype: torch.dtype, data: bytes, offset: int) -> torch.Tensor:
     """A pruned tensor from its bitmask and nonzero values; any inconsistency is a CodecError."""
     if not dtype.is_floating_point:
@@ -251,11 +260,12 @@ def _decode_sparse(entry: _Entry, dtype: torch.dtype, data: bytes, offset: int) 
     mask_bytes = _mask_nbytes(numel)
     if entry.nbytes < mask_bytes or offset + entry.nbytes > len(data):
         raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, the payload holds fewer")
-    raw = torch.frombuffer(bytearray(data[offset : offset + entry.nbytes]), dtype=torch.uint8)
-    bits = (raw[:mask_bytes].view(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)
-    if bits[numel:].any():
-        raise CodecError(f"tensor {entry.name!r}: mask padding bits past element {numel} are set")
-    mask = bits[:numel]
+    chunk = bytearray(data[offset : offset + entry.nbytes])
+    raw = torch.frombuffer(chunk, dtype=torch.uint8) if chunk else torch.empty(0, dtype=torch.uint8)
+    try:
+        mask = unpack_mask(raw[:mask_bytes], numel)
+    except ValueError as error:
+        raise CodecError(f"tensor {entry.name!r}: {error}") from None
     wire = ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]
     nnz = int(mask.sum())
     if entry.nbytes != mask_bytes + nnz * wire.itemsize:

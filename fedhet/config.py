@@ -105,8 +105,9 @@ class PrivacySettings:
         noise_multiplier: sigma (noise std = sigma * C); 0 = derive it from ``target_epsilon``.
         target_epsilon: epsilon each client may reach after ``planned_tasks`` tasks.
         delta: delta of every client's guarantee.
-        planned_tasks: tasks per client the target epsilon covers; 0 = ``sim.max_versions``, which no scheduler's
-            client can exceed (a client gets at most one task per global version).
+        planned_tasks: tasks per client the target epsilon covers; 0 = ``sim.max_versions``, which bounds a client's
+            tasks under the fedavg, fedasync and fedcompass schedulers (one task per global version at most); fedbuff
+            hands a fast client several tasks per version, so it needs an explicit value.
     """
 
     enabled: bool = False

@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -58,6 +58,7 @@ TABLE_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_time.png"
 
 _RECORD_FIELDS = tuple(f.name for f in fields(MetricsRecord))
+_REQUIRED_FIELDS = tuple(f.name for f in fields(MetricsRecord) if f.default is MISSING)  # others: when measured
 
 
 @dataclass(frozen=True)
@@ -185,14 +186,14 @@ def _read_records(path: Path) -> list[MetricsRecord]:
             raise DataError(f"{path}:{number}: malformed metrics line: {error.msg}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: malformed metrics line: expected a JSON object")
-        missing = [name for name in _RECORD_FIELDS if name not in obj]
+        missing = [name for name in _REQUIRED_FIELDS if name not in obj]
         if missing:
             raise DataError(f"{path}:{number}: malformed metrics line: missing {', '.join(missing)}")
         for name in ("virtual_time", "accuracy"):
             value = obj[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise DataError(f"{path}:{number}: malformed metrics line: {name} is {value!r}, not a number")
-        records.append(MetricsRecord(**{name: obj[name] for name in _RECORD_FIELDS}))
+        records.append(MetricsRecord(**{name: obj[name] for name in _RECORD_FIELDS if name in obj}))
     return records
 
 

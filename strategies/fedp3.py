@@ -15,7 +15,8 @@ assigns contiguous blocks of client ids, which is the same split up to a relabel
 
 The assigned layers travel dense; the other shared layers are pruned per layer, weights only (biases and other
 1-dimensional tensors travel dense): ``magnitude`` keeps the ``keep_ratio`` largest magnitudes of each weight tensor,
-``ordered_dropout`` keeps the first ``ceil(keep_ratio * rows)`` output units (uniformly over layers). Pruned tensors
+``ordered_dropout`` keeps the first ``ceil(keep_ratio * rows)`` output units' weights (uniformly over layers; their
+biases travel dense like every bias). Pruned tensors
 are listed in the plan's ``sparse`` set and travel in the codec's sparse encoding. A client sends back only its
 assigned layers; :class:`~fedhet.strategies.aggregators.WeightedMean` then averages every shared tensor over the
 clients that sent it (plain mean with ``strategy.scheduler.weighting=uniform``; layer-count weighting, normalised
@@ -149,7 +150,8 @@ class FedP3Planner:
         for k in range(count, 0, -1):
             if _footprint(weights, layout, order[:k], self.keep_ratio) <= budget:
                 return tuple(order[:k]), self.keep_ratio
-        keep = _keep_to_fit(weights, layout, order[:1], budget)
+        # on a grid of 1%, so clients of similar budgets share one pruned copy per version
+        keep = math.floor(100 * _keep_to_fit(weights, layout, order[:1], budget)) / 100
         if keep < _MIN_KEEP:
             need = _footprint(weights, layout, order[:1], _MIN_KEEP)
             raise ValueError(

@@ -233,7 +233,8 @@ class StalenessWeighted:
         starts = [self._start(start, version, global_weights) for start, _ in buckets] if self.gradient_based else []
         out: dict[str, torch.Tensor] = {}
         for name, current in global_weights.items():
-            # each tensor moves by the updates that carried it (FedP3 clients send back only their layers)
+            # each tensor moves by the updates that carried it (FedP3 clients send back only their layers): a layer
+            # that half the group trained moves by half the group's weight, FedCompass's rule applied per tensor
             carried = [
                 (c, b, s)
                 for c, (_, b), s in itertools.zip_longest(coefficients, buckets, starts)

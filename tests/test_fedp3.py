@@ -342,3 +342,50 @@ def test_bad_fedp3_and_privacy_settings_are_config_errors(override: str, message
     overrides = [*E2E, "strategy=fedp3", "privacy.enabled=true", "privacy.target_epsilon=8", override]
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["fleet=int8_fp32_50"], "train quantization-aware without DP-SGD"),
+        (["strategy=fedbuff"], "fedbuff scheduler needs privacy.planned_tasks"),
+    ],
+)
+def test_privacy_refuses_what_it_cannot_account_for(overrides: list[str], message: str) -> None:
+    from fedhet.cli import compose
+    from fedhet.sim.runner import validate
+
+    base = ["privacy.enabled=true", "privacy.target_epsilon=4", "sim.progress=false"]
+    with pytest.raises(ConfigError, match=message):
+        validate(compose([*base, *overrides]))
+
+
+def test_fedp3_refuses_aggregators_that_cannot_fold_partial_updates() -> None:
+    from fedhet.cli import compose
+    from fedhet.sim.runner import validate
+
+    with pytest.raises(ConfigError, match="cannot fold"):
+        validate(compose(["strategy=fedp3", "strategy.aggregator.name=grouped_mean"]))
+    with pytest.raises(ConfigError, match="head_layers=1"):
+        validate(compose(["strategy=fedp3", "strategy.planner.head_layers=2", "sim.personal_eval=true"]))
+
+
+def test_sparse_entries_of_empty_tensors_and_absurd_shapes() -> None:
+    empty = {"w": torch.zeros(0, 3)}
+    assert decode(encode(empty, "fp32", frozenset({"w"})))["w"].shape == (0, 3)
+    data = encode({"w": torch.zeros(0, 3)})
+    huge = data.replace(b"[0,3]", b"[0,99999999999999999999]")
+    with pytest.raises(CodecError, match="too large"):
+        decode(_fix_header_length(huge))
+
+
+def _fix_header_length(data: bytes) -> bytes:
+    """``data`` with its 8-byte header length prefix recomputed after the header was edited."""
+    header_end = data.index(b"]]") + 2
+    return (header_end - 8).to_bytes(8, "little") + data[8:]
+
+
+def test_packed_payloads_keep_pruned_tensors_packed() -> None:
+    w = fedp3_weights()
+    plan = FedP3Planner("lowerb").plan(info(0), w, 0)
+    assert encoded_size(plan.weights, "int8", plan.sparse) == encoded_size(plan.weights, "int8")

@@ -133,3 +133,23 @@ def test_fedcompass_runs_unchanged_over_grpc(tmp_path: Path) -> None:
             }
         )
     )
+
+
+def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path) -> None:
+    """FedP3 (LowerB) with DP-SGD clients: each client sends back only its layer, keeps its head in its state file,
+    and the epsilon the server computes from the reported steps equals the client's own accountant's."""
+    from fedhet.clients.trainer import ClientState
+
+    server = ["model=2nn", "strategy=fedp3", "strategy.planner.variant=lowerb", "strategy.scheduler.local_epochs=1"]
+    state_dir = tmp_path / "client_state"
+    client = ["model=2nn", "privacy.enabled=true", "privacy.noise_multiplier=1.0", f"state_dir={state_dir}"]
+    run_loopback(tmp_path, server, client)
+    records = read_metrics(tmp_path / "state" / "metrics.jsonl")
+    final = records[-1]
+    assert final.version == VERSIONS
+    assert final.bytes_up < final.bytes_down  # one shared layer up; every shared layer (one pruned) down
+    assert final.epsilon is not None and sorted(final.epsilon, key=int) == ["0", "1", "2", "3"]
+    for cid, epsilon in final.epsilon.items():
+        state = ClientState.from_bytes((state_dir / f"client{cid}.state").read_bytes())
+        assert set(state.tensors) == {"5.weight", "5.bias"}  # the head: never sent, kept across tasks
+        assert epsilon == pytest.approx(state.epsilon(1e-5), rel=1e-6) and epsilon > 0

@@ -133,6 +133,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         norm_action=s.norm_action,
         shutdown_grace=s.shutdown_grace,
         max_concurrent_uploads=s.max_concurrent_uploads,
+        dp_delta=s.dp_delta,
     )
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(

@@ -64,6 +64,7 @@ class ServerSettings:
         chunk_bytes: bytes per payload chunk (and the basis of the gRPC message size limit).
         max_upload_bytes: largest result payload accepted, in bytes (0 = twice the fp32 model, plus 1 MiB).
         max_concurrent_uploads: uploads in progress at once; more get RESOURCE_EXHAUSTED (retry later).
+        dp_delta: delta of the epsilon the server computes for each DP client from the steps it reported.
         poll_timeout: seconds a task poll waits before answering ``idle``.
         heartbeat_seconds: how often clients send a heartbeat while training, in seconds.
         client_timeout: seconds of silence after which a client is marked gone.
@@ -89,6 +90,7 @@ class ServerSettings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 0
     max_concurrent_uploads: int = 32
+    dp_delta: float = 1e-5
     poll_timeout: float = 10.0
     heartbeat_seconds: float = 5.0
     client_timeout: float = 30.0
@@ -173,6 +175,8 @@ def validate_server(cfg: ServerRunConfig) -> None:
         raise ConfigError(f"server.chunk_bytes must be in 1024..{64 << 20}, got {s.chunk_bytes}")
     if s.max_upload_bytes < 0:
         raise ConfigError(f"server.max_upload_bytes must be >= 0 (0 = automatic), got {s.max_upload_bytes}")
+    if not 0.0 < s.dp_delta < 1.0:
+        raise ConfigError(f"server.dp_delta must be in (0, 1), got {s.dp_delta}")
     if s.max_concurrent_uploads < 1:
         raise ConfigError(f"server.max_concurrent_uploads must be >= 1, got {s.max_concurrent_uploads}")
     for key in ("poll_timeout", "heartbeat_seconds", "client_timeout", "shutdown_grace"):

@@ -21,6 +21,7 @@ import torch
 
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
+from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.validation import check_norm
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
@@ -83,6 +84,7 @@ class RuntimeSettings:
     norm_action: str = "reject"
     shutdown_grace: float = 10.0
     max_concurrent_uploads: int = 32
+    dp_delta: float = 1e-5
 
 
 @dataclass
@@ -107,11 +109,16 @@ class Counters:
 
 @dataclass
 class TaskRecord:
-    """A task the strategy handed out and no result has answered yet."""
+    """A task the strategy handed out and no result has answered yet; ``meta`` describes what its result must
+    carry: the tensors the task trains (all it carries, or FedP3's assigned layers)."""
 
     task: Task
     meta: dict[str, TensorMeta]
     delivered: bool = False
+
+    @classmethod
+    def of(cls, task: Task) -> TaskRecord:
+        return cls(task, meta_of({k: v for k, v in task.weights.items() if k in task.trained}))
 
 
 @dataclass
@@ -168,6 +175,7 @@ class Coordinator:
         self.clients: dict[int, ClientState] = {}
         self.records: dict[int, TaskRecord] = {}
         self.accepted: dict[int, int] = {}  # task id -> client id of every accepted result
+        self.privacy = PrivacyLedger()  # DP-SGD steps each client reported
         self.ended: RunEnded | None = None
         self.uploads_in_flight = 0
         self._replaying = False
@@ -177,7 +185,9 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._ended_event = asyncio.Event()
         self._evaluated = -1
-        self._eval_queue: asyncio.Queue[tuple[int, float, dict[str, torch.Tensor], int, int]] = asyncio.Queue()
+        self._eval_queue: asyncio.Queue[
+            tuple[int, float, dict[str, torch.Tensor], int, int, dict[int, list[DPStep]] | None]
+        ] = asyncio.Queue()
         self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._last_seq = -1
         strategy.start(initial_weights, 0.0)
@@ -244,9 +254,12 @@ class Coordinator:
                     r.task.local_steps,
                     r.task.local_epochs,
                     dict(r.task.weights),
+                    sorted(r.task.train),
+                    sorted(r.task.sparse),
                 ]
                 for r in self.records.values()
             ],
+            "privacy": self.privacy.state_dict(),
             "accepted": sorted(self.accepted.items()),
             "counters": asdict(self.counters),
             "evaluated": self._evaluated,
@@ -265,9 +278,12 @@ class Coordinator:
                 info = _info_from_row(row[:6])
                 self.clients[info.client_id] = ClientState(info, 0.0, announced=bool(row[6]))
             self.records = {}
-            for tid, cid, version, steps, epochs, weights in state["tasks"]:
-                task = Task(int(tid), int(cid), int(version), weights, int(steps), int(epochs))
-                self.records[task.task_id] = TaskRecord(task, meta_of(weights))
+            for tid, cid, version, steps, epochs, weights, *names in state["tasks"]:
+                train, sparse = (frozenset(map(str, n)) for n in names) if names else (frozenset(), frozenset())
+                task = Task(int(tid), int(cid), int(version), weights, int(steps), int(epochs), train, sparse)
+                self.records[task.task_id] = TaskRecord.of(task)
+            self.privacy = PrivacyLedger()
+            self.privacy.load_state_dict(state.get("privacy", {}))
             self.accepted = {int(t): int(c) for t, c in state["accepted"]}
             self.counters = Counters(**state["counters"])
             self._evaluated = int(state["evaluated"])
@@ -307,7 +323,9 @@ class Coordinator:
                     float(body["train_seconds"]),
                     float(body["loss"]),
                 )
-                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]))
+                dp = body.get("dp")
+                step = None if dp is None else (float(dp[0]), float(dp[1]), int(dp[2]))
+                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]), step)
             elif kind == "end":
                 self._end(str(body["reason"]), now)
             else:
@@ -331,9 +349,11 @@ class Coordinator:
         self._log({"kind": "tick", "now": now})
         self._dispatch(self.strategy.on_tick(now), now)
 
-    def _apply_result(self, result: Result, now: float, nbytes: int, clipped: bool) -> None:
+    def _apply_result(self, result: Result, now: float, nbytes: int, clipped: bool, dp: DPStep | None = None) -> None:
         before = self.strategy.version
         tasks = self.strategy.on_result(result, now)
+        if dp is not None:
+            self.privacy.add(result.client_id, dp)
         self.records.pop(result.task_id, None)
         self.accepted[result.task_id] = result.client_id
         self.counters.received += 1
@@ -345,7 +365,7 @@ class Coordinator:
 
     def _dispatch(self, tasks: list[Task], now: float, aggregated: bool = False) -> None:
         for task in tasks:
-            self.records[task.task_id] = TaskRecord(task, meta_of(task.weights))
+            self.records[task.task_id] = TaskRecord.of(task)
             state = self.clients[task.client_id]
             state.announced = False
             state.wakeup.set()
@@ -407,15 +427,25 @@ class Coordinator:
         self._evaluated = self.version
         weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
         self._eval_queue.put_nowait(
-            (self.version, now, weights, self.strategy.updates_applied, self.strategy.updates_dropped)
+            (
+                self.version,
+                now,
+                weights,
+                self.strategy.updates_applied,
+                self.strategy.updates_dropped,
+                self.privacy.snapshot() if self.privacy else None,
+            )
         )
 
     async def _evaluator(self) -> None:
         while True:
-            version, now, weights, applied, dropped = await self._eval_queue.get()
+            version, now, weights, applied, dropped, privacy = await self._eval_queue.get()
             try:
                 if self.evaluate is not None and self.metrics is not None:
                     accuracy, loss = await asyncio.to_thread(self.evaluate, weights)
+                    epsilon = None
+                    if privacy is not None:
+                        epsilon = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, self.settings.dp_delta)
                     self.metrics.write(
                         MetricsRecord(
                             version=version,
@@ -427,6 +457,7 @@ class Coordinator:
                             bytes_down=self.counters.bytes_down,
                             updates_applied=applied,
                             updates_dropped=dropped,
+                            epsilon=epsilon,
                         )
                     )
                     log.info("version %d at %.1f s: accuracy %.4f, loss %.4f", version, now, accuracy, loss)
@@ -529,8 +560,11 @@ class Coordinator:
             result.loss,
         ), True
 
-    async def submit(self, result: Result, record: TaskRecord, nbytes: int, clipped: bool) -> int:
+    async def submit(
+        self, result: Result, record: TaskRecord, nbytes: int, clipped: bool, dp: DPStep | None = None
+    ) -> int:
         """Make a validated result durable, then hand it to the strategy; returns the global version after it.
+        ``dp`` is the DP-SGD history entry the client reported with it (None without DP).
 
         Raises :class:`DuplicateResult` or :class:`NotOutstanding` when, while the result was being stored, the
         task was answered by another upload or lost.
@@ -567,9 +601,10 @@ class Coordinator:
                 "sha256": sha,
                 "bytes": nbytes,
                 "clipped": clipped,
+                "dp": None if dp is None else list(dp),
             }
         )
-        self._apply_result(result, now, nbytes, clipped)
+        self._apply_result(result, now, nbytes, clipped, dp)
         return self.version
 
     def heartbeat(self, client_id: int) -> bool:

@@ -19,9 +19,11 @@ import grpc
 from grpc import aio
 
 from fedhet.server.auth import TokenStore
+from fedhet.server.privacy import DPStep, check_dp_report
 from fedhet.server.runtime import Coordinator, DuplicateResult, NotOutstanding, RunEnded, UnknownClient
 from fedhet.server.validation import (
     ResultFields,
+    SampleCountError,
     check_result_fields,
     check_update,
     check_update_manifest,
@@ -93,13 +95,14 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         except UnknownClient as error:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
-    def _encode(self, weights: Weights) -> tuple[tpb.Manifest, bytes]:
-        """Encode task weights once per weights object (every client of a version shares the global model)."""
+    def _encode(self, weights: Weights, sparse: frozenset[str]) -> tuple[tpb.Manifest, bytes]:
+        """Encode task weights once per weights object (every client of a version shares the global model); the
+        tensors named in ``sparse`` (pruned) travel sparse."""
         key = id(weights)
         hit = self._encoded.get(key)
         if hit is not None and hit[0] is weights:
             return hit[1], hit[2]
-        manifest, payload = encode(weights, self.encoding)
+        manifest, payload = encode(weights, self.encoding, sparse)
         self._encoded[key] = (weights, manifest, payload)  # holding ``weights`` keeps its id from being reused
         while len(self._encoded) > 4:
             self._encoded.popitem(last=False)
@@ -148,7 +151,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             yield spb.TaskMessage(idle=spb.Idle(retry_after_seconds=0.0, version=self.coord.version))
             return
         task = outcome
-        manifest, payload = self._encode(task.weights)
+        manifest, payload = self._encode(task.weights, task.sparse)
         sent = False
         try:
             yield spb.TaskMessage(
@@ -159,6 +162,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     local_steps=task.local_steps,
                     local_epochs=task.local_epochs,
                     manifest=manifest,
+                    train=sorted(task.train),
                 )
             )
             for chunk in chunks(payload, self.chunk_bytes):
@@ -204,6 +208,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             try:
                 fields = ResultFields(header.num_samples, header.local_steps, header.train_seconds, header.loss)
                 check_result_fields(fields, coord.clients[client_id].info.num_samples)
+                dp = check_dp_fields(header)
                 if header.manifest.total_bytes > self.max_upload_bytes:  # the cheapest check first
                     raise PayloadTooLarge(
                         f"payload of {header.manifest.total_bytes} bytes exceeds the cap of {self.max_upload_bytes}"
@@ -235,7 +240,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 await _drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
-                version = await coord.submit(result, record, int(header.manifest.total_bytes), clipped)
+                version = await coord.submit(result, record, int(header.manifest.total_bytes), clipped, dp)
             except DuplicateResult:
                 return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
             except NotOutstanding as error:
@@ -256,6 +261,17 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         await self._known(context, client_id)
         self.coord.leave(client_id)
         return spb.LeaveReply(version=self.coord.version)
+
+
+def check_dp_fields(header: spb.ResultHeader) -> DPStep | None:
+    """The DP-SGD report of an upload, checked (None when the client trained without DP)."""
+    if not header.HasField("dp"):
+        return None
+    dp = header.dp
+    try:
+        return check_dp_report(dp.noise_multiplier, dp.sample_rate, dp.steps, header.local_steps)
+    except ValueError as error:
+        raise SampleCountError(str(error)) from None
 
 
 def _finish_checked(assembler: PayloadAssembler, meta: Any) -> dict[str, Any]:

@@ -88,7 +88,31 @@ def validate(cfg: RunConfig) -> None:
     if cfg.sim.personal_eval and part.test_fraction == 0:
         raise ConfigError("sim.personal_eval needs held-out client data: set dataset.partition.test_fraction > 0")
     privacy_config(cfg)
+    _check_combinations(cfg)
     build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    """Combinations that would fail (or silently mislead) mid-run are refused before any work."""
+    planner, scheduler = cfg.strategy.planner, cfg.strategy.scheduler
+    aggregator = cfg.strategy.aggregator.get("name")
+    low_bit = [b for b in (cfg.fleet.bitwidths or [cfg.fleet.bitwidth]) if b < FULL_PRECISION]
+    if cfg.privacy.enabled and low_bit:
+        raise ConfigError(
+            f"privacy.enabled: clients at {sorted(set(low_bit))} bits train quantization-aware without DP-SGD; "
+            "use a fleet of 32-bit clients with privacy"
+        )
+    # under FedBuff a fast client gets several tasks per version before a flush: max_versions does not bound them
+    target = cfg.privacy.enabled and cfg.privacy.target_epsilon > 0
+    if target and not cfg.privacy.planned_tasks and scheduler.get("name") == "fedbuff":
+        raise ConfigError("privacy.target_epsilon with the fedbuff scheduler needs privacy.planned_tasks")
+    if planner.get("name") == "fedp3":
+        if aggregator in ("prowd", "grouped_mean"):
+            raise ConfigError(
+                f"strategy.planner=fedp3 sends partial updates, which aggregator {aggregator} cannot fold"
+            )
+        if cfg.sim.personal_eval and int(planner.get("head_layers", 1)) != 1:
+            raise ConfigError("sim.personal_eval fine-tunes one head layer: use strategy.planner.head_layers=1")
 
 
 def privacy_config(cfg: RunConfig) -> PrivacyConfig | None:

@@ -1,7 +1,8 @@
 from fedhet.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -53,20 +54,22 @@ class GetTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("client_id", "task_id", "version", "local_steps", "local_epochs", "manifest")
+    __slots__ = ("client_id", "task_id", "version", "local_steps", "local_epochs", "manifest", "train")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     task_id: int
     version: int
     local_steps: int
     local_epochs: int
     manifest: _tensor_pb2.Manifest
-    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ...) -> None: ...
+    train: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., train: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Idle(_message.Message):
     __slots__ = ("retry_after_seconds", "version")
@@ -97,7 +100,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., run_over: _Optional[_Union[RunOver, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("client_id", "task_id", "version", "num_samples", "local_steps", "train_seconds", "loss", "manifest")
+    __slots__ = ("client_id", "task_id", "version", "num_samples", "local_steps", "train_seconds", "loss", "manifest", "dp")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +109,7 @@ class ResultHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     task_id: int
     version: int
@@ -114,7 +118,18 @@ class ResultHeader(_message.Message):
     train_seconds: float
     loss: float
     manifest: _tensor_pb2.Manifest
-    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ...) -> None: ...
+    dp: DPReport
+    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., dp: _Optional[_Union[DPReport, _Mapping]] = ...) -> None: ...
+
+class DPReport(_message.Message):
+    __slots__ = ("noise_multiplier", "sample_rate", "steps")
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    def __init__(self, noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

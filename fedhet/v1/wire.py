@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhet.codec import pack_mask, unpack_mask
 from fedhet.types import Weights
 from fedhet.v1 import tensor_pb2 as pb
 
@@ -114,9 +115,10 @@ def _wire_dtype(dtype: torch.dtype, encoding: int) -> torch.dtype:
     return _FLOAT_WIRE.get(encoding, dtype)
 
 
-def encode(weights: Weights, encoding: str = "fp32") -> tuple[pb.Manifest, bytes]:
+def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> tuple[pb.Manifest, bytes]:
     """The manifest and payload of ``weights``; floating-point tensors travel at ``encoding`` (fp32/fp16/bf16),
-    others exactly (``ENCODING_RAW``)."""
+    others exactly (``ENCODING_RAW``); the floating-point tensors named in ``sparse`` (pruned) travel as
+    ``ENCODING_SPARSE``: a bitmap of their nonzero positions, then those values at ``encoding``."""
     if encoding not in DENSE_ENCODINGS:
         raise ManifestError(f"unknown encoding {encoding!r}; choose one of {', '.join(DENSE_ENCODINGS)}")
     manifest = pb.Manifest()
@@ -125,11 +127,18 @@ def encode(weights: Weights, encoding: str = "fp32") -> tuple[pb.Manifest, bytes
         if tensor.dtype not in _DTYPE_CODES:
             raise ManifestError(f"tensor {name!r}: dtype {tensor.dtype} cannot travel")
         code = DENSE_ENCODINGS[encoding] if tensor.is_floating_point() else pb.ENCODING_RAW
-        wire = tensor.detach().to("cpu", _wire_dtype(tensor.dtype, code)).contiguous()
-        raw = wire.reshape(-1).view(torch.uint8).numpy().tobytes()
-        manifest.tensors.add(
-            name=name, shape=list(tensor.shape), dtype=_DTYPE_CODES[tensor.dtype], encoding=code, byte_length=len(raw)
-        )
+        flat = tensor.detach().to("cpu").reshape(-1)
+        spec = manifest.tensors.add(name=name, shape=list(tensor.shape), dtype=_DTYPE_CODES[tensor.dtype])
+        if name in sparse and tensor.is_floating_point():
+            kept = flat != 0
+            values = flat[kept].to(_wire_dtype(tensor.dtype, code)).view(torch.uint8).numpy().tobytes()
+            raw = pack_mask(kept).numpy().tobytes() + values
+            spec.encoding = pb.ENCODING_SPARSE
+            spec.sparse.CopyFrom(pb.SparseLayout(nnz=int(kept.sum()), bitmap=True, value_encoding=code))
+        else:
+            raw = flat.to(_wire_dtype(tensor.dtype, code)).contiguous().view(torch.uint8).numpy().tobytes()
+            spec.encoding = code
+        spec.byte_length = len(raw)
         parts.append(raw)
     payload = b"".join(parts)
     manifest.total_bytes = len(payload)
@@ -149,25 +158,40 @@ def chunks(payload: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
 
 
 def _expected_bytes(spec: pb.TensorSpec) -> tuple[torch.dtype, torch.dtype, int]:
-    """(decoded dtype, wire dtype, byte length) a dense spec needs; raises ManifestError when inconsistent."""
+    """(decoded dtype, wire dtype of the values, byte length) a spec needs; raises ManifestError when
+    inconsistent. A sparse spec's length is its bitmap plus ``nnz`` values."""
     name = spec.name
     if spec.dtype not in _DTYPES:
         raise ManifestError(f"tensor {name!r}: unknown dtype {spec.dtype}")
     dtype = _DTYPES[spec.dtype]
-    if spec.encoding in (pb.ENCODING_PACKED_INT, pb.ENCODING_SPARSE):
-        raise ManifestError(f"tensor {name!r}: encoding {encoding_name(spec.encoding)} is not accepted by this peer")
-    if spec.encoding in _FLOAT_WIRE:
-        if not dtype.is_floating_point:
-            raise ManifestError(f"tensor {name!r}: {encoding_name(spec.encoding)} needs a floating-point dtype")
-    elif spec.encoding != pb.ENCODING_RAW:
-        raise ManifestError(f"tensor {name!r}: unknown encoding {encoding_name(spec.encoding)}")
-    if spec.WhichOneof("layout") is not None:
-        raise ManifestError(f"tensor {name!r}: a dense encoding takes no {spec.WhichOneof('layout')} layout")
     if any(d < 0 for d in spec.shape):
         raise ManifestError(f"tensor {name!r}: negative dimension in shape {list(spec.shape)}")
-    wire = _wire_dtype(dtype, spec.encoding)
     numel = math.prod(spec.shape)
-    needed = numel * torch.empty((), dtype=wire).element_size()
+    layout = spec.WhichOneof("layout")
+    if spec.encoding == pb.ENCODING_SPARSE:
+        sparse = spec.sparse
+        if layout != "sparse" or not sparse.bitmap:
+            raise ManifestError(f"tensor {name!r}: a sparse tensor needs a bitmap sparse layout (no index lists)")
+        if not dtype.is_floating_point or sparse.value_encoding not in _FLOAT_WIRE:
+            raise ManifestError(f"tensor {name!r}: sparse values must be fp32/fp16/bf16 of a floating-point tensor")
+        if sparse.nnz > numel:
+            raise ManifestError(f"tensor {name!r}: {sparse.nnz} stored values for {numel} elements")
+        wire = _FLOAT_WIRE[sparse.value_encoding]
+        needed = (numel + 7) // 8 + sparse.nnz * wire.itemsize
+    else:
+        if spec.encoding == pb.ENCODING_PACKED_INT:
+            raise ManifestError(
+                f"tensor {name!r}: encoding {encoding_name(spec.encoding)} is not accepted by this peer"
+            )
+        if spec.encoding in _FLOAT_WIRE:
+            if not dtype.is_floating_point:
+                raise ManifestError(f"tensor {name!r}: {encoding_name(spec.encoding)} needs a floating-point dtype")
+        elif spec.encoding != pb.ENCODING_RAW:
+            raise ManifestError(f"tensor {name!r}: unknown encoding {encoding_name(spec.encoding)}")
+        if layout is not None:
+            raise ManifestError(f"tensor {name!r}: a dense encoding takes no {layout} layout")
+        wire = _wire_dtype(dtype, spec.encoding)
+        needed = numel * wire.itemsize
     if spec.byte_length != needed:
         raise ManifestError(
             f"tensor {name!r}: {spec.byte_length} bytes declared, but shape {list(spec.shape)} "
@@ -201,14 +225,31 @@ def decode(manifest: pb.Manifest, payload: bytes | bytearray) -> dict[str, torch
     offset = 0
     for spec in manifest.tensors:
         dtype, wire, nbytes = _expected_bytes(spec)
-        count = nbytes // torch.empty((), dtype=wire).element_size()
-        if count:
-            values = torch.frombuffer(buffer, dtype=wire, count=count, offset=offset)
+        if spec.encoding == pb.ENCODING_SPARSE:
+            out[spec.name] = _decode_sparse(spec, dtype, wire, buffer[offset : offset + nbytes])
         else:
-            values = torch.empty(0, dtype=wire)
-        out[spec.name] = values.reshape(tuple(spec.shape)).to(dtype)
+            count = nbytes // wire.itemsize
+            values = torch.frombuffer(buffer, dtype=wire, count=count, offset=offset) if count else torch.empty(0)
+            out[spec.name] = values.reshape(tuple(spec.shape)).to(dtype)
         offset += nbytes
     return out
+
+
+def _decode_sparse(spec: pb.TensorSpec, dtype: torch.dtype, wire: torch.dtype, raw: bytearray) -> torch.Tensor:
+    """A sparse tensor from its bitmap and values; the bitmap must mark exactly ``nnz`` elements."""
+    numel = math.prod(spec.shape)
+    mask_bytes = (numel + 7) // 8
+    data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    try:
+        mask = unpack_mask(data[:mask_bytes], numel)
+    except ValueError as error:
+        raise ManifestError(f"tensor {spec.name!r}: {error}") from None
+    marked = int(mask.sum())
+    if marked != spec.sparse.nnz:
+        raise ManifestError(f"tensor {spec.name!r}: the bitmap marks {marked} values, the layout {spec.sparse.nnz}")
+    out = torch.zeros(numel, dtype=dtype)
+    out[mask] = data[mask_bytes:].clone().view(wire).to(dtype)
+    return out.reshape(tuple(spec.shape))
 
 
 def check_finite(weights: Weights) -> None:
