@@ -272,8 +272,9 @@ class NetworkClient:
     ) -> None:
         self.net = net
         self.trainer = trainer
-        # what the client keeps between tasks: its own tensors start from the initial model (the server's version 0)
-        self.states = ClientStates(initial if initial is not None else trainer.model.state_dict())
+        # what the client keeps between tasks: its own tensors start from the initial model (the server's version 0);
+        # without one (a trainer that holds no model, such as Flower's NumPyClient adapter) it keeps no tensors
+        self.states = ClientStates(initial if initial is not None else {})
         self.state_file = Path(state_dir) / f"client{net.client_id}.state" if state_dir else None
         if self.state_file is not None and self.state_file.exists():
             self.states.states[net.client_id] = ClientState.from_bytes(self.state_file.read_bytes())

@@ -55,6 +55,8 @@ class NumPyClientTrainer:
     to pace an emulated slower device. A reply whose arrays do not match the task's count and shapes is an error.
     """
 
+    privacy = None  # a NumPyClient trains as it likes: fedhet's DP-SGD is not applied, and none is reported
+
     def __init__(self, client: NumPyClient, config: TrainConfig | None = None) -> None:
         self.client = client
         self.config = config or TrainConfig()
