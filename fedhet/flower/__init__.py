@@ -3,10 +3,10 @@
 - :mod:`~fedhet.flower.serverapp`: a Flower ServerApp that drives any fedhet strategy (FedCompass, FedAsync,
   FedBuff, FedAvg, with any planner and aggregator) through Flower's Grid, on the real clock, writing the same
   ``metrics.jsonl`` as ``fedhet server``;
-- :mod:`~fedhet.flower.clientapp`: a Flower ClientApp that runs fedhet's trainers (plain, and quantized at the
-  client's bitwidth) on the task a message carries;
-- :mod:`~fedhet.flower.records`: fedhet's tensor encodings (fp32/fp16/bf16, packed int-b) as Flower records,
-  without loss;
+- :mod:`~fedhet.flower.clientapp`: a Flower ClientApp that runs fedhet's trainers (plain, quantized at the
+  client's bitwidth, FedP3's pruned sub-models with a personal head, DP-SGD) on the task a message carries;
+- :mod:`~fedhet.flower.records`: fedhet's tensor encodings (fp32/fp16/bf16, packed int-b, sparse) as Flower
+  records, without loss;
 - :mod:`~fedhet.flower.numpy_client`: a classic Flower ``NumPyClient`` joins a fedhet server as ``fedhet client``
   does;
 - :mod:`~fedhet.flower.local`: an in-process Grid for tests.

@@ -186,6 +186,15 @@ class FedhetClient:
             )
         return trainer
 
+    def probe_trainer(self) -> LocalTrainer:
+        """This thread's plain-SGD trainer for measuring speed (the fp32 one when it is not DP)."""
+        if self.settings.privacy is None:
+            return self.trainer()
+        trainer: LocalTrainer | None = getattr(self._local, "probe", None)
+        if trainer is None:
+            trainer = self._local.probe = LocalTrainer(self._model(), self.settings.train)
+        return trainer
+
     def quantized_trainer(self) -> QuantizedTrainer:
         """This thread's quantization-aware trainer."""
         trainer: QuantizedTrainer | None = getattr(self._local, "quantized", None)
@@ -202,8 +211,8 @@ class FedhetClient:
         if self.settings.seconds_per_sample:
             seconds = self.settings.seconds_per_sample[partition]
         else:
-            if partition not in self._measured:
-                self._measured[partition] = measure_seconds_per_sample(self.trainer(), x, y)
+            if partition not in self._measured:  # plain SGD: a DP-SGD step costs more (impose speeds under DP)
+                self._measured[partition] = measure_seconds_per_sample(self.probe_trainer(), x, y)
             seconds = self._measured[partition]
         profile = ClientProfile(seconds, self.settings.bandwidth, self.bitwidth(partition))
         return profile, len(x)
@@ -347,10 +356,18 @@ def load_state(context: Context, partition: int, privacy: PrivacyConfig | None) 
         from opacus.accountants import RDPAccountant
 
         noise, rates, steps = dp.get("noise"), dp.get("sample-rate"), dp.get("steps")
-        if not (isinstance(noise, list) and isinstance(rates, list) and isinstance(steps, list)):
+        history: list[tuple[float, float, int]] = []
+        lists = isinstance(noise, list) and isinstance(rates, list) and isinstance(steps, list)
+        if lists and isinstance(noise, list) and isinstance(rates, list) and isinstance(steps, list):
+            if len(noise) == len(rates) == len(steps):
+                for n, r, k in zip(noise, rates, steps, strict=True):
+                    if isinstance(n, float) and isinstance(r, float) and isinstance(k, int):
+                        history.append((n, r, k))
+            lists = len(history) == len(noise)
+        if not lists:
             raise RecordError(f"context state {DP_KEY!r}: malformed accountant history")
         state.accountant = RDPAccountant()
-        state.accountant.history = [(float(n), float(r), int(k)) for n, r, k in zip(noise, rates, steps, strict=True)]
+        state.accountant.history = history
         noise_multiplier = dp.get("noise-multiplier")
         state.noise_multiplier = float(noise_multiplier) if isinstance(noise_multiplier, int | float) else 0.0
     return state
