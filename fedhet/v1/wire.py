@@ -72,8 +72,12 @@ _DTYPES: Mapping[int, torch.dtype] = {
 _DTYPE_CODES: Mapping[torch.dtype, int] = {v: k for k, v in _DTYPES.items()}
 
 #: dense floating-point wire encodings by config name, and the dtype each stores values as
-DENSE_ENCODINGS: Mapping[str, int] = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16, "bf16": pb.ENCODING_BF16}
-_FLOAT_WIRE: Mapping[int, torch.dtype] = {
+DENSE_ENCODINGS: Mapping[str, pb.Encoding] = {
+    "fp32": pb.ENCODING_FP32,
+    "fp16": pb.ENCODING_FP16,
+    "bf16": pb.ENCODING_BF16,
+}
+_FLOAT_WIRE: Mapping[pb.Encoding, torch.dtype] = {
     pb.ENCODING_FP32: torch.float32,
     pb.ENCODING_FP16: torch.float16,
     pb.ENCODING_BF16: torch.bfloat16,
@@ -111,7 +115,7 @@ def meta_of(weights: Weights) -> dict[str, TensorMeta]:
     return {k: TensorMeta(k, tuple(v.shape), v.dtype) for k, v in weights.items()}
 
 
-def _wire_dtype(dtype: torch.dtype, encoding: int) -> torch.dtype:
+def _wire_dtype(dtype: torch.dtype, encoding: pb.Encoding) -> torch.dtype:
     return _FLOAT_WIRE.get(encoding, dtype)
 
 
