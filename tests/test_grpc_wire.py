@@ -188,3 +188,33 @@ def test_fuzz_mutated_payloads_only_raise_typed_errors(payload: bytes, size: int
 def test_fuzz_the_shared_tensor_codec(data: bytes) -> None:
     with contextlib.suppress(CodecError):
         codec_decode(data)
+
+
+def test_sparse_tensors_round_trip_and_malformed_bitmaps_are_refused() -> None:
+    w = {"w": torch.tensor([[1.5, 0.0, -2.0], [0.0, 0.0, 3.0], [4.0, 0.0, 0.0]]), "b": torch.ones(3)}
+    manifest, payload = encode(w, "fp32", frozenset({"w"}))
+    spec = manifest.tensors[0]
+    assert spec.encoding == tpb.ENCODING_SPARSE and spec.sparse.nnz == 4 and spec.sparse.bitmap
+    assert spec.byte_length == 2 + 4 * 4  # 9 elements: 2 bitmap bytes, then 4 fp32 values
+    out = decode(manifest, payload)
+    assert torch.equal(out["w"], w["w"]) and torch.equal(out["b"], w["b"])
+
+    def variant(change: object, data: bytes = payload) -> tuple[tpb.Manifest, bytes]:
+        m = tpb.Manifest()
+        m.CopyFrom(manifest)
+        change(m.tensors[0])  # type: ignore[operator]
+        m.sha256 = hashlib.sha256(data).digest()
+        return m, data
+
+    flipped = bytes([payload[0] ^ 0b10]) + payload[1:]  # one more element marked than nnz says
+    with pytest.raises(ManifestError, match="bitmap marks 5 values, the layout 4"):
+        decode(*variant(lambda s: None, flipped))
+    padding = payload[:1] + bytes([payload[1] | 0b10]) + payload[2:]
+    with pytest.raises(ManifestError, match="padding bits"):
+        decode(*variant(lambda s: None, padding))
+    with pytest.raises(ManifestError, match="bitmap sparse layout"):
+        decode(*variant(lambda s: setattr(s.sparse, "bitmap", False)))
+    with pytest.raises(ManifestError, match="stored values for 9 elements"):
+        decode(*variant(lambda s: setattr(s.sparse, "nnz", 10)))
+    with pytest.raises(ManifestError, match="bytes declared"):
+        decode(*variant(lambda s: setattr(s.sparse, "nnz", 3)))
