@@ -545,11 +545,8 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
     model = build_model(cfg.model.name, input_shape, classes, cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
-    seconds = prof.seconds_per_sample
-    if not seconds:  # timed with plain SGD (a DP step costs more; the profile is a planning hint)
-        plain = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device)
-        seconds = measure_seconds_per_sample(plain, x, y, prof.benchmark_steps)
     trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device, privacy_of(cfg))
+    seconds = prof.seconds_per_sample or measure_seconds_per_sample(trainer, x, y, prof.benchmark_steps)
     profile = ClientProfile(
         seconds_per_sample=seconds * prof.slowdown,
         bandwidth=prof.bandwidth,

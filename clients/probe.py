@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from fedhet.clients.trainer import LocalTrainer
+from fedhet.clients.trainer import ClientState, LocalTrainer
 from fedhet.types import Task
 
 __all__ = ["detect_memory_bytes", "measure_seconds_per_sample"]
@@ -17,15 +17,16 @@ def measure_seconds_per_sample(trainer: LocalTrainer, x: torch.Tensor, y: torch.
     """Seconds per training sample (forward + backward + step) of ``trainer`` on this device.
 
     Runs one warm-up step, then ``steps`` timed minibatch steps of the trainer's batch size on ``(x, y)``, starting
-    from the trainer's current model; the model's weights are restored afterwards.
+    from the trainer's current model; the model's weights are restored afterwards. A DP trainer is timed with its
+    DP-SGD steps, on a throwaway client state (no real budget is spent).
     """
     if steps < 1:
         raise ValueError(f"benchmark steps must be >= 1, got {steps}")
     saved = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     try:
-        trainer.train(Task(0, 0, 0, saved, local_steps=1), x, y, seed=0)
+        trainer.train(Task(0, 0, 0, saved, local_steps=1), x, y, seed=0, state=ClientState())
         start = time.perf_counter()
-        result = trainer.train(Task(1, 0, 0, saved, local_steps=steps), x, y, seed=0)
+        result = trainer.train(Task(1, 0, 0, saved, local_steps=steps), x, y, seed=0, state=ClientState())
         elapsed = time.perf_counter() - start
     finally:
         trainer.model.load_state_dict(saved)

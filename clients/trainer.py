@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -341,7 +342,9 @@ class LocalTrainer:
         batches = [
             torch.nonzero(torch.rand(len(x), generator=generator) < sample_rate).reshape(-1) for _ in range(steps)
         ]
-        total = self._sgd(wrapper, private, batches, x, y)
+        with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            total = self._sgd(wrapper, private, batches, x, y)
         for _ in range(steps):
             state.accountant.step(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate)
         private.zero_grad(set_to_none=True)  # drops the per-sample gradients
