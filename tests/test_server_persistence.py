@@ -120,6 +120,9 @@ async def crash_and_resume(root: Path) -> None:
     t0, t1 = await poll(first, 0, 1)
     await first.submit(result(t0, 5.0), first.records[t0.task_id], 24, False)  # acknowledged, not aggregated
     before = snapshot(first.strategy)
+    # a checkpoint write runs in a worker thread, which a cancelled task cannot stop (a real crash would): let it
+    # finish, so no thread of the "dead" process deletes files under the resumed one
+    await asyncio.wait_for(first._ckpt_queue.join(), 30)
     runner.cancel()  # the process dies here: no end event, no final checkpoint
     await asyncio.gather(runner, return_exceptions=True)
 
