@@ -9,7 +9,6 @@ and exits 0 when the server says the run is over.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import random
 import sys
@@ -29,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.trainer import ClientState, ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import CodecError
-from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed
+from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed, is_loopback
 from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import MODELS, build_model
@@ -149,15 +148,6 @@ def compose_client(overrides: list[str]) -> ClientRunConfig:
     return typed
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _validate(cfg: ClientRunConfig) -> None:
     net, prof = cfg.network, cfg.profile
     host, sep, port = net.server.rpartition(":")
@@ -182,7 +172,7 @@ def _validate(cfg: ClientRunConfig) -> None:
             raise ConfigError(f"network.tls.{key}: no such file {path}")
     if net.token_file and not Path(net.token_file).is_file():
         raise ConfigError(f"network.token_file: no such file {net.token_file}")
-    if not _is_loopback(host) and not net.tls.ca and not net.insecure:
+    if not is_loopback(host) and not net.tls.ca and not net.insecure:
         raise ConfigError(
             f"refusing a plaintext connection to non-loopback server {host}: set network.tls.ca (and cert/key for "
             "mutual TLS), or network.insecure=true to accept the risk"

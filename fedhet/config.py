@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "compose_typed",
+    "is_loopback",
     "register_configs",
     "to_typed",
 ]
@@ -132,6 +134,17 @@ class RunConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     num_clients: int = 100
     seed: int = 0
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1): where the server and its clients may
+    talk without TLS."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def register_configs() -> None:

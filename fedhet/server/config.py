@@ -3,7 +3,6 @@ checks that run before a port is bound."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed
+from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed, is_loopback
 from fedhet.errors import ConfigError
 
 __all__ = [
@@ -141,16 +140,6 @@ def compose_server(overrides: list[str]) -> ServerRunConfig:
     typed = compose_typed("server", ServerRunConfig, overrides)
     validate_server(typed)
     return typed
-
-
-def is_loopback(address: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _positive(key: str, value: float) -> None:
