@@ -15,6 +15,7 @@ from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import read_metrics
 from fedhet.models import build_model
+from fedhet.sim import vectorized
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.runner import simulate, validate
 from fedhet.sim.vectorized import VectorizedExecutor, compile_model
@@ -139,7 +140,38 @@ def test_batch_size_follows_the_memory_budget_not_the_client_count() -> None:
     small = VectorizedExecutor(trainer, x, y, shards, seed=0, memory_bytes=1)
     large = VectorizedExecutor(trainer, x, y, shards, seed=0, memory_bytes=1 << 30)
     assert small.batch_size == 1
-    assert 100 < large.batch_size <= 2048
+    assert 100 < large.batch_size <= 128  # on a CPU larger chunks only write results to more fresh memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_weights_become_dense_in_blocks(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """``base - lr * u^T v`` per client, blocks of clients with a short last block (bf16: up to its rounding)."""
+    monkeypatch.setattr(vectorized, "_DENSE_BLOCK_BYTES", 3 * 20 * 30 * 2)  # 3 clients a block in bf16
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(20, 30, generator=generator)
+    u, v = torch.randn(11, 5, 20, generator=generator), torch.randn(11, 5, 30, generator=generator)
+    expected = base - 0.1 * torch.bmm(u.transpose(1, 2), v)
+    low_rank = vectorized._LowRank(base, u.to(dtype), v.to(dtype), 0.1, base.to(dtype))
+    actual = low_rank.dense()
+    assert actual.dtype == torch.float32 and actual.shape == (11, 20, 30)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_bf16_2nn_with_shared_start_weights_stays_close_to_fp32() -> None:
+    """The low-rank path (every client of a chunk starts from the same weights) in bf16 against fp32."""
+    x, y, shards = data()
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tasks = [Task(i, i, 0, start, local_epochs=1) for i in range(len(shards))]
+    config = TrainConfig(lr=0.05, batch_size=8)
+    expected = SequentialExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
+    fp32 = VectorizedExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
+    assert_same(expected, fp32)
+    bf16 = VectorizedExecutor(LocalTrainer(model, config), x, y, shards, seed=5, precision="bf16").run(tasks)
+    for a, b in zip(fp32, bf16, strict=True):
+        for key in a.weights:
+            torch.testing.assert_close(b.weights[key], a.weights[key], rtol=0.05, atol=0.02)
 
 
 def test_a_simulation_with_the_vectorized_executor_matches_the_sequential_one(tmp_path: Path) -> None:
