@@ -112,6 +112,7 @@ class Simulator:
         self._computed: dict[int, Result] = {}
         self._ticks: set[float] = set()
         self._wall_start = 0.0
+        self._sizes: dict[tuple[object, ...], int] = {}  # dense payload sizes by (encoding, names, shapes, dtypes)
 
     def run(self, initial_weights: Weights) -> RunSummary:
         self._wall_start = time.perf_counter()
@@ -157,11 +158,13 @@ class Simulator:
         for task in tasks:
             client = self.clients[task.client_id]
             encoding = self._encoding(client)
-            size = encoded_size(task.weights, encoding, task.sparse)
+            size = (
+                encoded_size(task.weights, encoding, task.sparse) if task.sparse else self._size(task.weights, encoding)
+            )
             self.bytes_down += size
             upload = size
             if task.train or task.sparse:  # the client sends back only what it trained, dense
-                upload = encoded_size({k: v for k, v in task.weights.items() if k in task.trained}, encoding)
+                upload = self._size({k: v for k, v in task.weights.items() if k in task.trained}, encoding)
             duration = task_duration(task, client, self.config.batch_size, size, upload)
             if self._comes_back(task, client):
                 self._in_flight[task.task_id] = task
@@ -187,8 +190,17 @@ class Simulator:
         client = self.clients[result.client_id]
         compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
         result = replace(result, train_seconds=compute)
-        self.bytes_up += encoded_size(result.weights, self._encoding(client))
+        self.bytes_up += self._size(result.weights, self._encoding(client))
         return result
+
+    def _size(self, weights: Weights, encoding: str) -> int:
+        """``encoded_size`` of dense ``weights``, which depends only on their names, shapes and dtypes: computed once
+        per layout (a round of a thousand results would otherwise build a thousand headers)."""
+        key = (encoding, *((k, v.shape, v.dtype) for k, v in weights.items()))
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = encoded_size(weights, encoding)
+        return size
 
     def _encoding(self, client: ClientInfo) -> str:
         """The wire encoding of ``client``'s payloads, both ways."""
