@@ -41,8 +41,10 @@ from fedhet.flower.records import (
 )
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.models import build_model, evaluate
+from fedhet.server.validation import check_update
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer, build_strategy
 from fedhet.types import ClientInfo, Task, Weights
+from fedhet.v1.wire import PayloadError, meta_of
 
 __all__ = [
     "Aggregation",
@@ -436,14 +438,10 @@ def _check_update(weights: Weights, task: Task) -> None:
     elif list(weights) != list(reference):
         missing, extra = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
         raise RecordError(f"update tensors differ from the task's: missing {missing}, unexpected {extra}")
-    for name, tensor in weights.items():
-        ref = reference[name]
-        if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
-            raise RecordError(
-                f"tensor {name!r}: {tensor.dtype}{list(tensor.shape)}, expected {ref.dtype}{list(ref.shape)}"
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RecordError(f"tensor {name!r} holds NaN or Inf")
+    try:  # names, shapes, dtypes and finite values: the gRPC server's check, against the tensors sent back
+        check_update(weights, meta_of({name: reference[name] for name in weights}))
+    except PayloadError as error:
+        raise RecordError(str(error)) from None
 
 
 @dataclass(frozen=True)
