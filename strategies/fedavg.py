@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
+from fedhet.strategies.fedp3 import layer_names
 from fedhet.types import ClientInfo, Result
 
 __all__ = ["SYNC_WEIGHTINGS", "SyncScheduler"]
@@ -109,7 +110,7 @@ class SyncScheduler:
         if self.weighting == "samples":
             return float(result.num_samples)
         if self.weighting == "layers":
-            return float(len({name.rpartition(".")[0] for name in result.weights}))
+            return float(len(layer_names(result.weights)))
         return 1.0
 
     def on_tick(self, now: float) -> Decision:

@@ -46,7 +46,7 @@ def layer_names(weights: Weights) -> list[str]:
     """Layers of a state dict in order: the module path of each tensor (``"3.weight"`` -> ``"3"``)."""
     out: list[str] = []
     for name in weights:
-        layer = name.rpartition(".")[0]
+        layer = _layer_of(name)
         if layer not in out:
             out.append(layer)
     return out
