@@ -116,6 +116,7 @@ def fedhet_round(model_name: str, num_clients: int, executor_name: str, precisio
 
     class Timed:
         batch_size = inner.batch_size
+        device = inner.device
 
         def run(self, tasks: list[Task]) -> list[Result]:
             nonlocal executor_seconds

@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 
+_PENDING_STACKS = 2  # chunks per tensor whose rows may wait to be folded together (memory: that many chunks)
+
+
 class UnknownTaskError(ValueError):
     """A result names a task that is not outstanding: unknown, already applied, lost, or another client's."""
 
@@ -99,15 +102,59 @@ class Bucket:
         return any(n != self.count for n in self.key_counts.values())
 
 
+@dataclass
+class _Rows:
+    """Updates of one tensor that are rows of one stacked tensor (a vectorized executor's chunk of results), folded
+    together: ``stack`` is the whole storage seen as ``(rows, numel)``."""
+
+    stack: torch.Tensor
+    rows: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return len(self.rows) == self.stack.shape[0] and len(set(self.rows)) == len(self.rows)
+
+    def weighted_sum(self) -> torch.Tensor:
+        """``sum_i w_i * row_i`` as one matrix-vector product (fp32 within the chunk), flat."""
+        if self.complete():  # every row is an update: no copy
+            rows = self.stack
+            weights = torch.zeros(len(self.rows), dtype=self.stack.dtype)
+            weights[self.rows] = torch.tensor(self.weights, dtype=self.stack.dtype)
+        else:  # other rows may be updates dropped or not yet arrived, or not updates at all
+            rows = self.stack[torch.tensor(self.rows, device=self.stack.device)]
+            weights = torch.tensor(self.weights, dtype=self.stack.dtype)
+        return torch.mv(rows.t(), weights.to(self.stack.device))
+
+
+def _stack_of(value: torch.Tensor) -> torch.Tensor | None:
+    """The storage of ``value`` seen as ``(rows, numel)`` when ``value`` is one of several same-sized fp32/fp64
+    rows that exactly fill it (a vectorized executor's stacked results), else None."""
+    numel = value.numel()
+    if value.dtype not in (torch.float32, torch.float64) or numel == 0 or not value.is_contiguous():
+        return None
+    storage = value.untyped_storage()
+    total = storage.nbytes() // value.element_size()
+    if total <= numel or total % numel or value.storage_offset() % numel:
+        return None
+    return value.new_empty(0).set_(storage, 0, (total // numel, numel))
+
+
 class UpdateBuffer:
     """Results waiting to be aggregated, folded on arrival into one :class:`Bucket` per (start version, bitwidth).
 
     Memory is (distinct start versions x bitwidths) x (model size), never (results) x (model size), so a round of a
     thousand clients costs what a round of ten does. A fleet of one bitwidth has one bucket per start version.
+
+    Updates that are rows of one stacked tensor (the vectorized executor returns a chunk of clients' weights as
+    one tensor per parameter) are folded together once every row has arrived, or when the sums are read: one
+    matrix-vector product per tensor and chunk instead of one cast and one add per tensor and update, on whatever
+    device the chunk is. At most :data:`_PENDING_STACKS` chunks per tensor wait; an update in a tensor of its own
+    (every update a server receives) is folded at once, in float64.
     """
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[int, int], Bucket] = {}
+        self._pending: dict[tuple[tuple[int, int], str, int], _Rows] = {}  # by (bucket, tensor, storage)
 
     def add(self, result: Result, weight: float) -> None:
         """Fold ``result`` in with weight ``weight`` (> 0; samples, or 1 for a uniform mean), into the bucket of its
@@ -131,14 +178,50 @@ class UpdateBuffer:
             if acc is None:
                 acc = bucket.weighted_sum[name] = torch.zeros_like(value, dtype=_sum_dtype(value))
             if value.is_floating_point():
-                acc.add_(value.to(acc.dtype), alpha=weight)
+                if not self._stage(key, name, value, weight):
+                    acc.add_(value.to(acc.device, acc.dtype), alpha=weight)
             else:
-                acc.add_(value.to(acc.dtype))
+                acc.add_(value.to(acc.device, acc.dtype))
             bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + weight
             bucket.key_counts[name] = bucket.key_counts.get(name, 0) + 1
         bucket.total_weight += weight
         bucket.count += 1
         bucket.task_ids.append(result.task_id)
+
+    def _stage(self, key: tuple[int, int], name: str, value: torch.Tensor, weight: float) -> bool:
+        """Hold ``value`` if it is a row of a stacked tensor (see the class docstring), folding its chunk once every
+        row has arrived and keeping at most :data:`_PENDING_STACKS` chunks of tensor ``name`` waiting; False when
+        it is a tensor of its own."""
+        where = (key, name, value.untyped_storage().data_ptr())
+        rows = self._pending.get(where)
+        if rows is None:
+            stack = _stack_of(value)
+            if stack is None:
+                return False
+            waiting = [w for w in self._pending if w[:2] == (key, name)]
+            for oldest in waiting[: max(0, len(waiting) - _PENDING_STACKS + 1)]:
+                self._fold(oldest)
+            rows = self._pending[where] = _Rows(stack)
+        else:
+            numel = rows.stack.shape[1]
+            layout = (value.numel(), value.dtype, value.storage_offset() % numel, value.is_contiguous())
+            if layout != (numel, rows.stack.dtype, 0, True):
+                return False  # another layout in the same storage
+        rows.rows.append(value.storage_offset() // rows.stack.shape[1])
+        rows.weights.append(weight)
+        if len(rows.rows) == len(rows.stack) and rows.complete():
+            self._fold(where)
+        return True
+
+    def _fold(self, where: tuple[tuple[int, int], str, int]) -> None:
+        key, name, _ = where
+        acc = self._buckets[key].weighted_sum[name]
+        acc.add_(self._pending.pop(where).weighted_sum().view(acc.shape).to(acc.device, acc.dtype))
+
+    def _fold_all(self) -> None:
+        """Fold every staged row: before anything reads the sums."""
+        for where in list(self._pending):
+            self._fold(where)
 
     def __len__(self) -> int:
         return sum(b.count for b in self._buckets.values())
@@ -146,6 +229,7 @@ class UpdateBuffer:
     def items(self) -> Iterator[tuple[int, Bucket]]:
         """(start version, bucket) pairs in increasing (version, bitwidth) order; a version appears once per
         bitwidth among its updates (the bucket's ``bitwidth`` tells them apart)."""
+        self._fold_all()
         return iter([(version, bucket) for (version, _), bucket in sorted(self._buckets.items())])
 
     def task_ids(self) -> list[int]:
@@ -162,6 +246,8 @@ class UpdateBuffer:
     def absorb(self, other: UpdateBuffer) -> None:
         """Move every update of ``other`` into this buffer (bucket by bucket, matched on (start version, bitwidth),
         no update lost) and clear ``other``."""
+        self._fold_all()
+        other._fold_all()
         for key, bucket in sorted(other._buckets.items()):
             mine = self._buckets.get(key)
             if mine is None:
@@ -190,10 +276,12 @@ class UpdateBuffer:
 
     def clear(self) -> None:
         self._buckets.clear()
+        self._pending.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """One entry per bucket, keyed ``"<start version>:<bitwidth>"``; a bucket of partial updates also lists
         each tensor's weight and count."""
+        self._fold_all()
         out: dict[str, Any] = {}
         for (v, bits), b in self._buckets.items():
             row: dict[str, Any] = {"sum": b.weighted_sum, "weight": b.total_weight, "count": b.count}
@@ -229,6 +317,7 @@ class UpdateBuffer:
             key_weights, key_counts = _key_totals(name, row, sums, weight, count)
             buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1], key_weights, key_counts)
         self._buckets = buckets
+        self._pending.clear()
 
 
 def _key_totals(

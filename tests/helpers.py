@@ -35,6 +35,7 @@ class EchoExecutor:
     """Returns ``start + client_id + 1`` without training: makes runs checkable by hand."""
 
     batch_size = 1
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.ran: list[int] = []

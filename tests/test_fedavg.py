@@ -9,8 +9,10 @@ import torch
 
 from fedhet.strategies import Strategy, UnknownTaskError, build_strategy
 from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.base import UpdateBuffer
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
+from fedhet.types import Result
 from tests.helpers import client, result_for, weights
 
 
@@ -205,3 +207,44 @@ def test_round_size_uses_known_clients() -> None:
     for i in range(7):
         scheduler.on_available(client(i), 0.0)
     assert scheduler.round_size == math.ceil(0.3 * 7)
+
+
+def _stacked_results(stack: torch.Tensor, rows: list[int]) -> list[Result]:
+    """Results whose weights are rows of ``stack``, as the vectorized executor returns a chunk."""
+    return [Result(r, r, 0, {"w": stack[r]}, 10, 1, 0.0, 0.0) for r in rows]
+
+
+def test_rows_of_a_stacked_chunk_fold_together_into_the_per_result_sum() -> None:
+    stack = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0))
+    order, weights_of = [4, 0, 5, 2, 1, 3], [3.0, 1.0, 2.0, 5.0, 4.0, 6.0]
+    buffer = UpdateBuffer()
+    for result, weight in zip(_stacked_results(stack, order), weights_of, strict=True):
+        buffer.add(result, weight)
+    assert not buffer._pending  # the chunk was folded when its last row arrived
+    expected = sum(w * stack[r].double() for r, w in zip(order, weights_of, strict=True))
+    ((_, bucket),) = buffer.items()
+    torch.testing.assert_close(bucket.weighted_sum["w"], expected, rtol=1e-6, atol=1e-6)
+    assert bucket.count == 6 and bucket.total_weight == sum(weights_of)
+
+
+def test_a_partly_delivered_chunk_folds_only_its_delivered_rows() -> None:
+    stack = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    stack[1] = float("nan")  # a row never delivered (a dropped straggler): it must not leak into the sum
+    stack[3] = float("inf")
+    buffer = UpdateBuffer()
+    for result in _stacked_results(stack, [4, 0, 2]):
+        buffer.add(result, 2.0)
+    assert buffer._pending  # waits for rows that may still come
+    state = buffer.state_dict()  # reading the sums folds what is there
+    torch.testing.assert_close(state["0:32"]["sum"]["w"], 2 * (stack[4] + stack[0] + stack[2]).double())
+    assert not buffer._pending
+
+
+def test_at_most_two_chunks_per_tensor_wait() -> None:
+    stacks = [torch.full((4, 3), float(i)) for i in range(5)]
+    buffer = UpdateBuffer()
+    for i, stack in enumerate(stacks):
+        buffer.add(Result(i, i, 0, {"w": stack[i % 4]}, 10, 1, 0.0, 0.0), 1.0)
+        assert len(buffer._pending) <= 2  # older chunks are folded, so they can be freed
+    ((_, bucket),) = buffer.items()
+    torch.testing.assert_close(bucket.weighted_sum["w"], torch.full((3,), 10.0, dtype=torch.float64))

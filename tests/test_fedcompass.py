@@ -59,6 +59,7 @@ class Ledger:
     """Every task handed out and every result produced; also a simulator executor (one task at a time)."""
 
     batch_size = 1
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.starts: dict[int, Weights] = {}

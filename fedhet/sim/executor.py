@@ -19,9 +19,12 @@ __all__ = ["Executor", "SequentialExecutor"]
 
 
 class Executor(Protocol):
-    """Computes results for tasks. ``batch_size`` is how many tasks it prefers to receive at once."""
+    """Computes results for tasks. ``batch_size`` is how many tasks it prefers to receive at once; ``device`` is
+    where its results' weights live (the simulator keeps the global model there, so aggregation never copies a
+    result between devices)."""
 
     batch_size: int
+    device: torch.device
 
     def run(self, tasks: Sequence[Task]) -> list[Result]: ...
 
@@ -44,6 +47,7 @@ class SequentialExecutor:
     """
 
     batch_size = 1
+    device = torch.device("cpu")  # the trainer hands back CPU copies
 
     def __init__(
         self,

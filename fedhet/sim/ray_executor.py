@@ -87,6 +87,8 @@ class RayExecutor:
         quantized, bitwidths: clients below 32 bits and their trainer, as for the vectorized executor.
     """
 
+    device = torch.device("cpu")  # results come back from the workers as CPU tensors
+
     def __init__(
         self,
         trainer: LocalTrainer,

@@ -115,8 +115,10 @@ class Simulator:
         self._sizes: dict[tuple[object, ...], int] = {}  # dense payload sizes by (encoding, names, shapes, dtypes)
 
     def run(self, initial_weights: Weights) -> RunSummary:
+        """Run from ``initial_weights`` until the config's limits; the global model lives on the executor's device."""
         self._wall_start = time.perf_counter()
-        self.strategy.start(initial_weights, 0.0)
+        device = self.executor.device
+        self.strategy.start({k: v.to(device) for k, v in initial_weights.items()}, 0.0)
         for client_id in self.clients:
             self.queue.push(0.0, EventKind.AVAILABLE, client_id=client_id)
         last = self._record()

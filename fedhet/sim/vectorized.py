@@ -21,8 +21,9 @@ Supported models are ``nn.Sequential`` stacks of ``Conv2d`` (groups 1, zero padd
 any task whose weights do not fit the model (a pruned or quantized plan), falls back to the sequential trainer;
 the fallback is logged once per reason and counted in ``fallback_tasks``.
 
-Results' weights are CPU tensors, views into their chunk's stacked weights on CPU (one copy per parameter and
-chunk from a GPU): a chunk is freed when the last of its results is dropped. See docs/scale.md.
+Results' weights stay on the executor's device, as rows of their chunk's stacked weights: the update buffer folds
+a whole chunk's rows with one matrix-vector product per tensor (:class:`~fedhet.strategies.base.UpdateBuffer`),
+and a chunk is freed once its results are folded or dropped. See docs/scale.md.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -623,7 +624,7 @@ class VectorizedExecutor:
             else:
                 plans.append(self._plan(i, task))
         for i, result in zip(fallback, self.sequential.run([tasks[i] for i in fallback]), strict=True):
-            results[i] = result
+            results[i] = replace(result, weights={k: v.to(self.device) for k, v in result.weights.items()})
         self.fallback_tasks += len(fallback)
         # tasks sharing start weights go together, so a chunk's first step can run with shared weights
         groups: dict[tuple[int, ...], int] = {}
@@ -701,8 +702,6 @@ class VectorizedExecutor:
                 for key, g in zip(layer.keys, grads, strict=True):
                     master[key] = self._step(key, master[key], g, active, momentum)
         weights = {k: v.dense() if isinstance(v, _LowRank) else v for k, v in master.items()}
-        if self.device.type != "cpu":  # Weights are CPU tensors: one transfer per parameter and chunk
-            weights = {k: v.cpu() for k, v in weights.items()}
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
