@@ -18,7 +18,7 @@ baseline process alike (see ``fedhet.sim.vectorized.reuse_freed_memory``).
     python benchmarks/sim_overhead.py                                   # CPU, bf16, N = 100, 1,000, 10,000
     python benchmarks/sim_overhead.py --threads 1                       # steadier while other work shares the CPU
     python benchmarks/sim_overhead.py --flower /work/venv-flower/bin/python --flower-clients 1000
-    python benchmarks/sim_overhead.py --device cuda --models cnn 2nn --clients 10000 --no-baseline
+    python benchmarks/sim_overhead.py --device cuda --models cnn 2nn --clients 10000 --no-baseline --rounds 3
 """
 
 from __future__ import annotations
@@ -82,8 +82,11 @@ def _accuracy(model: Any, data: Any, device: str) -> float:
     return evaluate(model, data.x_test.to(device), data.y_test.to(device))[0]
 
 
-def fedhet_round(model_name: str, num_clients: int, executor_name: str, precision: str, device: str) -> dict[str, Any]:
-    """One synchronous FedAvg round over ``num_clients`` IID clients through fedhet's simulator."""
+def fedhet_round(
+    model_name: str, num_clients: int, executor_name: str, precision: str, device: str, rounds: int = 1
+) -> dict[str, Any]:
+    """Synchronous FedAvg rounds over ``num_clients`` IID clients through fedhet's simulator: the seconds of the
+    last of ``rounds`` (the ones before it warm up a GPU's kernels and caches)."""
     import torch
 
     from fedhet.clients.trainer import LocalTrainer, TrainConfig
@@ -132,19 +135,26 @@ def fedhet_round(model_name: str, num_clients: int, executor_name: str, precisio
         SyncScheduler(fraction=1.0, min_clients=1, local_epochs=1, seed=SEED), IdentityPlanner(), WeightedMean()
     )
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    walls: list[float] = []  # wall-clock seconds at each version (0 = the start)
     with tempfile.TemporaryDirectory() as tmp, MetricsWriter(Path(tmp) / "metrics.jsonl") as metrics:
         simulator = Simulator(
-            strategy, clients, Timed(), lambda w: (0.0, 0.0), metrics, SimConfig(max_versions=1), SEED
+            strategy,
+            clients,
+            Timed(),
+            lambda w: (0.0, 0.0),
+            metrics,
+            SimConfig(max_versions=rounds),
+            SEED,
+            progress=lambda record: walls.append(record.wall_time),
         )
-        start = time.perf_counter()
         simulator.run(initial)
-        seconds = time.perf_counter() - start
-    assert strategy.version == 1 and strategy.updates_applied == num_clients
+    seconds = walls[-1] - walls[-2]
+    assert strategy.version == rounds and strategy.updates_applied == rounds * num_clients
     model.load_state_dict(strategy.global_weights)
     fallback = getattr(inner, "fallback_tasks", 0)
     return {
         "seconds": seconds,
-        "executor_seconds": executor_seconds,
+        "executor_seconds": executor_seconds / rounds,
         "peak_mib": _peak_rss_mib(),
         "accuracy": _accuracy(model, data, device),
         "chunk": inner.batch_size,
@@ -186,6 +196,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=2, help="time the baseline and fedhet this many times")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="fedhet rounds per run; the last is timed (2+ on a GPU: warm-up)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch threads in the baseline and fedhet processes (0: torch's)"
     )
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the sequential reference")
@@ -204,11 +217,14 @@ def main() -> None:
         if kind == "plain":
             row = plain_epoch(model, args.device)
         else:
-            row = fedhet_round(model, int(args.child[2]), kind, args.precision, args.device)
+            row = fedhet_round(model, int(args.child[2]), kind, args.precision, args.device, args.rounds)
         print(json.dumps(row))
         return
 
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     common = ["--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
+    common += ["--rounds", str(args.rounds)]
     for model in args.models:
         threads = args.threads or "default"
         print(

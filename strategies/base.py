@@ -102,27 +102,29 @@ class Bucket:
         return any(n != self.count for n in self.key_counts.values())
 
 
-@dataclass
 class _Rows:
     """Updates of one tensor that are rows of one stacked tensor (a vectorized executor's chunk of results), folded
     together: ``stack`` is the whole storage seen as ``(rows, numel)``."""
 
-    stack: torch.Tensor
-    rows: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
+    def __init__(self, stack: torch.Tensor) -> None:
+        self.stack = stack
+        self.size, self.numel = stack.shape
+        self.dtype = stack.dtype
+        self.rows: list[int] = []
+        self.weights: list[float] = []
 
     def complete(self) -> bool:
-        return len(self.rows) == self.stack.shape[0] and len(set(self.rows)) == len(self.rows)
+        return len(self.rows) == self.size and len(set(self.rows)) == self.size
 
     def weighted_sum(self) -> torch.Tensor:
         """``sum_i w_i * row_i`` as one matrix-vector product (fp32 within the chunk), flat."""
         if self.complete():  # every row is an update: no copy
             rows = self.stack
-            weights = torch.zeros(len(self.rows), dtype=self.stack.dtype)
-            weights[self.rows] = torch.tensor(self.weights, dtype=self.stack.dtype)
+            weights = torch.zeros(self.size, dtype=self.dtype)
+            weights[self.rows] = torch.tensor(self.weights, dtype=self.dtype)
         else:  # other rows may be updates dropped or not yet arrived, or not updates at all
             rows = self.stack[torch.tensor(self.rows, device=self.stack.device)]
-            weights = torch.tensor(self.weights, dtype=self.stack.dtype)
+            weights = torch.tensor(self.weights, dtype=self.dtype)
         return torch.mv(rows.t(), weights.to(self.stack.device))
 
 
@@ -202,14 +204,13 @@ class UpdateBuffer:
             for oldest in waiting[: max(0, len(waiting) - _PENDING_STACKS + 1)]:
                 self._fold(oldest)
             rows = self._pending[where] = _Rows(stack)
-        else:
-            numel = rows.stack.shape[1]
-            layout = (value.numel(), value.dtype, value.storage_offset() % numel, value.is_contiguous())
-            if layout != (numel, rows.stack.dtype, 0, True):
-                return False  # another layout in the same storage
-        rows.rows.append(value.storage_offset() // rows.stack.shape[1])
+        offset = value.storage_offset()
+        layout = (value.numel(), value.dtype, offset % rows.numel, value.is_contiguous())
+        if layout != (rows.numel, rows.dtype, 0, True):
+            return False  # another layout in the same storage
+        rows.rows.append(offset // rows.numel)
         rows.weights.append(weight)
-        if len(rows.rows) == len(rows.stack) and rows.complete():
+        if len(rows.rows) == rows.size and rows.complete():
             self._fold(where)
         return True
 

@@ -133,10 +133,11 @@ class _LowRank:
         if self.u.dtype == torch.float32:
             base = self.base.expand(clients, *self.base.shape)
             return torch.baddbmm(base, self.u.transpose(1, 2), self.v, alpha=-self.lr)
-        # a few clients at a time, so that the reduced-precision products stay in cache until they are added to
-        # the fp32 base (one pass over the result instead of three)
+        # on a CPU a few clients at a time, so that the reduced-precision products stay in cache until they are
+        # added to the fp32 base (one pass over the result instead of three); on a GPU all at once (launches count)
         out = self.base.new_empty((clients, *self.base.shape))
         block = max(1, _DENSE_BLOCK_BYTES // (self.base.numel() * self.u.element_size()))
+        block = clients if self.base.is_cuda else block
         update = self.u.new_empty((min(block, clients), *self.base.shape))
         for start in range(0, clients, block):
             end = min(clients, start + block)
@@ -336,16 +337,17 @@ class _Conv2d:
         return out
 
     def _cols(self, x: torch.Tensor, w: torch.Tensor, clients: int) -> tuple[torch.Tensor, int, int]:
-        """Per-client unfolded input ``(clients, cin*kh*kw, batch*L)`` and the output height and width."""
-        kernel = (w.shape[-2], w.shape[-1])
-        cols = F.unfold(x, kernel, self.dilation, self.padding, self.stride)  # (N, cin*kh*kw, L)
-        height, width = (
-            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (kernel[i] - 1) - 1) // self.stride[i] + 1
-            for i in range(2)
-        )
-        n, k, length = cols.shape
-        cols = cols.view(clients, n // clients, k, length).transpose(1, 2).reshape(clients, k, -1)
-        return cols, height, width
+        """Per-client unfolded input ``(clients, cin*kh*kw, batch*L)`` and the output height and width: the patches
+        as a strided view of the padded input, laid out in one copy (CUDA's ``F.unfold`` launches a kernel per
+        sample)."""
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        kh, kw = w.shape[-2], w.shape[-1]
+        padded = F.pad(x, (pw, pw, ph, ph))
+        span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        patches = padded.unfold(2, span_h, self.stride[0]).unfold(3, span_w, self.stride[1])[..., ::dh, ::dw]
+        n, cin, height, width = patches.shape[:4]  # (N, cin, H', W', kh, kw)
+        cols = patches.view(clients, n // clients, cin, height, width, kh, kw).permute(0, 2, 5, 6, 1, 3, 4)
+        return cols.reshape(clients, cin * kh * kw, -1), height, width
 
     def _unfold_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, clients: int) -> torch.Tensor:
         cols, height, width = self._cols(x, w, clients)
@@ -580,7 +582,8 @@ class VectorizedExecutor:
         self._warned: set[str] = set()
         model = trainer.model
         self.layers, self.unsupported = compile_model(model, x.dim(), unfold=self.device.type == "cuda")
-        self.signature = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        self.signature = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+        self._fits: Mapping[str, torch.Tensor] | None = None  # the latest task weights that fit the model
         self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, _Linear)}
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
@@ -641,10 +644,12 @@ class VectorizedExecutor:
         if self.unsupported:
             return self.unsupported
         weights = task.weights
-        if len(weights) != len(self.signature) or any(
-            k not in weights or (tuple(weights[k].shape), weights[k].dtype) != s for k, s in self.signature.items()
+        if weights is not self._fits and (  # the tasks of a round share one weights mapping: checked once
+            len(weights) != len(self.signature)
+            or any(k not in weights or (weights[k].shape, weights[k].dtype) != s for k, s in self.signature.items())
         ):
             return "its weights do not match the model's names, shapes and dtypes (a planned sub-model?)"
+        self._fits = weights
         if task.train:
             return "it trains only part of the model (a FedP3 plan)"
         if self.sequential.trainer.privacy is not None:
