@@ -1,20 +1,42 @@
 """Small frozen value types shared by every part of fedhet.
 
-Weights travel as ``Weights``: an ordered mapping from parameter/buffer name to a CPU tensor, the same keys and
-order as the model's ``state_dict()``.
+Weights travel as ``Weights``: an ordered mapping from parameter/buffer name to a tensor, the same keys and
+order as the model's ``state_dict()``; on the wire and on a server they are CPU tensors, in a simulation they live
+on the executor's device. A chunk of clients trained together hands back its weights as :class:`StackedRow` mappings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ClientInfo", "ClientProfile", "Result", "Task", "Weights"]
+__all__ = ["ClientInfo", "ClientProfile", "Result", "StackedRow", "Task", "Weights"]
 
 Weights = Mapping[str, torch.Tensor]
+
+
+class StackedRow(Mapping[str, torch.Tensor]):
+    """Weights that are row ``row`` of ``stacks`` (name -> ``(clients, *shape)``), the weights of a chunk of clients
+    trained together; every row of a chunk shares one ``stacks`` mapping, so the update buffer folds a chunk with
+    one matrix-vector product per tensor. Reading a tensor gives a view of its row."""
+
+    __slots__ = ("row", "stacks")
+
+    def __init__(self, stacks: Mapping[str, torch.Tensor], row: int) -> None:
+        self.stacks = stacks
+        self.row = row
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stacks[name][self.row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stacks)
+
+    def __len__(self) -> int:
+        return len(self.stacks)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from fedhet.quant import FULL_PRECISION
-from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
+from fedhet.types import ClientInfo, ClientProfile, Result, StackedRow, Task, Weights
 
 __all__ = [
     "Aggregator",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-_PENDING_STACKS = 2  # chunks per tensor whose rows may wait to be folded together (memory: that many chunks)
+_PENDING_CHUNKS = 2  # chunks per bucket whose rows may wait to be folded together (memory: that many chunks)
 
 
 class UnknownTaskError(ValueError):
@@ -102,43 +102,42 @@ class Bucket:
         return any(n != self.count for n in self.key_counts.values())
 
 
-class _Rows:
-    """Updates of one tensor that are rows of one stacked tensor (a vectorized executor's chunk of results), folded
-    together: ``stack`` is the whole storage seen as ``(rows, numel)``."""
+class _Chunk:
+    """Updates that are rows of one chunk's stacked weights (:class:`~fedhet.types.StackedRow`), waiting to be
+    folded together."""
 
-    def __init__(self, stack: torch.Tensor) -> None:
-        self.stack = stack
-        self.size, self.numel = stack.shape
-        self.dtype = stack.dtype
+    def __init__(self, stacks: Mapping[str, torch.Tensor]) -> None:
+        self.stacks = stacks
+        self.size = min(len(t) for t in stacks.values())
         self.rows: list[int] = []
         self.weights: list[float] = []
 
     def complete(self) -> bool:
         return len(self.rows) == self.size and len(set(self.rows)) == self.size
 
-    def weighted_sum(self) -> torch.Tensor:
-        """``sum_i w_i * row_i`` as one matrix-vector product (fp32 within the chunk), flat."""
-        if self.complete():  # every row is an update: no copy
-            rows = self.stack
-            weights = torch.zeros(self.size, dtype=self.dtype)
-            weights[self.rows] = torch.tensor(self.weights, dtype=self.dtype)
-        else:  # other rows may be updates dropped or not yet arrived, or not updates at all
-            rows = self.stack[torch.tensor(self.rows, device=self.stack.device)]
-            weights = torch.tensor(self.weights, dtype=self.dtype)
-        return torch.mv(rows.t(), weights.to(self.stack.device))
-
-
-def _stack_of(value: torch.Tensor) -> torch.Tensor | None:
-    """The storage of ``value`` seen as ``(rows, numel)`` when ``value`` is one of several same-sized fp32/fp64
-    rows that exactly fill it (a vectorized executor's stacked results), else None."""
-    numel = value.numel()
-    if value.dtype not in (torch.float32, torch.float64) or numel == 0 or not value.is_contiguous():
-        return None
-    storage = value.untyped_storage()
-    total = storage.nbytes() // value.element_size()
-    if total <= numel or total % numel or value.storage_offset() % numel:
-        return None
-    return value.new_empty(0).set_(storage, 0, (total // numel, numel))
+    def fold_into(self, bucket: Bucket) -> None:
+        """Add the rows' weighted sums to ``bucket``: one matrix-vector product (fp32) per tensor, integer tensors
+        summed unweighted."""
+        if self.complete():  # every row is an update: the stacks as they are, no copy
+            index = None
+            weights = torch.zeros(self.size)
+            weights[self.rows] = torch.tensor(self.weights)
+        else:  # other rows may be updates dropped or not yet arrived
+            index = torch.tensor(self.rows)
+            weights = torch.tensor(self.weights)
+        total, count = sum(self.weights), len(self.rows)
+        for name, stack in self.stacks.items():
+            rows = stack.reshape(len(stack), -1)
+            rows = rows if index is None else rows[index.to(stack.device)]
+            if stack.is_floating_point():
+                dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
+                part = torch.mv(rows.t().to(dtype), weights.to(stack.device, dtype))
+            else:
+                part = rows.sum(0)
+            acc = bucket.weighted_sum[name]
+            acc.add_(part.view(acc.shape).to(acc.device, acc.dtype))
+            bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + total
+            bucket.key_counts[name] = bucket.key_counts.get(name, 0) + count
 
 
 class UpdateBuffer:
@@ -147,16 +146,16 @@ class UpdateBuffer:
     Memory is (distinct start versions x bitwidths) x (model size), never (results) x (model size), so a round of a
     thousand clients costs what a round of ten does. A fleet of one bitwidth has one bucket per start version.
 
-    Updates that are rows of one stacked tensor (the vectorized executor returns a chunk of clients' weights as
-    one tensor per parameter) are folded together once every row has arrived, or when the sums are read: one
-    matrix-vector product per tensor and chunk instead of one cast and one add per tensor and update, on whatever
-    device the chunk is. At most :data:`_PENDING_STACKS` chunks per tensor wait; an update in a tensor of its own
-    (every update a server receives) is folded at once, in float64.
+    Results whose weights are rows of one chunk's stacked tensors (:class:`~fedhet.types.StackedRow`, from the
+    vectorized executor) are folded together once every row of the chunk has arrived, or when the sums are read:
+    one matrix-vector product per tensor and chunk instead of one cast and one add per tensor and update, on the
+    chunk's device. At most :data:`_PENDING_CHUNKS` chunks per bucket wait (memory: that many chunks). Any other
+    update (every update a server receives) is folded at once, in float64.
     """
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[int, int], Bucket] = {}
-        self._pending: dict[tuple[tuple[int, int], str, int], _Rows] = {}  # by (bucket, tensor, storage)
+        self._pending: dict[tuple[tuple[int, int], int], _Chunk] = {}  # by (bucket, id of the chunk's stacks)
 
     def add(self, result: Result, weight: float) -> None:
         """Fold ``result`` in with weight ``weight`` (> 0; samples, or 1 for a uniform mean), into the bucket of its
@@ -168,56 +167,44 @@ class UpdateBuffer:
         if bucket is None:
             bucket = Bucket({}, bitwidth=key[1])
             self._buckets[key] = bucket
-        for name, value in result.weights.items():  # checked before anything is folded in
-            held = bucket.weighted_sum.get(name)
-            if held is not None and held.shape != value.shape:
-                raise ValueError(
-                    f"task {result.task_id}: tensor {name!r} has shape {tuple(value.shape)}, "
-                    f"the buffered updates {tuple(held.shape)}"
-                )
-        for name, value in result.weights.items():
-            acc = bucket.weighted_sum.get(name)
-            if acc is None:
-                acc = bucket.weighted_sum[name] = torch.zeros_like(value, dtype=_sum_dtype(value))
-            if value.is_floating_point():
-                if not self._stage(key, name, value, weight):
+        weights = result.weights
+        if isinstance(weights, StackedRow):
+            self._stage(key, weights, weight, result.task_id)
+        else:
+            _check_shapes(bucket, {k: v.shape for k, v in weights.items()}, result.task_id)
+            for name, value in weights.items():
+                acc = _sum_of(bucket, name, value)
+                if value.is_floating_point():
                     acc.add_(value.to(acc.device, acc.dtype), alpha=weight)
-            else:
-                acc.add_(value.to(acc.device, acc.dtype))
-            bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + weight
-            bucket.key_counts[name] = bucket.key_counts.get(name, 0) + 1
+                else:
+                    acc.add_(value.to(acc.device, acc.dtype))
+                bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + weight
+                bucket.key_counts[name] = bucket.key_counts.get(name, 0) + 1
         bucket.total_weight += weight
         bucket.count += 1
         bucket.task_ids.append(result.task_id)
 
-    def _stage(self, key: tuple[int, int], name: str, value: torch.Tensor, weight: float) -> bool:
-        """Hold ``value`` if it is a row of a stacked tensor (see the class docstring), folding its chunk once every
-        row has arrived and keeping at most :data:`_PENDING_STACKS` chunks of tensor ``name`` waiting; False when
-        it is a tensor of its own."""
-        where = (key, name, value.untyped_storage().data_ptr())
-        rows = self._pending.get(where)
-        if rows is None:
-            stack = _stack_of(value)
-            if stack is None:
-                return False
-            waiting = [w for w in self._pending if w[:2] == (key, name)]
-            for oldest in waiting[: max(0, len(waiting) - _PENDING_STACKS + 1)]:
+    def _stage(self, key: tuple[int, int], row: StackedRow, weight: float, task_id: int) -> None:
+        """Hold ``row`` until its chunk is complete (then fold the chunk), keeping at most :data:`_PENDING_CHUNKS`
+        chunks of bucket ``key`` waiting."""
+        where = (key, id(row.stacks))
+        chunk = self._pending.get(where)
+        if chunk is None:
+            bucket = self._buckets[key]
+            _check_shapes(bucket, {k: v.shape[1:] for k, v in row.stacks.items()}, task_id)
+            for name, stack in row.stacks.items():
+                _sum_of(bucket, name, stack[0])
+            waiting = [w for w in self._pending if w[0] == key]
+            for oldest in waiting[: max(0, len(waiting) - _PENDING_CHUNKS + 1)]:
                 self._fold(oldest)
-            rows = self._pending[where] = _Rows(stack)
-        offset = value.storage_offset()
-        layout = (value.numel(), value.dtype, offset % rows.numel, value.is_contiguous())
-        if layout != (rows.numel, rows.dtype, 0, True):
-            return False  # another layout in the same storage
-        rows.rows.append(offset // rows.numel)
-        rows.weights.append(weight)
-        if len(rows.rows) == rows.size and rows.complete():
+            chunk = self._pending[where] = _Chunk(row.stacks)
+        chunk.rows.append(row.row)
+        chunk.weights.append(weight)
+        if len(chunk.rows) == chunk.size and chunk.complete():
             self._fold(where)
-        return True
 
-    def _fold(self, where: tuple[tuple[int, int], str, int]) -> None:
-        key, name, _ = where
-        acc = self._buckets[key].weighted_sum[name]
-        acc.add_(self._pending.pop(where).weighted_sum().view(acc.shape).to(acc.device, acc.dtype))
+    def _fold(self, where: tuple[tuple[int, int], int]) -> None:
+        self._pending.pop(where).fold_into(self._buckets[where[0]])
 
     def _fold_all(self) -> None:
         """Fold every staged row: before anything reads the sums."""
@@ -356,6 +343,24 @@ def _bucket_key(name: object) -> tuple[int, int]:
 
 def _sum_dtype(value: torch.Tensor) -> torch.dtype:
     return torch.float64 if value.is_floating_point() else torch.int64
+
+
+def _check_shapes(bucket: Bucket, shapes: Mapping[str, torch.Size], task_id: int) -> None:
+    """Refuse an update whose tensors' shapes differ from the ones ``bucket`` holds (before anything is folded)."""
+    for name, shape in shapes.items():
+        held = bucket.weighted_sum.get(name)
+        if held is not None and held.shape != shape:
+            raise ValueError(
+                f"task {task_id}: tensor {name!r} has shape {tuple(shape)}, the buffered updates {tuple(held.shape)}"
+            )
+
+
+def _sum_of(bucket: Bucket, name: str, like: torch.Tensor) -> torch.Tensor:
+    """``bucket``'s sum of tensor ``name``, created (zeros, float64 or int64, on ``like``'s device) when missing."""
+    acc = bucket.weighted_sum.get(name)
+    if acc is None:
+        acc = bucket.weighted_sum[name] = torch.zeros_like(like, dtype=_sum_dtype(like))
+    return acc
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.base import UpdateBuffer
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
-from fedhet.types import Result
+from fedhet.types import Result, StackedRow
 from tests.helpers import client, result_for, weights
 
 
@@ -209,22 +210,26 @@ def test_round_size_uses_known_clients() -> None:
     assert scheduler.round_size == math.ceil(0.3 * 7)
 
 
-def _stacked_results(stack: torch.Tensor, rows: list[int]) -> list[Result]:
-    """Results whose weights are rows of ``stack``, as the vectorized executor returns a chunk."""
-    return [Result(r, r, 0, {"w": stack[r]}, 10, 1, 0.0, 0.0) for r in rows]
+def _stacked_results(stacks: dict[str, torch.Tensor], rows: list[int], version: int = 0) -> list[Result]:
+    """Results whose weights are rows of ``stacks``, as the vectorized executor returns a chunk."""
+    return [Result(r, r, version, StackedRow(stacks, r), 10, 1, 0.0, 0.0) for r in rows]
 
 
 def test_rows_of_a_stacked_chunk_fold_together_into_the_per_result_sum() -> None:
-    stack = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    stacks = {"w": torch.randn(6, 3, 4, generator=g), "b": torch.randn(6, 4, generator=g), "n": torch.arange(6)}
     order, weights_of = [4, 0, 5, 2, 1, 3], [3.0, 1.0, 2.0, 5.0, 4.0, 6.0]
-    buffer = UpdateBuffer()
-    for result, weight in zip(_stacked_results(stack, order), weights_of, strict=True):
-        buffer.add(result, weight)
-    assert not buffer._pending  # the chunk was folded when its last row arrived
-    expected = sum(w * stack[r].double() for r, w in zip(order, weights_of, strict=True))
-    ((_, bucket),) = buffer.items()
-    torch.testing.assert_close(bucket.weighted_sum["w"], expected, rtol=1e-6, atol=1e-6)
-    assert bucket.count == 6 and bucket.total_weight == sum(weights_of)
+    chunked, plain = UpdateBuffer(), UpdateBuffer()
+    for result, weight in zip(_stacked_results(stacks, order), weights_of, strict=True):
+        chunked.add(result, weight)
+        plain.add(replace(result, weights=dict(result.weights)), weight)  # the same update as tensors of its own
+    assert not chunked._pending  # the chunk was folded when its last row arrived
+    ((_, got),), ((_, want),) = chunked.items(), plain.items()
+    for name in stacks:
+        torch.testing.assert_close(got.weighted_sum[name], want.weighted_sum[name], rtol=1e-6, atol=1e-6)
+    assert got.weighted_sum["n"].dtype == torch.int64 and int(got.weighted_sum["n"]) == 15  # counters: plain sum
+    assert (got.count, got.total_weight, got.task_ids) == (want.count, want.total_weight, want.task_ids)
+    assert (got.key_weights, got.key_counts) == (want.key_weights, want.key_counts)
 
 
 def test_a_partly_delivered_chunk_folds_only_its_delivered_rows() -> None:
@@ -232,19 +237,30 @@ def test_a_partly_delivered_chunk_folds_only_its_delivered_rows() -> None:
     stack[1] = float("nan")  # a row never delivered (a dropped straggler): it must not leak into the sum
     stack[3] = float("inf")
     buffer = UpdateBuffer()
-    for result in _stacked_results(stack, [4, 0, 2]):
+    for result in _stacked_results({"w": stack}, [4, 0, 2]):
         buffer.add(result, 2.0)
     assert buffer._pending  # waits for rows that may still come
     state = buffer.state_dict()  # reading the sums folds what is there
     torch.testing.assert_close(state["0:32"]["sum"]["w"], 2 * (stack[4] + stack[0] + stack[2]).double())
+    assert state["0:32"]["weight"] == 6.0 and state["0:32"]["count"] == 3
     assert not buffer._pending
 
 
-def test_at_most_two_chunks_per_tensor_wait() -> None:
-    stacks = [torch.full((4, 3), float(i)) for i in range(5)]
+def test_at_most_two_chunks_per_bucket_wait() -> None:
     buffer = UpdateBuffer()
-    for i, stack in enumerate(stacks):
-        buffer.add(Result(i, i, 0, {"w": stack[i % 4]}, 10, 1, 0.0, 0.0), 1.0)
+    for i in range(5):
+        (result,) = _stacked_results({"w": torch.full((4, 3), float(i))}, [i % 4])
+        buffer.add(result, 1.0)
         assert len(buffer._pending) <= 2  # older chunks are folded, so they can be freed
     ((_, bucket),) = buffer.items()
     torch.testing.assert_close(bucket.weighted_sum["w"], torch.full((3,), 10.0, dtype=torch.float64))
+
+
+def test_a_chunk_of_another_shape_is_refused_before_anything_is_folded() -> None:
+    buffer = UpdateBuffer()
+    buffer.add(Result(0, 0, 0, {"w": torch.ones(3)}, 10, 1, 0.0, 0.0), 1.0)
+    (bad,) = _stacked_results({"w": torch.ones(2, 4)}, [1])
+    with pytest.raises(ValueError, match=r"tensor 'w' has shape \(4,\), the buffered updates \(3,\)"):
+        buffer.add(bad, 1.0)
+    ((_, bucket),) = buffer.items()
+    assert bucket.count == 1 and not buffer._pending

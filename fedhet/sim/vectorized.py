@@ -21,9 +21,10 @@ Supported models are ``nn.Sequential`` stacks of ``Conv2d`` (groups 1, zero padd
 any task whose weights do not fit the model (a pruned or quantized plan), falls back to the sequential trainer;
 the fallback is logged once per reason and counted in ``fallback_tasks``.
 
-Results' weights stay on the executor's device, as rows of their chunk's stacked weights: the update buffer folds
-a whole chunk's rows with one matrix-vector product per tensor (:class:`~fedhet.strategies.base.UpdateBuffer`),
-and a chunk is freed once its results are folded or dropped. See docs/scale.md.
+Results' weights stay on the executor's device, as rows of their chunk's stacked weights
+(:class:`~fedhet.types.StackedRow`): the update buffer folds a whole chunk's rows with one matrix-vector product
+per tensor (:class:`~fedhet.strategies.base.UpdateBuffer`), and a chunk is freed once its results are folded or
+dropped. See docs/scale.md.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch import nn
 
 from fedhet.clients.trainer import ClientStates, LocalTrainer, task_seed
 from fedhet.sim.executor import SequentialExecutor
-from fedhet.types import Result, Task
+from fedhet.types import Result, StackedRow, Task
 
 if TYPE_CHECKING:
     from fedhet.clients.quantized import QuantizedTrainer
@@ -716,7 +717,7 @@ class VectorizedExecutor:
                     task_id=plan.task.task_id,
                     client_id=plan.task.client_id,
                     version=plan.task.version,
-                    weights={k: v[c] for k, v in weights.items()},
+                    weights=StackedRow(weights, c),
                     num_samples=plan.num_samples,
                     local_steps=plan.steps,
                     train_seconds=seconds,
