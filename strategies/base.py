@@ -447,7 +447,8 @@ class Strategy:
         del self._outstanding[result.task_id]
         client = self.clients[result.client_id]
         # the bitwidth an update is grouped by is the registered profile's, never what the client claims
-        result = replace(result, bitwidth=client.profile.bitwidth)
+        if result.bitwidth != client.profile.bitwidth:
+            result = replace(result, bitwidth=client.profile.bitwidth)
         return self._apply(self.scheduler.on_result(result, client, now))
 
     def on_tick(self, now: float) -> list[Task]:

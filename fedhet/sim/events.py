@@ -30,7 +30,7 @@ class EventQueue:
     """Events popped in time order; equal times in the order they were pushed."""
 
     def __init__(self) -> None:
-        self._heap: list[Event] = []
+        self._heap: list[tuple[float, int, Event]] = []  # tuples: compared in C, not by the dataclass's __lt__
         self._seq = 0
         self.now = 0.0
 
@@ -39,11 +39,11 @@ class EventQueue:
             raise ValueError(f"cannot schedule {kind.value} at {time} s, before the current time {self.now} s")
         event = Event(time, self._seq, kind, client_id, task_id)
         self._seq += 1
-        heapq.heappush(self._heap, event)
+        heapq.heappush(self._heap, (time, event.seq, event))
         return event
 
     def pop(self) -> Event:
-        event = heapq.heappop(self._heap)
+        event = heapq.heappop(self._heap)[2]
         self.now = event.time
         return event
 

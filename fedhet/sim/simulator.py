@@ -109,6 +109,7 @@ class Simulator:
         self.bytes_up = 0
         self.bytes_down = 0
         self._in_flight: dict[int, Task] = {}
+        self._upload: dict[int, int] = {}  # encoded bytes of each in-flight task's result
         self._computed: dict[int, Result] = {}
         self._ticks: set[float] = set()
         self._wall_start = 0.0
@@ -170,6 +171,7 @@ class Simulator:
             duration = task_duration(task, client, self.config.batch_size, size, upload)
             if self._comes_back(task, client):
                 self._in_flight[task.task_id] = task
+                self._upload[task.task_id] = upload
                 self.queue.push(now + duration, EventKind.ARRIVAL, client_id=client.client_id, task_id=task.task_id)
             else:  # the client drops out; it asks for work again when it would have finished
                 self.queue.push(now + duration, EventKind.AVAILABLE, client_id=client.client_id)
@@ -192,7 +194,7 @@ class Simulator:
         client = self.clients[result.client_id]
         compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
         result = replace(result, train_seconds=compute)
-        self.bytes_up += self._size(result.weights, self._encoding(client))
+        self.bytes_up += self._upload.pop(task_id)  # what the client sends back: its trained tensors, dense
         return result
 
     def _size(self, weights: Weights, encoding: str) -> int:

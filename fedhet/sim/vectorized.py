@@ -585,6 +585,7 @@ class VectorizedExecutor:
         self.layers, self.unsupported = compile_model(model, x.dim(), unfold=self.device.type == "cuda")
         self.signature = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         self._fits: Mapping[str, torch.Tensor] | None = None  # the latest task weights that fit the model
+        self._generator = torch.Generator()  # reseeded per task (cheaper than a new one)
         self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, _Linear)}
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
@@ -665,7 +666,7 @@ class VectorizedExecutor:
         """The minibatches of :func:`~fedhet.clients.trainer.minibatches` (fresh permutations epoch after epoch,
         the last minibatch of an epoch short), drawn the same way but laid out in one padded tensor."""
         shard = self.shards[task.client_id]
-        generator = torch.Generator().manual_seed(task_seed(self.seed, task.task_id))
+        generator = self._generator.manual_seed(task_seed(self.seed, task.task_id))
         size, batch = len(shard), self.config.batch_size
         steps = task.steps_for(size, batch)
         per_epoch = -(-size // batch)
