@@ -336,6 +336,7 @@ class ProWD:
     # ------------------------------------------------------------------------------------ aggregation
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        self._to(next(iter(global_weights.values())).device)
         groups = [_in_model_dtypes(g, global_weights) for g in group_updates(updates)]
         if not groups:
             return dict(global_weights)
@@ -383,6 +384,13 @@ class ProWD:
             return group.mean
         with torch.no_grad():
             return self.dequantizer.lift(quant.quantize_weights(group.mean, group.bitwidth), group.bitwidth)
+
+    def _to(self, device: torch.device) -> None:
+        """Keep the dequantizer and the server buffer where the weights are (a simulation on a GPU keeps them there)."""
+        self.dequantizer.to(device)
+        if self.model is not None and self.server_inputs is not None:
+            self.model.to(device)
+            self.server_inputs = self.server_inputs.to(device)
 
     # ------------------------------------------------------------------------------------ training
 
