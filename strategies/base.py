@@ -419,8 +419,9 @@ class Strategy:
         self._next_task_id = 0
 
     def start(self, initial_weights: Weights, now: float) -> None:
-        """Set the initial global model (version 0) at time ``now`` (seconds); it is kept on the CPU."""
-        self.global_weights = {k: v.detach().to("cpu", copy=True) for k, v in initial_weights.items()}
+        """Set the initial global model (version 0) at time ``now`` (seconds): a copy, kept on the device the
+        weights are on (a simulation on a GPU keeps its global model there, next to the results)."""
+        self.global_weights = {k: v.detach().clone() for k, v in initial_weights.items()}
         self.version = 0
 
     def on_available(self, client: ClientInfo, now: float) -> list[Task]:
