@@ -264,3 +264,10 @@ def test_a_chunk_of_another_shape_is_refused_before_anything_is_folded() -> None
         buffer.add(bad, 1.0)
     ((_, bucket),) = buffer.items()
     assert bucket.count == 1 and not buffer._pending
+
+
+def test_start_keeps_the_initial_weights_on_their_device() -> None:
+    # a simulation on a GPU keeps its global model there; "meta" stands in for the GPU on a CPU-only machine
+    strategy = fedavg()
+    strategy.start({"w": torch.empty(3, device="meta")}, now=0.0)
+    assert strategy.global_weights["w"].device.type == "meta"
