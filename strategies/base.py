@@ -113,6 +113,7 @@ class _Chunk:
         self.weights: list[float] = []
 
     def complete(self) -> bool:
+        """Whether every row has arrived (the length test first: it is on every result's path)."""
         return len(self.rows) == self.size and len(set(self.rows)) == self.size
 
     def fold_into(self, bucket: Bucket) -> None:
@@ -200,7 +201,7 @@ class UpdateBuffer:
             chunk = self._pending[where] = _Chunk(row.stacks)
         chunk.rows.append(row.row)
         chunk.weights.append(weight)
-        if len(chunk.rows) == chunk.size and chunk.complete():
+        if chunk.complete():
             self._fold(where)
 
     def _fold(self, where: tuple[tuple[int, int], int]) -> None:

@@ -137,8 +137,9 @@ class _LowRank:
         # on a CPU a few clients at a time, so that the reduced-precision products stay in cache until they are
         # added to the fp32 base (one pass over the result instead of three); on a GPU all at once (launches count)
         out = self.base.new_empty((clients, *self.base.shape))
-        block = max(1, _DENSE_BLOCK_BYTES // (self.base.numel() * self.u.element_size()))
-        block = clients if self.base.is_cuda else block
+        block = (
+            clients if self.base.is_cuda else max(1, _DENSE_BLOCK_BYTES // (self.base.numel() * self.u.element_size()))
+        )
         update = self.u.new_empty((min(block, clients), *self.base.shape))
         for start in range(0, clients, block):
             end = min(clients, start + block)
