@@ -1,18 +1,24 @@
-"""Weights <-> bytes, for the wire and for checkpoints.
+"""Weights <-> bytes: the one tensor codec (per-tensor byte layouts), and the file format built on it.
 
-Format: an 8-byte little-endian header length, a UTF-8 JSON header listing every tensor (name, shape, dtype of the
-model, encoding on the wire, byte length), then the tensors' raw bytes in header order. No pickle anywhere: decoding
-untrusted bytes can only produce tensors or a :class:`CodecError`.
+**Tensor layouts.** A :class:`TensorFormat` names one tensor (name, shape, decoded dtype) and how its bytes are laid
+out; :func:`encode_tensor` writes them and :func:`decode_tensor` reads them back, checking everything. The file format
+below, the gRPC wire (:mod:`fedhet.v1.wire`, whose protobuf manifest names the same layouts) and the simulator's
+payload sizes all go through these functions. Encodings:
 
-Encodings of floating-point tensors: ``fp32``, ``fp16``, ``bf16`` (cast), and the packed integer encodings
-``int2``, ``int4``, ``int6``, ``int8``, ``int12``, ``int16`` (:mod:`fedhet.quant`: symmetric per-output-channel
-quantization). A packed tensor's bytes are its ``C`` fp32 scales (``C`` = dim 0 for 2 or more dims, else 1) followed
-by ``ceil(numel * b / 8)`` bytes of ``b``-bit values. Integer and bool tensors always travel exactly.
+- ``raw``: the dtype's own little-endian bytes; integer and bool tensors always travel this way, exactly.
+- ``fp32``, ``fp16``, ``bf16`` (:data:`ENCODINGS`): floating-point values cast to that width.
+- ``int2``, ``int4``, ``int6``, ``int8``, ``int12``, ``int16`` (:data:`PACKED_ENCODINGS`, :mod:`fedhet.quant`:
+  symmetric per-output-channel quantization): the ``C`` fp32 scales (``C`` = dim 0 for 2 or more dims, else 1), then
+  ``ceil(numel * b / 8)`` bytes of ``b``-bit values.
+- ``sparse-<float encoding>`` (:data:`SPARSE_ENCODINGS`, pruned tensors): a bitmask of the nonzero positions
+  (``ceil(numel / 8)`` bytes, little-endian bit order, padding bits zero) followed by the ``nnz`` nonzero values in
+  order at the float encoding. At FedP3's default keep ratio of 0.9 an fp32 tensor takes 3.73 bytes per value
+  instead of 4. In a packed payload (``int<b>``) pruned tensors are packed like the others, which is smaller.
 
-Pruned tensors (the names in ``sparse``) travel as ``sparse-<float encoding>``: a bitmask of the nonzero positions
-(``ceil(numel / 8)`` bytes, little-endian bit order, padding bits zero) followed by the nonzero values in order at
-the payload's float encoding. At FedP3's default keep ratio of 0.9 an fp32 tensor takes 3.73 bytes per value
-instead of 4. In a packed payload (``int<b>``) pruned tensors are packed like the others, which is smaller.
+**File format.** An 8-byte little-endian header length, a UTF-8 JSON header listing every tensor (name, shape, dtype
+of the model, encoding, byte length; an integer tensor lists the payload's encoding and travels raw), then the
+tensors' bytes in header order. No pickle anywhere: decoding untrusted bytes can only produce tensors or a
+:class:`CodecError`.
 """
 
 from __future__ import annotations
@@ -30,52 +36,56 @@ from fedhet.types import Weights
 
 __all__ = [
     "ALL_ENCODINGS",
+    "DTYPES",
     "ENCODINGS",
     "PACKED_ENCODINGS",
+    "RAW",
     "SPARSE_ENCODINGS",
     "CodecError",
+    "TensorFormat",
     "decode",
+    "decode_tensor",
     "encode",
+    "encode_tensor",
     "encoded_size",
     "encoding_for_bitwidth",
     "pack_mask",
+    "tensor_format",
     "unpack_mask",
 ]
 
 _LEN = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
+_MAX_NUMEL = 2**62
 
+#: the encoding of a tensor stored as its own dtype's bytes (integer and bool tensors)
+RAW = "raw"
 #: wire encodings of floating-point tensors and the torch dtype each stores values as
 ENCODINGS: Mapping[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: packed integer encodings of floating-point tensors and their bits per value
 PACKED_ENCODINGS: Mapping[str, int] = {f"int{b}": b for b in quant.BITWIDTHS}
-#: every encoding :func:`encode` accepts
+#: every encoding :func:`encode` accepts for a payload
 ALL_ENCODINGS: tuple[str, ...] = (*ENCODINGS, *PACKED_ENCODINGS)
 #: per-tensor encodings of pruned tensors: a bitmask, then the nonzero values at a float encoding
 SPARSE_ENCODINGS: Mapping[str, str] = {f"sparse-{e}": e for e in ENCODINGS}
-_DTYPES: Mapping[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+#: every dtype a tensor may have, by name (the names are torch's)
+DTYPES: Mapping[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+    )
 }
 
 
 class CodecError(ValueError):
-    """Bytes that do not decode to weights; the message says what is wrong."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    encoding: str
-    nbytes: int
+    """Bytes that do not decode to weights; the message says what is wrong and names the tensor."""
 
 
 def encoding_for_bitwidth(bitwidth: int, full_precision: str = "fp32") -> str:
@@ -88,60 +98,86 @@ def encoding_for_bitwidth(bitwidth: int, full_precision: str = "fp32") -> str:
     return f"int{bitwidth}"
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype, encoding: str) -> int:
-    """Bytes of one tensor on the wire."""
-    numel = math.prod(shape)
-    if not dtype.is_floating_point:
-        return numel * torch.empty((), dtype=dtype).element_size()
-    bits = PACKED_ENCODINGS.get(encoding)
-    if bits is not None:
-        return 4 * quant.num_channels(shape) + quant.packed_nbytes(numel, bits)
-    return numel * torch.empty((), dtype=ENCODINGS[encoding]).element_size()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _wire_dtype(tensor: torch.Tensor, encoding: str) -> torch.dtype:
-    """Floating-point tensors travel at a float ``encoding``; integer and bool tensors travel exactly."""
-    return ENCODINGS[encoding] if tensor.is_floating_point() else tensor.dtype
-
-
-def _header(weights: Weights, encoding: str, sparse: frozenset[str] = frozenset()) -> list[_Entry]:
-    if encoding not in ALL_ENCODINGS:
-        raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
-    unknown = sparse - set(weights)
-    if unknown:
-        raise CodecError(f"sparse names tensors the payload does not hold: {sorted(unknown)}")
-    entries = []
-    for name, tensor in weights.items():
-        shape = tuple(tensor.shape)
-        if name in sparse and tensor.is_floating_point() and encoding in ENCODINGS:
-            enc = f"sparse-{encoding}"
-            nnz = int(torch.count_nonzero(tensor))
-            nbytes = _mask_nbytes(tensor.numel()) + nnz * ENCODINGS[SPARSE_ENCODINGS[enc]].itemsize
-            entries.append(_Entry(name, shape, _dtype_name(tensor.dtype), enc, nbytes))
-        else:
-            entries.append(
-                _Entry(name, shape, _dtype_name(tensor.dtype), encoding, _nbytes(shape, tensor.dtype, encoding))
-            )
-    return entries
+# ---------------------------------------------------------------------------------------------- tensor layouts
 
 
 def _mask_nbytes(numel: int) -> int:
     return (numel + 7) // 8
 
 
-def _header_bytes(entries: list[_Entry]) -> bytes:
-    rows = [[e.name, list(e.shape), e.dtype, e.encoding, e.nbytes] for e in entries]
-    return json.dumps(rows, separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class TensorFormat:
+    """One tensor's layout; constructing it checks that the encoding fits the dtype and shape (:class:`CodecError`
+    naming the tensor otherwise), so every format that exists can be read.
+
+    Attributes:
+        name: the tensor's state-dict key.
+        shape: its dimensions once decoded.
+        dtype: its dtype once decoded (one of :data:`DTYPES`).
+        encoding: :data:`RAW`, a float, packed or sparse encoding (see the module docstring).
+        nnz: values a sparse tensor stores (0 for other encodings).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    encoding: str
+    nnz: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES.values():
+            raise CodecError(f"tensor {self.name!r}: dtype {self.dtype} cannot travel")
+        if any(not 0 <= d < _MAX_NUMEL for d in self.shape) or self.numel >= _MAX_NUMEL:
+            raise CodecError(f"tensor {self.name!r}: shape {list(self.shape)} is negative or too large")
+        floating = self.encoding in (*ALL_ENCODINGS, *SPARSE_ENCODINGS)
+        if self.encoding != RAW and not floating:
+            raise CodecError(f"tensor {self.name!r}: unknown encoding {self.encoding!r}")
+        if floating and not self.dtype.is_floating_point:
+            raise CodecError(
+                f"tensor {self.name!r}: {self.encoding} is for floating-point tensors, not {_dtype_name(self.dtype)}"
+            )
+        if self.encoding in SPARSE_ENCODINGS:
+            if not 0 <= self.nnz <= self.numel:
+                raise CodecError(f"tensor {self.name!r}: {self.nnz} stored values for {self.numel} elements")
+        elif self.nnz:
+            raise CodecError(f"tensor {self.name!r}: {self.encoding} stores no value count, got nnz {self.nnz}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits(self) -> int:
+        """Bits per value of a packed tensor (0 for other encodings)."""
+        return PACKED_ENCODINGS.get(self.encoding, 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor's layout takes."""
+        if self.encoding == RAW:
+            return self.numel * self.dtype.itemsize
+        if self.encoding in SPARSE_ENCODINGS:
+            return _mask_nbytes(self.numel) + self.nnz * ENCODINGS[SPARSE_ENCODINGS[self.encoding]].itemsize
+        if self.bits:
+            return 4 * quant.num_channels(self.shape) + quant.packed_nbytes(self.numel, self.bits)
+        return self.numel * ENCODINGS[self.encoding].itemsize
 
 
-def encoded_size(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> int:
-    """Bytes that ``encode(weights, encoding, sparse)`` produces, without encoding anything."""
-    entries = _header(weights, encoding, sparse)
-    return _LEN.size + len(_header_bytes(entries)) + sum(e.nbytes for e in entries)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_format(name: str, tensor: torch.Tensor, encoding: str, sparse: bool = False) -> TensorFormat:
+    """The format ``tensor`` takes in a payload at ``encoding`` (a float or packed encoding): integer and bool
+    tensors travel raw, and a pruned (``sparse``) floating-point tensor of a float-encoded payload travels sparse."""
+    if encoding not in ALL_ENCODINGS:
+        raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
+    shape = tuple(tensor.shape)
+    if not tensor.is_floating_point():
+        return TensorFormat(name, shape, tensor.dtype, RAW)
+    if sparse and encoding in ENCODINGS:
+        return TensorFormat(name, shape, tensor.dtype, f"sparse-{encoding}", int(torch.count_nonzero(tensor)))
+    return TensorFormat(name, shape, tensor.dtype, encoding)
 
 
 def _raw(tensor: torch.Tensor) -> bytes:
@@ -153,34 +189,137 @@ _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool vector as ``ceil(numel / 8)`` bytes, bit ``i`` of byte ``j`` holding element ``8 j + i``; padding
-    bits are zero (the sparse encoding's mask, here and on the gRPC wire)."""
+    bits are zero (the sparse encoding's mask)."""
     padded = torch.zeros(_mask_nbytes(mask.numel()) * 8, dtype=torch.uint8)
     padded[: mask.numel()] = mask.to(torch.uint8)
     return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(data: torch.Tensor, numel: int) -> torch.Tensor:
+    """The bool vector of :func:`pack_mask`'s ``ceil(numel / 8)`` bytes; raises ValueError for a wrong length or a
+    padding bit that is set."""
+    if data.numel() != _mask_nbytes(numel):
+        raise ValueError(f"a mask of {numel} values takes {_mask_nbytes(numel)} bytes, got {data.numel()}")
+    bits = (data.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)
+    if bits[numel:].any():
+        raise ValueError(f"mask padding bits past element {numel} are set")
+    return bits[:numel]
+
+
+def encode_tensor(fmt: TensorFormat, tensor: torch.Tensor) -> bytes:
+    """The ``fmt.nbytes`` bytes of ``tensor`` in layout ``fmt`` (from :func:`tensor_format`); raises
+    :class:`CodecError` when packing a tensor that holds inf or NaN."""
+    if fmt.encoding in SPARSE_ENCODINGS:
+        flat = tensor.detach().to("cpu").reshape(-1)
+        kept = flat != 0
+        values = flat[kept].to(ENCODINGS[SPARSE_ENCODINGS[fmt.encoding]])
+        return _raw(pack_mask(kept)) + _raw(values)
+    if fmt.bits:
+        try:
+            packed = quant.pack_tensor(tensor, fmt.bits)
+        except quant.QuantError as error:
+            raise CodecError(f"tensor {fmt.name!r}: {error}") from None
+        return _raw(packed.scales) + _raw(packed.data)
+    return _raw(tensor.to(fmt.dtype if fmt.encoding == RAW else ENCODINGS[fmt.encoding]))
+
+
+def _view(buffer: bytearray, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` values of ``dtype`` at byte ``offset`` of ``buffer``, sharing its memory (any alignment)."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+
+
+def decode_tensor(fmt: TensorFormat, buffer: bytearray, offset: int = 0) -> torch.Tensor:
+    """The tensor stored in layout ``fmt`` at byte ``offset`` of ``buffer``, as ``fmt.dtype``; checks every byte:
+    mask padding and count, packed values, scales (finite, > 0) and that dequantized values stay finite. Raises
+    :class:`CodecError` naming the tensor. A raw or float tensor of the decoded dtype shares ``buffer``'s memory."""
+    if offset < 0 or offset + fmt.nbytes > len(buffer):
+        raise CodecError(f"tensor {fmt.name!r}: needs {fmt.nbytes} bytes at offset {offset}, the payload holds fewer")
+    numel = fmt.numel
+    if fmt.encoding in SPARSE_ENCODINGS:
+        return _decode_sparse(fmt, buffer, offset)
+    if fmt.bits:
+        return _decode_packed(fmt, buffer, offset)
+    wire = fmt.dtype if fmt.encoding == RAW else ENCODINGS[fmt.encoding]
+    return _view(buffer, offset, numel, wire).reshape(fmt.shape).to(fmt.dtype)
+
+
+def _decode_sparse(fmt: TensorFormat, buffer: bytearray, offset: int) -> torch.Tensor:
+    """A pruned tensor from its bitmask and values; the mask must mark exactly ``fmt.nnz`` elements."""
+    numel = fmt.numel
+    mask_bytes = _mask_nbytes(numel)
+    try:
+        mask = unpack_mask(_view(buffer, offset, mask_bytes, torch.uint8), numel)
+    except ValueError as error:
+        raise CodecError(f"tensor {fmt.name!r}: {error}") from None
+    marked = int(mask.sum())
+    if marked != fmt.nnz:
+        raise CodecError(f"tensor {fmt.name!r}: the mask marks {marked} values, the layout {fmt.nnz}")
+    wire = ENCODINGS[SPARSE_ENCODINGS[fmt.encoding]]
+    out = torch.zeros(numel, dtype=fmt.dtype)
+    out[mask] = _view(buffer, offset + mask_bytes, fmt.nnz, wire).to(fmt.dtype)
+    return out.reshape(fmt.shape)
+
+
+def _decode_packed(fmt: TensorFormat, buffer: bytearray, offset: int) -> torch.Tensor:
+    """A packed tensor: per-channel fp32 scales, then packed values; dequantized values must be finite."""
+    channels = quant.num_channels(fmt.shape)
+    scales = _view(buffer, offset, channels, torch.float32)
+    data = _view(buffer, offset + 4 * channels, quant.packed_nbytes(fmt.numel, fmt.bits), torch.uint8)
+    try:
+        values = quant.unpack_tensor(quant.PackedTensor(fmt.bits, fmt.shape, scales, data)).to(fmt.dtype)
+    except quant.QuantError as error:
+        raise CodecError(f"tensor {fmt.name!r} ({fmt.encoding}): {error}") from None
+    if not bool(torch.isfinite(values).all()):
+        raise CodecError(f"tensor {fmt.name!r} ({fmt.encoding}): scales times values overflow {fmt.dtype}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- file format
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One row of the file header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str
+    nbytes: int
+
+
+def _formats(weights: Weights, encoding: str, sparse: frozenset[str]) -> list[TensorFormat]:
+    unknown = sparse - set(weights)
+    if unknown:
+        raise CodecError(f"sparse names tensors the payload does not hold: {sorted(unknown)}")
+    return [tensor_format(name, tensor, encoding, name in sparse) for name, tensor in weights.items()]
+
+
+def _header_bytes(formats: list[TensorFormat], encoding: str) -> bytes:
+    """The JSON header; a raw (integer) tensor lists the payload's encoding, as files always have."""
+    rows = [
+        [f.name, list(f.shape), _dtype_name(f.dtype), encoding if f.encoding == RAW else f.encoding, f.nbytes]
+        for f in formats
+    ]
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def encoded_size(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> int:
+    """Bytes that ``encode(weights, encoding, sparse)`` produces, without encoding anything."""
+    formats = _formats(weights, encoding, sparse)
+    return _LEN.size + len(_header_bytes(formats, encoding)) + sum(f.nbytes for f in formats)
 
 
 def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> bytes:
     """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16, bf16) or quantized and
     packed (int2 ... int16), and the tensors named in ``sparse`` travel as a bitmask and their nonzero values.
     Raises :class:`CodecError` for an unknown encoding or, when packing, inf/NaN values."""
-    entries = _header(weights, encoding, sparse)
-    header = _header_bytes(entries)
-    parts = [_LEN.pack(len(header)), header]
-    bits = PACKED_ENCODINGS.get(encoding)
-    for entry, tensor in zip(entries, weights.values(), strict=True):
-        if entry.encoding in SPARSE_ENCODINGS:
-            flat = tensor.detach().to("cpu").reshape(-1)
-            mask = flat != 0
-            parts += [_raw(pack_mask(mask)), _raw(flat[mask].to(ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]))]
-        elif bits is not None and tensor.is_floating_point():
-            try:
-                packed = quant.pack_tensor(tensor, bits)
-            except quant.QuantError as error:
-                raise CodecError(f"tensor {entry.name!r}: {error}") from None
-            parts += [_raw(packed.scales), _raw(packed.data)]
-        else:
-            parts.append(_raw(tensor.to(_wire_dtype(tensor, encoding))))
-    return b"".join(parts)
+    formats = _formats(weights, encoding, sparse)
+    header = _header_bytes(formats, encoding)
+    body = [encode_tensor(f, t) for f, t in zip(formats, weights.values(), strict=True)]
+    return b"".join([_LEN.pack(len(header)), header, *body])
 
 
 def _parse_header(data: bytes) -> tuple[list[_Entry], int]:
@@ -197,81 +336,35 @@ def _parse_header(data: bytes) -> tuple[list[_Entry], int]:
     return entries, _LEN.size + length
 
 
-def _unpack(entry: _Entry, raw: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 values of a packed tensor: scales, then packed values; any invalid scale or byte is a CodecError."""
-    channels = quant.num_channels(entry.shape)
-    scales = raw[: 4 * channels].view(torch.float32)
-    packed = quant.PackedTensor(bits, entry.shape, scales, raw[4 * channels :])
-    try:
-        return quant.unpack_tensor(packed)
-    except quant.QuantError as error:
-        raise CodecError(f"tensor {entry.name!r} ({entry.encoding}): {error}") from None
+def _format_of(entry: _Entry) -> TensorFormat:
+    """The layout a header row declares; a sparse row's value count follows from its byte length."""
+    dtype = DTYPES.get(entry.dtype)
+    if dtype is None or entry.encoding not in (*ALL_ENCODINGS, *SPARSE_ENCODINGS):
+        raise CodecError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype} / encoding {entry.encoding}")
+    if entry.encoding not in SPARSE_ENCODINGS:
+        return TensorFormat(entry.name, entry.shape, dtype, entry.encoding if dtype.is_floating_point else RAW)
+    fmt = TensorFormat(entry.name, entry.shape, dtype, entry.encoding)  # checks the shape before it is multiplied
+    value_bytes = entry.nbytes - fmt.nbytes
+    itemsize = ENCODINGS[SPARSE_ENCODINGS[entry.encoding]].itemsize
+    if value_bytes < 0 or value_bytes % itemsize:
+        raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, not a mask and whole values")
+    return TensorFormat(entry.name, entry.shape, dtype, entry.encoding, value_bytes // itemsize)
 
 
 def decode(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse bytes from :func:`encode` back into tensors of their original dtypes; validates every length."""
+    """Parse bytes from :func:`encode` back into tensors of their original dtypes; validates every length and
+    byte (:func:`decode_tensor`)."""
     entries, offset = _parse_header(data)
+    buffer = bytearray(data)
     out: dict[str, torch.Tensor] = {}
     for entry in entries:
         if entry.name in out:
             raise CodecError(f"tensor {entry.name!r} appears twice")
-        if entry.dtype not in _DTYPES or entry.encoding not in (*ALL_ENCODINGS, *SPARSE_ENCODINGS):
-            raise CodecError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype} / encoding {entry.encoding}")
-        if any(not 0 <= d < 2**62 for d in entry.shape) or math.prod(entry.shape) >= 2**62:
-            raise CodecError(f"tensor {entry.name!r}: shape {entry.shape} is negative or too large")
-        dtype = _DTYPES[entry.dtype]
-        if entry.encoding in SPARSE_ENCODINGS:
-            out[entry.name] = _decode_sparse(entry, dtype, data, offset)
-            offset += entry.nbytes
-            continue
-        expected = _nbytes(entry.shape, dtype, entry.encoding)
-        if entry.nbytes != expected or offset + expected > len(data):
-            raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, shape needs {expected}")
-        chunk = bytearray(data[offset : offset + expected])
-        raw = torch.frombuffer(chunk, dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
-        bits = PACKED_ENCODINGS.get(entry.encoding)
-        if bits is not None and dtype.is_floating_point:
-            out[entry.name] = _unpack(entry, raw, bits).to(dtype)
-        else:
-            wire = ENCODINGS[entry.encoding] if dtype.is_floating_point else dtype
-            out[entry.name] = raw.view(wire).reshape(entry.shape).to(dtype)
-        offset += expected
+        fmt = _format_of(entry)
+        if entry.nbytes != fmt.nbytes or offset + fmt.nbytes > len(data):
+            raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, shape needs {fmt.nbytes}")
+        out[entry.name] = decode_tensor(fmt, buffer, offset)
+        offset += fmt.nbytes
     if offset != len(data):
         raise CodecError(f"{len(data) - offset} trailing bytes after the last tensor")
     return out
-
-
-def unpack_mask(data: torch.Tensor, numel: int) -> torch.Tensor:
-    """The bool vector of :func:`pack_mask`'s ``ceil(numel / 8)`` bytes; raises ValueError for a wrong length or a
-    padding bit that is set."""
-    if data.numel() != _mask_nbytes(numel):
-        raise ValueError(f"a mask of {numel} values takes {_mask_nbytes(numel)} bytes, got {data.numel()}")
-    bits = (data.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)
-    if bits[numel:].any():
-        raise ValueError(f"mask padding bits past element {numel} are set")
-    return bits[:numel]
-
-
-def _decode_sparse(entry: _Entry, dtype: torch.dtype, data: bytes, offset: int) -> torch.Tensor:
-    """A pruned tensor from its bitmask and nonzero values; any inconsistency is a CodecError."""
-    if not dtype.is_floating_point:
-        raise CodecError(f"tensor {entry.name!r}: {entry.encoding} is for floating-point tensors, not {entry.dtype}")
-    numel = math.prod(entry.shape)
-    mask_bytes = _mask_nbytes(numel)
-    if entry.nbytes < mask_bytes or offset + entry.nbytes > len(data):
-        raise CodecError(f"tensor {entry.name!r}: {entry.nbytes} bytes declared, the payload holds fewer")
-    chunk = bytearray(data[offset : offset + entry.nbytes])
-    raw = torch.frombuffer(chunk, dtype=torch.uint8) if chunk else torch.empty(0, dtype=torch.uint8)
-    try:
-        mask = unpack_mask(raw[:mask_bytes], numel)
-    except ValueError as error:
-        raise CodecError(f"tensor {entry.name!r}: {error}") from None
-    wire = ENCODINGS[SPARSE_ENCODINGS[entry.encoding]]
-    nnz = int(mask.sum())
-    if entry.nbytes != mask_bytes + nnz * wire.itemsize:
-        raise CodecError(
-            f"tensor {entry.name!r}: mask marks {nnz} values, {entry.nbytes - mask_bytes} value bytes declared"
-        )
-    out = torch.zeros(numel, dtype=dtype)
-    out[mask] = raw[mask_bytes:].clone().view(wire).to(dtype)  # clone: values start at any byte offset
-    return out.reshape(entry.shape)

@@ -207,7 +207,7 @@ def test_sparse_tensors_round_trip_and_malformed_bitmaps_are_refused() -> None:
         return m, data
 
     flipped = bytes([payload[0] ^ 0b10]) + payload[1:]  # one more element marked than nnz says
-    with pytest.raises(ManifestError, match="bitmap marks 5 values, the layout 4"):
+    with pytest.raises(ManifestError, match="mask marks 5 values, the layout 4"):
         decode(*variant(lambda s: None, flipped))
     padding = payload[:1] + bytes([payload[1] | 0b10]) + payload[2:]
     with pytest.raises(ManifestError, match="padding bits"):

@@ -17,6 +17,7 @@ from fedhet.types import Weights
 from fedhet.v1 import tensor_pb2 as pb
 from fedhet.v1.wire import (
     DENSE_ENCODINGS,
+    DTYPE_CODES,
     PayloadError,
     TensorMeta,
     check_finite,
@@ -64,18 +65,6 @@ class NormBoundExceeded(PayloadError):
     """The update's L2 norm exceeds the configured bound and the server rejects such updates."""
 
 
-_DTYPE_CODE = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.float64: pb.DTYPE_FLOAT64,
-    torch.int64: pb.DTYPE_INT64,
-    torch.int32: pb.DTYPE_INT32,
-    torch.uint8: pb.DTYPE_UINT8,
-    torch.bool: pb.DTYPE_BOOL,
-}
-
-
 def check_update_manifest(manifest: pb.Manifest, expected: Mapping[str, TensorMeta]) -> None:
     """The manifest describes exactly the task's tensors: same names, shapes and dtypes, dense encodings."""
     names = [spec.name for spec in manifest.tensors]
@@ -91,7 +80,7 @@ def check_update_manifest(manifest: pb.Manifest, expected: Mapping[str, TensorMe
         meta = expected[spec.name]
         if tuple(spec.shape) != meta.shape:
             raise ShapeMismatch(f"tensor {spec.name!r}: shape {tuple(spec.shape)} sent for {meta.shape}")
-        if spec.dtype != _DTYPE_CODE.get(meta.dtype):
+        if spec.dtype != DTYPE_CODES.get(meta.dtype):
             raise DtypeMismatch(f"tensor {spec.name!r}: dtype {dtype_name(spec.dtype)} sent for {meta.dtype}")
         floating = meta.dtype.is_floating_point
         allowed = set(DENSE_ENCODINGS.values()) if floating else {pb.ENCODING_RAW}

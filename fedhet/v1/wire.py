@@ -1,9 +1,12 @@
 """Weights <-> (manifest, payload bytes) <-> chunks, for both ends of the wire.
 
 A payload is the concatenation of each tensor's bytes in manifest order; the manifest (``fedhet.v1.Manifest``)
-names every tensor with its shape, dtype, encoding and byte length, and carries the payload's total length and
-SHA-256. Decoding never trusts the sender: every length, dtype and offset is checked and every failure is a
-:class:`PayloadError` subclass that says what was wrong. Nothing here unpickles anything.
+names every tensor with its shape, dtype, encoding (and its packed or sparse layout) and byte length, and carries the
+payload's total length and SHA-256. A tensor's bytes are those of :mod:`fedhet.codec`'s tensor layouts (raw, dense
+float, packed ``int<b>`` as ``ENCODING_PACKED_INT`` with fp32 per-output-channel scales, sparse bitmap); this module
+maps them to and from manifest entries. Decoding never trusts the sender: every length, dtype, layout and byte is
+checked and every failure is a :class:`PayloadError` subclass that says what was wrong and names the tensor. Nothing
+here unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,15 +15,28 @@ import hashlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from fedhet.codec import pack_mask, unpack_mask
+from fedhet import quant
+from fedhet.codec import (
+    DTYPES,
+    ENCODINGS,
+    RAW,
+    SPARSE_ENCODINGS,
+    CodecError,
+    TensorFormat,
+    decode_tensor,
+    encode_tensor,
+    tensor_format,
+)
 from fedhet.types import Weights
 from fedhet.v1 import tensor_pb2 as pb
 
 __all__ = [
     "DENSE_ENCODINGS",
+    "DTYPE_CODES",
     "ChunkError",
     "ManifestError",
     "NonFiniteError",
@@ -59,29 +75,19 @@ class NonFiniteError(PayloadError):
     """A floating-point tensor holds NaN or Inf."""
 
 
-_DTYPES: Mapping[int, torch.dtype] = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_FLOAT64: torch.float64,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_INT32: torch.int32,
-    pb.DTYPE_UINT8: torch.uint8,
-    pb.DTYPE_BOOL: torch.bool,
+#: proto dtype code of every dtype a tensor may have (:data:`fedhet.codec.DTYPES`: the proto names them alike)
+DTYPE_CODES: Mapping[torch.dtype, pb.DType] = {
+    dtype: cast(pb.DType, pb.DType.Value(f"DTYPE_{name.upper()}")) for name, dtype in DTYPES.items()
 }
-_DTYPE_CODES: Mapping[torch.dtype, int] = {v: k for k, v in _DTYPES.items()}
+_DTYPES: Mapping[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
-#: dense floating-point wire encodings by config name, and the dtype each stores values as
+#: dense floating-point wire encodings by config name (:data:`fedhet.codec.ENCODINGS`)
 DENSE_ENCODINGS: Mapping[str, pb.Encoding] = {
-    "fp32": pb.ENCODING_FP32,
-    "fp16": pb.ENCODING_FP16,
-    "bf16": pb.ENCODING_BF16,
+    name: cast(pb.Encoding, pb.Encoding.Value(f"ENCODING_{name.upper()}")) for name in ENCODINGS
 }
-_FLOAT_WIRE: Mapping[pb.Encoding, torch.dtype] = {
-    pb.ENCODING_FP32: torch.float32,
-    pb.ENCODING_FP16: torch.float16,
-    pb.ENCODING_BF16: torch.bfloat16,
-}
+_FLOAT_NAMES: Mapping[int, str] = {code: name for name, code in DENSE_ENCODINGS.items()}
+#: the oneof layout each encoding needs (the others take none)
+_LAYOUTS: Mapping[int, str] = {pb.ENCODING_PACKED_INT: "quant", pb.ENCODING_SPARSE: "sparse"}
 
 
 def encoding_name(code: int) -> str:
@@ -115,35 +121,49 @@ def meta_of(weights: Weights) -> dict[str, TensorMeta]:
     return {k: TensorMeta(k, tuple(v.shape), v.dtype) for k, v in weights.items()}
 
 
-def _wire_dtype(dtype: torch.dtype, encoding: pb.Encoding) -> torch.dtype:
-    return _FLOAT_WIRE.get(encoding, dtype)
+def _group_size(shape: tuple[int, ...]) -> int:
+    """A packed tensor's ``QuantLayout.group_size``: values per scale with one scale per output channel, 0 when one
+    scale covers the whole tensor."""
+    channels = quant.num_channels(shape)
+    return math.prod(shape) // channels if channels > 1 else 0
+
+
+def _spec(fmt: TensorFormat) -> pb.TensorSpec:
+    """The manifest entry of a tensor in layout ``fmt``."""
+    spec = pb.TensorSpec(name=fmt.name, shape=list(fmt.shape), dtype=DTYPE_CODES[fmt.dtype], byte_length=fmt.nbytes)
+    if fmt.encoding == RAW:
+        spec.encoding = pb.ENCODING_RAW
+    elif fmt.encoding in SPARSE_ENCODINGS:
+        spec.encoding = pb.ENCODING_SPARSE
+        value_encoding = DENSE_ENCODINGS[SPARSE_ENCODINGS[fmt.encoding]]
+        spec.sparse.CopyFrom(pb.SparseLayout(nnz=fmt.nnz, bitmap=True, value_encoding=value_encoding))
+    elif fmt.bits:
+        spec.encoding = pb.ENCODING_PACKED_INT
+        spec.quant.CopyFrom(
+            pb.QuantLayout(
+                bits=fmt.bits, group_size=_group_size(fmt.shape), scale_encoding=pb.ENCODING_FP32, has_zero_point=False
+            )
+        )
+    else:
+        spec.encoding = DENSE_ENCODINGS[fmt.encoding]
+    return spec
 
 
 def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> tuple[pb.Manifest, bytes]:
-    """The manifest and payload of ``weights``; floating-point tensors travel at ``encoding`` (fp32/fp16/bf16),
-    others exactly (``ENCODING_RAW``); the floating-point tensors named in ``sparse`` (pruned) travel as
-    ``ENCODING_SPARSE``: a bitmap of their nonzero positions, then those values at ``encoding``."""
-    if encoding not in DENSE_ENCODINGS:
-        raise ManifestError(f"unknown encoding {encoding!r}; choose one of {', '.join(DENSE_ENCODINGS)}")
+    """The manifest and payload of ``weights``: floating-point tensors travel at ``encoding`` (fp32, fp16, bf16
+    cast; int2 ... int16 packed as ``ENCODING_PACKED_INT``), others exactly (``ENCODING_RAW``); at a float encoding
+    the floating-point tensors named in ``sparse`` (pruned) travel as ``ENCODING_SPARSE``: a bitmap of their nonzero
+    positions, then those values. Raises :class:`ManifestError` for an unknown encoding or dtype, or inf/NaN values
+    to pack."""
     manifest = pb.Manifest()
     parts: list[bytes] = []
-    for name, tensor in weights.items():
-        if tensor.dtype not in _DTYPE_CODES:
-            raise ManifestError(f"tensor {name!r}: dtype {tensor.dtype} cannot travel")
-        code = DENSE_ENCODINGS[encoding] if tensor.is_floating_point() else pb.ENCODING_RAW
-        flat = tensor.detach().to("cpu").reshape(-1)
-        spec = manifest.tensors.add(name=name, shape=list(tensor.shape), dtype=_DTYPE_CODES[tensor.dtype])
-        if name in sparse and tensor.is_floating_point():
-            kept = flat != 0
-            values = flat[kept].to(_wire_dtype(tensor.dtype, code)).view(torch.uint8).numpy().tobytes()
-            raw = pack_mask(kept).numpy().tobytes() + values
-            spec.encoding = pb.ENCODING_SPARSE
-            spec.sparse.CopyFrom(pb.SparseLayout(nnz=int(kept.sum()), bitmap=True, value_encoding=code))
-        else:
-            raw = flat.to(_wire_dtype(tensor.dtype, code)).contiguous().view(torch.uint8).numpy().tobytes()
-            spec.encoding = code
-        spec.byte_length = len(raw)
-        parts.append(raw)
+    try:
+        for name, tensor in weights.items():
+            fmt = tensor_format(name, tensor, encoding, name in sparse)
+            parts.append(encode_tensor(fmt, tensor))
+            manifest.tensors.append(_spec(fmt))
+    except CodecError as error:
+        raise ManifestError(str(error)) from None
     payload = b"".join(parts)
     manifest.total_bytes = len(payload)
     manifest.sha256 = hashlib.sha256(payload).digest()
@@ -161,99 +181,111 @@ def chunks(payload: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
         yield pb.Chunk(offset=start, data=bytes(view[start : start + chunk_bytes]))
 
 
-def _expected_bytes(spec: pb.TensorSpec) -> tuple[torch.dtype, torch.dtype, int]:
-    """(decoded dtype, wire dtype of the values, byte length) a spec needs; raises ManifestError when
-    inconsistent. A sparse spec's length is its bitmap plus ``nnz`` values."""
+def _packed_encoding(spec: pb.TensorSpec) -> str:
+    """The codec's ``int<b>`` of a packed spec whose QuantLayout this peer reads: fp32 scales, one per output
+    channel, no zero point, ``b`` in :data:`fedhet.quant.BITWIDTHS`."""
+    layout = spec.quant
+    if layout.bits not in quant.BITWIDTHS:
+        raise ManifestError(
+            f"tensor {spec.name!r}: cannot read {layout.bits}-bit packed values; bits must be one of "
+            f"{', '.join(map(str, quant.BITWIDTHS))}"
+        )
+    if layout.has_zero_point:
+        raise ManifestError(f"tensor {spec.name!r}: packed values with zero points cannot be read (symmetric only)")
+    if layout.scale_encoding != pb.ENCODING_FP32:
+        raise ManifestError(
+            f"tensor {spec.name!r}: packed scales must be ENCODING_FP32, not {encoding_name(layout.scale_encoding)}"
+        )
+    return f"int{layout.bits}"
+
+
+def _format(spec: pb.TensorSpec) -> TensorFormat:
+    """The layout a spec declares, when this peer can read it and its byte length is right; else ManifestError
+    naming the tensor."""
     name = spec.name
     if spec.dtype not in _DTYPES:
-        raise ManifestError(f"tensor {name!r}: unknown dtype {spec.dtype}")
-    dtype = _DTYPES[spec.dtype]
-    if any(d < 0 for d in spec.shape):
-        raise ManifestError(f"tensor {name!r}: negative dimension in shape {list(spec.shape)}")
-    numel = math.prod(spec.shape)
+        raise ManifestError(f"tensor {name!r}: unknown dtype {dtype_name(spec.dtype)}")
     layout = spec.WhichOneof("layout")
-    if spec.encoding == pb.ENCODING_SPARSE:
+    needed = _LAYOUTS.get(spec.encoding)
+    if layout != needed:
+        raise ManifestError(
+            f"tensor {name!r}: encoding {encoding_name(spec.encoding)} takes "
+            + (f"a {needed} layout" if needed else "no layout")
+            + (f", not a {layout} layout" if layout else "")
+        )
+    nnz = 0
+    if spec.encoding == pb.ENCODING_RAW:
+        encoding = RAW
+    elif spec.encoding in _FLOAT_NAMES:
+        encoding = _FLOAT_NAMES[spec.encoding]
+    elif spec.encoding == pb.ENCODING_PACKED_INT:
+        encoding = _packed_encoding(spec)
+    elif spec.encoding == pb.ENCODING_SPARSE:
         sparse = spec.sparse
-        if layout != "sparse" or not sparse.bitmap:
-            raise ManifestError(f"tensor {name!r}: a sparse tensor needs a bitmap sparse layout (no index lists)")
-        if not dtype.is_floating_point or sparse.value_encoding not in _FLOAT_WIRE:
-            raise ManifestError(f"tensor {name!r}: sparse values must be fp32/fp16/bf16 of a floating-point tensor")
-        if sparse.nnz > numel:
-            raise ManifestError(f"tensor {name!r}: {sparse.nnz} stored values for {numel} elements")
-        wire = _FLOAT_WIRE[sparse.value_encoding]
-        needed = (numel + 7) // 8 + sparse.nnz * wire.itemsize
-    else:
-        if spec.encoding == pb.ENCODING_PACKED_INT:
+        if not sparse.bitmap or sparse.value_encoding not in _FLOAT_NAMES:
             raise ManifestError(
-                f"tensor {name!r}: encoding {encoding_name(spec.encoding)} is not accepted by this peer"
+                f"tensor {name!r}: a sparse tensor needs a bitmap sparse layout (no index lists) with fp32, fp16 or "
+                "bf16 values"
             )
-        if spec.encoding in _FLOAT_WIRE:
-            if not dtype.is_floating_point:
-                raise ManifestError(f"tensor {name!r}: {encoding_name(spec.encoding)} needs a floating-point dtype")
-        elif spec.encoding != pb.ENCODING_RAW:
-            raise ManifestError(f"tensor {name!r}: unknown encoding {encoding_name(spec.encoding)}")
-        if layout is not None:
-            raise ManifestError(f"tensor {name!r}: a dense encoding takes no {layout} layout")
-        wire = _wire_dtype(dtype, spec.encoding)
-        needed = numel * wire.itemsize
-    if spec.byte_length != needed:
+        encoding, nnz = f"sparse-{_FLOAT_NAMES[sparse.value_encoding]}", sparse.nnz
+    else:
+        raise ManifestError(f"tensor {name!r}: unknown encoding {encoding_name(spec.encoding)}")
+    try:
+        fmt = TensorFormat(name, tuple(spec.shape), _DTYPES[spec.dtype], encoding, nnz)
+    except CodecError as error:
+        raise ManifestError(str(error)) from None
+    if fmt.bits and spec.quant.group_size != _group_size(fmt.shape):
+        raise ManifestError(
+            f"tensor {name!r}: group_size {spec.quant.group_size} is not one scale per output channel of shape "
+            f"{list(fmt.shape)} (group_size {_group_size(fmt.shape)})"
+        )
+    if spec.byte_length != fmt.nbytes:
         raise ManifestError(
             f"tensor {name!r}: {spec.byte_length} bytes declared, but shape {list(spec.shape)} "
-            f"at {encoding_name(spec.encoding)} needs {needed}"
+            f"at {encoding_name(spec.encoding)} needs {fmt.nbytes}"
         )
-    return dtype, wire, needed
+    return fmt
 
 
-def check_manifest(manifest: pb.Manifest) -> None:
-    """Self-consistency of a manifest: unique names, dense specs with correct lengths summing to the total."""
+def _formats(manifest: pb.Manifest) -> list[TensorFormat]:
+    """Every tensor's layout, checked: unique names, readable layouts, byte lengths summing to the total."""
     seen: set[str] = set()
-    total = 0
+    formats = []
     for spec in manifest.tensors:
         if spec.name in seen:
             raise ManifestError(f"tensor {spec.name!r} appears twice")
         seen.add(spec.name)
-        total += _expected_bytes(spec)[2]
+        formats.append(_format(spec))
+    total = sum(f.nbytes for f in formats)
     if total != manifest.total_bytes:
         raise ManifestError(f"tensors need {total} bytes but the manifest declares {manifest.total_bytes}")
     if len(manifest.sha256) != hashlib.sha256().digest_size:
         raise ManifestError(f"the manifest's sha256 has {len(manifest.sha256)} bytes, not 32")
+    return formats
+
+
+def check_manifest(manifest: pb.Manifest) -> None:
+    """Self-consistency of a manifest: unique names, layouts this peer reads, byte lengths that fit the shapes and
+    sum to the total, a 32-byte checksum."""
+    _formats(manifest)
 
 
 def decode(manifest: pb.Manifest, payload: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of a payload, checked against its manifest; each is cast to its declared dtype."""
-    check_manifest(manifest)
+    """The tensors of a payload, checked against its manifest (:func:`fedhet.codec.decode_tensor` checks every
+    byte); each comes back as its declared dtype (packed tensors dequantized)."""
+    formats = _formats(manifest)
     if len(payload) != manifest.total_bytes:
         raise ChunkError(f"payload has {len(payload)} bytes, the manifest declares {manifest.total_bytes}")
     buffer = payload if isinstance(payload, bytearray) else bytearray(payload)
     out: dict[str, torch.Tensor] = {}
     offset = 0
-    for spec in manifest.tensors:
-        dtype, wire, nbytes = _expected_bytes(spec)
-        if spec.encoding == pb.ENCODING_SPARSE:
-            out[spec.name] = _decode_sparse(spec, dtype, wire, buffer[offset : offset + nbytes])
-        else:
-            count = nbytes // wire.itemsize
-            values = torch.frombuffer(buffer, dtype=wire, count=count, offset=offset) if count else torch.empty(0)
-            out[spec.name] = values.reshape(tuple(spec.shape)).to(dtype)
-        offset += nbytes
+    for fmt in formats:
+        try:
+            out[fmt.name] = decode_tensor(fmt, buffer, offset)
+        except CodecError as error:
+            raise ManifestError(str(error)) from None
+        offset += fmt.nbytes
     return out
-
-
-def _decode_sparse(spec: pb.TensorSpec, dtype: torch.dtype, wire: torch.dtype, raw: bytearray) -> torch.Tensor:
-    """A sparse tensor from its bitmap and values; the bitmap must mark exactly ``nnz`` elements."""
-    numel = math.prod(spec.shape)
-    mask_bytes = (numel + 7) // 8
-    data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-    try:
-        mask = unpack_mask(data[:mask_bytes], numel)
-    except ValueError as error:
-        raise ManifestError(f"tensor {spec.name!r}: {error}") from None
-    marked = int(mask.sum())
-    if marked != spec.sparse.nnz:
-        raise ManifestError(f"tensor {spec.name!r}: the bitmap marks {marked} values, the layout {spec.sparse.nnz}")
-    out = torch.zeros(numel, dtype=dtype)
-    out[mask] = data[mask_bytes:].clone().view(wire).to(dtype)
-    return out.reshape(tuple(spec.shape))
 
 
 def check_finite(weights: Weights) -> None:
