@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import re
+import struct
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fedhet import quant
 from fedhet.codec import CodecError
 from fedhet.codec import decode as codec_decode
 from fedhet.codec import encode as codec_encode
@@ -218,3 +222,112 @@ def test_sparse_tensors_round_trip_and_malformed_bitmaps_are_refused() -> None:
         decode(*variant(lambda s: setattr(s.sparse, "nnz", 10)))
     with pytest.raises(ManifestError, match="bytes declared"):
         decode(*variant(lambda s: setattr(s.sparse, "nnz", 3)))
+
+
+# ---------------------------------------------------------------- packed int-b
+@pytest.mark.parametrize("bits", quant.BITWIDTHS)
+def test_packed_specs_declare_per_channel_fp32_scales(bits: int) -> None:
+    manifest, payload = encode(WEIGHTS, f"int{bits}")
+    specs = {s.name: s for s in manifest.tensors}
+    for name, tensor in WEIGHTS.items():
+        spec = specs[name]
+        if not tensor.is_floating_point():
+            assert spec.encoding == tpb.ENCODING_RAW and spec.WhichOneof("layout") is None
+            continue
+        assert spec.encoding == tpb.ENCODING_PACKED_INT and spec.WhichOneof("layout") == "quant"
+        layout = spec.quant
+        assert (layout.bits, layout.scale_encoding, layout.has_zero_point) == (bits, tpb.ENCODING_FP32, False)
+        channels = quant.num_channels(tensor.shape)
+        assert layout.group_size == (tensor.numel() // channels if channels > 1 else 0)
+        assert spec.byte_length == 4 * channels + quant.packed_nbytes(tensor.numel(), bits)
+    out = decode(manifest, assemble(manifest, payload, 5))
+    assert all(out[k].dtype == v.dtype and out[k].shape == v.shape for k, v in WEIGHTS.items())
+
+
+def test_packed_payloads_are_b_bits_per_value() -> None:
+    model = {"w": torch.randn(64, 800), "b": torch.randn(64)}
+    fp32 = encode(model)[0].total_bytes
+    assert encode(model, "int8")[0].total_bytes / fp32 == pytest.approx(1 / 4, rel=0.01)
+    assert encode(model, "int4")[0].total_bytes / fp32 == pytest.approx(1 / 8, rel=0.02)
+
+
+def _packed(change: object, payload_change: object = None) -> tuple[tpb.Manifest, bytes]:
+    """The int4 manifest and payload of a (3, 3) tensor ``w`` (12 bytes of scales, then 5 bytes of values whose
+    last 4 bits are padding), with ``change`` applied to its spec and ``payload_change`` to its bytes; the checksum
+    is recomputed."""
+    w = torch.tensor([[0.5, -1.0, 3.5], [0.25, 0.0, -1.75], [1.0, 2.0, 7.0]])
+    manifest, payload = encode({"w": w}, "int4")
+    spec = manifest.tensors[0]
+    change(spec)  # type: ignore[operator]
+    data = bytearray(payload)
+    if payload_change is not None:
+        payload_change(data)  # type: ignore[operator]
+    manifest.sha256 = hashlib.sha256(data).digest()
+    return manifest, bytes(data)
+
+
+def _set_quant(**fields: object) -> object:
+    def change(spec: tpb.TensorSpec) -> None:
+        for key, value in fields.items():
+            setattr(spec.quant, key, value)
+
+    return change
+
+
+def _put(at: int, value: bytes) -> object:
+    def change(data: bytearray) -> None:
+        data[at : at + len(value)] = value
+
+    return change
+
+
+MALFORMED_PACKED = {
+    "zero point": (_set_quant(has_zero_point=True), None, "zero points"),
+    "fp16 scales": (_set_quant(scale_encoding=tpb.ENCODING_FP16), None, "scales must be ENCODING_FP32"),
+    "one scale for the tensor": (_set_quant(group_size=0), None, "group_size 0 is not one scale per output channel"),
+    "groups of two": (_set_quant(group_size=2), None, "group_size 2 is not one scale per output channel"),
+    "3 bits": (_set_quant(bits=3), None, "3-bit packed values"),
+    "32 bits": (_set_quant(bits=32), None, "32-bit packed values"),
+    "no quant layout": (lambda s: s.ClearField("quant"), None, "takes a quant layout"),
+    "a sparse layout": (lambda s: s.sparse.CopyFrom(tpb.SparseLayout(nnz=1)), None, "not a sparse layout"),
+    "an integer tensor": (lambda s: setattr(s, "dtype", tpb.DTYPE_INT64), None, "floating-point tensors, not int64"),
+    "wrong byte length": (lambda s: setattr(s, "byte_length", 12), None, "12 bytes declared"),
+    "zero scale": (lambda s: None, _put(0, struct.pack("<f", 0.0)), "scales must be finite and > 0"),
+    "negative scale": (lambda s: None, _put(4, struct.pack("<f", -1.0)), "scales must be finite and > 0"),
+    "NaN scale": (lambda s: None, _put(0, struct.pack("<f", math.nan)), "scales must be finite and > 0"),
+    "the all-ones pattern": (lambda s: None, _put(12, b"\xff"), "outside"),
+    "a padding bit": (lambda s: None, _put(16, b"\xf7"), "padding"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PACKED))
+def test_malformed_packed_layouts_are_refused_naming_the_tensor(case: str) -> None:
+    change, payload_change, message = MALFORMED_PACKED[case]
+    manifest, payload = _packed(change, payload_change)
+    with pytest.raises(ManifestError, match=f"tensor 'w'.*{re.escape(message)}"):
+        decode(manifest, payload)
+
+
+def test_scales_that_overflow_the_dtype_are_refused() -> None:
+    w = {"w": torch.tensor([1.0, -60000.0]).half()}  # scale 60000 / 7 at int4: finite in fp32 and fp16
+    manifest, payload = encode(w, "int4")
+    data = bytearray(payload)
+    data[0:4] = struct.pack("<f", 1.0e5)  # 7 x 1e5 is finite in fp32 but Inf in fp16
+    manifest.sha256 = hashlib.sha256(data).digest()
+    with pytest.raises(ManifestError, match="tensor 'w'.*overflow"):
+        decode(manifest, bytes(data))
+
+
+PACKED_MANIFEST, PACKED_PAYLOAD = encode(WEIGHTS, "int4")
+
+
+@FUZZ
+@given(st.builds(mutate, st.just(PACKED_PAYLOAD), edits))
+def test_fuzz_packed_payloads_with_a_matching_checksum_only_raise_typed_errors(payload: bytes) -> None:
+    """Corrupted packed bytes that pass the checksum (a sender that lies) reach the packed decoder: they decode to
+    finite tensors or fail with a PayloadError."""
+    manifest = tpb.Manifest()
+    manifest.CopyFrom(PACKED_MANIFEST)
+    manifest.sha256 = hashlib.sha256(payload).digest()
+    with contextlib.suppress(PayloadError):
+        check_finite(decode(manifest, payload))
