@@ -163,10 +163,7 @@ BAD: dict[str, tuple[Mutation, str]] = {
         "DtypeMismatch",
     ),
     "byte length disagrees with the shape": (_with_manifest(_set_field("1.bias", byte_length=44)), "ManifestError"),
-    "packed int-b is not accepted yet": (
-        _with_manifest(_set_field("1.bias", encoding=tpb.ENCODING_PACKED_INT)),
-        "DtypeMismatch",
-    ),
+    "packed from a client registered at 32 bits": (_with_weights(lambda w: None, "int8"), "BitwidthMismatch"),
     "NaN in the payload": (_with_weights(_nan), "NonFiniteError"),
     "Inf in the payload": (_with_weights(_inf), "NonFiniteError"),
     "Inf after decoding fp16": (_with_weights(_huge, "fp16"), "NonFiniteError"),
@@ -320,6 +317,46 @@ async def replay_scenario(tmp_path: Path) -> None:
 
 def test_replayed_update_is_applied_at_most_once(tmp_path: Path) -> None:
     asyncio.run(replay_scenario(tmp_path))
+
+
+async def packed_scenario(tmp_path: Path) -> None:
+    """A client registered at 8 bits gets its task packed at int8; its int4 upload is refused naming both
+    bitwidths, its int8 upload accepted; byte counters count the payloads that travelled."""
+    cfg = test_config(str(tmp_path / "state"))
+    async with running_server(cfg) as app:
+        coord = app.coordinator
+        target = f"127.0.0.1:{app.port}"
+        low, b, c = (ScriptedClient(target, i) for i in range(3))
+        profile = spb.ClientProfile(seconds_per_sample=0.001, bandwidth=1e7, bitwidth=8)
+        await low.stub.Register(spb.RegisterRequest(client_id=0, num_samples=SAMPLES, profile=profile), timeout=10)
+        for cl in (b, c):
+            await cl.register(SAMPLES)
+        tasks = await asyncio.gather(*(cl.poll_task() for cl in (low, b, c)))
+        packed, dense = tasks[0].header.manifest, tasks[1].header.manifest
+        assert {(s.encoding, s.quant.bits) for s in packed.tensors} == {(tpb.ENCODING_PACKED_INT, 8)}
+        assert {s.encoding for s in dense.tensors} == {tpb.ENCODING_FP32}
+        assert packed.total_bytes < 0.3 * dense.total_bytes
+        assert coord.counters.bytes_down == sum(t.header.manifest.total_bytes for t in tasks)
+
+        w = trained(tasks[0], 0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await low.upload(tasks[0].header, w, SAMPLES, encoding="int4")
+        details = refused.value.details() or ""
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "BitwidthMismatch" in details and "4 bits" in details and "8 bits" in details, details
+        assert coord.counters.rejected == 1 and coord.counters.bytes_up == 0
+        await low.upload(tasks[0].header, w, SAMPLES, encoding="int8")
+        for cl, task in ((b, tasks[1]), (c, tasks[2])):
+            await cl.upload(task.header, trained(task, 1.0), SAMPLES)
+        assert coord.version == 1
+        uploads = [encode(w, "int8")[0], *(encode(trained(t, 1.0))[0] for t in tasks[1:])]
+        assert coord.counters.bytes_up == sum(m.total_bytes for m in uploads)
+        for cl in (low, b, c):
+            await cl.close()
+
+
+def test_packed_update_at_the_registered_bitwidth_is_accepted_and_another_refused(tmp_path: Path) -> None:
+    asyncio.run(packed_scenario(tmp_path))
 
 
 # ---------------------------------------------------------------- unit checks, no server

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc import aio
 
+from fedhet.codec import encoding_for_bitwidth
 from fedhet.server.auth import TokenStore
 from fedhet.server.privacy import DPStep, check_dp_report
 from fedhet.server.runtime import Coordinator, DuplicateResult, NotOutstanding, RunEnded, UnknownClient
@@ -48,7 +49,8 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
     Args:
         coordinator: the run.
         tokens: token store, or None to trust the client ids in messages (loopback only).
-        encoding: how task weights travel (fp32, fp16, bf16).
+        encoding: how task weights travel to fp32 clients (fp32, fp16, bf16); a client of ``b < 32`` bits receives
+            them packed at ``int<b>`` (:func:`fedhet.codec.encoding_for_bitwidth`), as the simulator sizes them.
         chunk_bytes: payload bytes per chunk message.
         max_upload_bytes: largest result payload accepted.
         poll_timeout: seconds a GetTask call waits for work.
@@ -72,7 +74,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         self.max_upload_bytes = max_upload_bytes
         self.poll_timeout = poll_timeout
         self.heartbeat_seconds = heartbeat_seconds
-        self._encoded: OrderedDict[int, tuple[Weights, tpb.Manifest, bytes]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[int, str], tuple[Weights, tpb.Manifest, bytes]] = OrderedDict()
 
     # ------------------------------------------------------------------ helpers
     async def _client(self, context: Context, claimed: int) -> int:
@@ -95,14 +97,18 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         except UnknownClient as error:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
-    def _encode(self, weights: Weights, sparse: frozenset[str]) -> tuple[tpb.Manifest, bytes]:
-        """Encode task weights once per weights object (every client of a version shares the global model); the
-        tensors named in ``sparse`` (pruned) travel sparse."""
-        key = id(weights)
+    def _bitwidth(self, client_id: int) -> int:
+        """The bitwidth ``client_id`` registered: its tasks travel, and its packed updates must arrive, at it."""
+        return self.coord.clients[client_id].info.profile.bitwidth
+
+    def _encode(self, weights: Weights, sparse: frozenset[str], encoding: str) -> tuple[tpb.Manifest, bytes]:
+        """Encode task weights at ``encoding`` once per weights object (every client of a version and bitwidth
+        shares the global model's payload); the tensors named in ``sparse`` (pruned) travel sparse."""
+        key = (id(weights), encoding)
         hit = self._encoded.get(key)
         if hit is not None and hit[0] is weights:
             return hit[1], hit[2]
-        manifest, payload = encode(weights, self.encoding, sparse)
+        manifest, payload = encode(weights, encoding, sparse)
         self._encoded[key] = (weights, manifest, payload)  # holding ``weights`` keeps its id from being reused
         while len(self._encoded) > 4:
             self._encoded.popitem(last=False)
@@ -118,6 +124,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 ClientProfile(p.seconds_per_sample, p.bandwidth, p.bitwidth or 32, int(p.memory_bytes)),
                 request.num_samples,
             )
+            encoding_for_bitwidth(info.profile.bitwidth)  # a bitwidth without a wire encoding is refused here
         except ValueError as error:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad registration: {error}")
         info = self.coord.register(info)
@@ -151,7 +158,8 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             yield spb.TaskMessage(idle=spb.Idle(retry_after_seconds=0.0, version=self.coord.version))
             return
         task = outcome
-        manifest, payload = self._encode(task.weights, task.sparse)
+        encoding = encoding_for_bitwidth(self._bitwidth(client_id), self.encoding)
+        manifest, payload = self._encode(task.weights, task.sparse, encoding)
         sent = False
         try:
             yield spb.TaskMessage(
@@ -213,7 +221,8 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     raise PayloadTooLarge(
                         f"payload of {header.manifest.total_bytes} bytes exceeds the cap of {self.max_upload_bytes}"
                     )
-                check_update_manifest(header.manifest, record.meta)
+                bitwidth = self._bitwidth(client_id)
+                check_update_manifest(header.manifest, record.meta, bitwidth)
                 assembler = PayloadAssembler(header.manifest, self.max_upload_bytes)
                 async for message in stream:
                     if message.WhichOneof("kind") != "chunk":
@@ -221,14 +230,15 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     assembler.add(message.chunk)
                 weights = await asyncio.to_thread(_finish_checked, assembler, record.meta)
                 result = Result(
-                    header.task_id,
-                    client_id,
-                    header.version,
-                    weights,
-                    header.num_samples,
-                    header.local_steps,
-                    header.train_seconds,
-                    header.loss,
+                    task_id=header.task_id,
+                    client_id=client_id,
+                    version=header.version,
+                    weights=weights,
+                    num_samples=header.num_samples,
+                    local_steps=header.local_steps,
+                    train_seconds=header.train_seconds,
+                    loss=header.loss,
+                    bitwidth=bitwidth,
                 )
                 result, clipped = coord.bound_norm(result, record)
             except PayloadTooLarge as error:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhet.quant import FULL_PRECISION
 from fedhet.types import Weights
 from fedhet.v1 import tensor_pb2 as pb
 from fedhet.v1.wire import (
@@ -27,6 +28,7 @@ from fedhet.v1.wire import (
 )
 
 __all__ = [
+    "BitwidthMismatch",
     "DtypeMismatch",
     "ExtraTensor",
     "MissingTensor",
@@ -49,6 +51,10 @@ class DtypeMismatch(PayloadError):
     """A tensor's dtype differs from the task's, or its encoding does not fit its dtype."""
 
 
+class BitwidthMismatch(PayloadError):
+    """A packed update's bits differ from the bitwidth its client registered."""
+
+
 class MissingTensor(PayloadError):
     """The update lacks a tensor the task had."""
 
@@ -65,8 +71,12 @@ class NormBoundExceeded(PayloadError):
     """The update's L2 norm exceeds the configured bound and the server rejects such updates."""
 
 
-def check_update_manifest(manifest: pb.Manifest, expected: Mapping[str, TensorMeta]) -> None:
-    """The manifest describes exactly the task's tensors: same names, shapes and dtypes, dense encodings."""
+def check_update_manifest(
+    manifest: pb.Manifest, expected: Mapping[str, TensorMeta], bitwidth: int = FULL_PRECISION
+) -> None:
+    """The manifest describes exactly the task's tensors: same names, shapes and dtypes; floating-point tensors
+    dense (fp32, fp16, bf16) or packed at ``bitwidth``, the bits the client registered (never packed for a 32-bit
+    client); others raw."""
     names = [spec.name for spec in manifest.tensors]
     missing = sorted(set(expected) - set(names))
     if missing:
@@ -83,7 +93,11 @@ def check_update_manifest(manifest: pb.Manifest, expected: Mapping[str, TensorMe
         if spec.dtype != DTYPE_CODES.get(meta.dtype):
             raise DtypeMismatch(f"tensor {spec.name!r}: dtype {dtype_name(spec.dtype)} sent for {meta.dtype}")
         floating = meta.dtype.is_floating_point
-        allowed = set(DENSE_ENCODINGS.values()) if floating else {pb.ENCODING_RAW}
+        if floating and spec.encoding == pb.ENCODING_PACKED_INT and spec.quant.bits != bitwidth:
+            raise BitwidthMismatch(
+                f"tensor {spec.name!r}: packed at {spec.quant.bits} bits, but the client registered {bitwidth} bits"
+            )
+        allowed = {*DENSE_ENCODINGS.values(), pb.ENCODING_PACKED_INT} if floating else {pb.ENCODING_RAW}
         if spec.encoding not in allowed:
             raise DtypeMismatch(
                 f"tensor {spec.name!r}: encoding {encoding_name(spec.encoding)} is not accepted for {meta.dtype}"
