@@ -30,6 +30,8 @@ class MetricsRecord:
         personal_accuracy: mean over clients of the accuracy of each client's personalised model (the global
             shared layers with its own head fine-tuned) on its own held-out split; None when not measured.
         epsilon: under DP, each client's epsilon spent so far, keyed by client id; None without DP.
+        accuracy_by_bitwidth: test accuracy of the global model rounded to each bitwidth below 32 that a client
+            of the run computes at, keyed by bitwidth; None when every client is fp32.
     """
 
     version: int
@@ -43,6 +45,7 @@ class MetricsRecord:
     updates_dropped: int
     personal_accuracy: float | None = None
     epsilon: dict[str, float] | None = None
+    accuracy_by_bitwidth: dict[str, float] | None = None
 
 
 class MetricsWriter:

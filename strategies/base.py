@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -397,6 +397,19 @@ class Aggregator(Protocol):
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ServerTrained(Protocol):
+    """A role that trains on the server and needs a small buffer of unlabelled inputs there (ProWD's distillation).
+    The run core gives it one in every runtime, before the first event."""
+
+    @property
+    def server_samples(self) -> int:
+        """Inputs the buffer should hold (0: this configuration needs none)."""
+        ...
+
+    def attach(self, model: torch.nn.Module, server_inputs: torch.Tensor) -> None: ...
 
 
 class Strategy:

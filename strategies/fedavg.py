@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
-from fedhet.strategies.fedp3 import layer_names
+from fedhet.strategies.layers import layer_names
 from fedhet.types import ClientInfo, Result
 
 __all__ = ["SYNC_WEIGHTINGS", "SyncScheduler"]

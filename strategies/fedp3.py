@@ -32,28 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from fedhet.strategies.base import Plan
+from fedhet.strategies.layers import layer_names, layer_of
 from fedhet.types import ClientInfo, Weights
 
-__all__ = ["VARIANTS", "FedP3Planner", "layer_names", "prune"]
+__all__ = ["VARIANTS", "FedP3Planner", "prune"]
 
 #: layer-assignment variants and the number of consecutive shared layers each gives (0: from the memory budget)
 VARIANTS: Mapping[str, int] = {"lowerb": 1, "opu2": 2, "opu3": 3, "budget": 0}
 PRUNINGS = ("magnitude", "ordered_dropout")
 _MIN_KEEP = 0.01  # a budget that needs a harder pruning than this cannot hold the model
-
-
-def layer_names(weights: Weights) -> list[str]:
-    """Layers of a state dict in order: the module path of each tensor (``"3.weight"`` -> ``"3"``)."""
-    out: list[str] = []
-    for name in weights:
-        layer = _layer_of(name)
-        if layer not in out:
-            out.append(layer)
-    return out
-
-
-def _layer_of(name: str) -> str:
-    return name.rpartition(".")[0]
 
 
 def _prunable(tensor: torch.Tensor) -> bool:
@@ -130,7 +117,7 @@ class FedP3Planner:
                 f"FedP3 needs at least one shared layer besides the {self.head_layers} personal one(s); "
                 f"the model has {len(layers)} layer(s)"
             )
-        tensors = {layer: tuple(n for n in weights if _layer_of(n) == layer) for layer in layers}
+        tensors = {layer: tuple(n for n in weights if layer_of(n) == layer) for layer in layers}
         shared = tuple(layers[: -self.head_layers])
         head = tuple(n for layer in layers[-self.head_layers :] for n in tensors[layer])
         return _Layout(shared, tensors, head)

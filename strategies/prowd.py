@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 FULL = quant.FULL_PRECISION
+SERVER_BUFFER = 512  # inputs of the server-side distillation buffer
 
 
 def _check_bitwidth(bits: int, who: str) -> int:
@@ -323,6 +324,11 @@ class ProWD:
         self.reference: dict[str, torch.Tensor] = {}  # the latest high-bitwidth mean update
         self.lowest_seen = FULL  # lowest client bitwidth aggregated so far: blocks below it are never used
         self.last_masks: dict[int, float] = {}  # bitwidth -> fraction of elements kept at the latest aggregation
+
+    @property
+    def server_samples(self) -> int:
+        """Inputs of the server buffer distillation trains on (0 without distillation)."""
+        return SERVER_BUFFER if self.distill_weight > 0 else 0
 
     def attach(self, model: nn.Module, server_inputs: torch.Tensor) -> None:
         """Give the server what distillation needs: a model of the run's architecture (its weights are ignored;

@@ -16,10 +16,12 @@ from fedhet.cli import compose
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.codec import encoded_size
+from fedhet.config import FleetConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsWriter
+from fedhet.runtime import Evaluation
 from fedhet.sim.executor import SequentialExecutor
-from fedhet.sim.fleet import FleetConfig, sample_profiles
+from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.runner import validate
 from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.strategies import StateError, Strategy, UpdateBuffer
@@ -178,7 +180,7 @@ def run_one_client(tmp_path: Path, bits: int) -> tuple[Simulator, list[dict[str,
             sync_strategy(WeightedMean(), IdentityPlanner()),
             [c],
             EchoExecutor(),
-            lambda w: (0.0, 0.0),
+            lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
             SimConfig(max_versions=1, batch_size=5),
             seed=0,
@@ -208,7 +210,7 @@ def test_simulated_fleet_of_two_bitwidths_keeps_two_groups(tmp_path: Path) -> No
             sync_strategy(grouped, BitwidthPlanner()),
             clients,
             EchoExecutor(),
-            lambda w: (0.0, 0.0),
+            lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
             SimConfig(max_versions=1, batch_size=5),
             seed=0,
@@ -225,7 +227,7 @@ def test_simulator_refuses_a_bitwidth_without_an_encoding(tmp_path: Path) -> Non
             sync_strategy(WeightedMean(), IdentityPlanner()),
             [client(0, 7)],
             EchoExecutor(),
-            lambda w: (0.0, 0.0),
+            lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
             SimConfig(),
             seed=0,

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from fedhet.cli import compose
 from fedhet.metrics import MetricsWriter
+from fedhet.runtime import Evaluation
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.strategies import StateError, Strategy, build_strategy
@@ -201,7 +202,7 @@ def simulate(
     ]
     config = SimConfig(max_versions=max_versions, max_virtual_seconds=5000.0, eval_every=10**6, batch_size=1)
     with MetricsWriter(os.devnull) as metrics:
-        simulator = Simulator(strategy, clients, ledger, lambda w: (0.0, 0.0), metrics, config, seed=0)
+        simulator = Simulator(strategy, clients, ledger, lambda w, bits: Evaluation(0.0, 0.0), metrics, config, seed=0)
         simulator.run(start_weights())
     return strategy, ledger, checked
 

@@ -17,7 +17,8 @@ from fedhet.models import build_model
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.base import UpdateBuffer
 from fedhet.strategies.fedavg import SyncScheduler
-from fedhet.strategies.fedp3 import FedP3Planner, layer_names, prune
+from fedhet.strategies.fedp3 import FedP3Planner, prune
+from fedhet.strategies.layers import layer_names
 from fedhet.strategies.staleness import StalenessWeighted
 from fedhet.types import ClientInfo, ClientProfile, Result, Task
 

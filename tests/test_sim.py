@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from fedhet.codec import encoded_size
+from fedhet.config import FleetConfig
 from fedhet.metrics import WALL_CLOCK_FIELDS, MetricsWriter
+from fedhet.runtime import Evaluation
 from fedhet.sim.events import EventKind, EventQueue
-from fedhet.sim.fleet import FleetConfig, sample_profiles
+from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import SimConfig, Simulator, task_duration
 from fedhet.strategies import Strategy
 from fedhet.strategies.aggregators import WeightedMean
@@ -67,7 +69,7 @@ def run_sim(
             strategy,
             clients,
             EchoExecutor(),
-            lambda w: (float(w["w"][0]), 0.0),
+            lambda w, bits: Evaluation(float(w["w"][0]), 0.0),
             metrics,
             SimConfig(max_versions=versions, batch_size=5),
             seed=0,
@@ -156,7 +158,8 @@ def test_eval_interval_limits_evaluations_in_virtual_time(tmp_path: Path) -> Non
     )
     with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
         config = SimConfig(max_versions=10, batch_size=5, eval_interval=2.0)
-        Simulator(strategy, clients, EchoExecutor(), lambda w: (0.0, 0.0), metrics, config, seed=0).run(weights(0.0))
+        evaluate = lambda w, bits: Evaluation(0.0, 0.0)  # noqa: E731
+        Simulator(strategy, clients, EchoExecutor(), evaluate, metrics, config, seed=0).run(weights(0.0))
     times = [r["virtual_time"] for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())]
     round_time = 3 * 5 * 0.01 + 2 * encoded_size(weights(0.0)) / 1e3
     assert round_time < 2.0

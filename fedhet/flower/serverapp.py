@@ -16,7 +16,6 @@ The driver is a loop in the ServerApp's thread; evaluation runs in a worker thre
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhet import codec
 from fedhet.config import DatasetConfig
-from fedhet.data import load_configured
 from fedhet.flower.records import (
     RecordError,
     array_record_nbytes,
@@ -39,10 +37,20 @@ from fedhet.flower.records import (
     parse_result,
     task_content,
 )
-from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.models import build_model, evaluate
+from fedhet.metrics import MetricsWriter
+from fedhet.runtime import (
+    EvalCadence,
+    Evaluation,
+    Outcome,
+    RunDriver,
+    RunPoint,
+    RunSpec,
+    StopRules,
+    assemble,
+    metrics_record,
+)
 from fedhet.server.validation import check_update
-from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer, build_strategy
+from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.types import ClientInfo, Task, Weights
 from fedhet.v1.wire import PayloadError, meta_of
 
@@ -50,7 +58,6 @@ __all__ = [
     "Aggregation",
     "Assigned",
     "DriverSettings",
-    "Evaluator",
     "GridDriver",
     "RunSummary",
     "ServerAppSettings",
@@ -60,7 +67,7 @@ __all__ = [
 
 log = logging.getLogger("fedhet.flower")
 
-Evaluator = Callable[[Weights], tuple[float, float]]
+Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,7 @@ class GridDriver:
         initial_weights: Weights,
         settings: DriverSettings,
         metrics: MetricsWriter | None = None,
-        evaluate: Evaluator | None = None,
+        evaluate: Evaluate | None = None,
     ) -> None:
         self.grid = grid
         self._recorder = _RecordingAggregator(strategy.aggregator)
@@ -198,6 +205,9 @@ class GridDriver:
         self.metrics = metrics
         self.evaluate = evaluate
         self.summary = RunSummary()
+        self.driver = RunDriver(
+            strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
+        )
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
         self._pending: dict[str, _Pending] = {}
@@ -207,7 +217,6 @@ class GridDriver:
         self._version = 0
         self._applied = 0
         self._start = 0.0
-        self._evaluated = -1
         self._evals: list[Future[None]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedhet-eval")
 
@@ -224,17 +233,17 @@ class GridDriver:
         try:
             self._wait_for_nodes()
             last_look = self.now()
-            stop_at = self.settings.max_seconds or math.inf
             while not self.summary.reason:
                 busy = self._pull()
                 now = self.now()
-                if not self.summary.reason and now >= stop_at:
-                    self._end("max_seconds")
+                over = self.driver.time_up(now)
+                if not self.summary.reason and over is not None:
+                    self._end(over)
                 if self.summary.reason:
                     break
                 deadline = self.strategy.next_deadline()
                 if deadline is not None and now >= deadline:
-                    self._after(self.strategy.on_tick(now), now)
+                    self._after(self.driver.tick(now), now)
                     busy = True
                 for node, at in sorted(self._retry.items()):
                     if now >= at:
@@ -245,7 +254,7 @@ class GridDriver:
                     self._discover()
                 if not busy:
                     time.sleep(self.settings.poll_interval)
-            if self._evaluated != self.strategy.version:
+            if self.driver.evaluation_pending():
                 self._queue_eval()
             for job in self._evals:
                 job.result()
@@ -336,7 +345,7 @@ class GridDriver:
         known = self.strategy.clients.get(cid)
         if known is not None and known != info:  # the node restarted with another profile: keep the first
             info = known
-        self._after(self.strategy.on_available(info, now), now)
+        self._after(self.driver.available(info, now), now)
 
     def _result(self, pending: _Pending, reply: Message, now: float) -> None:
         task = pending.task
@@ -353,7 +362,7 @@ class GridDriver:
             return
         self.summary.bytes_up += array_record_nbytes(reply.content["arrays"])  # type: ignore[arg-type]
         try:
-            tasks = self.strategy.on_result(result, now)
+            outcome = self.driver.result(result, now)
         except UnknownTaskError as error:  # lost meanwhile (the node was asked again): nothing is applied
             self.summary.refused += 1
             log.info("client %d: %s", pending.client_id, error)
@@ -361,25 +370,25 @@ class GridDriver:
         self.summary.results += 1
         if epsilon is not None:
             self.summary.epsilon.setdefault(pending.client_id, []).append(epsilon)
-        self._after(tasks, now)
+        self._after(outcome, now)
 
-    def _after(self, tasks: list[Task], now: float) -> None:
-        """Send ``tasks``; note, evaluate and stop on a new version."""
+    def _after(self, outcome: Outcome, now: float) -> None:
+        """Carry out ``outcome``: note a new version, evaluate and stop as the driver decided, send its tasks."""
         version = self.strategy.version
-        if version != self._version:
+        if outcome.new_version:
             applied = self.strategy.updates_applied - self._applied
             self._version, self._applied = version, self.strategy.updates_applied
             clients = tuple(self._task_client.pop(t, -1) for t in self._recorder.folded)
             self._recorder.folded.clear()
             self.summary.aggregations.append(Aggregation(version, now, applied, clients))
-            if version >= self.settings.max_versions:
-                self._end("max_versions")
-            elif version % self.settings.eval_every == 0:
-                self._queue_eval()
+        if outcome.evaluate:
+            self._queue_eval()
+        if outcome.stop is not None:
+            self._end(outcome.stop)
         if self.summary.reason:
             return
         messages, pending = [], []
-        for task in tasks:
+        for task in outcome.tasks:
             info = self.strategy.clients[task.client_id]
             encoding = codec.encoding_for_bitwidth(info.profile.bitwidth, self.settings.encoding)
             content = task_content(task, encoding)  # with its train and sparse names; pruned tensors sparse
@@ -397,30 +406,36 @@ class GridDriver:
 
     # ------------------------------------------------------------------ metrics
     def _queue_eval(self) -> None:
-        version = self.strategy.version
-        self._evaluated = version
+        now = self.now()
+        self.driver.mark_evaluated(now)
         if self.evaluate is None:
             return
         weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
-        record = (
-            version,
-            self.now(),
-            self.summary.bytes_up,
-            self.summary.bytes_down,
-            self.strategy.updates_applied,
-            self.strategy.updates_dropped,
+        point = RunPoint(
+            version=self.strategy.version,
+            time=now,
+            wall_time=now,
+            bytes_up=self.summary.bytes_up,
+            bytes_down=self.summary.bytes_down,
+            updates_applied=self.strategy.updates_applied,
+            updates_dropped=self.strategy.updates_dropped,
         )
-        self._evals.append(self._pool.submit(self._evaluate, weights, record))
+        bitwidths = sorted({c.profile.bitwidth for c in self.strategy.clients.values()})
+        self._evals.append(self._pool.submit(self._evaluate, weights, bitwidths, point))
 
-    def _evaluate(self, weights: dict[str, torch.Tensor], record: tuple[int, float, int, int, int, int]) -> None:
+    def _evaluate(self, weights: dict[str, torch.Tensor], bitwidths: list[int], point: RunPoint) -> None:
         assert self.evaluate is not None
-        version, now, up, down, applied, dropped = record
-        accuracy, loss = self.evaluate(weights)
-        self.summary.accuracy = accuracy
-        log.info("version %d at %.1f s: accuracy %.4f, loss %.4f", version, now, accuracy, loss)
+        evaluation = self.evaluate(weights, bitwidths)
+        self.summary.accuracy = evaluation.accuracy
+        log.info(
+            "version %d at %.1f s: accuracy %.4f, loss %.4f",
+            point.version,
+            point.time,
+            evaluation.accuracy,
+            evaluation.loss,
+        )
         if self.metrics is not None:
-            wall = time.monotonic() - self._start
-            self.metrics.write(MetricsRecord(version, now, wall, accuracy, loss, up, down, applied, dropped))
+            self.metrics.write(metrics_record(point, evaluation))
 
 
 def _check_update(weights: Weights, task: Task) -> None:
@@ -481,19 +496,11 @@ def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], 
 
 def run_on_grid(grid: Grid, settings: ServerAppSettings) -> RunSummary:
     """Build the strategy, the initial model and the test-set evaluation of ``settings``; drive them on ``grid``."""
-    strategy = build_strategy(settings.strategy, settings.seed)
-    data = load_configured(settings.dataset, settings.num_clients, settings.seed)
-    model = build_model(settings.model, data.input_shape, data.num_classes, settings.seed)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def test_accuracy(weights: Weights) -> tuple[float, float]:
-        model.load_state_dict(weights)
-        with torch.no_grad():
-            return evaluate(model, data.x_test, data.y_test)
-
+    spec = RunSpec(settings.dataset, settings.model, settings.strategy, settings.num_clients, settings.seed)
+    parts = assemble(spec)
     metrics = MetricsWriter(Path(settings.metrics_path)) if settings.metrics_path else None
     try:
-        return GridDriver(grid, strategy, initial, settings.driver, metrics, test_accuracy).run()
+        return GridDriver(grid, parts.strategy, parts.initial, settings.driver, metrics, parts.evaluator).run()
     finally:
         if metrics is not None:
             metrics.close()

@@ -17,17 +17,14 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhet.codec import encoded_size
-from fedhet.data import DATASETS, load_configured
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
-from fedhet.models import MODELS, build_model, evaluate
+from fedhet.runtime import assemble, check_spec, run_spec
 from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
-from fedhet.server.config import ServerRunConfig, compose_server, plain
+from fedhet.server.config import ServerRunConfig, compose_server
 from fedhet.server.persistence import CheckpointError, StateStore
 from fedhet.server.runtime import Coordinator, RunEnded, RuntimeSettings
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
-from fedhet.strategies import build_strategy
-from fedhet.types import Weights
 from fedhet.v1 import service_pb2_grpc
 
 __all__ = ["USAGE", "ServerApp", "build_app", "hydra_message", "main", "serve"]
@@ -99,13 +96,8 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     credentials = server_credentials(s.tls.cert, s.tls.key, s.tls.client_ca) if s.tls.cert else None
     if s.threads:
         torch.set_num_threads(s.threads)
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
-        )
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
-    strategy = build_strategy(plain(cfg.strategy), cfg.seed)
+    spec = run_spec(cfg)
+    check_spec(spec)  # a bad name, key or value fails before any data is read
     store = StateStore(s.state_dir) if s.durable else None
     if store is not None and store.holds_run() and not s.resume:
         raise ConfigError(
@@ -113,16 +105,8 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
             "continue it, or choose another server.state_dir"
         )
 
-    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
-    x_test, y_test = data.x_test, data.y_test
-
-    def evaluate_global(weights: Weights) -> tuple[float, float]:
-        eval_model.load_state_dict(weights)
-        return evaluate(eval_model, x_test, y_test)
-
+    parts = assemble(spec)
+    initial = parts.initial
     max_upload = s.max_upload_bytes or 2 * encoded_size(initial, "fp32") + (1 << 20)
     settings = RuntimeSettings(
         max_versions=s.max_versions,
@@ -137,7 +121,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     )
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(
-        strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), evaluate_global
+        parts.strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), parts.evaluator
     )
     if store is not None:
         if s.resume:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
-from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed, is_loopback
+from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed, is_loopback, plain
 from fedhet.errors import ConfigError
 
 __all__ = [
@@ -22,6 +20,7 @@ __all__ = [
     "check_group_choices",
     "compose_server",
     "is_loopback",
+    "plain",
     "register_server_configs",
     "validate_server",
 ]
@@ -198,10 +197,3 @@ def validate_server(cfg: ServerRunConfig) -> None:
         raise ConfigError("server.state_dir must name a directory (metrics, checkpoints and the log go there)")
     if cfg.num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {cfg.num_clients}")
-
-
-def plain(node: Any) -> dict[str, Any]:
-    """A dataclass config node as plain dicts (what ``build_strategy`` takes)."""
-    container = OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}

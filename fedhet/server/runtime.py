@@ -13,13 +13,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.metrics import MetricsWriter
+from fedhet.runtime import EvalCadence, Evaluation, Outcome, RunDriver, RunPoint, StopRules, metrics_record
 from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
 from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.validation import check_norm
@@ -39,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Evaluator = Callable[[Weights], tuple[float, float]]
+Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
@@ -150,7 +151,8 @@ class Coordinator:
         settings: stopping, timeouts, norm bound.
         store: the state directory, or None to keep nothing on disk but metrics.
         metrics: where evaluations go.
-        evaluate: (accuracy, loss) of a global model on the test set, run in a worker thread.
+        evaluate: the evaluation of a global model (and of its rounding to the given client bitwidths) on the
+            test set, run in a worker thread.
         on_end: called once when the run ends (the server flips its health status).
     """
 
@@ -161,7 +163,7 @@ class Coordinator:
         settings: RuntimeSettings,
         store: StateStore | None,
         metrics: MetricsWriter | None = None,
-        evaluate: Evaluator | None = None,
+        evaluate: Evaluate | None = None,
         on_end: Callable[[RunEnded], None] | None = None,
     ) -> None:
         self.strategy = strategy
@@ -184,9 +186,11 @@ class Coordinator:
         self._wall_start = time.time()
         self._wake = asyncio.Event()
         self._ended_event = asyncio.Event()
-        self._evaluated = -1
+        self.driver = RunDriver(
+            strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
+        )
         self._eval_queue: asyncio.Queue[
-            tuple[int, float, dict[str, torch.Tensor], int, int, dict[int, list[DPStep]] | None]
+            tuple[RunPoint, dict[str, torch.Tensor], list[int], dict[int, list[DPStep]] | None]
         ] = asyncio.Queue()
         self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._last_seq = -1
@@ -262,7 +266,7 @@ class Coordinator:
             "privacy": self.privacy.state_dict(),
             "accepted": sorted(self.accepted.items()),
             "counters": asdict(self.counters),
-            "evaluated": self._evaluated,
+            "driver": self.driver.state_dict(),
             "ended": None if self.ended is None else [self.ended.version, self.ended.reason],
         }
 
@@ -286,7 +290,7 @@ class Coordinator:
             self.privacy.load_state_dict(state.get("privacy", {}))
             self.accepted = {int(t): int(c) for t, c in state["accepted"]}
             self.counters = Counters(**state["counters"])
-            self._evaluated = int(state["evaluated"])
+            self.driver.load_state_dict(state["driver"])
             ended = state["ended"]
             self.ended = None if ended is None else RunEnded(int(ended[0]), str(ended[1]))
         except (KeyError, TypeError, ValueError) as error:
@@ -343,15 +347,14 @@ class Coordinator:
         for tid in [t for t, r in self.records.items() if r.task.client_id == client_id]:
             del self.records[tid]  # the strategy forgets a task its client asks past
         state.announced = True
-        self._dispatch(self.strategy.on_available(state.info, now), now)
+        self._carry_out(self.driver.available(state.info, now), now)
 
     def _tick(self, now: float) -> None:
         self._log({"kind": "tick", "now": now})
-        self._dispatch(self.strategy.on_tick(now), now)
+        self._carry_out(self.driver.tick(now), now)
 
     def _apply_result(self, result: Result, now: float, nbytes: int, clipped: bool, dp: DPStep | None = None) -> None:
-        before = self.strategy.version
-        tasks = self.strategy.on_result(result, now)
+        outcome = self.driver.result(result, now)
         if dp is not None:
             self.privacy.add(result.client_id, dp)
         self.records.pop(result.task_id, None)
@@ -361,27 +364,22 @@ class Coordinator:
         self.counters.clipped += int(clipped)
         self.counters.bytes_up += nbytes
         self.clients[result.client_id].announced = True
-        self._dispatch(tasks, now, aggregated=self.strategy.version != before)
+        self._carry_out(outcome, now)
 
-    def _dispatch(self, tasks: list[Task], now: float, aggregated: bool = False) -> None:
-        for task in tasks:
+    def _carry_out(self, outcome: Outcome, now: float) -> None:
+        """Send the outcome's tasks; stop, or evaluate and checkpoint a new version, as the driver decided."""
+        for task in outcome.tasks:
             self.records[task.task_id] = TaskRecord.of(task)
             state = self.clients[task.client_id]
             state.announced = False
             state.wakeup.set()
-        if aggregated:
-            self._aggregated(now)
         self._wake.set()
-
-    def _aggregated(self, now: float) -> None:
-        if self.version >= self.settings.max_versions:
-            self._end("max_versions", now)  # evaluates and checkpoints
-            return
-        if self._replaying:
-            return
-        if self.version % self.settings.eval_every == 0:
-            self._queue_eval(now)
-        self._checkpoint_now()
+        if outcome.stop is not None:
+            self._end(outcome.stop, now)  # evaluates (when not yet done) and checkpoints
+        elif outcome.new_version and not self._replaying:
+            if outcome.evaluate:
+                self._queue_eval(now)
+            self._checkpoint_now()
 
     def _end(self, reason: str, now: float) -> None:
         if self.ended is not None:
@@ -393,7 +391,7 @@ class Coordinator:
         log.info("run over (%s) at version %d after %.1f s", reason, self.version, now)
         for state in self.clients.values():
             state.wakeup.set()
-        if self._evaluated != self.version:
+        if self.driver.evaluation_pending():
             self._queue_eval(now)
         self._checkpoint_now()
         self._ended_event.set()
@@ -424,45 +422,40 @@ class Coordinator:
                 self._ckpt_queue.task_done()
 
     def _queue_eval(self, now: float) -> None:
-        self._evaluated = self.version
+        self.driver.mark_evaluated(now)
         weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
-        self._eval_queue.put_nowait(
-            (
-                self.version,
-                now,
-                weights,
-                self.strategy.updates_applied,
-                self.strategy.updates_dropped,
-                self.privacy.snapshot() if self.privacy else None,
-            )
+        point = RunPoint(
+            version=self.version,
+            time=now,
+            wall_time=time.time() - self._wall_start,
+            bytes_up=self.counters.bytes_up,
+            bytes_down=self.counters.bytes_down,
+            updates_applied=self.strategy.updates_applied,
+            updates_dropped=self.strategy.updates_dropped,
         )
+        bitwidths = sorted({c.info.profile.bitwidth for c in self.clients.values()})
+        self._eval_queue.put_nowait((point, weights, bitwidths, self.privacy.snapshot() if self.privacy else None))
 
     async def _evaluator(self) -> None:
         while True:
-            version, now, weights, applied, dropped, privacy = await self._eval_queue.get()
+            point, weights, bitwidths, privacy = await self._eval_queue.get()
             try:
                 if self.evaluate is not None and self.metrics is not None:
-                    accuracy, loss = await asyncio.to_thread(self.evaluate, weights)
-                    epsilon = None
+                    evaluation = await asyncio.to_thread(self.evaluate, weights, bitwidths)
+                    extras = {}
                     if privacy is not None:
-                        epsilon = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, self.settings.dp_delta)
-                    self.metrics.write(
-                        MetricsRecord(
-                            version=version,
-                            virtual_time=now,
-                            wall_time=time.time() - self._wall_start,
-                            accuracy=accuracy,
-                            loss=loss,
-                            bytes_up=self.counters.bytes_up,
-                            bytes_down=self.counters.bytes_down,
-                            updates_applied=applied,
-                            updates_dropped=dropped,
-                            epsilon=epsilon,
-                        )
+                        delta = self.settings.dp_delta
+                        extras["epsilon"] = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, delta)
+                    self.metrics.write(metrics_record(point, evaluation, extras))
+                    log.info(
+                        "version %d at %.1f s: accuracy %.4f, loss %.4f",
+                        point.version,
+                        point.time,
+                        evaluation.accuracy,
+                        evaluation.loss,
                     )
-                    log.info("version %d at %.1f s: accuracy %.4f, loss %.4f", version, now, accuracy, loss)
             except (RuntimeError, ValueError, OSError) as error:  # a metrics failure must not stop the run
-                log.error("evaluating version %d failed: %s", version, error)
+                log.error("evaluating version %d failed: %s", point.version, error)
             finally:
                 self._eval_queue.task_done()
 
@@ -631,7 +624,7 @@ class Coordinator:
         tasks = [asyncio.create_task(self._evaluator())]
         if self.store is not None:
             tasks.append(asyncio.create_task(self._checkpoint_writer()))
-        if self.evaluate is not None and self._evaluated < 0:
+        if self.evaluate is not None and self.driver.evaluated_version < 0:
             self._queue_eval(self.now())
         reaper = asyncio.create_task(self._reaper())
         try:
@@ -648,7 +641,7 @@ class Coordinator:
         return self.ended
 
     async def _drive(self) -> None:
-        stop_at = self.settings.max_seconds or math.inf
+        stop_at = self.driver.rules.max_seconds or math.inf
         while self.ended is None:
             deadline = self.strategy.next_deadline()
             target = min(stop_at, math.inf if deadline is None else deadline)
@@ -657,8 +650,9 @@ class Coordinator:
             if self.ended is not None:
                 return
             now = self.now()
-            if now >= stop_at:
-                self._end("max_seconds", now)
+            over = self.driver.time_up(now)
+            if over is not None:
+                self._end(over, now)
                 return
             deadline = self.strategy.next_deadline()
             if deadline is not None and now >= deadline:

@@ -11,46 +11,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig
-from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.models import MODELS, build_model, evaluate
 from fedhet.quant import FULL_PRECISION
+from fedhet.runtime import assemble, check_spec, run_spec
 from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.personal import PersonalEvaluator
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
 from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
-from fedhet.strategies import build_strategy
-from fedhet.strategies.prowd import ProWD
 from fedhet.types import ClientInfo, Weights
 
 __all__ = ["EXECUTORS", "make_executor", "simulate", "validate"]
 
 log = logging.getLogger(__name__)
 
-SERVER_BUFFER = 512  # samples of ProWD's server-side distillation buffer
-
 EXECUTORS = ("sequential", "vectorized", "ray")
 
 
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no data; raises :class:`ConfigError` naming the key."""
-    if cfg.num_clients < 1:
-        raise ConfigError(f"num_clients must be >= 1, got {cfg.num_clients}")
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
-        )
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
     try:
         TrainConfig(**asdict(cfg.client))
     except ValueError as error:
@@ -89,7 +75,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("sim.personal_eval needs held-out client data: set dataset.partition.test_fraction > 0")
     privacy_config(cfg)
     _check_combinations(cfg)
-    build_strategy(_plain(cfg.strategy), cfg.seed)  # raises ConfigError on a bad name, key or value
+    check_spec(run_spec(cfg))  # names, strategy keys and values, what the strategy needs of the data
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -130,13 +116,6 @@ def privacy_config(cfg: RunConfig) -> PrivacyConfig | None:
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    """A structured or dataclass config node as plain dicts."""
-    container = OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
 
 
 def make_executor(
@@ -181,14 +160,13 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     validate(cfg)
     if cfg.sim.threads:
         torch.set_num_threads(cfg.sim.threads)
-    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
-    splits = client_splits(cfg.dataset, data, cfg.num_clients, cfg.seed)
+    parts = assemble(run_spec(cfg), cfg.sim.device)
+    data, splits, strategy = parts.data, parts.splits, parts.strategy
     profiles = sample_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
     clients = [ClientInfo(i, p, len(train)) for i, (p, (train, _)) in enumerate(zip(profiles, splits, strict=True))]
 
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
-    strategy = build_strategy(_plain(cfg.strategy), cfg.seed)
-    device = torch.device(cfg.sim.device)
+    model = parts.new_model()
+    device = parts.device
     privacy = privacy_config(cfg)
     states = ClientStates(model.state_dict())  # FedP3's heads start from the initial model's
     trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device, privacy)
@@ -201,26 +179,12 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         clients,
         states,
     )
-    if isinstance(strategy.aggregator, ProWD) and strategy.aggregator.distill_weight > 0:
-        # the server buffer: held-out samples of the clients' own splits, which no client trains on
-        held = np.concatenate([h for _, h in splits])
-        pick = np.sort(np.random.default_rng([cfg.seed, 0x5E7]).permutation(held)[:SERVER_BUFFER])
-        if len(pick) == 0:
-            raise ConfigError("strategy.aggregator: ProWD distillation needs dataset.partition.test_fraction > 0")
-        server_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
-        strategy.aggregator.attach(server_model, data.x_train[torch.from_numpy(pick)])
-    eval_model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed).to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-
-    def evaluate_global(weights: Weights) -> tuple[float, float]:
-        eval_model.load_state_dict(weights)
-        return evaluate(eval_model, x_test, y_test)
 
     personal = None
     if cfg.sim.personal_eval:
         try:
             personal = PersonalEvaluator(
-                build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed).to(device),
+                parts.new_model().to(device),
                 data.x_train.to(device),
                 data.y_train.to(device),
                 dict(enumerate(splits)),
@@ -273,10 +237,10 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(
-            strategy, clients, executor, evaluate_global, metrics, sim_config, cfg.seed, progress, extra_metrics
+            strategy, clients, executor, parts.evaluator, metrics, sim_config, cfg.seed, progress, extra_metrics
         )
         try:
-            summary = simulator.run({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            summary = simulator.run(parts.initial)
         finally:
             close = getattr(executor, "close", None)  # the Ray executor stops its workers
             if close is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
+from fedhet.runtime import EvalCadence, Evaluation, RunDriver, RunPoint, StopRules, metrics_record
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
@@ -29,7 +30,7 @@ __all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]
 
 log = logging.getLogger(__name__)
 
-Evaluator = Callable[[Weights], tuple[float, float]]
+Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 ExtraMetrics = Callable[[Weights], Mapping[str, Any]]
 Progress = Callable[[MetricsRecord], None]
 
@@ -64,6 +65,7 @@ class RunSummary:
     final: MetricsRecord
     events: int
     reason: str
+    failure: str | None = None  # why the strategy failed, when the run stopped on its failure
 
 
 def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int, upload_bytes: int = -1) -> float:
@@ -87,7 +89,7 @@ class Simulator:
         strategy: Strategy,
         clients: Sequence[ClientInfo],
         executor: Executor,
-        evaluate: Evaluator,
+        evaluate: Evaluate,
         metrics: MetricsWriter,
         config: SimConfig,
         seed: int,
@@ -102,6 +104,12 @@ class Simulator:
             self._encoding(client)
         self.executor = executor
         self.evaluate = evaluate
+        self.driver = RunDriver(
+            strategy,
+            StopRules(config.max_versions, config.max_virtual_seconds),
+            EvalCadence(config.eval_every, config.eval_interval),
+        )
+        self._bitwidths = sorted({c.profile.bitwidth for c in clients})
         self.metrics = metrics
         self.seed = seed
         self.progress = progress
@@ -125,37 +133,33 @@ class Simulator:
         last = self._record()
         events = 0
         reason = "no more events (every client idle and the strategy asked for nothing)"
+        driver = self.driver
         while len(self.queue):
             event = self.queue.pop()
-            limit = self.config.max_virtual_seconds
-            if limit and event.time > limit:
-                reason = f"virtual time limit of {limit} s reached"
-                self.queue.now = limit
+            over = driver.time_up(event.time)
+            if over is not None:
+                reason = over
+                self.queue.now = driver.rules.max_seconds
                 break
             events += 1
-            version = self.strategy.version
             if event.kind is EventKind.AVAILABLE:
-                tasks = self.strategy.on_available(self.clients[event.client_id], event.time)
+                outcome = driver.available(self.clients[event.client_id], event.time)
             elif event.kind is EventKind.ARRIVAL:
-                tasks = self.strategy.on_result(self._result(event.task_id), event.time)
+                outcome = driver.result(self._result(event.task_id), event.time)
             else:
                 self._ticks.discard(event.time)
-                tasks = self.strategy.on_tick(event.time)
-            self._dispatch(tasks, event.time)
+                outcome = driver.tick(event.time)
+            self._dispatch(outcome.tasks, event.time)
             self._schedule_tick()
-            if self.strategy.version != version:
-                done = self.strategy.version >= self.config.max_versions
-                due = self.strategy.version % self.config.eval_every == 0
-                due = due and event.time >= last.virtual_time + self.config.eval_interval
-                if done or due:
-                    last = self._record()
-                if done:
-                    reason = f"reached version {self.config.max_versions}"
-                    break
+            if outcome.evaluate:
+                last = self._record()
+            if outcome.stop is not None:
+                reason = outcome.stop
+                break
         if last.version != self.strategy.version or last.virtual_time != self.queue.now:
             last = self._record()
         log.info("simulation stopped: %s", reason)
-        return RunSummary(final=last, events=events, reason=reason)
+        return RunSummary(final=last, events=events, reason=reason, failure=driver.failure)
 
     def _dispatch(self, tasks: list[Task], now: float) -> None:
         for task in tasks:
@@ -217,20 +221,20 @@ class Simulator:
             self.queue.push(max(deadline, self.queue.now), EventKind.TICK)
 
     def _record(self) -> MetricsRecord:
-        accuracy, loss = self.evaluate(self.strategy.global_weights)
-        extras = self.extra_metrics(self.strategy.global_weights) if self.extra_metrics is not None else {}
-        record = MetricsRecord(
+        self.driver.mark_evaluated(self.queue.now)
+        weights = self.strategy.global_weights
+        evaluation = self.evaluate(weights, self._bitwidths)
+        extras = self.extra_metrics(weights) if self.extra_metrics is not None else {}
+        point = RunPoint(
             version=self.strategy.version,
-            virtual_time=self.queue.now,
+            time=self.queue.now,
             wall_time=time.perf_counter() - self._wall_start,
-            accuracy=accuracy,
-            loss=loss,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             updates_applied=self.strategy.updates_applied,
             updates_dropped=self.strategy.updates_dropped,
-            **extras,
         )
+        record = metrics_record(point, evaluation, extras)
         self.metrics.write(record)
         if self.progress is not None:
             self.progress(record)

@@ -1,0 +1,23 @@
+"""The run core: the assembly of a run from its config and the driver every runtime feeds its events to."""
+
+from __future__ import annotations
+
+from fedhet.runtime.assembly import RunParts, RunSpec, assemble, check_spec, run_spec
+from fedhet.runtime.driver import EvalCadence, Outcome, RunDriver, StopRules
+from fedhet.runtime.evaluation import Evaluation, Evaluator, RunPoint, metrics_record
+
+__all__ = [
+    "EvalCadence",
+    "Evaluation",
+    "Evaluator",
+    "Outcome",
+    "RunDriver",
+    "RunParts",
+    "RunPoint",
+    "RunSpec",
+    "StopRules",
+    "assemble",
+    "check_spec",
+    "metrics_record",
+    "run_spec",
+]

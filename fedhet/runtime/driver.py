@@ -1,0 +1,174 @@
+"""The run's driver: what every runtime does around its strategy, written once.
+
+A runtime (the simulator, ``fedhet server``, the Flower driver) owns a clock and a transport. It tells the
+:class:`RunDriver` what happened (a client asks for work, a result arrived, a deadline passed) at what time on its
+clock; the driver hands the event to the strategy and answers an :class:`Outcome`: the tasks to send, whether a new
+global version came out, whether the model is due for an evaluation, and whether the run stops now and why. Stop
+rules (versions, run time), the evaluation cadence and what a strategy's failure means live here and nowhere else.
+
+A strategy that raises on an event (anything but :class:`~fedhet.strategies.UnknownTaskError`, which refuses one
+result) stops the run with a one-line reason: the driver never lets an exception escape half-way through a
+runtime's bookkeeping. A strategy's failure is deterministic in its inputs, so replaying the same events after a
+restart reaches the same stop, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedhet.strategies import Strategy, UnknownTaskError
+from fedhet.types import ClientInfo, Result, Task
+
+__all__ = ["MAX_SECONDS", "MAX_VERSIONS", "EvalCadence", "Outcome", "RunDriver", "StopRules"]
+
+#: why a run stopped: the global model reached ``max_versions``; the run's clock passed ``max_seconds``
+MAX_VERSIONS = "max_versions"
+MAX_SECONDS = "max_seconds"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When a run ends.
+
+    Attributes:
+        max_versions: stop once the global model reaches this version.
+        max_seconds: stop once the run's clock (virtual in simulation, real when deployed) passes this many seconds
+            (0 = no limit).
+    """
+
+    max_versions: int = 20
+    max_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_versions < 1:
+            raise ValueError(f"max_versions must be >= 1, got {self.max_versions}")
+        if not (math.isfinite(self.max_seconds) and self.max_seconds >= 0):
+            raise ValueError(f"max_seconds must be finite and >= 0 (0 = no limit), got {self.max_seconds}")
+
+
+@dataclass(frozen=True)
+class EvalCadence:
+    """When the global model is evaluated: at the start, every ``every`` versions but at most once per
+    ``interval`` seconds of the run's clock (0 = no limit), and at the end.
+
+    Asynchronous strategies make a version per update, far more often than an evaluation is worth: ``interval``
+    bounds them on the run's clock.
+    """
+
+    every: int = 1
+    interval: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.every}")
+        if not (math.isfinite(self.interval) and self.interval >= 0):
+            raise ValueError(f"eval_interval must be finite and >= 0 seconds, got {self.interval}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a runtime carries out after one event.
+
+    Attributes:
+        tasks: tasks to send, in order.
+        new_version: the event produced a new global version.
+        evaluate: the global model is due for an evaluation now (the runtime reports it with ``mark_evaluated``).
+        stop: the reason the run ends now, or None.
+    """
+
+    tasks: list[Task] = field(default_factory=list)
+    new_version: bool = False
+    evaluate: bool = False
+    stop: str | None = None
+
+
+class RunDriver:
+    """Feeds one strategy its events and decides evaluations and the end of the run (see the module docstring).
+
+    Args:
+        strategy: the run's strategy, already started.
+        rules: when the run stops.
+        cadence: when the global model is evaluated.
+    """
+
+    def __init__(self, strategy: Strategy, rules: StopRules, cadence: EvalCadence) -> None:
+        self.strategy = strategy
+        self.rules = rules
+        self.cadence = cadence
+        self.evaluated_version = -1  # the last version handed out for evaluation
+        self.evaluated_at = -math.inf  # run seconds of that evaluation
+        self.failure: str | None = None  # why the strategy failed, when it did
+
+    # ------------------------------------------------------------------ events
+    def available(self, client: ClientInfo, now: float) -> Outcome:
+        """``client`` is idle and asks for work at ``now`` (run seconds)."""
+        return self._event(f"client {client.client_id} asking for work", now, self.strategy.on_available, client, now)
+
+    def result(self, result: Result, now: float) -> Outcome:
+        """``result`` arrived at ``now``; raises :class:`UnknownTaskError` (nothing applied) for a task that is not
+        outstanding."""
+        return self._event(f"the result of task {result.task_id}", now, self.strategy.on_result, result, now)
+
+    def tick(self, now: float) -> Outcome:
+        """A deadline the strategy asked for has passed."""
+        return self._event("a deadline", now, self.strategy.on_tick, now)
+
+    def _event(self, what: str, now: float, call: Callable[..., list[Task]], *args: Any) -> Outcome:
+        before = self.strategy.version
+        try:
+            tasks = call(*args)
+        except UnknownTaskError:
+            raise
+        except Exception as error:  # any other failure of the algorithm stops the run, with its reason
+            self.failure = strategy_failure(what, error)
+            log.error("%s", self.failure)
+            return Outcome(stop=self.failure)
+        if self.strategy.version == before:
+            return Outcome(tasks)
+        done = self.strategy.version >= self.rules.max_versions
+        stop = MAX_VERSIONS if done else None
+        return Outcome(tasks, new_version=True, evaluate=self._due(now, force=done), stop=stop)
+
+    # ------------------------------------------------------------------ stop rules and evaluation cadence
+    def time_up(self, now: float) -> str | None:
+        """The reason the run ends at ``now`` on its clock, or None while it may go on."""
+        limit = self.rules.max_seconds
+        if limit and now > limit:
+            return MAX_SECONDS
+        return None
+
+    def _due(self, now: float, force: bool) -> bool:
+        version = self.strategy.version
+        return force or (version % self.cadence.every == 0 and now >= self.evaluated_at + self.cadence.interval)
+
+    def mark_evaluated(self, now: float) -> None:
+        """The runtime evaluates the current global model at ``now`` (the start, the end, or an outcome's due
+        evaluation)."""
+        self.evaluated_version = self.strategy.version
+        self.evaluated_at = now
+
+    def evaluation_pending(self) -> bool:
+        """The current global model has not been evaluated (at the end of a run, evaluate it once more)."""
+        return bool(self.evaluated_version != self.strategy.version)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluated_version": self.evaluated_version, "evaluated_at": self.evaluated_at}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, at = int(state["evaluated_version"]), float(state["evaluated_at"])
+        if version < -1 or math.isnan(at):
+            raise ValueError(f"driver state: evaluated version {version} at {at} s is not a state")
+        self.evaluated_version, self.evaluated_at = version, at
+
+
+def strategy_failure(what: str, error: BaseException) -> str:
+    """One line saying that the strategy failed on ``what`` and why."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"
+    return f"strategy failed on {what}: {type(error).__name__}: {message}"
