@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from fedhet import quant
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
-from fedhet.clients.trainer import ClientState, ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
-from fedhet.codec import CodecError
+from fedhet.clients.quantized import QuantizedTrainer
+from fedhet.clients.trainer import ClientState, ClientStates, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.codec import CodecError, encoding_for_bitwidth
 from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed, is_loopback
 from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
@@ -73,7 +75,8 @@ class NetworkConfig:
         client_id: this client's id (the one its token belongs to).
         token: the client's token, or ``token_file`` holding it.
         insecure: allow a plaintext connection to a non-loopback server.
-        encoding: how floating-point results travel (fp32, fp16, bf16).
+        encoding: how a 32-bit client's floating-point results travel (fp32, fp16, bf16); a client of ``b < 32``
+            bits uploads them packed at ``int<b>``.
         backoff_initial: first reconnect delay, in seconds (doubles up to ``backoff_max``).
         reconnect_timeout: give up after this many seconds without reaching the server.
         rpc_timeout: seconds any one call (a poll, a download, an upload) may take.
@@ -104,7 +107,8 @@ class ProfileConfig:
         seconds_per_sample: training seconds per sample; 0 = measure with a short benchmark at start.
         benchmark_steps: minibatch steps the benchmark times.
         bandwidth: link speed in bytes per second.
-        bitwidth: bits per weight the device computes at.
+        bitwidth: bits per weight the device computes at: 32 (fp32), or 2, 4, 6, 8, 12 or 16 to train
+            quantization-aware at that many bits and upload packed ``int<b>`` updates.
         memory_bytes: model memory budget in bytes; 0 = detect (GPU memory, or physical RAM).
         slowdown: emulate a device this many times slower (>= 1): the registered seconds per sample is multiplied
             by it and every task is paced (padded with sleep) to take steps x batch x that many seconds.
@@ -177,6 +181,12 @@ def _validate(cfg: ClientRunConfig) -> None:
             f"refusing a plaintext connection to non-loopback server {host}: set network.tls.ca (and cert/key for "
             "mutual TLS), or network.insecure=true to accept the risk"
         )
+    if prof.bitwidth != quant.FULL_PRECISION and prof.bitwidth not in quant.BITWIDTHS:
+        raise ConfigError(
+            f"profile.bitwidth must be 32 or one of {', '.join(map(str, quant.BITWIDTHS))}, got {prof.bitwidth}"
+        )
+    if cfg.privacy.enabled and prof.bitwidth != quant.FULL_PRECISION:
+        raise ConfigError(f"privacy.enabled needs profile.bitwidth=32 (DP-SGD trains in fp32), got {prof.bitwidth}")
     if prof.seconds_per_sample < 0 or prof.benchmark_steps < 1:
         raise ConfigError("profile.seconds_per_sample must be >= 0 (0 = measure) and profile.benchmark_steps >= 1")
     if not prof.slowdown >= 1.0:
@@ -246,12 +256,17 @@ class Backoff:
 
 class NetworkClient:
     """The client loop. ``run()`` returns the exit status: 0 when the run ended (or ``max_seconds`` passed),
-    1 when the server stayed unreachable, 2 when the server refused this client's credentials."""
+    1 when the server stayed unreachable, 2 when the server refused this client's credentials.
+
+    Tasks train at the profile's bitwidth with ``trainer`` (a :class:`~fedhet.clients.trainer.ClientTrainer`; a
+    plain trainer trains at 32 bits only) and results travel at :func:`~fedhet.codec.encoding_for_bitwidth`:
+    packed ``int<b>`` below 32 bits, ``net.encoding`` at 32. Raises ValueError for a bitwidth the trainer cannot
+    train at."""
 
     def __init__(
         self,
         net: NetworkConfig,
-        trainer: LocalTrainer,
+        trainer: ClientTrainer | LocalTrainer,
         x: torch.Tensor,
         y: torch.Tensor,
         profile: ClientProfile,
@@ -261,7 +276,9 @@ class NetworkClient:
         state_dir: str = "",
     ) -> None:
         self.net = net
-        self.trainer = trainer
+        self.trainer = trainer if isinstance(trainer, ClientTrainer) else ClientTrainer(trainer)
+        self.trainer.check([profile.bitwidth])
+        self.encoding = encoding_for_bitwidth(profile.bitwidth, net.encoding)
         # what the client keeps between tasks: its own tensors start from the initial model (the server's version 0);
         # without one (a trainer that holds no model, such as Flower's NumPyClient adapter) it keeps no tensors
         self.states = ClientStates(initial if initial is not None else {})
@@ -416,7 +433,7 @@ class NetworkClient:
         thread.start()
         try:
             state = self.states.get(self.client_id, task)
-            result = self.trainer.train(task, self.x, self.y, self.seed, state)
+            result: Result = self.trainer.train(task, self.x, self.y, self.seed, self.profile.bitwidth, state)
             self._keep(state)
             if self.trainer.privacy is not None:
                 rate = PrivacyConfig.sample_rate(self.trainer.config.batch_size, len(self.x))
@@ -437,16 +454,7 @@ class NetworkClient:
         if self.over.is_set():
             return None
         self.tasks_done += 1
-        return Result(
-            result.task_id,
-            result.client_id,
-            result.version,
-            result.weights,
-            result.num_samples,
-            result.local_steps,
-            seconds,
-            result.loss,
-        )
+        return replace(result, train_seconds=seconds)
 
     def _keep(self, state: ClientState) -> None:
         """Write the client's state to its file (atomically) when it has one."""
@@ -458,8 +466,14 @@ class NetworkClient:
         partial.replace(self.state_file)
 
     def _upload(self, result: Result) -> Result | None:
-        """Stream ``result``; None once the server answered for it (accepted, duplicate or refused for good)."""
-        manifest, payload = encode(result.weights, self.net.encoding)
+        """Stream ``result``; None once the server answered for it (accepted, duplicate or refused for good), or
+        when it cannot be encoded (inf or NaN weights to pack)."""
+        try:
+            manifest, payload = encode(result.weights, self.encoding)
+        except PayloadError as error:
+            log.warning("task %d: result dropped: %s", result.task_id, error)
+            self._dp_reports.pop(result.task_id, None)
+            return None
         header = spb.ResultHeader(
             client_id=self.client_id,
             task_id=result.task_id,
@@ -535,8 +549,11 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
     model = build_model(cfg.model.name, input_shape, classes, cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
-    trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.train)), device, privacy_of(cfg))
-    seconds = prof.seconds_per_sample or measure_seconds_per_sample(trainer, x, y, prof.benchmark_steps)
+    config = TrainConfig(**asdict(cfg.train))
+    local = LocalTrainer(model, config, device, privacy_of(cfg))
+    quantized = QuantizedTrainer(model, config, device) if prof.bitwidth != quant.FULL_PRECISION else None
+    trainer = ClientTrainer(local, quantized)
+    seconds = prof.seconds_per_sample or measure_seconds_per_sample(local, x, y, prof.benchmark_steps)
     profile = ClientProfile(
         seconds_per_sample=seconds * prof.slowdown,
         bandwidth=prof.bandwidth,
@@ -544,11 +561,13 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         memory_bytes=prof.memory_bytes or detect_memory_bytes(device),
     )
     log.info(
-        "client %d: partition %d (%d samples), %.3g s/sample",
+        "client %d: partition %d (%d samples), %.3g s/sample, %d bits (uploads at %s)",
         cfg.network.client_id,
         cfg.partition_id,
         len(x),
         profile.seconds_per_sample,
+        profile.bitwidth,
+        encoding_for_bitwidth(profile.bitwidth, cfg.network.encoding),
     )
     try:
         return NetworkClient(cfg.network, trainer, x, y, profile, cfg.seed, prof.slowdown, initial, cfg.state_dir)

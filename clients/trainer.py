@@ -22,19 +22,23 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedhet import quant
 from fedhet.types import Result, Task, Weights
 
 if TYPE_CHECKING:  # Opacus is imported when DP is used: it adds seconds to every client's start-up
     from opacus.accountants import RDPAccountant
 
-__all__ = ["ClientState", "ClientStates", "LocalTrainer", "PrivacyConfig", "TrainConfig"]
+    from fedhet.clients.quantized import QuantizedTrainer  # which imports this module
+
+__all__ = ["ClientState", "ClientStates", "ClientTrainer", "LocalTrainer", "PrivacyConfig", "TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,59 @@ class LocalTrainer:
             state.accountant.step(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate)
         private.zero_grad(set_to_none=True)  # drops the per-sample gradients
         return total
+
+
+class ClientTrainer:
+    """What a client of a given bitwidth trains with, in simulation and in ``fedhet client`` alike: at 32 bits the
+    :class:`LocalTrainer` (SGD, or DP-SGD under its privacy settings), below 32 bits the
+    :class:`~fedhet.clients.quantized.QuantizedTrainer` (quantization-aware training at ``b`` bits, without DP). The
+    result carries the bitwidth it was computed at.
+
+    Args:
+        local: trains at 32 bits; its config and privacy settings are the client's.
+        quantized: trains below 32 bits; needed for any such bitwidth (a model instance of its own).
+    """
+
+    def __init__(self, local: LocalTrainer, quantized: QuantizedTrainer | None = None) -> None:
+        self.local = local
+        self.quantized = quantized
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.local.config
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        return self.local.privacy
+
+    def check(self, bitwidths: Iterable[int]) -> None:
+        """Raise ValueError unless every one of ``bitwidths`` (32, or one of :data:`fedhet.quant.BITWIDTHS`) can be
+        trained here: a bitwidth below 32 needs the quantized trainer and no DP."""
+        low = sorted({b for b in bitwidths if b != quant.FULL_PRECISION})
+        for bits in low:
+            quant.check_bits(bits)
+        if low and self.quantized is None:
+            raise ValueError(f"clients at {low} bits need a QuantizedTrainer: pass quantized=")
+        if low and self.privacy is not None:
+            raise ValueError(f"DP-SGD trains at 32 bits only; clients at {low} bits cannot train with privacy")
+
+    def train(
+        self,
+        task: Task,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+        bitwidth: int = quant.FULL_PRECISION,
+        state: ClientState | None = None,
+    ) -> Result:
+        """Run ``task`` at ``bitwidth`` bits on samples ``(x, y)`` (see :meth:`LocalTrainer.train`); a result below
+        32 bits holds weights on its ``b``-bit grid, which the ``int<b>`` codec carries exactly."""
+        if bitwidth == quant.FULL_PRECISION:
+            return self.local.train(task, x, y, seed, state)
+        self.check([bitwidth])
+        assert self.quantized is not None  # checked
+        result: Result = self.quantized.train(task, x, y, seed, bitwidth, state)
+        return replace(result, bitwidth=bitwidth)
 
 
 def task_seed(seed: int, task_id: int) -> int:

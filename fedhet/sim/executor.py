@@ -4,7 +4,6 @@ executor may compute tasks in any order or all at once; the simulator delivers t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from fedhet import quant
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientStates, LocalTrainer
+from fedhet.clients.trainer import ClientStates, ClientTrainer, LocalTrainer
 from fedhet.types import Result, Task
 
 __all__ = ["Executor", "SequentialExecutor"]
@@ -32,9 +31,10 @@ class Executor(Protocol):
 class SequentialExecutor:
     """One task after another on one shared model instance: memory stays at one model, whatever the fleet.
 
-    A client of ``b < 32`` bits trains with quantization-aware training at ``b`` bits (``quantized``, one more model
-    instance shared by every such client, holding no fp32 weights between tasks); fp32 clients train with
-    ``trainer``, exactly as without a quantized trainer.
+    Each client trains with the :class:`~fedhet.clients.trainer.ClientTrainer` at its bitwidth, the trainer that
+    ``fedhet client`` uses: a client of ``b < 32`` bits trains with quantization-aware training at ``b`` bits
+    (``quantized``, one more model instance shared by every such client, holding no fp32 weights between tasks);
+    fp32 clients train with ``trainer``, exactly as without a quantized trainer.
 
     Args:
         trainer: trains fp32 clients.
@@ -60,31 +60,20 @@ class SequentialExecutor:
         bitwidths: Mapping[int, int] | None = None,
         states: ClientStates | None = None,
     ) -> None:
-        self.trainer = trainer
+        self.trainer = ClientTrainer(trainer, quantized)
         self.states = states if states is not None else ClientStates(trainer.model.state_dict())
         self.x = x
         self.y = y
         self.shards = shards
         self.seed = seed
-        self.quantized = quantized
-        self.bitwidths = {c: b for c, b in (bitwidths or {}).items() if b != quant.FULL_PRECISION}
-        for bits in set(self.bitwidths.values()):
-            quant.check_bits(bits)
-        if self.bitwidths and quantized is None:
-            low = sorted(set(self.bitwidths.values()))
-            raise ValueError(f"clients at {low} bits need a QuantizedTrainer: pass quantized=")
+        self.bitwidths = dict(bitwidths or {})
+        self.trainer.check(self.bitwidths.values())
 
     def run(self, tasks: Sequence[Task]) -> list[Result]:
         results = []
         for task in tasks:
             idx = torch.from_numpy(self.shards[task.client_id])
-            x, y = self.x[idx], self.y[idx]
-            bits = self.bitwidths.get(task.client_id)
+            bits = self.bitwidths.get(task.client_id, quant.FULL_PRECISION)
             state = self.states.get(task.client_id, task)
-            if bits is None:
-                results.append(self.trainer.train(task, x, y, self.seed, state))
-            else:
-                assert self.quantized is not None  # checked in __init__
-                result = self.quantized.train(task, x, y, self.seed, bits, state)
-                results.append(replace(result, bitwidth=bits))
+            results.append(self.trainer.train(task, self.x[idx], self.y[idx], self.seed, bits, state))
         return results
