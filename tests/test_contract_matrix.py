@@ -1,0 +1,102 @@
+"""The contract matrix: every registered strategy config x every client kind x every runtime runs a few versions on
+small data and does what it claims, or is refused at start with one line that says why.
+
+A new strategy joins the matrix by shipping its ``configs/strategy/<name>.yaml``. Kinds are what a client is: its
+bitwidth (fp32, int8, int4, a mixed fleet of 32, 8 and 4 bits) and whether it trains with DP-SGD; under the FedP3
+strategy an fp32 client trains a pruned sub-model (FedP3) and a DP client is DP-FedP3.
+
+Every run asserts real outcomes: versions advance to the target, evaluations are recorded, each update travelled
+at its client's declared bitwidth (bytes), the accuracy of each low bitwidth's model is reported, and DP runs report
+every client's epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedhet.cli import compose
+from fedhet.codec import encoded_size, encoding_for_bitwidth
+from fedhet.config import CONFIG_DIR
+from fedhet.errors import ConfigError
+from fedhet.models import build_model
+from fedhet.sim.runner import simulate, validate
+
+STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
+VERSIONS = 2
+CLIENTS = 6
+SMALL = ["dataset=synthetic", "model=2nn", f"num_clients={CLIENTS}", "seed=0", "sim.progress=false", "sim.threads=1"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A client kind: the fleet's bitwidths and whether clients train with DP-SGD."""
+
+    bitwidths: tuple[int, ...]
+    private: bool = False
+
+    def overrides(self) -> list[str]:
+        if len(self.bitwidths) == 1:
+            fleet = [f"fleet.bitwidth={self.bitwidths[0]}"]
+        else:
+            share = round(1 / len(self.bitwidths), 6)
+            fractions = [share] * (len(self.bitwidths) - 1) + [round(1 - share * (len(self.bitwidths) - 1), 6)]
+            fleet = [f"fleet.bitwidths=[{','.join(map(str, self.bitwidths))}]", f"fleet.bitwidth_fractions={fractions}"]
+        privacy = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if self.private else []
+        return [*fleet, *privacy]
+
+
+KINDS = {
+    "fp32": Kind((32,)),
+    "int8": Kind((8,)),
+    "int4": Kind((4,)),
+    "mixed": Kind((32, 8, 4)),
+    "dp": Kind((32,), private=True),
+    "dp_int8": Kind((8,), private=True),
+}
+
+
+def refusal(strategy: str, kind_name: str) -> str | None:
+    """The words of the one line that refuses a combination at start, or None when it must run."""
+    if KINDS[kind_name].private and min(KINDS[kind_name].bitwidths) < 32:
+        return r"privacy.enabled: clients at \[8\] bits train quantization-aware without DP-SGD"
+    return None
+
+
+def sim_overrides(strategy: str, kind: Kind) -> list[str]:
+    return [*SMALL, f"strategy={strategy}", f"sim.max_versions={VERSIONS}", *kind.overrides()]
+
+
+def test_every_shipped_strategy_config_is_in_the_matrix() -> None:
+    assert len(STRATEGIES) >= 9 and {"fedavg", "fedcompass", "prowd", "fedp3"} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("kind_name", sorted(KINDS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
+    kind = KINDS[kind_name]
+    cfg = compose(sim_overrides(strategy, kind))
+    refused = refusal(strategy, kind_name)
+    if refused is not None:
+        with pytest.raises(ConfigError, match=refused) as error:
+            validate(cfg)
+        assert "\n" not in str(error.value)
+        return
+    summary = simulate(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary.failure is None and summary.final.version == VERSIONS, summary.reason
+    assert len(records) >= 2 and records[0]["version"] == 0 and records[-1]["version"] == VERSIONS
+    low = sorted(b for b in kind.bitwidths if b < 32)
+    assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
+    if kind.private:
+        epsilon = records[-1]["epsilon"]  # of every client that trained so far
+        assert epsilon and set(epsilon) <= {str(c) for c in range(CLIENTS)} and all(e > 0 for e in epsilon.values())
+    if len(kind.bitwidths) == 1 and strategy != "fedp3":
+        # every upload is the whole model at the kind's bitwidth: bytes up are a whole number of such payloads
+        model = build_model("2nn", (60,), 10, 0).state_dict()
+        size = encoded_size(model, encoding_for_bitwidth(kind.bitwidths[0], cfg.sim.encoding))
+        uploads = summary.final.updates_applied + summary.final.updates_dropped
+        assert summary.final.bytes_up == uploads * size
