@@ -9,19 +9,9 @@ from typing import Any
 from fedhet.errors import ConfigError
 from fedhet.registry import Registry
 from fedhet.strategies.aggregators import WeightedMean
-from fedhet.strategies.base import (
-    Aggregator,
-    Assignment,
-    Decision,
-    Plan,
-    Planner,
-    Scheduler,
-    ServerTrained,
-    StateError,
-    Strategy,
-    UnknownTaskError,
-    UpdateBuffer,
-)
+from fedhet.strategies.base import Aggregator, Assignment, Decision, Plan, Planner, Scheduler, ServerTrained, Strategy
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError, UnknownTaskError
 from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.fedbuff import FedBuffScheduler

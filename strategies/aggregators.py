@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from fedhet.strategies.base import StateError, UpdateBuffer
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError
 from fedhet.types import Weights
 
 __all__ = ["WeightedMean"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedhet.strategies.base import Assignment, Decision, StateError
+from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.errors import StateError
 from fedhet.strategies.staleness import ClientWeights, StalenessBuffer, StartVersions
 from fedhet.types import ClientInfo, Result
 

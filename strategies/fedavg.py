@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
+from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError
 from fedhet.strategies.layers import layer_names
 from fedhet.types import ClientInfo, Result
 

@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedhet.strategies.base import Assignment, Decision, StateError, UpdateBuffer
+from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError
 from fedhet.strategies.staleness import ClientWeights, StalenessBuffer
 from fedhet.types import ClientInfo, Result
 

@@ -40,7 +40,9 @@ from torch import nn
 from torch.func import functional_call
 
 from fedhet import quant
-from fedhet.strategies.base import Plan, StateError, UpdateBuffer
+from fedhet.strategies.base import Plan
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from fedhet.strategies.base import StateError, UpdateBuffer
+from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.errors import StateError
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedhet.cli import compose
 from fedhet.strategies import StateError, Strategy, build_strategy
-from fedhet.strategies.base import UpdateBuffer
+from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedbuff import FedBuffScheduler
 from fedhet.strategies.planners import IdentityPlanner

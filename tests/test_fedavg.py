@@ -10,7 +10,7 @@ import torch
 
 from fedhet.strategies import Strategy, UnknownTaskError, build_strategy
 from fedhet.strategies.aggregators import WeightedMean
-from fedhet.strategies.base import UpdateBuffer
+from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.types import Result, StackedRow

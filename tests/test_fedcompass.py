@@ -26,7 +26,8 @@ from fedhet.runtime import Evaluation
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.strategies import StateError, Strategy, build_strategy
-from fedhet.strategies.base import Decision, Scheduler, UpdateBuffer
+from fedhet.strategies.base import Decision, Scheduler
+from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.fedcompass import FedCompassScheduler
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.staleness import StalenessWeighted

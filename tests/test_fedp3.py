@@ -15,7 +15,7 @@ from fedhet.codec import CodecError, decode, encode, encoded_size
 from fedhet.errors import ConfigError
 from fedhet.models import build_model
 from fedhet.strategies.aggregators import WeightedMean
-from fedhet.strategies.base import UpdateBuffer
+from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.fedp3 import FedP3Planner, prune
 from fedhet.strategies.layers import layer_names
