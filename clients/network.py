@@ -505,7 +505,12 @@ class NetworkClient:
         if reply.run_over:
             self.over.set()
         log.info(
-            "task %d uploaded%s; global version %d", result.task_id, " (duplicate)" * reply.duplicate, reply.version
+            "task %d uploaded at %s, %d bytes%s; global version %d",
+            result.task_id,
+            self.encoding,
+            len(payload),
+            " (duplicate)" * reply.duplicate,
+            reply.version,
         )
         self._dp_reports.pop(result.task_id, None)
         return None

@@ -7,7 +7,9 @@ for the same config exactly; FedCompass (if registered) must reach the target ve
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -38,13 +40,13 @@ def server_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def client_args(port: str | int, i: int, *extra: str) -> list[str]:
+def client_args(port: str | int, i: int, *extra: str, slowdown: float | None = None) -> list[str]:
     return [
         *COMMON,
         f"partition_id={i}",
         f"network.client_id={i}",
         f"network.server=127.0.0.1:{port}",
-        f"profile.slowdown={SLOWDOWNS[i]}",
+        f"profile.slowdown={SLOWDOWNS[i] if slowdown is None else slowdown}",
         "profile.seconds_per_sample=0.001",
         "network.backoff_initial=0.2",
         "network.backoff_max=1.0",
@@ -55,16 +57,28 @@ def client_args(port: str | int, i: int, *extra: str) -> list[str]:
     ]
 
 
-def run_loopback(tmp_path: Path, server_extra: list[str], client_extra: list[str]) -> tuple[list[int], float]:
-    """Run a server and four clients to the end; returns the clients' exit codes and the wall time (s)."""
+def run_loopback(
+    tmp_path: Path,
+    server_extra: list[str],
+    client_extra: list[str],
+    per_client: Sequence[Sequence[str]] = ((),) * len(SLOWDOWNS),
+    slowdown: float | None = None,
+) -> tuple[list[int], float]:
+    """Run a server and one client per entry of ``per_client`` (its own extra args; four by default, at
+    ``SLOWDOWNS`` unless ``slowdown`` is given) to the end; returns the clients' exit codes and the wall time (s)."""
     start = time.monotonic()
     server = spawn("fedhet.server", server_args(tmp_path, *server_extra), tmp_path / "server.log", tmp_path)
     clients: list[Process] = []
     try:
         port = wait_for_file(tmp_path / "port", 60, server)
         clients = [
-            spawn("fedhet.clients.network", client_args(port, i, *client_extra), tmp_path / f"client{i}.log", tmp_path)
-            for i in range(4)
+            spawn(
+                "fedhet.clients.network",
+                client_args(port, i, *client_extra, *own, slowdown=slowdown),
+                tmp_path / f"client{i}.log",
+                tmp_path,
+            )
+            for i, own in enumerate(per_client)
         ]
         codes = [c.wait(timeout=100) for c in clients]
         assert server.wait(timeout=30) == 0, server.text()[-3000:]
@@ -153,3 +167,31 @@ def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path
         state = ClientState.from_bytes((state_dir / f"client{cid}.state").read_bytes())
         assert set(state.tensors) == {"5.weight", "5.bias"}  # the head: never sent, kept across tasks
         assert epsilon == pytest.approx(state.epsilon(1e-5), rel=1e-6) and epsilon > 0
+
+
+def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path: Path) -> None:
+    """One fp32, one 8-bit and one 4-bit `fedhet client` under FedAvg: the low-bit clients upload packed int8 and
+    int4 updates (a quarter and an eighth of fp32's bytes, plus scales) and receive their tasks packed alike; the
+    server counts exactly those bytes, and the model still learns."""
+    from fedhet.clients.network import compose_client, local_partition
+    from fedhet.models import build_model
+    from fedhet.v1.wire import encode
+
+    bitwidths = (32, 8, 4)
+    fedavg = ["strategy.scheduler.fraction=1.0", f"strategy.scheduler.min_clients={len(bitwidths)}"]
+    run_loopback(tmp_path, fedavg, [], [[f"profile.bitwidth={b}"] for b in bitwidths], slowdown=1.0)
+
+    _, _, input_shape, classes = local_partition(compose_client(COMMON))
+    model = build_model("logreg", input_shape, classes, seed=0).state_dict()
+    size = {b: encode(model, "fp32" if b == 32 else f"int{b}")[0].total_bytes for b in bitwidths}
+    assert size[8] / size[32] == pytest.approx(1 / 4, abs=0.02) and size[4] / size[32] == pytest.approx(1 / 8, abs=0.02)
+    for i, bits in enumerate(bitwidths):  # each client's uploads, as it logged them
+        uploads = re.findall(r"uploaded at (\w+), (\d+) bytes", (tmp_path / f"client{i}.log").read_text())
+        assert uploads == [("fp32" if bits == 32 else f"int{bits}", str(size[bits]))] * VERSIONS, (bits, uploads)
+
+    records = read_metrics(tmp_path / "state" / "metrics.jsonl")
+    final = records[-1]
+    assert final.version == VERSIONS and final.updates_applied == len(bitwidths) * VERSIONS
+    assert final.bytes_up == VERSIONS * sum(size.values())  # what the server received: packed from 8 and 4 bits
+    assert final.bytes_down == VERSIONS * sum(size.values())  # and sent: tasks packed at each client's bitwidth
+    assert final.accuracy > records[0].accuracy
