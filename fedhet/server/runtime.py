@@ -123,7 +123,10 @@ class TaskRecord:
 
 
 @dataclass
-class ClientState:
+class ClientSession:
+    """What the server knows of one connected client: its registration, liveness and mailbox (its kept tensors
+    are the client's own, on the device: :class:`fedhet.clients.trainer.ClientState`)."""
+
     info: ClientInfo
     last_seen: float
     gone: bool = False
@@ -174,7 +177,7 @@ class Coordinator:
         self.on_end = on_end
         self.counters = Counters()
         self.run_id = uuid.uuid4().hex
-        self.clients: dict[int, ClientState] = {}
+        self.clients: dict[int, ClientSession] = {}
         self.records: dict[int, TaskRecord] = {}
         self.accepted: dict[int, int] = {}  # task id -> client id of every accepted result
         self.privacy = PrivacyLedger()  # DP-SGD steps each client reported
@@ -280,7 +283,7 @@ class Coordinator:
             self.clients = {}
             for row in state["clients"]:
                 info = _info_from_row(row[:6])
-                self.clients[info.client_id] = ClientState(info, 0.0, announced=bool(row[6]))
+                self.clients[info.client_id] = ClientSession(info, 0.0, announced=bool(row[6]))
             self.records = {}
             for tid, cid, version, steps, epochs, weights, *names in state["tasks"]:
                 train, sparse = (frozenset(map(str, n)) for n in names) if names else (frozenset(), frozenset())
@@ -339,7 +342,7 @@ class Coordinator:
 
     def _register(self, info: ClientInfo, now: float) -> None:
         self._log({"kind": "register", "now": now, "client": _info_row(info)})
-        self.clients[info.client_id] = ClientState(info, now)
+        self.clients[info.client_id] = ClientSession(info, now)
 
     def _available(self, client_id: int, now: float) -> None:
         self._log({"kind": "available", "now": now, "client_id": client_id})
@@ -460,7 +463,7 @@ class Coordinator:
                 self._eval_queue.task_done()
 
     # ------------------------------------------------------------------ the API the servicer calls
-    def touch(self, client_id: int) -> ClientState:
+    def touch(self, client_id: int) -> ClientSession:
         """Note that ``client_id`` is alive; raises :class:`UnknownClient` when it has not registered."""
         state = self.clients.get(client_id)
         if state is None:
