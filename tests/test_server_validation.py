@@ -359,6 +359,22 @@ def test_packed_update_at_the_registered_bitwidth_is_accepted_and_another_refuse
     asyncio.run(packed_scenario(tmp_path))
 
 
+async def unpackable_registration_scenario(tmp_path: Path) -> None:
+    async with running_server(test_config(str(tmp_path / "state"))) as app:
+        client = ScriptedClient(f"127.0.0.1:{app.port}", 0)
+        profile = spb.ClientProfile(seconds_per_sample=0.001, bandwidth=1e7, bitwidth=7)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.stub.Register(spb.RegisterRequest(client_id=0, num_samples=SAMPLES, profile=profile))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no encoding for bitwidth 7" in (refused.value.details() or "")
+        assert not app.coordinator.clients
+        await client.close()
+
+
+def test_registration_at_a_bitwidth_without_a_wire_encoding_is_refused(tmp_path: Path) -> None:
+    asyncio.run(unpackable_registration_scenario(tmp_path))
+
+
 # ---------------------------------------------------------------- unit checks, no server
 META = {"w": TensorMeta("w", (3, 3), torch.float32), "n": TensorMeta("n", (), torch.int64)}
 

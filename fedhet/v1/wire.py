@@ -60,7 +60,9 @@ class PayloadError(ValueError):
 
 
 class ManifestError(PayloadError):
-    """A tensor spec is inconsistent: unknown dtype or encoding, negative dimension, wrong byte length, duplicate."""
+    """A tensor spec is inconsistent or unreadable (unknown dtype, encoding or layout, a packed layout other than fp32
+    per-output-channel scales without zero points, negative dimension, wrong byte length, duplicate), or its bytes
+    break their layout (mask or padding bits, scales, packed values)."""
 
 
 class ChunkError(PayloadError):
