@@ -13,6 +13,7 @@ every client's epsilon.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.config import CONFIG_DIR
 from fedhet.errors import ConfigError
 from fedhet.models import build_model
+from fedhet.server.testing import Process, spawn, wait_for_file
 from fedhet.sim.runner import simulate, validate
+from fedhet.v1.wire import encode
 
 STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
 VERSIONS = 2
@@ -100,3 +103,81 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
         size = encoded_size(model, encoding_for_bitwidth(kind.bitwidths[0], cfg.sim.encoding))
         uploads = summary.final.updates_applied + summary.final.updates_dropped
         assert summary.final.bytes_up == uploads * size
+
+
+# ---------------------------------------------------------------------------------------------- fedhet server
+# Real `fedhet server` and `fedhet client` processes on 127.0.0.1. One run per strategy covers three client kinds
+# at once (a fleet of a 32-, an 8- and a 4-bit client); FedP3 runs with fp32 clients (FedP3 pruned) and with DP
+# clients (DP-FedP3). Each run is a few seconds of process start-up: the matrix stays inside CI's time this way.
+DEPLOYED = [(s, "mixed") for s in STRATEGIES if s != "fedp3"] + [("fedp3", "fp32"), ("fedp3", "dp")]
+DEPLOY_COMMON = ["dataset=synthetic", "model=2nn", "num_clients=3", "seed=0"]
+
+
+def deploy(tmp_path: Path, strategy: str, kind: Kind) -> tuple[list[str], list[dict[str, object]]]:
+    """Run ``fedhet server strategy=...`` and one ``fedhet client`` per bitwidth of ``kind`` (three clients of
+    the kind's one bitwidth otherwise) to ``VERSIONS``; returns the clients' logs and the server's metrics."""
+    bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
+    server_args = [
+        *DEPLOY_COMMON,
+        f"strategy={strategy}",
+        "server.port=0",
+        f"server.port_file={tmp_path / 'port'}",
+        f"server.state_dir={tmp_path / 'state'}",
+        f"server.max_versions={VERSIONS}",
+        "server.poll_timeout=0.5",
+        "server.heartbeat_seconds=0.2",
+        "server.client_timeout=10.0",
+        "server.shutdown_grace=5.0",
+        "server.threads=1",
+    ]
+    server = spawn("fedhet.server", server_args, tmp_path / "server.log", tmp_path)
+    clients: list[Process] = []
+    try:
+        port = wait_for_file(tmp_path / "port", 60, server)
+        for i, bits in enumerate(bitwidths):
+            args = [
+                *DEPLOY_COMMON,
+                f"partition_id={i}",
+                f"network.client_id={i}",
+                f"network.server=127.0.0.1:{port}",
+                f"profile.bitwidth={bits}",
+                "profile.seconds_per_sample=0.001",
+                "network.backoff_initial=0.2",
+                "network.backoff_max=1.0",
+                "network.max_seconds=90",
+                "threads=1",
+                *(["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if kind.private else []),
+            ]
+            clients.append(spawn("fedhet.clients.network", args, tmp_path / f"client{i}.log", tmp_path))
+        codes = [c.wait(timeout=120) for c in clients]
+        assert server.wait(timeout=60) == 0, server.text()[-3000:]
+    finally:
+        for p in (*clients, server):
+            p.kill()
+    logs = [c.text() for c in clients]
+    assert codes == [0] * len(clients), [log[-2000:] for log in logs]
+    records = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    return logs, records
+
+
+@pytest.mark.parametrize(("strategy", "kind_name"), DEPLOYED)
+def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
+    kind = KINDS[kind_name]
+    logs, records = deploy(tmp_path, strategy, kind)
+    assert len(records) >= 2 and records[0]["version"] == 0 and records[-1]["version"] == VERSIONS
+    bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
+    model = build_model("2nn", (60,), 10, 0).state_dict()
+    uploaded = 0
+    for bits, log in zip(bitwidths, logs, strict=True):  # every upload at its client's declared bitwidth
+        encoding = encoding_for_bitwidth(bits, "fp32")
+        uploads = re.findall(r"uploaded at (\w+), (\d+) bytes", log)
+        assert all(e == encoding for e, _ in uploads), (bits, uploads)
+        if strategy != "fedp3":  # FedP3 clients send back only their assigned layers
+            assert {int(n) for _, n in uploads} <= {encode(model, encoding)[0].total_bytes}
+        uploaded += len(uploads)
+    assert uploaded >= records[-1]["updates_applied"] >= VERSIONS
+    low = sorted({b for b in bitwidths if b < 32})
+    assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
+    if kind.private:
+        epsilon = records[-1]["epsilon"]
+        assert epsilon and all(e > 0 for e in epsilon.values())
