@@ -21,7 +21,7 @@ import pytest
 
 from fedhet.cli import compose
 from fedhet.codec import encoded_size, encoding_for_bitwidth
-from fedhet.config import CONFIG_DIR
+from fedhet.config import CONFIG_DIR, plain
 from fedhet.errors import ConfigError
 from fedhet.models import build_model
 from fedhet.server.testing import Process, spawn, wait_for_file
@@ -181,3 +181,57 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
     if kind.private:
         epsilon = records[-1]["epsilon"]
         assert epsilon and all(e > 0 for e in epsilon.values())
+
+
+# ---------------------------------------------------------------------------------------------- Flower
+# The fedhet ServerApp's GridDriver over Flower's Grid API, with fedhet ClientApps in threads of this process
+# (fedhet.flower.LocalGrid: the same messages as a SuperLink, in seconds); the same runs as deployed.
+
+
+@pytest.mark.parametrize(("strategy", "kind_name"), DEPLOYED)
+def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
+    flwr = pytest.importorskip("flwr")
+    assert flwr
+    from fedhet.clients.trainer import PrivacyConfig
+    from fedhet.flower import (
+        ClientAppSettings,
+        DriverSettings,
+        LocalGrid,
+        ServerAppSettings,
+        make_client_app,
+        run_on_grid,
+    )
+    from fedhet.flower.records import array_record_nbytes, to_array_record
+
+    kind = KINDS[kind_name]
+    bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
+    cfg = compose([*SMALL, f"strategy={strategy}", "num_clients=3"])
+    privacy = PrivacyConfig(noise_multiplier=1.0) if kind.private else None
+    client = ClientAppSettings(
+        dataset=cfg.dataset, model="2nn", num_clients=3, seed=0, bitwidths=bitwidths, privacy=privacy, threads=1
+    )
+    server = ServerAppSettings(
+        strategy=plain(cfg.strategy),
+        dataset=cfg.dataset,
+        model="2nn",
+        num_clients=3,
+        seed=0,
+        driver=DriverSettings(max_versions=VERSIONS, min_nodes=3, max_seconds=120),
+        metrics_path=str(tmp_path / "metrics.jsonl"),
+    )
+    grid = LocalGrid(make_client_app(client), 3)
+    try:
+        summary = run_on_grid(grid, server)
+    finally:
+        grid.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary.reason == "max_versions" and summary.version == VERSIONS and summary.failed == summary.refused == 0
+    assert len(records) >= 2 and records[-1]["version"] == VERSIONS
+    low = sorted({b for b in bitwidths if b < 32})
+    assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
+    if strategy != "fedp3":  # every reply carried the whole model at its client's bitwidth
+        model = build_model("2nn", (60,), 10, 0).state_dict()
+        size = {b: array_record_nbytes(to_array_record(model, encoding_for_bitwidth(b, "fp32"))) for b in bitwidths}
+        assert summary.uploads and all(set(n) == {size[bitwidths[c]]} for c, n in summary.uploads.items())
+    if kind.private:
+        assert summary.epsilon and all(e > 0 for eps in summary.epsilon.values() for e in eps)

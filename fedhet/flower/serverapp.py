@@ -134,7 +134,8 @@ class Assigned:
 @dataclass
 class RunSummary:
     """How a run went: why it stopped, its final version and accuracy, and its trace (``epsilon``: per DP client,
-    the epsilon each of its accepted results reported, in order)."""
+    the epsilon each of its accepted results reported, in order; ``uploads``: per client, the payload bytes of each
+    result it sent)."""
 
     reason: str = ""
     version: int = 0
@@ -149,6 +150,7 @@ class RunSummary:
     aggregations: list[Aggregation] = field(default_factory=list)
     assignments: list[Assigned] = field(default_factory=list)
     epsilon: dict[int, list[float]] = field(default_factory=dict)
+    uploads: dict[int, list[int]] = field(default_factory=dict)
 
 
 class _RecordingAggregator:
@@ -360,7 +362,9 @@ class GridDriver:
             self.summary.refused += 1
             self._failed(pending, f"refused: {error}", now)
             return
-        self.summary.bytes_up += array_record_nbytes(reply.content["arrays"])  # type: ignore[arg-type]
+        nbytes = array_record_nbytes(reply.content["arrays"])  # type: ignore[arg-type]
+        self.summary.bytes_up += nbytes
+        self.summary.uploads.setdefault(pending.client_id, []).append(nbytes)
         try:
             outcome = self.driver.result(result, now)
         except UnknownTaskError as error:  # lost meanwhile (the node was asked again): nothing is applied
