@@ -15,215 +15,42 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhet import quant
+from fedhet.clients.config import (
+    ClientRunConfig,
+    LocalData,
+    NetworkConfig,
+    compose_client,
+    local_partition,
+    privacy_of,
+)
+from fedhet.clients.personal import FineTune, PersonalProbe
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import ClientState, ClientStates, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import CodecError, encoding_for_bitwidth
-from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed, is_loopback
-from fedhet.data import DATASETS, client_splits, load_configured
 from fedhet.errors import ConfigError, DataError
-from fedhet.models import MODELS, build_model
+from fedhet.models import build_model
 from fedhet.types import ClientProfile, Result, Task
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import service_pb2_grpc
 from fedhet.v1 import tensor_pb2 as tpb
 from fedhet.v1.wire import PayloadAssembler, PayloadError, check_finite, chunks, decode, encode
 
-__all__ = [
-    "ClientRunConfig",
-    "NetworkClient",
-    "NetworkConfig",
-    "ProfileConfig",
-    "client_main",
-    "compose_client",
-    "local_partition",
-]
+__all__ = ["NetworkClient", "build_client", "client_main"]
 
 log = logging.getLogger("fedhet.client")
 
 _MAX_MESSAGE = (64 << 20) + (1 << 20)  # the largest chunk a server may use, plus its header
-
-
-@dataclass
-class ClientTLSConfig:
-    """TLS toward the server (PEM paths). ``ca`` alone: server-authenticated TLS; with ``cert`` and ``key``:
-    mutual TLS. ``server_name`` overrides the name checked against the server's certificate."""
-
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
-    server_name: str = ""
-
-
-@dataclass
-class NetworkConfig:
-    """How to reach the server.
-
-    Attributes:
-        server: ``host:port`` of the server.
-        client_id: this client's id (the one its token belongs to).
-        token: the client's token, or ``token_file`` holding it.
-        insecure: allow a plaintext connection to a non-loopback server.
-        encoding: how a 32-bit client's floating-point results travel (fp32, fp16, bf16); a client of ``b < 32``
-            bits uploads them packed at ``int<b>``.
-        backoff_initial: first reconnect delay, in seconds (doubles up to ``backoff_max``).
-        reconnect_timeout: give up after this many seconds without reaching the server.
-        rpc_timeout: seconds any one call (a poll, a download, an upload) may take.
-        max_download_bytes: largest task payload accepted.
-        max_seconds: leave after this many seconds (0 = stay until the run ends).
-    """
-
-    server: str = "127.0.0.1:50051"
-    client_id: int = 0
-    token: str = ""
-    token_file: str = ""
-    insecure: bool = False
-    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
-    encoding: str = "fp32"
-    backoff_initial: float = 0.5
-    backoff_max: float = 10.0
-    reconnect_timeout: float = 120.0
-    rpc_timeout: float = 300.0
-    max_download_bytes: int = 8 << 30
-    max_seconds: float = 0.0
-
-
-@dataclass
-class ProfileConfig:
-    """The profile this client registers with.
-
-    Attributes:
-        seconds_per_sample: training seconds per sample; 0 = measure with a short benchmark at start.
-        benchmark_steps: minibatch steps the benchmark times.
-        bandwidth: link speed in bytes per second.
-        bitwidth: bits per weight the device computes at: 32 (fp32), or 2, 4, 6, 8, 12 or 16 to train
-            quantization-aware at that many bits and upload packed ``int<b>`` updates.
-        memory_bytes: model memory budget in bytes; 0 = detect (GPU memory, or physical RAM).
-        slowdown: emulate a device this many times slower (>= 1): the registered seconds per sample is multiplied
-            by it and every task is paced (padded with sleep) to take steps x batch x that many seconds.
-    """
-
-    seconds_per_sample: float = 0.0
-    benchmark_steps: int = 5
-    bandwidth: float = 1.0e7
-    bitwidth: int = 32
-    memory_bytes: int = 0
-    slowdown: float = 1.0
-
-
-@dataclass
-class ClientRunConfig:
-    """``fedhet client``: its data (``dataset``, ``partition_id`` of ``num_clients`` partitions), the model, local
-    training, the profile and the network. ``dataset``, ``num_clients`` and ``seed`` must match the server's so
-    the partitions are the ones the run was planned with. ``privacy`` turns on DP-SGD (``planned_tasks`` is needed
-    with a target epsilon: a client cannot know the server's run length). ``state_dir`` keeps what the client keeps
-    between tasks (FedP3's personal head, the DP accountant) across restarts; empty keeps it in memory only."""
-
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: ClientConfig = field(default_factory=ClientConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    partition_id: int = 0
-    num_clients: int = 30
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    state_dir: str = ""
-
-
-def compose_client(overrides: list[str]) -> ClientRunConfig:
-    """The typed, validated config of ``fedhet client OVERRIDES``."""
-    ConfigStore.instance().store(name="client_schema", node=ClientRunConfig)
-    typed = compose_typed("client", ClientRunConfig, overrides)
-    _validate(typed)
-    return typed
-
-
-def _validate(cfg: ClientRunConfig) -> None:
-    net, prof = cfg.network, cfg.profile
-    host, sep, port = net.server.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"network.server must be host:port, got {net.server!r}")
-    if net.client_id < 0:
-        raise ConfigError(f"network.client_id must be >= 0, got {net.client_id}")
-    if not 0 <= cfg.partition_id < cfg.num_clients:
-        raise ConfigError(f"partition_id must be in 0..{cfg.num_clients - 1} (num_clients), got {cfg.partition_id}")
-    if net.encoding not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"network.encoding must be fp32, fp16 or bf16, got {net.encoding!r}")
-    for key in ("backoff_initial", "backoff_max", "reconnect_timeout", "rpc_timeout"):
-        if not getattr(net, key) > 0:
-            raise ConfigError(f"network.{key} must be > 0 seconds, got {getattr(net, key)}")
-    if net.max_seconds < 0:
-        raise ConfigError(f"network.max_seconds must be >= 0 (0 = no limit), got {net.max_seconds}")
-    if bool(net.tls.cert) != bool(net.tls.key):
-        raise ConfigError("network.tls.cert and network.tls.key must be given together")
-    for key in ("ca", "cert", "key"):
-        path = getattr(net.tls, key)
-        if path and not Path(path).is_file():
-            raise ConfigError(f"network.tls.{key}: no such file {path}")
-    if net.token_file and not Path(net.token_file).is_file():
-        raise ConfigError(f"network.token_file: no such file {net.token_file}")
-    if not is_loopback(host) and not net.tls.ca and not net.insecure:
-        raise ConfigError(
-            f"refusing a plaintext connection to non-loopback server {host}: set network.tls.ca (and cert/key for "
-            "mutual TLS), or network.insecure=true to accept the risk"
-        )
-    if prof.bitwidth != quant.FULL_PRECISION and prof.bitwidth not in quant.BITWIDTHS:
-        raise ConfigError(
-            f"profile.bitwidth must be 32 or one of {', '.join(map(str, quant.BITWIDTHS))}, got {prof.bitwidth}"
-        )
-    if cfg.privacy.enabled and prof.bitwidth != quant.FULL_PRECISION:
-        raise ConfigError(f"privacy.enabled needs profile.bitwidth=32 (DP-SGD trains in fp32), got {prof.bitwidth}")
-    if prof.seconds_per_sample < 0 or prof.benchmark_steps < 1:
-        raise ConfigError("profile.seconds_per_sample must be >= 0 (0 = measure) and profile.benchmark_steps >= 1")
-    if not prof.slowdown >= 1.0:
-        raise ConfigError(f"profile.slowdown must be >= 1, got {prof.slowdown}")
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
-        )
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
-    try:
-        TrainConfig(**asdict(cfg.train))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    privacy_of(cfg)
-
-
-def privacy_of(cfg: ClientRunConfig) -> PrivacyConfig | None:
-    """The client's DP-SGD settings (None without ``privacy.enabled``); a bad value is a ConfigError."""
-    p = cfg.privacy
-    if not p.enabled:
-        return None
-    try:
-        return PrivacyConfig(p.max_grad_norm, p.noise_multiplier, p.target_epsilon, p.delta, p.planned_tasks)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def local_partition(cfg: ClientRunConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
-    """(x, y, input shape, classes) of this client's training split: the same partition the simulator would give
-    client ``partition_id`` of ``num_clients`` with this dataset config and seed."""
-    data = load_configured(cfg.dataset, cfg.num_clients, cfg.seed)
-    train, _ = client_splits(cfg.dataset, data, cfg.num_clients, cfg.seed)[cfg.partition_id]
-    index = torch.from_numpy(train)
-    return data.x_train[index], data.y_train[index], data.input_shape, data.num_classes
 
 
 class GiveUp(Exception):
@@ -274,6 +101,7 @@ class NetworkClient:
         slowdown: float = 1.0,
         initial: dict[str, torch.Tensor] | None = None,
         state_dir: str = "",
+        personal: PersonalProbe | None = None,
     ) -> None:
         self.net = net
         self.trainer = trainer if isinstance(trainer, ClientTrainer) else ClientTrainer(trainer)
@@ -287,6 +115,8 @@ class NetworkClient:
             self.states.states[net.client_id] = ClientState.from_bytes(self.state_file.read_bytes())
             log.info("client %d: state restored from %s", net.client_id, self.state_file)
         self._dp_reports: dict[int, spb.DPReport] = {}
+        self.personal = personal
+        self._personal: dict[int, float] = {}  # task id -> personalised accuracy measured when it arrived
         self.x, self.y = x, y
         self.profile = profile
         self.seed = seed
@@ -433,6 +263,14 @@ class NetworkClient:
         thread.start()
         try:
             state = self.states.get(self.client_id, task)
+            if self.personal is not None and state.tensors:  # a personal head (FedP3): measure the task's model
+                accuracy = self._personal[task.task_id] = self.personal(task.weights, state.tensors, task.task_id)
+                log.info(
+                    "task %d: personal accuracy %.4f (version %d with this client's head)",
+                    task.task_id,
+                    accuracy,
+                    task.version,
+                )
             result: Result = self.trainer.train(task, self.x, self.y, self.seed, self.profile.bitwidth, state)
             self._keep(state)
             if self.trainer.privacy is not None:
@@ -472,7 +310,7 @@ class NetworkClient:
             manifest, payload = encode(result.weights, self.encoding)
         except PayloadError as error:
             log.warning("task %d: result dropped: %s", result.task_id, error)
-            self._dp_reports.pop(result.task_id, None)
+            self._forget(result.task_id)
             return None
         header = spb.ResultHeader(
             client_id=self.client_id,
@@ -484,6 +322,7 @@ class NetworkClient:
             loss=result.loss,
             manifest=manifest,
             dp=self._dp_reports.get(result.task_id),
+            personal_accuracy=self._personal.get(result.task_id),
         )
 
         def messages() -> Iterator[spb.ResultMessage]:
@@ -499,7 +338,7 @@ class NetworkClient:
                 and not (error.details() or "").startswith("server busy")
             ):
                 log.warning("task %d: result refused: %s %s", result.task_id, error.code().name, error.details())
-                self._dp_reports.pop(result.task_id, None)
+                self._forget(result.task_id)
                 return None
             raise
         if reply.run_over:
@@ -512,8 +351,13 @@ class NetworkClient:
             " (duplicate)" * reply.duplicate,
             reply.version,
         )
-        self._dp_reports.pop(result.task_id, None)
+        self._forget(result.task_id)
         return None
+
+    def _forget(self, task_id: int) -> None:
+        """Drop what was measured for a task whose result the server answered (or that was dropped)."""
+        self._dp_reports.pop(task_id, None)
+        self._personal.pop(task_id, None)
 
     def _leave(self) -> None:
         with contextlib.suppress(grpc.RpcError):  # the server may already be gone: leaving is a courtesy
@@ -543,6 +387,18 @@ def _channel(net: NetworkConfig) -> grpc.Channel:
     return grpc.insecure_channel(net.server, options=options)
 
 
+def personal_probe(cfg: ClientRunConfig, data: LocalData) -> PersonalProbe | None:
+    """How this client measures its personalised accuracy when it keeps a personal head (FedP3); None without
+    held-out samples or a Linear head to fine-tune."""
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    tune = FineTune(cfg.finetune_epochs, cfg.train.lr, cfg.train.batch_size)
+    try:
+        return PersonalProbe(model, (data.x, data.y), (data.x_held, data.y_held), tune, cfg.seed)
+    except ValueError as error:
+        log.info("client %d: no personalised accuracy: %s", cfg.network.client_id, error)
+        return None
+
+
 def build_client(cfg: ClientRunConfig) -> NetworkClient:
     """Load the local partition, build the model and trainer, measure the profile, open the channel."""
     if cfg.threads:
@@ -550,8 +406,9 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")
-    x, y, input_shape, classes = local_partition(cfg)
-    model = build_model(cfg.model.name, input_shape, classes, cfg.seed)
+    data = local_partition(cfg)
+    x, y = data.x, data.y
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
     config = TrainConfig(**asdict(cfg.train))
@@ -575,7 +432,18 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         encoding_for_bitwidth(profile.bitwidth, cfg.network.encoding),
     )
     try:
-        return NetworkClient(cfg.network, trainer, x, y, profile, cfg.seed, prof.slowdown, initial, cfg.state_dir)
+        return NetworkClient(
+            cfg.network,
+            trainer,
+            x,
+            y,
+            profile,
+            cfg.seed,
+            prof.slowdown,
+            initial,
+            cfg.state_dir,
+            personal_probe(cfg, data),
+        )
     except (CodecError, OSError) as error:
         raise ConfigError(f"state_dir: cannot restore the client's state: {error}") from None
 

@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedhet.clients.trainer import minibatches
+from fedhet.clients.trainer import minibatches, task_seed
 from fedhet.types import Weights
 
-__all__ = ["FineTune", "fine_tune_head", "head_accuracy", "head_features", "head_of", "personal_accuracy"]
+__all__ = [
+    "FineTune",
+    "PersonalProbe",
+    "fine_tune_head",
+    "head_accuracy",
+    "head_features",
+    "head_of",
+    "personal_accuracy",
+]
 
 
 @dataclass(frozen=True)
@@ -108,10 +116,41 @@ def personal_accuracy(
     name, head = head_of(model)
     model.load_state_dict({**weights, **own}, strict=False)
     keys = (f"{name}.weight", f"{name}.bias")
-    w, b = (own.get(k, weights[k]).to(torch.float32) if k in own or k in weights else None for k in keys)
-    if w is None or b is None:
+    if not all(k in own or k in weights for k in keys):
         raise ValueError(f"the model's head {name!r} is neither in the global weights nor the client's own tensors")
+    w, b = ((own[k] if k in own else weights[k]).to(torch.float32) for k in keys)
     features = head_features(model, head, torch.cat([train[0], held[0]]))
     generator = torch.Generator().manual_seed(seed)
     w, b = fine_tune_head(w, b, features[: len(train[0])], train[1], tune, generator)
     return head_accuracy(w, b, features[len(train[0]) :], held[1])
+
+
+class PersonalProbe:
+    """A deployed client's measurement of itself: :func:`personal_accuracy` of a task's weights with the client's
+    own tensors, on its local splits.
+
+    Args:
+        model: an instance of the run's architecture, used only for measuring (its weights are overwritten).
+        train, held: the client's (x, y) training and held-out splits.
+        tune: how the head is fine-tuned first.
+        seed: with the task id, the fine-tuning's minibatch order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor],
+        held: tuple[torch.Tensor, torch.Tensor],
+        tune: FineTune,
+        seed: int,
+    ) -> None:
+        head_of(model)  # a model without a Linear head cannot be measured: fail at start, not at a task
+        if len(held[0]) == 0:
+            raise ValueError("personalised accuracy needs held-out samples: set dataset.partition.test_fraction > 0")
+        self.model, self.train, self.held, self.tune, self.seed = model, train, held, tune, seed
+
+    def __call__(self, weights: Weights, own: Mapping[str, torch.Tensor], task_id: int) -> float:
+        """The accuracy in [0, 1] of ``weights`` (a task's) completed by ``own``, the client's kept tensors."""
+        return personal_accuracy(
+            self.model, weights, own, self.train, self.held, self.tune, task_seed(self.seed, task_id)
+        )

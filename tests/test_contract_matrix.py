@@ -70,7 +70,8 @@ def refusal(strategy: str, kind_name: str) -> str | None:
 
 
 def sim_overrides(strategy: str, kind: Kind) -> list[str]:
-    return [*SMALL, f"strategy={strategy}", f"sim.max_versions={VERSIONS}", *kind.overrides()]
+    personal = ["sim.personal_eval=true"] if strategy == "fedp3" else []  # a personalised method's own metric
+    return [*SMALL, f"strategy={strategy}", f"sim.max_versions={VERSIONS}", *kind.overrides(), *personal]
 
 
 def test_every_shipped_strategy_config_is_in_the_matrix() -> None:
@@ -94,6 +95,8 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
     assert len(records) >= 2 and records[0]["version"] == 0 and records[-1]["version"] == VERSIONS
     low = sorted(b for b in kind.bitwidths if b < 32)
     assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
+    if strategy == "fedp3":
+        assert 0.0 <= records[-1]["personal_accuracy"] <= 1.0
     if kind.private:
         epsilon = records[-1]["epsilon"]  # of every client that trained so far
         assert epsilon and set(epsilon) <= {str(c) for c in range(CLIENTS)} and all(e > 0 for e in epsilon.values())
@@ -178,6 +181,10 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
     assert uploaded >= records[-1]["updates_applied"] >= VERSIONS
     low = sorted({b for b in bitwidths if b < 32})
     assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
+    if strategy == "fedp3":  # as the clients measured it on their own held-out samples, with their own heads
+        reported = [float(a) for log in logs for a in re.findall(r"personal accuracy ([0-9.]+)", log)]
+        assert reported and 0.0 <= records[-1]["personal_accuracy"] <= 1.0
+        assert min(reported) <= records[-1]["personal_accuracy"] <= max(reported)
     if kind.private:
         epsilon = records[-1]["epsilon"]
         assert epsilon and all(e > 0 for e in epsilon.values())

@@ -173,7 +173,7 @@ def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path:
     """One fp32, one 8-bit and one 4-bit `fedhet client` under FedAvg: the low-bit clients upload packed int8 and
     int4 updates (a quarter and an eighth of fp32's bytes, plus scales) and receive their tasks packed alike; the
     server counts exactly those bytes, and the model still learns."""
-    from fedhet.clients.network import compose_client, local_partition
+    from fedhet.clients.config import compose_client, local_partition
     from fedhet.models import build_model
     from fedhet.v1.wire import encode
 
@@ -181,8 +181,8 @@ def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path:
     fedavg = ["strategy.scheduler.fraction=1.0", f"strategy.scheduler.min_clients={len(bitwidths)}"]
     run_loopback(tmp_path, fedavg, [], [[f"profile.bitwidth={b}"] for b in bitwidths], slowdown=1.0)
 
-    _, _, input_shape, classes = local_partition(compose_client(COMMON))
-    model = build_model("logreg", input_shape, classes, seed=0).state_dict()
+    data = local_partition(compose_client(COMMON))
+    model = build_model("logreg", data.input_shape, data.num_classes, seed=0).state_dict()
     size = {b: encode(model, "fp32" if b == 32 else f"int{b}")[0].total_bytes for b in bitwidths}
     assert size[8] / size[32] == pytest.approx(1 / 4, abs=0.02) and size[4] / size[32] == pytest.approx(1 / 8, abs=0.02)
     for i, bits in enumerate(bitwidths):  # each client's uploads, as it logged them

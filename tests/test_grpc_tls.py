@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc import aio
 
-from fedhet.clients.network import build_client, compose_client
+from fedhet.clients.config import compose_client
+from fedhet.clients.network import build_client
 from fedhet.metrics import read_metrics
 from fedhet.server.testing import ScriptedClient, free_port, running_server, test_config
 

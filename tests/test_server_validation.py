@@ -391,6 +391,13 @@ def test_sample_count_out_of_range_is_refused(n: int) -> None:
         check_result_fields(ResultFields(n, 1, 0.1, 0.5), registered_samples=100)
 
 
+@pytest.mark.parametrize("accuracy", [-0.1, 1.5, float("nan"), float("inf")])
+def test_a_personal_accuracy_outside_zero_one_is_refused(accuracy: float) -> None:
+    check_result_fields(ResultFields(5, 1, 0.1, 0.5, 0.75), registered_samples=100)
+    with pytest.raises(SampleCountError, match="personal_accuracy must be in"):
+        check_result_fields(ResultFields(5, 1, 0.1, 0.5, accuracy), registered_samples=100)
+
+
 def test_norm_check_clips_onto_the_bound_and_leaves_integers() -> None:
     start = {"w": torch.zeros(4), "n": torch.tensor(3)}
     out = check_norm({"w": torch.full((4,), 2.0), "n": torch.tensor(3)}, start, 1.0, "clip")

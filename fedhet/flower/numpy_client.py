@@ -36,7 +36,8 @@ from flwr.client import NumPyClient
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from fedhet.clients.network import ClientRunConfig, NetworkClient, NetworkConfig, compose_client
+from fedhet.clients.config import ClientRunConfig, NetworkConfig, compose_client
+from fedhet.clients.network import NetworkClient
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
 from fedhet.types import ClientProfile, Result, Task

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fedhet.runtime.assembly import RunParts, RunSpec, assemble, check_spec, run_spec
 from fedhet.runtime.driver import EvalCadence, Outcome, RunDriver, StopRules
-from fedhet.runtime.evaluation import Evaluation, Evaluator, RunPoint, metrics_record
+from fedhet.runtime.evaluation import Evaluation, Evaluator, PersonalReports, RunPoint, metrics_record
 
 __all__ = [
     "EvalCadence",
     "Evaluation",
     "Evaluator",
     "Outcome",
+    "PersonalReports",
     "RunDriver",
     "RunParts",
     "RunPoint",

@@ -8,6 +8,7 @@ the :class:`~fedhet.metrics.MetricsRecord` a runtime writes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from fedhet.metrics import MetricsRecord
 from fedhet.models import evaluate
 from fedhet.types import Weights
 
-__all__ = ["Evaluation", "Evaluator", "RunPoint", "metrics_record"]
+__all__ = ["Evaluation", "Evaluator", "PersonalReports", "RunPoint", "metrics_record"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,30 @@ def metrics_record(point: RunPoint, evaluation: Evaluation, extras: Mapping[str,
         accuracy_by_bitwidth=evaluation.accuracy_by_bitwidth,
         **(extras or {}),
     )
+
+
+class PersonalReports:
+    """The personalised accuracy each deployed client last reported (a client with a personal head measures itself
+    on its own held-out samples, :mod:`fedhet.clients.personal`); their mean is the run's ``personal_accuracy``,
+    what the simulator computes for every client at each evaluation."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, float] = {}
+
+    def report(self, client_id: int, accuracy: float) -> None:
+        """Note ``client_id``'s latest accuracy (in [0, 1]; anything else is a ValueError)."""
+        if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+            raise ValueError(f"client {client_id}: personalised accuracy must be in [0, 1], got {accuracy}")
+        self.latest[client_id] = accuracy
+
+    def mean(self) -> float | None:
+        """The mean over the clients that reported (None before any did)."""
+        return sum(self.latest.values()) / len(self.latest) if self.latest else None
+
+    def state_dict(self) -> dict[str, float]:
+        return {str(c): a for c, a in sorted(self.latest.items())}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.latest = {}
+        for client, accuracy in state.items():
+            self.report(int(client), float(accuracy))

@@ -20,7 +20,16 @@ from typing import Any
 import torch
 
 from fedhet.metrics import MetricsWriter
-from fedhet.runtime import EvalCadence, Evaluation, Outcome, RunDriver, RunPoint, StopRules, metrics_record
+from fedhet.runtime import (
+    EvalCadence,
+    Evaluation,
+    Outcome,
+    PersonalReports,
+    RunDriver,
+    RunPoint,
+    StopRules,
+    metrics_record,
+)
 from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
 from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.validation import check_norm
@@ -181,6 +190,7 @@ class Coordinator:
         self.records: dict[int, TaskRecord] = {}
         self.accepted: dict[int, int] = {}  # task id -> client id of every accepted result
         self.privacy = PrivacyLedger()  # DP-SGD steps each client reported
+        self.personal = PersonalReports()  # the personalised accuracy each client last reported
         self.ended: RunEnded | None = None
         self.uploads_in_flight = 0
         self._replaying = False
@@ -193,7 +203,7 @@ class Coordinator:
             strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
         )
         self._eval_queue: asyncio.Queue[
-            tuple[RunPoint, dict[str, torch.Tensor], list[int], dict[int, list[DPStep]] | None]
+            tuple[RunPoint, dict[str, torch.Tensor], list[int], dict[str, Any], dict[int, list[DPStep]] | None]
         ] = asyncio.Queue()
         self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._last_seq = -1
@@ -267,6 +277,7 @@ class Coordinator:
                 for r in self.records.values()
             ],
             "privacy": self.privacy.state_dict(),
+            "personal": self.personal.state_dict(),
             "accepted": sorted(self.accepted.items()),
             "counters": asdict(self.counters),
             "driver": self.driver.state_dict(),
@@ -291,6 +302,8 @@ class Coordinator:
                 self.records[task.task_id] = TaskRecord.of(task)
             self.privacy = PrivacyLedger()
             self.privacy.load_state_dict(state.get("privacy", {}))
+            self.personal = PersonalReports()
+            self.personal.load_state_dict(state.get("personal", {}))
             self.accepted = {int(t): int(c) for t, c in state["accepted"]}
             self.counters = Counters(**state["counters"])
             self.driver.load_state_dict(state["driver"])
@@ -332,7 +345,9 @@ class Coordinator:
                 )
                 dp = body.get("dp")
                 step = None if dp is None else (float(dp[0]), float(dp[1]), int(dp[2]))
-                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]), step)
+                personal = body.get("personal")
+                accuracy = None if personal is None else float(personal)
+                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]), step, accuracy)
             elif kind == "end":
                 self._end(str(body["reason"]), now)
             else:
@@ -356,10 +371,20 @@ class Coordinator:
         self._log({"kind": "tick", "now": now})
         self._carry_out(self.driver.tick(now), now)
 
-    def _apply_result(self, result: Result, now: float, nbytes: int, clipped: bool, dp: DPStep | None = None) -> None:
+    def _apply_result(
+        self,
+        result: Result,
+        now: float,
+        nbytes: int,
+        clipped: bool,
+        dp: DPStep | None = None,
+        personal: float | None = None,
+    ) -> None:
         outcome = self.driver.result(result, now)
         if dp is not None:
             self.privacy.add(result.client_id, dp)
+        if personal is not None:
+            self.personal.report(result.client_id, personal)
         self.records.pop(result.task_id, None)
         self.accepted[result.task_id] = result.client_id
         self.counters.received += 1
@@ -437,15 +462,17 @@ class Coordinator:
             updates_dropped=self.strategy.updates_dropped,
         )
         bitwidths = sorted({c.info.profile.bitwidth for c in self.clients.values()})
-        self._eval_queue.put_nowait((point, weights, bitwidths, self.privacy.snapshot() if self.privacy else None))
+        personal = self.personal.mean()
+        extras: dict[str, Any] = {} if personal is None else {"personal_accuracy": personal}
+        privacy = self.privacy.snapshot() if self.privacy else None
+        self._eval_queue.put_nowait((point, weights, bitwidths, extras, privacy))
 
     async def _evaluator(self) -> None:
         while True:
-            point, weights, bitwidths, privacy = await self._eval_queue.get()
+            point, weights, bitwidths, extras, privacy = await self._eval_queue.get()
             try:
                 if self.evaluate is not None and self.metrics is not None:
                     evaluation = await asyncio.to_thread(self.evaluate, weights, bitwidths)
-                    extras = {}
                     if privacy is not None:
                         delta = self.settings.dp_delta
                         extras["epsilon"] = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, delta)
@@ -557,10 +584,17 @@ class Coordinator:
         ), True
 
     async def submit(
-        self, result: Result, record: TaskRecord, nbytes: int, clipped: bool, dp: DPStep | None = None
+        self,
+        result: Result,
+        record: TaskRecord,
+        nbytes: int,
+        clipped: bool,
+        dp: DPStep | None = None,
+        personal: float | None = None,
     ) -> int:
         """Make a validated result durable, then hand it to the strategy; returns the global version after it.
-        ``dp`` is the DP-SGD history entry the client reported with it (None without DP).
+        ``dp`` is the DP-SGD history entry the client reported with it (None without DP), ``personal`` the
+        personalised accuracy it measured (None when it keeps no personal head).
 
         Raises :class:`DuplicateResult` or :class:`NotOutstanding` when, while the result was being stored, the
         task was answered by another upload or lost.
@@ -598,9 +632,10 @@ class Coordinator:
                 "bytes": nbytes,
                 "clipped": clipped,
                 "dp": None if dp is None else list(dp),
+                "personal": personal,
             }
         )
-        self._apply_result(result, now, nbytes, clipped, dp)
+        self._apply_result(result, now, nbytes, clipped, dp, personal)
         return self.version
 
     def heartbeat(self, client_id: int) -> bool:

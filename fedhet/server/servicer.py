@@ -214,7 +214,10 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         coord.uploads_in_flight += 1
         try:
             try:
-                fields = ResultFields(header.num_samples, header.local_steps, header.train_seconds, header.loss)
+                personal = header.personal_accuracy if header.HasField("personal_accuracy") else None
+                fields = ResultFields(
+                    header.num_samples, header.local_steps, header.train_seconds, header.loss, personal
+                )
                 check_result_fields(fields, coord.clients[client_id].info.num_samples)
                 dp = check_dp_fields(header)
                 if header.manifest.total_bytes > self.max_upload_bytes:  # the cheapest check first
@@ -250,7 +253,9 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 await _drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
-                version = await coord.submit(result, record, int(header.manifest.total_bytes), clipped, dp)
+                version = await coord.submit(
+                    result, record, int(header.manifest.total_bytes), clipped, dp, fields.personal_accuracy
+                )
             except DuplicateResult:
                 return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
             except NotOutstanding as error:

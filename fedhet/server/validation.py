@@ -107,12 +107,13 @@ def check_update_manifest(
 
 @dataclass(frozen=True)
 class ResultFields:
-    """The scalar fields of an uploaded result."""
+    """The scalar fields of an uploaded result (``personal_accuracy``: None when the client reported none)."""
 
     num_samples: int
     local_steps: int
     train_seconds: float
     loss: float
+    personal_accuracy: float | None = None
 
 
 def check_result_fields(fields: ResultFields, registered_samples: int) -> None:
@@ -127,6 +128,9 @@ def check_result_fields(fields: ResultFields, registered_samples: int) -> None:
         raise SampleCountError(f"train_seconds must be finite and >= 0, got {fields.train_seconds}")
     if math.isnan(fields.loss):
         raise SampleCountError("loss is NaN")
+    accuracy = fields.personal_accuracy
+    if accuracy is not None and not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise SampleCountError(f"personal_accuracy must be in [0, 1], got {accuracy}")
 
 
 def check_update(weights: Weights, expected: Mapping[str, TensorMeta]) -> None:

@@ -100,7 +100,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., run_over: _Optional[_Union[RunOver, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("client_id", "task_id", "version", "num_samples", "local_steps", "train_seconds", "loss", "manifest", "dp")
+    __slots__ = ("client_id", "task_id", "version", "num_samples", "local_steps", "train_seconds", "loss", "manifest", "dp", "personal_accuracy")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ResultHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     task_id: int
     version: int
@@ -119,7 +120,8 @@ class ResultHeader(_message.Message):
     loss: float
     manifest: _tensor_pb2.Manifest
     dp: DPReport
-    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., dp: _Optional[_Union[DPReport, _Mapping]] = ...) -> None: ...
+    personal_accuracy: float
+    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., dp: _Optional[_Union[DPReport, _Mapping]] = ..., personal_accuracy: _Optional[float] = ...) -> None: ...
 
 class DPReport(_message.Message):
     __slots__ = ("noise_multiplier", "sample_rate", "steps")
