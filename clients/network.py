@@ -41,10 +41,11 @@ from fedhet.codec import CodecError, encoding_for_bitwidth
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import build_model
 from fedhet.types import ClientProfile, Result, Task
+from fedhet.updates import UpdateError, check_finite
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import service_pb2_grpc
 from fedhet.v1 import tensor_pb2 as tpb
-from fedhet.v1.wire import PayloadAssembler, PayloadError, check_finite, chunks, decode, encode
+from fedhet.v1.wire import PayloadAssembler, PayloadError, chunks, decode, encode
 
 __all__ = ["NetworkClient", "build_client", "client_main"]
 
@@ -223,7 +224,7 @@ class NetworkClient:
                 assembler.add(message.chunk)
             weights = decode(header.manifest, assembler.finish())
             check_finite(weights)
-        except PayloadError as error:
+        except UpdateError as error:
             log.warning("task %d: bad download (%s); asking again", header.task_id, error)
             stream.cancel()
             return None
@@ -308,7 +309,7 @@ class NetworkClient:
         when it cannot be encoded (inf or NaN weights to pack)."""
         try:
             manifest, payload = encode(result.weights, self.encoding)
-        except PayloadError as error:
+        except UpdateError as error:
             log.warning("task %d: result dropped: %s", result.task_id, error)
             self._forget(result.task_id)
             return None

@@ -19,6 +19,7 @@ from fedhet.codec import CodecError
 from fedhet.codec import decode as codec_decode
 from fedhet.codec import encode as codec_encode
 from fedhet.server.validation import check_update_manifest
+from fedhet.updates import NonFiniteError, UpdateError, check_finite, meta_of
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import tensor_pb2 as tpb
 from fedhet.v1.wire import (
@@ -27,11 +28,9 @@ from fedhet.v1.wire import (
     PayloadAssembler,
     PayloadError,
     PayloadTooLarge,
-    check_finite,
     chunks,
     decode,
     encode,
-    meta_of,
 )
 
 WEIGHTS = {
@@ -106,7 +105,7 @@ def test_stream_past_the_declared_size_is_cut_at_the_first_extra_chunk() -> None
 def test_nan_and_inf_are_found() -> None:
     check_finite(WEIGHTS)
     for bad in (float("nan"), float("inf"), float("-inf")):
-        with pytest.raises(PayloadError, match="fc.bias"):
+        with pytest.raises(NonFiniteError, match="fc.bias"):
             check_finite({**WEIGHTS, "fc.bias": torch.tensor([0.0, bad])})
 
 
@@ -172,7 +171,7 @@ def test_fuzz_protobuf_messages_and_the_tensor_decoder(data: bytes) -> None:
             try:
                 check_update_manifest(manifest, meta_of(WEIGHTS))
                 decode(manifest, assemble(manifest, VALID_PAYLOAD, 100, cap=1 << 20))
-            except PayloadError:
+            except UpdateError:
                 pass
 
 
@@ -182,7 +181,7 @@ def test_fuzz_mutated_payloads_only_raise_typed_errors(payload: bytes, size: int
     try:
         weights = decode(VALID_MANIFEST, assemble(VALID_MANIFEST, payload, size))
         check_finite(weights)
-    except PayloadError:
+    except UpdateError:
         return
     assert payload == VALID_PAYLOAD  # anything else fails its checksum
 
@@ -325,9 +324,9 @@ PACKED_MANIFEST, PACKED_PAYLOAD = encode(WEIGHTS, "int4")
 @given(st.builds(mutate, st.just(PACKED_PAYLOAD), edits))
 def test_fuzz_packed_payloads_with_a_matching_checksum_only_raise_typed_errors(payload: bytes) -> None:
     """Corrupted packed bytes that pass the checksum (a sender that lies) reach the packed decoder: they decode to
-    finite tensors or fail with a PayloadError."""
+    finite tensors or fail with an UpdateError."""
     manifest = tpb.Manifest()
     manifest.CopyFrom(PACKED_MANIFEST)
     manifest.sha256 = hashlib.sha256(payload).digest()
-    with contextlib.suppress(PayloadError):
+    with contextlib.suppress(UpdateError):
         check_finite(decode(manifest, payload))

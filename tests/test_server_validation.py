@@ -16,7 +16,6 @@ from fedhet.server.testing import ReceivedTask, ScriptedClient, running_server, 
 from fedhet.server.validation import (
     ResultFields,
     SampleCountError,
-    ShapeMismatch,
     check_norm,
     check_result_fields,
     check_update_manifest,
@@ -24,9 +23,10 @@ from fedhet.server.validation import (
 from fedhet.strategies import UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.types import Result
+from fedhet.updates import ShapeMismatch, TensorMeta
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import tensor_pb2 as tpb
-from fedhet.v1.wire import TensorMeta, chunks, encode
+from fedhet.v1.wire import chunks, encode
 
 SAMPLES = 50
 Mutation = Callable[[ScriptedClient, ReceivedTask, dict[str, torch.Tensor]], list[spb.ResultMessage]]

@@ -8,7 +8,7 @@
 - :mod:`~fedhet.flower.records`: fedhet's tensor encodings (fp32/fp16/bf16, packed int-b, sparse) as Flower
   records, without loss;
 - :mod:`~fedhet.flower.numpy_client`: a classic Flower ``NumPyClient`` joins a fedhet server as ``fedhet client``
-  does;
+  does (a client over fedhet's gRPC wire: imported on its own, so the rest of this package loads no wire code);
 - :mod:`~fedhet.flower.local`: an in-process Grid for tests.
 
 See ``docs/coming_from_flower.md``.
@@ -16,7 +16,6 @@ See ``docs/coming_from_flower.md``.
 
 from fedhet.flower.clientapp import ClientAppSettings, FedhetClient, make_client_app
 from fedhet.flower.local import LocalGrid
-from fedhet.flower.numpy_client import NumPyClientTrainer, join
 from fedhet.flower.records import RecordError, from_array_record, to_array_record
 from fedhet.flower.serverapp import (
     DriverSettings,
@@ -33,12 +32,10 @@ __all__ = [
     "FedhetClient",
     "GridDriver",
     "LocalGrid",
-    "NumPyClientTrainer",
     "RecordError",
     "RunSummary",
     "ServerAppSettings",
     "from_array_record",
-    "join",
     "make_client_app",
     "make_server_app",
     "run_on_grid",

@@ -49,10 +49,9 @@ from fedhet.runtime import (
     assemble,
     metrics_record,
 )
-from fedhet.server.validation import check_update
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.types import ClientInfo, Task, Weights
-from fedhet.v1.wire import PayloadError, meta_of
+from fedhet.updates import UpdateError, check_update, meta_of
 
 __all__ = [
     "Aggregation",
@@ -459,7 +458,7 @@ def _check_update(weights: Weights, task: Task) -> None:
         raise RecordError(f"update tensors differ from the task's: missing {missing}, unexpected {extra}")
     try:  # names, shapes, dtypes and finite values: the gRPC server's check, against the tensors sent back
         check_update(weights, meta_of({name: reference[name] for name in weights}))
-    except PayloadError as error:
+    except UpdateError as error:
         raise RecordError(str(error)) from None
 
 

@@ -35,7 +35,7 @@ from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.validation import check_norm
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
-from fedhet.v1.wire import TensorMeta, meta_of
+from fedhet.updates import TensorMeta, meta_of
 
 __all__ = [
     "Coordinator",

@@ -26,14 +26,14 @@ from fedhet.server.validation import (
     ResultFields,
     SampleCountError,
     check_result_fields,
-    check_update,
     check_update_manifest,
 )
 from fedhet.types import ClientInfo, ClientProfile, Result, Weights
+from fedhet.updates import UpdateError, check_update
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import service_pb2_grpc
 from fedhet.v1 import tensor_pb2 as tpb
-from fedhet.v1.wire import ChunkError, PayloadAssembler, PayloadError, PayloadTooLarge, chunks, decode, encode
+from fedhet.v1.wire import ChunkError, PayloadAssembler, PayloadTooLarge, chunks, decode, encode
 
 __all__ = ["SERVICE_NAME", "FederatedLearningServicer"]
 
@@ -247,7 +247,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             except PayloadTooLarge as error:
                 coord.reject()
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{type(error).__name__}: {error}")
-            except PayloadError as error:
+            except UpdateError as error:
                 coord.reject()
                 log.warning("client %d, task %d: rejected: %s", client_id, header.task_id, error)
                 await _drain(stream, self.max_upload_bytes)

@@ -1,8 +1,9 @@
 """Update validation: the aggregator never trusts a client.
 
 Every check runs before any arithmetic on the global model. The manifest checks run before the payload is even
-read, so a wrong-shaped update costs the server one header. Every failure is a :class:`~fedhet.v1.wire.PayloadError`
-subclass (gRPC ``INVALID_ARGUMENT``; :class:`~fedhet.v1.wire.PayloadTooLarge` is ``RESOURCE_EXHAUSTED``).
+read, so a wrong-shaped update costs the server one header. Every failure is an :class:`~fedhet.updates.UpdateError`
+(gRPC ``INVALID_ARGUMENT``; :class:`~fedhet.v1.wire.PayloadTooLarge` is ``RESOURCE_EXHAUSTED``); the checks of the
+decoded tensors that every runtime shares live in :mod:`fedhet.updates`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import torch
 
 from fedhet.quant import FULL_PRECISION
 from fedhet.types import Weights
+from fedhet.updates import DtypeMismatch, ExtraTensor, MissingTensor, ShapeMismatch, TensorMeta
 from fedhet.v1 import tensor_pb2 as pb
 from fedhet.v1.wire import (
     DENSE_ENCODINGS,
     DTYPE_CODES,
     PayloadError,
-    TensorMeta,
-    check_finite,
     check_manifest,
     dtype_name,
     encoding_name,
@@ -29,38 +29,17 @@ from fedhet.v1.wire import (
 
 __all__ = [
     "BitwidthMismatch",
-    "DtypeMismatch",
-    "ExtraTensor",
-    "MissingTensor",
     "NormBoundExceeded",
     "NormCheck",
     "SampleCountError",
-    "ShapeMismatch",
     "check_norm",
     "check_result_fields",
-    "check_update",
     "check_update_manifest",
 ]
 
 
-class ShapeMismatch(PayloadError):
-    """A tensor's shape differs from the task's, broadcastable or not."""
-
-
-class DtypeMismatch(PayloadError):
-    """A tensor's dtype differs from the task's, or its encoding does not fit its dtype."""
-
-
 class BitwidthMismatch(PayloadError):
     """A packed update's bits differ from the bitwidth its client registered."""
-
-
-class MissingTensor(PayloadError):
-    """The update lacks a tensor the task had."""
-
-
-class ExtraTensor(PayloadError):
-    """The update has a tensor the task did not."""
 
 
 class SampleCountError(PayloadError):
@@ -131,19 +110,6 @@ def check_result_fields(fields: ResultFields, registered_samples: int) -> None:
     accuracy = fields.personal_accuracy
     if accuracy is not None and not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
         raise SampleCountError(f"personal_accuracy must be in [0, 1], got {accuracy}")
-
-
-def check_update(weights: Weights, expected: Mapping[str, TensorMeta]) -> None:
-    """Decoded tensors match the task exactly (names, shapes, dtypes) and hold no NaN or Inf."""
-    if set(weights) != set(expected):
-        raise MissingTensor(f"update tensors {sorted(weights)} differ from the task's {sorted(expected)}")
-    for name, tensor in weights.items():
-        meta = expected[name]
-        if tuple(tensor.shape) != meta.shape:
-            raise ShapeMismatch(f"tensor {name!r}: shape {tuple(tensor.shape)} sent for {meta.shape}")
-        if tensor.dtype != meta.dtype:
-            raise DtypeMismatch(f"tensor {name!r}: dtype {tensor.dtype} sent for {meta.dtype}")
-    check_finite(weights)
 
 
 @dataclass(frozen=True)

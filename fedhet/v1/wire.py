@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -32,6 +31,7 @@ from fedhet.codec import (
     tensor_format,
 )
 from fedhet.types import Weights
+from fedhet.updates import UpdateError
 from fedhet.v1 import tensor_pb2 as pb
 
 __all__ = [
@@ -39,23 +39,19 @@ __all__ = [
     "DTYPE_CODES",
     "ChunkError",
     "ManifestError",
-    "NonFiniteError",
     "PayloadAssembler",
     "PayloadError",
     "PayloadTooLarge",
-    "TensorMeta",
-    "check_finite",
     "check_manifest",
     "chunks",
     "decode",
     "dtype_name",
     "encode",
     "encoding_name",
-    "meta_of",
 ]
 
 
-class PayloadError(ValueError):
+class PayloadError(UpdateError):
     """A payload or its manifest is unusable; the message says what is wrong (gRPC ``INVALID_ARGUMENT``)."""
 
 
@@ -71,10 +67,6 @@ class ChunkError(PayloadError):
 
 class PayloadTooLarge(PayloadError):
     """A payload declares, or a stream delivers, more bytes than allowed (gRPC ``RESOURCE_EXHAUSTED``)."""
-
-
-class NonFiniteError(PayloadError):
-    """A floating-point tensor holds NaN or Inf."""
 
 
 #: proto dtype code of every dtype a tensor may have (:data:`fedhet.codec.DTYPES`: the proto names them alike)
@@ -107,20 +99,6 @@ def dtype_name(code: int) -> str:
         return pb.DType.Name(code)
     except ValueError:
         return str(code)
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """What a receiver expects of one tensor: its name, shape and (decoded) dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-def meta_of(weights: Weights) -> dict[str, TensorMeta]:
-    """Name -> :class:`TensorMeta` of every tensor in ``weights``."""
-    return {k: TensorMeta(k, tuple(v.shape), v.dtype) for k, v in weights.items()}
 
 
 def _group_size(shape: tuple[int, ...]) -> int:
@@ -288,13 +266,6 @@ def decode(manifest: pb.Manifest, payload: bytes | bytearray) -> dict[str, torch
             raise ManifestError(str(error)) from None
         offset += fmt.nbytes
     return out
-
-
-def check_finite(weights: Weights) -> None:
-    """Raise :class:`NonFiniteError` naming the first floating-point tensor with a NaN or Inf."""
-    for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf")
 
 
 class PayloadAssembler:
