@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 from fedhet import codec, quant
 from fedhet.clients.probe import measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientState, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.clients.trainer import ClientState, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.config import DatasetConfig
 from fedhet.data import client_splits, load_configured
 from fedhet.flower.records import (
@@ -50,7 +50,7 @@ from fedhet.flower.records import (
     to_array_record,
 )
 from fedhet.models import build_model, evaluate
-from fedhet.types import ClientProfile, Result, Task
+from fedhet.types import ClientProfile, Task
 
 __all__ = ["ClientAppSettings", "FedhetClient", "load_state", "make_client_app", "node_partition", "save_state"]
 
@@ -177,29 +177,24 @@ class FedhetClient:
         self._load()
         return build_model(self.settings.model, self._data.input_shape, self._data.num_classes, self.settings.seed)
 
-    def trainer(self) -> LocalTrainer:
-        """This thread's fp32 trainer."""
-        trainer: LocalTrainer | None = getattr(self._local, "trainer", None)
+    def trainer(self) -> ClientTrainer:
+        """This thread's trainer: fp32 (DP-SGD under privacy), and quantization-aware when a partition is below 32
+        bits (the one :class:`~fedhet.clients.trainer.ClientTrainer` every client trains with)."""
+        trainer: ClientTrainer | None = getattr(self._local, "trainer", None)
         if trainer is None:
-            trainer = self._local.trainer = LocalTrainer(
-                self._model(), self.settings.train, privacy=self.settings.privacy
-            )
+            local = LocalTrainer(self._model(), self.settings.train, privacy=self.settings.privacy)
+            low = any(b != quant.FULL_PRECISION for b in self.settings.bitwidths)
+            quantized = QuantizedTrainer(self._model(), self.settings.train) if low else None
+            trainer = self._local.trainer = ClientTrainer(local, quantized)
         return trainer
 
     def probe_trainer(self) -> LocalTrainer:
         """This thread's plain-SGD trainer for measuring speed (the fp32 one when it is not DP)."""
         if self.settings.privacy is None:
-            return self.trainer()
+            return self.trainer().local
         trainer: LocalTrainer | None = getattr(self._local, "probe", None)
         if trainer is None:
             trainer = self._local.probe = LocalTrainer(self._model(), self.settings.train)
-        return trainer
-
-    def quantized_trainer(self) -> QuantizedTrainer:
-        """This thread's quantization-aware trainer."""
-        trainer: QuantizedTrainer | None = getattr(self._local, "quantized", None)
-        if trainer is None:
-            trainer = self._local.quantized = QuantizedTrainer(self._model(), self.settings.train)
         return trainer
 
     def bitwidth(self, partition: int) -> int:
@@ -259,12 +254,8 @@ class FedhetClient:
         with self._partition_lock(partition):  # one task of a partition at a time: it updates the state
             state = self.state(partition, task, context)
             start = time.perf_counter()
-            if bits == quant.FULL_PRECISION:
-                result = self.trainer().train(seeded, x, y, seed, state)
-                encoding = self.settings.encoding
-            else:
-                result = self.quantized_trainer().train(seeded, x, y, seed, bits, state)
-                encoding = codec.encoding_for_bitwidth(bits)
+            result = self.trainer().train(seeded, x, y, seed, bits, state)
+            encoding = codec.encoding_for_bitwidth(bits, self.settings.encoding)
             seconds = time.perf_counter() - start
             if context is not None:
                 save_state(context, partition, state)
@@ -273,16 +264,7 @@ class FedhetClient:
             target_seconds = target * self.settings.seconds_per_sample[partition]
             time.sleep(max(0.0, target_seconds - seconds))
             seconds = max(seconds, target_seconds)
-        result = Result(
-            task.task_id,
-            partition,
-            task.version,
-            result.weights,
-            result.num_samples,
-            result.local_steps,
-            seconds,
-            result.loss,
-        )
+        result = replace(result, task_id=task.task_id, client_id=partition, version=task.version, train_seconds=seconds)
         if not spec.fedhet_task:
             encoding = "fp32"  # Flower's strategies aggregate numpy arrays
         epsilon = self.epsilon(partition) if self.settings.privacy is not None else None
@@ -293,7 +275,7 @@ class FedhetClient:
         carry (FedP3's head) are the partition's own (personalised accuracy)."""
         spec = parse_task(content, partition, self.settings.local_epochs)
         x, y = self.samples(partition, held_out=True)
-        model = self.trainer().model
+        model = self.trainer().local.model
         self._load()
         held = self.states.get(partition)
         if held is None and context is not None:

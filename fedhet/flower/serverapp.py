@@ -40,13 +40,14 @@ from fedhet.flower.records import (
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import (
     EvalCadence,
-    Evaluation,
+    Evaluate,
     Outcome,
     RunDriver,
     RunPoint,
     RunSpec,
     StopRules,
     assemble,
+    describe,
     metrics_record,
 )
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
@@ -65,8 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedhet.flower")
-
-Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 
 
 @dataclass(frozen=True)
@@ -430,15 +429,10 @@ class GridDriver:
         assert self.evaluate is not None
         evaluation = self.evaluate(weights, bitwidths)
         self.summary.accuracy = evaluation.accuracy
-        log.info(
-            "version %d at %.1f s: accuracy %.4f, loss %.4f",
-            point.version,
-            point.time,
-            evaluation.accuracy,
-            evaluation.loss,
-        )
+        record = metrics_record(point, evaluation)
+        log.info("%s", describe(record))
         if self.metrics is not None:
-            self.metrics.write(metrics_record(point, evaluation))
+            self.metrics.write(record)
 
 
 def _check_update(weights: Weights, task: Task) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from fedhet.runtime.assembly import RunParts, RunSpec, assemble, check_spec, run_spec
 from fedhet.runtime.driver import EvalCadence, Outcome, RunDriver, StopRules
-from fedhet.runtime.evaluation import Evaluation, Evaluator, PersonalReports, RunPoint, metrics_record
+from fedhet.runtime.evaluation import (
+    Evaluate,
+    Evaluation,
+    Evaluator,
+    PersonalReports,
+    RunPoint,
+    describe,
+    metrics_record,
+)
 
 __all__ = [
     "EvalCadence",
+    "Evaluate",
     "Evaluation",
     "Evaluator",
     "Outcome",
@@ -19,6 +28,7 @@ __all__ = [
     "StopRules",
     "assemble",
     "check_spec",
+    "describe",
     "metrics_record",
     "run_spec",
 ]

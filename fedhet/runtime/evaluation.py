@@ -9,7 +9,7 @@ the :class:`~fedhet.metrics.MetricsRecord` a runtime writes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from fedhet.metrics import MetricsRecord
 from fedhet.models import evaluate
 from fedhet.types import Weights
 
-__all__ = ["Evaluation", "Evaluator", "PersonalReports", "RunPoint", "metrics_record"]
+__all__ = ["Evaluate", "Evaluation", "Evaluator", "PersonalReports", "RunPoint", "describe", "metrics_record"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class Evaluation:
     accuracy: float
     loss: float
     accuracy_by_bitwidth: dict[str, float] | None = None
+
+
+#: what a runtime calls to evaluate a global model: ``(weights, the fleet's bitwidths) -> Evaluation``
+Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,17 @@ def metrics_record(point: RunPoint, evaluation: Evaluation, extras: Mapping[str,
         accuracy_by_bitwidth=evaluation.accuracy_by_bitwidth,
         **(extras or {}),
     )
+
+
+def describe(record: MetricsRecord) -> str:
+    """One log line for an evaluation."""
+    line = f"version {record.version} at {record.virtual_time:.1f} s: accuracy {record.accuracy:.4f}"
+    line += f", loss {record.loss:.4f}"
+    if record.accuracy_by_bitwidth:
+        line += ", by bitwidth " + ", ".join(f"{b}: {a:.4f}" for b, a in record.accuracy_by_bitwidth.items())
+    if record.personal_accuracy is not None:
+        line += f", personal {record.personal_accuracy:.4f}"
+    return line
 
 
 class PersonalReports:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,12 +22,13 @@ import torch
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import (
     EvalCadence,
-    Evaluation,
+    Evaluate,
     Outcome,
     PersonalReports,
     RunDriver,
     RunPoint,
     StopRules,
+    describe,
     metrics_record,
 )
 from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
@@ -476,14 +475,9 @@ class Coordinator:
                     if privacy is not None:
                         delta = self.settings.dp_delta
                         extras["epsilon"] = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, delta)
-                    self.metrics.write(metrics_record(point, evaluation, extras))
-                    log.info(
-                        "version %d at %.1f s: accuracy %.4f, loss %.4f",
-                        point.version,
-                        point.time,
-                        evaluation.accuracy,
-                        evaluation.loss,
-                    )
+                    record = metrics_record(point, evaluation, extras)
+                    self.metrics.write(record)
+                    log.info("%s", describe(record))
             except (RuntimeError, ValueError, OSError) as error:  # a metrics failure must not stop the run
                 log.error("evaluating version %d failed: %s", point.version, error)
             finally:

@@ -20,7 +20,7 @@ from fedhet.config import RunConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.quant import FULL_PRECISION
-from fedhet.runtime import assemble, check_spec, run_spec
+from fedhet.runtime import assemble, check_spec, describe, run_spec
 from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.personal import PersonalEvaluator
@@ -227,13 +227,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     def progress(record: MetricsRecord) -> None:
         bar.update(record.version - bar.n)
         bar.set_postfix(v=record.version, t=f"{record.virtual_time:.0f}s", acc=f"{record.accuracy:.4f}")
-        log.debug(
-            "version %d at %.1f s: accuracy %.4f, loss %.4f",
-            record.version,
-            record.virtual_time,
-            record.accuracy,
-            record.loss,
-        )
+        log.debug("%s", describe(record))
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.runtime import EvalCadence, Evaluation, RunDriver, RunPoint, StopRules, metrics_record
+from fedhet.runtime import EvalCadence, Evaluate, RunDriver, RunPoint, StopRules, metrics_record
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
@@ -30,7 +30,6 @@ __all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 ExtraMetrics = Callable[[Weights], Mapping[str, Any]]
 Progress = Callable[[MetricsRecord], None]
 
