@@ -15,10 +15,11 @@ from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import read_metrics
 from fedhet.models import build_model
-from fedhet.sim import vectorized
+from fedhet.sim import layers
 from fedhet.sim.executor import SequentialExecutor
+from fedhet.sim.layers import LowRank, compile_model
 from fedhet.sim.runner import simulate, validate
-from fedhet.sim.vectorized import VectorizedExecutor, compile_model
+from fedhet.sim.vectorized import VectorizedExecutor
 from fedhet.types import Result, Task, Weights
 
 SHAPE = (1, 12, 12)
@@ -146,12 +147,12 @@ def test_batch_size_follows_the_memory_budget_not_the_client_count() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_rank_weights_become_dense_in_blocks(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """``base - lr * u^T v`` per client, blocks of clients with a short last block (bf16: up to its rounding)."""
-    monkeypatch.setattr(vectorized, "_DENSE_BLOCK_BYTES", 3 * 20 * 30 * 2)  # 3 clients a block in bf16
+    monkeypatch.setattr(layers, "_DENSE_BLOCK_BYTES", 3 * 20 * 30 * 2)  # 3 clients a block in bf16
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(20, 30, generator=generator)
     u, v = torch.randn(11, 5, 20, generator=generator), torch.randn(11, 5, 30, generator=generator)
     expected = base - 0.1 * torch.bmm(u.transpose(1, 2), v)
-    low_rank = vectorized._LowRank(base, u.to(dtype), v.to(dtype), 0.1, base.to(dtype))
+    low_rank = LowRank(base, u.to(dtype), v.to(dtype), 0.1, base.to(dtype))
     actual = low_rank.dense()
     assert actual.dtype == torch.float32 and actual.shape == (11, 20, 30)
     tolerance = 1e-5 if dtype == torch.float32 else 0.05

@@ -5,7 +5,7 @@ Tasks whose weights fit the trainer's model train together, up to ``batch_size``
 * while every client of the chunk still holds the same start weights (the first step of a synchronous round) a
   layer runs as one ordinary operation over all the clients' samples, and only weight gradients are per client;
 * linear layers run as batched matrix products over clients; under plain SGD a linear weight stays the shared
-  start ``W0`` minus a low-rank per-client change (:class:`_LowRank`) until the end of the chunk;
+  start ``W0`` minus a low-rank per-client change (:class:`LowRank`) until the end of the chunk;
 * convolutions run as one oneDNN call per client on CPU (a batch-32 channels-last bf16 convolution is as fast per
   sample there as a batch of 512, while a vmapped convolution becomes a slow grouped one), and as unfold + ``bmm``
   on CUDA, where kernel launches count; other parameters are stacked per client, ``(clients, *shape)``, in fp32;
@@ -35,16 +35,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedhet.clients.trainer import ClientStates, LocalTrainer, task_seed
 from fedhet.sim.executor import SequentialExecutor
+from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
 from fedhet.types import Result, StackedRow, Task
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ _MAX_CHUNK = 2048  # clients per chunk at most, whatever the memory budget allow
 # writes its results to more fresh memory (page faults) and out of cache, while the results of a finished chunk
 # are freed and reused (2NN at N = 1,000 on 2 cores: 0.63 s a round at 125 clients a chunk, 0.83 s at 935).
 _MAX_CPU_CHUNK = 128
-_DENSE_BLOCK_BYTES = 2 << 20  # reduced-precision low-rank products made dense at a time (cache-sized)
 
 
 def reuse_freed_memory() -> bool:
@@ -80,442 +79,6 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(ok)
-
-
-@dataclass(frozen=True)
-class _Outer:
-    """A linear layer's weight gradient per client, kept as its factors: ``sum_b dy[c, b] x[c, b]^T``."""
-
-    dy: torch.Tensor  # (clients, batch, out)
-    x: torch.Tensor  # (clients, batch, in)
-
-    def dense(self) -> torch.Tensor:
-        """``(clients, out, in)``."""
-        return torch.bmm(self.dy.transpose(1, 2), self.x)
-
-
-@dataclass
-class _LowRank:
-    """Linear weights of clients that all started from ``base`` and took plain SGD steps since:
-    ``base - lr * u[c]^T v[c]``, whose rank is at most the samples seen. The first layer of the FedAvg CNN holds
-    1.6 M weights against 32 x 3,136 inputs a step, so a client of 60 samples is 7 times smaller this way, and the
-    forward and backward passes use the shared ``base`` with one large matrix product."""
-
-    base: torch.Tensor  # (out, in), fp32
-    u: torch.Tensor  # (clients, rank, out), compute dtype
-    v: torch.Tensor  # (clients, rank, in)
-    lr: float
-    compute_base: torch.Tensor  # ``base`` in the compute dtype
-
-    @property
-    def rank(self) -> int:
-        return self.u.shape[1]
-
-    def prefix(self, clients: int) -> _LowRank:
-        return _LowRank(self.base, self.u[:clients], self.v[:clients], self.lr, self.compute_base)
-
-    def extend(self, grad: _Outer) -> None:
-        """Take one SGD step: append the gradient's factors (zero for clients no longer training)."""
-        active, batch = grad.dy.shape[:2]
-        clients = self.u.shape[0]
-        if active == clients:
-            u, v = grad.dy, grad.x
-        else:
-            u = self.u.new_zeros(clients, batch, self.u.shape[2])
-            v = self.v.new_zeros(clients, batch, self.v.shape[2])
-            u[:active], v[:active] = grad.dy, grad.x
-        if self.rank:
-            u, v = torch.cat([self.u, u], 1), torch.cat([self.v, v], 1)
-        self.u, self.v = u.contiguous(), v.contiguous()
-
-    def dense(self) -> torch.Tensor:
-        """The fp32 weights ``(clients, out, in)``."""
-        clients = self.u.shape[0]
-        if self.u.dtype == torch.float32:
-            base = self.base.expand(clients, *self.base.shape)
-            return torch.baddbmm(base, self.u.transpose(1, 2), self.v, alpha=-self.lr)
-        # on a CPU a few clients at a time, so that the reduced-precision products stay in cache until they are
-        # added to the fp32 base (one pass over the result instead of three); on a GPU all at once (launches count)
-        out = self.base.new_empty((clients, *self.base.shape))
-        block = (
-            clients if self.base.is_cuda else max(1, _DENSE_BLOCK_BYTES // (self.base.numel() * self.u.element_size()))
-        )
-        update = self.u.new_empty((min(block, clients), *self.base.shape))
-        for start in range(0, clients, block):
-            end = min(clients, start + block)
-            products = torch.bmm(self.u[start:end].transpose(1, 2), self.v[start:end], out=update[: end - start])
-            torch.add(self.base, products, alpha=-self.lr, out=out[start:end])
-        return out
-
-
-Param = torch.Tensor | _LowRank
-Grad = torch.Tensor | _Outer
-
-
-class _Layer(Protocol):
-    """One layer of a client-batched network. Activations are ``(clients * batch, ...)``. A parameter is shared
-    by every client (a tensor of its own shape), stacked per client (``(clients, *shape)``) or, for a linear
-    layer's weight, a :class:`_LowRank`; the layer tells them apart by their shape."""
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """State-dict keys of its parameters, in order."""
-        ...
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        """The fp32 master parameters as the forward and backward passes take them (dtype, memory layout)."""
-        ...
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        """(input gradient or None, per-client parameter gradients ``(clients, *shape)``)."""
-        ...
-
-
-def _tensor(param: Param) -> torch.Tensor:
-    if not isinstance(param, torch.Tensor):
-        raise TypeError(f"expected a tensor parameter, got {type(param).__name__}")
-    return param
-
-
-def _concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat`` along the batch, channels-last (torch.cat of channels-last tensors is slow on CPU)."""
-    first = parts[0]
-    out = torch.empty(
-        (sum(p.shape[0] for p in parts), *first.shape[1:]),
-        dtype=first.dtype,
-        device=first.device,
-        memory_format=torch.channels_last,
-    )
-    start = 0
-    for part in parts:
-        out[start : start + part.shape[0]].copy_(part)
-        start += part.shape[0]
-    return out
-
-
-@dataclass(frozen=True)
-class _Linear:
-    keys: tuple[str, ...]
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        return [p if isinstance(p, _LowRank) else p.to(dtype) for p in params]
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        w, b = params[0], _tensor(params[1]) if len(params) > 1 else None
-        shared_b = b if b is not None and b.dim() == 1 else None
-        if isinstance(w, _LowRank):
-            y = F.linear(x, w.compute_base, shared_b)
-            if w.rank:
-                xv = torch.bmm(x.view(clients, -1, x.shape[-1]), w.v.transpose(1, 2))
-                y.view(clients, -1, y.shape[-1]).baddbmm_(xv, w.u, alpha=-w.lr)
-        elif w.dim() == 2:
-            y = F.linear(x, w, shared_b)
-        else:
-            y = torch.bmm(x.view(clients, -1, x.shape[-1]), w.transpose(1, 2)).view(x.shape[0], -1)
-        if b is not None and shared_b is None:
-            y.view(clients, -1, y.shape[-1]).add_(b.unsqueeze(1))
-        return y, (x,)
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        (x,) = saved
-        w = params[0]
-        dyb = dy.view(clients, -1, dy.shape[-1])
-        grads: list[Grad] = [_Outer(dyb, x.view(clients, -1, x.shape[-1]))]
-        if len(params) > 1:
-            grads.append(dyb.sum(1, dtype=torch.float32))
-        if not need_dx:
-            return None, grads
-        if isinstance(w, _LowRank):
-            dx = dy @ w.compute_base
-            if w.rank:
-                dx.view(clients, -1, dx.shape[-1]).baddbmm_(torch.bmm(dyb, w.u.transpose(1, 2)), w.v, alpha=-w.lr)
-        elif w.dim() == 2:
-            dx = dy @ w
-        else:
-            dx = torch.bmm(dyb, w).view(dy.shape[0], -1)
-        return dx, grads
-
-
-@dataclass(frozen=True)
-class _Conv2d:
-    keys: tuple[str, ...]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    unfold: bool  # per-client convolutions as unfold + bmm (CUDA) instead of one call per client (CPU)
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        """The weight channels-last like the activations (oneDNN takes a slow path on mixed formats)."""
-        w = _tensor(params[0])
-        if self.unfold:
-            weight = w.to(dtype)
-        elif w.dim() == 4:
-            weight = w.to(dtype, memory_format=torch.channels_last)
-        else:  # stacked: (clients, cout, kh, kw, cin) in memory, so that every client's slice is channels-last
-            weight = w.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format).permute(0, 1, 4, 2, 3)
-        return [weight, *(_tensor(p).to(dtype) for p in params[1:])]
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        w, b = _tensor(params[0]), _tensor(params[1]) if len(params) > 1 else None
-        if w.dim() == 4:
-            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
-        elif self.unfold:
-            y = self._unfold_forward(x, w, b, clients)
-        else:
-            bs = [None] * clients if b is None else b.unbind()
-            parts = [
-                F.conv2d(xc, wc, bc, self.stride, self.padding, self.dilation)
-                for xc, wc, bc in zip(x.chunk(clients), w, bs, strict=True)
-            ]
-            y = _concat(parts)
-        return y, (x,)
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        (x,) = saved
-        w = _tensor(params[0])
-        shared = w.dim() == 4
-        bias = len(params) > 1
-        if self.unfold:
-            return self._unfold_backward(dy, x, w, clients, shared, need_dx, bias)
-        dx = None
-        if shared and need_dx:
-            dx = self._conv_backward(dy, x, w, (True, False, False))[0]
-        parts = [
-            self._conv_backward(dyc, xc, w if shared else wc, (need_dx and not shared, True, bias))
-            for dyc, xc, wc in zip(dy.chunk(clients), x.chunk(clients), w.expand(clients, *w.shape[-4:]), strict=True)
-        ]
-        if need_dx and not shared:
-            dx = _concat([p[0] for p in parts])
-        grads: list[Grad] = [torch.stack([p[1] for p in parts])]
-        if bias:
-            grads.append(torch.stack([p[2] for p in parts]).float())
-        return dx, grads
-
-    def _conv_backward(
-        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: tuple[bool, bool, bool]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.aten.convolution_backward(
-            dy,
-            x,
-            w,
-            [w.shape[0]] if mask[2] else None,
-            list(self.stride),
-            list(self.padding),
-            list(self.dilation),
-            False,
-            [0, 0],
-            1,
-            list(mask),
-        )
-        return out
-
-    def _cols(self, x: torch.Tensor, w: torch.Tensor, clients: int) -> tuple[torch.Tensor, int, int]:
-        """Per-client unfolded input ``(clients, cin*kh*kw, batch*L)`` and the output height and width: the patches
-        as a strided view of the padded input, laid out in one copy (CUDA's ``F.unfold`` launches a kernel per
-        sample)."""
-        (ph, pw), (dh, dw) = self.padding, self.dilation
-        kh, kw = w.shape[-2], w.shape[-1]
-        padded = F.pad(x, (pw, pw, ph, ph))
-        span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-        patches = padded.unfold(2, span_h, self.stride[0]).unfold(3, span_w, self.stride[1])[..., ::dh, ::dw]
-        n, cin, height, width = patches.shape[:4]  # (N, cin, H', W', kh, kw)
-        cols = patches.view(clients, n // clients, cin, height, width, kh, kw).permute(0, 2, 5, 6, 1, 3, 4)
-        return cols.reshape(clients, cin * kh * kw, -1), height, width
-
-    def _unfold_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, clients: int) -> torch.Tensor:
-        cols, height, width = self._cols(x, w, clients)
-        w2 = w.reshape(clients, w.shape[1], -1)
-        y = torch.bmm(w2, cols) if b is None else torch.baddbmm(b.unsqueeze(2), w2, cols)
-        y = y.view(clients, w.shape[1], -1, height, width).transpose(1, 2)
-        return y.reshape(x.shape[0], w.shape[1], height, width)
-
-    def _unfold_backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        w: torch.Tensor,
-        clients: int,
-        shared: bool,
-        need_dx: bool,
-        bias: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        cols, _, _ = self._cols(x, w, clients)
-        cout = w.shape[-4]
-        dy2 = dy.reshape(clients, -1, cout, dy.shape[2] * dy.shape[3]).transpose(1, 2).reshape(clients, cout, -1)
-        grads: list[Grad] = [torch.bmm(dy2, cols.transpose(1, 2)).view(clients, *w.shape[-4:])]
-        if bias:
-            grads.append(dy2.sum(2, dtype=torch.float32))
-        dx = None
-        if need_dx and shared:
-            dx = self._conv_backward(dy, x, w, (True, False, False))[0]
-        elif need_dx:
-            dcols = torch.bmm(w.reshape(clients, cout, -1).transpose(1, 2), dy2)
-            n = x.shape[0]
-            dcols = dcols.view(clients, dcols.shape[1], n // clients, -1).transpose(1, 2).reshape(n, dcols.shape[1], -1)
-            dx = F.fold(dcols, x.shape[2:], w.shape[-2:], self.dilation, self.padding, self.stride)
-        return dx, grads
-
-
-@dataclass(frozen=True)
-class _ReLU:
-    keys: tuple[str, ...] = ()
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        return []
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        y = x.clamp_min_(0)  # in place: no layer keeps its own output for its backward
-        return y, (y,)
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        return (torch.ops.aten.threshold_backward(dy, saved[0], 0) if need_dx else None), []
-
-
-@dataclass(frozen=True)
-class _MaxPool2d:
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    ceil_mode: bool
-    keys: tuple[str, ...] = ()
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        return []
-
-    def _args(self) -> tuple[list[int], list[int], list[int], list[int], bool]:
-        return list(self.kernel), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        y, indices = torch.ops.aten.max_pool2d_with_indices(x, *self._args())
-        return y, (x, indices)
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        if not need_dx:
-            return None, []
-        x, indices = saved
-        dx: torch.Tensor = torch.ops.aten.max_pool2d_with_indices_backward(dy, x, *self._args(), indices)
-        return dx, []
-
-
-@dataclass(frozen=True)
-class _Flatten:
-    keys: tuple[str, ...] = ()
-
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        return []
-
-    def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return x.reshape(x.shape[0], -1), (torch.empty(x.shape, device="meta"),)  # keeps the shape only
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        params: Sequence[Param],
-        saved: tuple[torch.Tensor, ...],
-        clients: int,
-        need_dx: bool,
-    ) -> tuple[torch.Tensor | None, list[Grad]]:
-        if not need_dx:
-            return None, []
-        dx = dy.reshape(saved[0].shape)
-        return (dx.contiguous(memory_format=torch.channels_last) if dx.dim() == 4 else dx), []
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"expected an int or a pair, got {value!r}")
-    return pair[0], pair[1]
-
-
-def compile_model(model: nn.Module, input_rank: int, unfold: bool) -> tuple[list[_Layer], str]:
-    """The client-batched layers of ``model`` (inputs of rank ``input_rank`` with the batch dimension), or an
-    empty list and the reason it cannot be vectorized."""
-    if not isinstance(model, nn.Sequential):
-        return [], f"{type(model).__name__} is not an nn.Sequential"
-    if any(True for _ in model.buffers()):
-        return [], "the model has buffers (running statistics), which local training would update"
-    layers: list[_Layer] = []
-    rank = input_rank
-    for name, module in model.named_children():
-        keys = tuple(f"{name}.{p}" for p, _ in module.named_parameters())
-        if isinstance(module, nn.Conv2d) and rank == 4:
-            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-                return [], f"layer {name} ({module}) has groups, a padding mode or a padding string"
-            layer: _Layer = _Conv2d(keys, _pair(module.stride), _pair(module.padding), _pair(module.dilation), unfold)
-        elif isinstance(module, nn.Linear) and rank == 2:
-            layer = _Linear(keys)
-        elif isinstance(module, nn.ReLU):
-            layer = _ReLU()
-        elif isinstance(module, nn.MaxPool2d) and rank == 4 and not module.return_indices:
-            stride = module.stride if module.stride is not None else module.kernel_size
-            layer = _MaxPool2d(
-                _pair(module.kernel_size),
-                _pair(stride),
-                _pair(module.padding),
-                _pair(module.dilation),
-                module.ceil_mode,
-            )
-        elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-            layer, rank = _Flatten(), 2
-        else:
-            return [], f"layer {name} ({module}) is not supported on inputs of rank {rank}"
-        if isinstance(layer, _MaxPool2d) and layers and isinstance(layers[-1], _ReLU):
-            # max pooling commutes with ReLU; pooling first runs ReLU and its backward on a quarter of the values
-            layers.insert(len(layers) - 1, layer)
-        else:
-            layers.append(layer)
-    return layers, ""
 
 
 @dataclass
@@ -587,7 +150,7 @@ class VectorizedExecutor:
         self.signature = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         self._fits: Mapping[str, torch.Tensor] | None = None  # the latest task weights that fit the model
         self._generator = torch.Generator()  # reseeded per task (cheaper than a new one)
-        self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, _Linear)}
+        self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, BatchedLinear)}
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
         self.x = x.to(self.device, self.dtype)
@@ -709,7 +272,7 @@ class VectorizedExecutor:
                 saved[i] = ()
                 for key, g in zip(layer.keys, grads, strict=True):
                     master[key] = self._step(key, master[key], g, active, momentum)
-        weights = {k: v.dense() if isinstance(v, _LowRank) else v for k, v in master.items()}
+        weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
@@ -731,7 +294,7 @@ class VectorizedExecutor:
 
     def _start_weights(self, plans: list[_Plan]) -> dict[str, Param]:
         """The chunk's parameters before the first step: shared when every client starts from the same weights
-        (linear weights as a rank-0 :class:`_LowRank` under plain SGD), else stacked per client."""
+        (linear weights as a rank-0 :class:`LowRank` under plain SGD), else stacked per client."""
         first = plans[0].task.weights
         if not all(p.task.weights[k] is v for p in plans for k, v in first.items()):
             return {k: torch.stack([p.task.weights[k] for p in plans]).to(self.device, torch.float32) for k in first}
@@ -742,14 +305,14 @@ class VectorizedExecutor:
                 out, inp = base.shape
                 u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
                 v = base.new_empty((len(plans), 0, inp), dtype=self.dtype)
-                master[key] = _LowRank(base, u, v, self.config.lr, base.to(self.dtype))
+                master[key] = LowRank(base, u, v, self.config.lr, base.to(self.dtype))
             else:
                 master[key] = base
         return master
 
     def _view(self, key: str, param: Param, active: int) -> Param:
         """``param`` for the first ``active`` clients."""
-        if isinstance(param, _LowRank):
+        if isinstance(param, LowRank):
             return param.prefix(active)
         return param if param.dim() == len(self.signature[key][0]) else param[:active]
 
@@ -772,12 +335,12 @@ class VectorizedExecutor:
 
     def _step(self, key: str, param: Param, grad: Grad, active: int, momentum: dict[str, torch.Tensor]) -> Param:
         """One optimiser step of parameter ``key`` for the first ``active`` clients."""
-        if isinstance(param, _LowRank):
-            if isinstance(grad, _Outer) and param.rank + grad.dy.shape[1] <= min(param.base.shape) // 2:
+        if isinstance(param, LowRank):
+            if isinstance(grad, OuterGrad) and param.rank + grad.dy.shape[1] <= min(param.base.shape) // 2:
                 param.extend(grad)
                 return param
             param = param.dense()  # the factors would outgrow the weights
-        return self._sgd(key, param, grad.dense() if isinstance(grad, _Outer) else grad, active, momentum)
+        return self._sgd(key, param, grad.dense() if isinstance(grad, OuterGrad) else grad, active, momentum)
 
     def _sgd(
         self, key: str, param: torch.Tensor, grad: torch.Tensor, active: int, momentum: dict[str, torch.Tensor]
