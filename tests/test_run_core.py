@@ -14,7 +14,8 @@ import torch
 
 from fedhet.runtime import EvalCadence, RunDriver, StopRules
 from fedhet.server.persistence import StateStore
-from fedhet.server.runtime import Coordinator, RuntimeSettings
+from fedhet.server.runtime import Coordinator
+from fedhet.server.session import RuntimeSettings
 from fedhet.strategies import IdentityPlanner, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.fedavg import SyncScheduler

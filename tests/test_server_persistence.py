@@ -22,7 +22,8 @@ from fedhet.server.persistence import (
     unflatten_state,
     write_atomic,
 )
-from fedhet.server.runtime import Coordinator, DuplicateResult, RuntimeSettings
+from fedhet.server.runtime import Coordinator
+from fedhet.server.session import DuplicateResult, RuntimeSettings
 from fedhet.strategies import Strategy, build_strategy
 from fedhet.types import ClientInfo, ClientProfile, Result, Task
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,18 +36,17 @@ from fedhet.flower.records import (
     parse_result,
     task_content,
 )
-from fedhet.metrics import MetricsWriter
+from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.runtime import (
     EvalCadence,
     Evaluate,
     Outcome,
+    Recorder,
     RunDriver,
     RunPoint,
     RunSpec,
     StopRules,
     assemble,
-    describe,
-    metrics_record,
 )
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.types import ClientInfo, Task, Weights
@@ -197,8 +195,8 @@ class GridDriver:
         evaluate: Evaluate | None = None,
     ) -> None:
         self.grid = grid
-        self._recorder = _RecordingAggregator(strategy.aggregator)
-        strategy.aggregator = self._recorder
+        self._folding = _RecordingAggregator(strategy.aggregator)
+        strategy.aggregator = self._folding
         self.strategy = strategy
         self.initial_weights = initial_weights
         self.settings = settings
@@ -217,8 +215,7 @@ class GridDriver:
         self._version = 0
         self._applied = 0
         self._start = 0.0
-        self._evals: list[Future[None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedhet-eval")
+        self.recorder = Recorder(evaluate, metrics, self._noted) if evaluate is not None else None
 
     def now(self) -> float:
         """Run seconds on the real clock."""
@@ -256,11 +253,10 @@ class GridDriver:
                     time.sleep(self.settings.poll_interval)
             if self.driver.evaluation_pending():
                 self._queue_eval()
-            for job in self._evals:
-                job.result()
         finally:
-            self._pool.shutdown(wait=True)
-            self.strategy.aggregator = self._recorder.inner
+            if self.recorder is not None:
+                self.recorder.close()
+            self.strategy.aggregator = self._folding.inner
         self.summary.version = self.strategy.version
         self.summary.seconds = self.now()
         self.summary.clients = dict(self.strategy.clients)
@@ -380,8 +376,8 @@ class GridDriver:
         if outcome.new_version:
             applied = self.strategy.updates_applied - self._applied
             self._version, self._applied = version, self.strategy.updates_applied
-            clients = tuple(self._task_client.pop(t, -1) for t in self._recorder.folded)
-            self._recorder.folded.clear()
+            clients = tuple(self._task_client.pop(t, -1) for t in self._folding.folded)
+            self._folding.folded.clear()
             self.summary.aggregations.append(Aggregation(version, now, applied, clients))
         if outcome.evaluate:
             self._queue_eval()
@@ -410,9 +406,8 @@ class GridDriver:
     def _queue_eval(self) -> None:
         now = self.now()
         self.driver.mark_evaluated(now)
-        if self.evaluate is None:
+        if self.recorder is None:
             return
-        weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
         point = RunPoint(
             version=self.strategy.version,
             time=now,
@@ -423,16 +418,10 @@ class GridDriver:
             updates_dropped=self.strategy.updates_dropped,
         )
         bitwidths = sorted({c.profile.bitwidth for c in self.strategy.clients.values()})
-        self._evals.append(self._pool.submit(self._evaluate, weights, bitwidths, point))
+        self.recorder.submit(point, self.strategy.global_weights, bitwidths)
 
-    def _evaluate(self, weights: dict[str, torch.Tensor], bitwidths: list[int], point: RunPoint) -> None:
-        assert self.evaluate is not None
-        evaluation = self.evaluate(weights, bitwidths)
-        self.summary.accuracy = evaluation.accuracy
-        record = metrics_record(point, evaluation)
-        log.info("%s", describe(record))
-        if self.metrics is not None:
-            self.metrics.write(record)
+    def _noted(self, record: MetricsRecord) -> None:
+        self.summary.accuracy = record.accuracy
 
 
 def _check_update(weights: Weights, task: Task) -> None:

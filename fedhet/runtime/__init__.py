@@ -13,14 +13,17 @@ from fedhet.runtime.evaluation import (
     describe,
     metrics_record,
 )
+from fedhet.runtime.recorder import Extras, Recorder
 
 __all__ = [
     "EvalCadence",
     "Evaluate",
     "Evaluation",
     "Evaluator",
+    "Extras",
     "Outcome",
     "PersonalReports",
+    "Recorder",
     "RunDriver",
     "RunParts",
     "RunPoint",

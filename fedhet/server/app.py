@@ -23,8 +23,9 @@ from fedhet.runtime import assemble, check_spec, run_spec
 from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
 from fedhet.server.config import ServerRunConfig, compose_server
 from fedhet.server.persistence import CheckpointError, StateStore
-from fedhet.server.runtime import Coordinator, RunEnded, RuntimeSettings
+from fedhet.server.runtime import Coordinator
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
+from fedhet.server.session import RunEnded, RuntimeSettings
 from fedhet.v1 import service_pb2_grpc
 
 __all__ = ["USAGE", "ServerApp", "build_app", "hydra_message", "main", "serve"]

@@ -14,10 +14,8 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
-
-import torch
 
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import (
@@ -25,132 +23,33 @@ from fedhet.runtime import (
     Evaluate,
     Outcome,
     PersonalReports,
+    Recorder,
     RunDriver,
     RunPoint,
     StopRules,
-    describe,
-    metrics_record,
 )
 from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
 from fedhet.server.privacy import DPStep, PrivacyLedger
+from fedhet.server.session import (
+    ClientSession,
+    Counters,
+    DuplicateResult,
+    NotOutstanding,
+    RunEnded,
+    RuntimeSettings,
+    TaskRecord,
+    UnknownClient,
+    info_from_row,
+    info_row,
+    wait_event,
+)
 from fedhet.server.validation import check_norm
 from fedhet.strategies import Strategy, UnknownTaskError
-from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
-from fedhet.updates import TensorMeta, meta_of
+from fedhet.types import ClientInfo, Result, Task, Weights
 
-__all__ = [
-    "Coordinator",
-    "Counters",
-    "DuplicateResult",
-    "NotOutstanding",
-    "RunEnded",
-    "RuntimeSettings",
-    "UnknownClient",
-]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
-
-
-async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
-    """Wait until ``event`` is set or ``timeout`` seconds pass (None: no limit). Cancelling the caller cancels the
-    wait at once (``asyncio.wait_for`` can hold a cancellation back on some Python versions)."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-
-
-class UnknownClient(LookupError):
-    """The client has not registered (or the server forgot it): it must call Register."""
-
-
-class NotOutstanding(UnknownTaskError):
-    """The task is not outstanding for this client: unknown, lost, or another client's."""
-
-
-class DuplicateResult(Exception):
-    """The task's result was already accepted; nothing is applied twice."""
-
-
-@dataclass(frozen=True)
-class RunEnded:
-    """The run is over: the final version and why it stopped."""
-
-    version: int
-    reason: str
-
-
-@dataclass
-class RuntimeSettings:
-    """What the runtime needs of the server config (see :class:`fedhet.server.config.ServerSettings`)."""
-
-    max_versions: int = 20
-    max_seconds: float = 0.0
-    eval_every: int = 1
-    client_timeout: float = 30.0
-    norm_bound: float = 0.0
-    norm_action: str = "reject"
-    shutdown_grace: float = 10.0
-    max_concurrent_uploads: int = 32
-    dp_delta: float = 1e-5
-
-
-@dataclass
-class Counters:
-    """Results the server saw: ``received == accepted + rejected + duplicates + not_outstanding``.
-
-    ``accepted`` results went to the strategy (which may still drop a straggler's: ``updates_dropped``);
-    ``clipped`` of them had their norm clipped. Bytes are payload bytes.
-    """
-
-    received: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    not_outstanding: int = 0
-    clipped: int = 0
-    busy: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    gone: int = 0
-
-
-@dataclass
-class TaskRecord:
-    """A task the strategy handed out and no result has answered yet; ``meta`` describes what its result must
-    carry: the tensors the task trains (all it carries, or FedP3's assigned layers)."""
-
-    task: Task
-    meta: dict[str, TensorMeta]
-    delivered: bool = False
-
-    @classmethod
-    def of(cls, task: Task) -> TaskRecord:
-        return cls(task, meta_of({k: v for k, v in task.weights.items() if k in task.trained}))
-
-
-@dataclass
-class ClientSession:
-    """What the server knows of one connected client: its registration, liveness and mailbox (its kept tensors
-    are the client's own, on the device: :class:`fedhet.clients.trainer.ClientState`)."""
-
-    info: ClientInfo
-    last_seen: float
-    gone: bool = False
-    announced: bool = False  # the strategy holds this client as idle (asked for work, or answered its task)
-    told_over: bool = False
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _info_row(info: ClientInfo) -> list[Any]:
-    p = info.profile
-    return [info.client_id, info.num_samples, p.seconds_per_sample, p.bandwidth, p.bitwidth, p.memory_bytes]
-
-
-def _info_from_row(row: list[Any]) -> ClientInfo:
-    cid, n, sps, bw, bits, mem = row
-    return ClientInfo(int(cid), ClientProfile(float(sps), float(bw), int(bits), int(mem)), int(n))
 
 
 class Coordinator:
@@ -201,9 +100,7 @@ class Coordinator:
         self.driver = RunDriver(
             strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
         )
-        self._eval_queue: asyncio.Queue[
-            tuple[RunPoint, dict[str, torch.Tensor], list[int], dict[str, Any], dict[int, list[DPStep]] | None]
-        ] = asyncio.Queue()
+        self.recorder = Recorder(evaluate, metrics) if evaluate is not None else None
         self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._last_seq = -1
         strategy.start(initial_weights, 0.0)
@@ -261,7 +158,7 @@ class Coordinator:
             "now": self.now(),
             "wall_start": self._wall_start,
             "strategy": self.strategy.state_dict(),
-            "clients": [[*_info_row(c.info), c.announced] for c in self.clients.values()],
+            "clients": [[*info_row(c.info), c.announced] for c in self.clients.values()],
             "tasks": [
                 [
                     r.task.task_id,
@@ -292,7 +189,7 @@ class Coordinator:
             self.strategy.load_state_dict(state["strategy"])
             self.clients = {}
             for row in state["clients"]:
-                info = _info_from_row(row[:6])
+                info = info_from_row(row[:6])
                 self.clients[info.client_id] = ClientSession(info, 0.0, announced=bool(row[6]))
             self.records = {}
             for tid, cid, version, steps, epochs, weights, *names in state["tasks"]:
@@ -324,7 +221,7 @@ class Coordinator:
         kind = body["kind"]
         try:
             if kind == "register":
-                self._register(_info_from_row(body["client"]), now)
+                self._register(info_from_row(body["client"]), now)
             elif kind == "available":
                 self._available(int(body["client_id"]), now)
             elif kind == "tick":
@@ -355,7 +252,7 @@ class Coordinator:
             raise CheckpointError(f"log event {seq} ({kind}) does not replay onto the checkpoint: {error}") from None
 
     def _register(self, info: ClientInfo, now: float) -> None:
-        self._log({"kind": "register", "now": now, "client": _info_row(info)})
+        self._log({"kind": "register", "now": now, "client": info_row(info)})
         self.clients[info.client_id] = ClientSession(info, now)
 
     def _available(self, client_id: int, now: float) -> None:
@@ -450,7 +347,8 @@ class Coordinator:
 
     def _queue_eval(self, now: float) -> None:
         self.driver.mark_evaluated(now)
-        weights = {k: v.detach().clone() for k, v in self.strategy.global_weights.items()}
+        if self.recorder is None:
+            return
         point = RunPoint(
             version=self.version,
             time=now,
@@ -462,26 +360,16 @@ class Coordinator:
         )
         bitwidths = sorted({c.info.profile.bitwidth for c in self.clients.values()})
         personal = self.personal.mean()
-        extras: dict[str, Any] = {} if personal is None else {"personal_accuracy": personal}
         privacy = self.privacy.snapshot() if self.privacy else None
-        self._eval_queue.put_nowait((point, weights, bitwidths, extras, privacy))
+        delta = self.settings.dp_delta
 
-    async def _evaluator(self) -> None:
-        while True:
-            point, weights, bitwidths, extras, privacy = await self._eval_queue.get()
-            try:
-                if self.evaluate is not None and self.metrics is not None:
-                    evaluation = await asyncio.to_thread(self.evaluate, weights, bitwidths)
-                    if privacy is not None:
-                        delta = self.settings.dp_delta
-                        extras["epsilon"] = await asyncio.to_thread(PrivacyLedger.epsilons, privacy, delta)
-                    record = metrics_record(point, evaluation, extras)
-                    self.metrics.write(record)
-                    log.info("%s", describe(record))
-            except (RuntimeError, ValueError, OSError) as error:  # a metrics failure must not stop the run
-                log.error("evaluating version %d failed: %s", point.version, error)
-            finally:
-                self._eval_queue.task_done()
+        def extras() -> dict[str, Any]:  # in the recorder's thread: the epsilons take a while
+            out: dict[str, Any] = {} if personal is None else {"personal_accuracy": personal}
+            if privacy is not None:
+                out["epsilon"] = PrivacyLedger.epsilons(privacy, delta)
+            return out
+
+        self.recorder.submit(point, self.strategy.global_weights, bitwidths, extras)
 
     # ------------------------------------------------------------------ the API the servicer calls
     def touch(self, client_id: int) -> ClientSession:
@@ -653,17 +541,16 @@ class Coordinator:
     # ------------------------------------------------------------------ background work
     async def run(self) -> RunEnded:
         """Drive ticks, stopping and liveness until the run ends and clients were told (or the grace passed)."""
-        tasks = [asyncio.create_task(self._evaluator())]
-        if self.store is not None:
-            tasks.append(asyncio.create_task(self._checkpoint_writer()))
-        if self.evaluate is not None and self.driver.evaluated_version < 0:
+        tasks = [asyncio.create_task(self._checkpoint_writer())] if self.store is not None else []
+        if self.driver.evaluated_version < 0:
             self._queue_eval(self.now())
         reaper = asyncio.create_task(self._reaper())
         try:
             if self.ended is None:
                 await self._drive()
             await self._grace()
-            await self._eval_queue.join()
+            if self.recorder is not None:
+                await asyncio.to_thread(self.recorder.close)
             await self._ckpt_queue.join()
         finally:
             for t in (*tasks, reaper):

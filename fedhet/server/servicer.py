@@ -21,7 +21,8 @@ from grpc import aio
 from fedhet.codec import encoding_for_bitwidth
 from fedhet.server.auth import TokenStore
 from fedhet.server.privacy import DPStep, check_dp_report
-from fedhet.server.runtime import Coordinator, DuplicateResult, NotOutstanding, RunEnded, UnknownClient
+from fedhet.server.runtime import Coordinator
+from fedhet.server.session import DuplicateResult, NotOutstanding, RunEnded, UnknownClient
 from fedhet.server.validation import (
     ResultFields,
     SampleCountError,

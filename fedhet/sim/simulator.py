@@ -20,7 +20,7 @@ import numpy as np
 
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.runtime import EvalCadence, Evaluate, RunDriver, RunPoint, StopRules, metrics_record
+from fedhet.runtime import EvalCadence, Evaluate, Recorder, RunDriver, RunPoint, StopRules
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
@@ -103,6 +103,7 @@ class Simulator:
             self._encoding(client)
         self.executor = executor
         self.evaluate = evaluate
+        self.recorder = Recorder(evaluate, metrics, progress)
         self.driver = RunDriver(
             strategy,
             StopRules(config.max_versions, config.max_virtual_seconds),
@@ -222,8 +223,6 @@ class Simulator:
     def _record(self) -> MetricsRecord:
         self.driver.mark_evaluated(self.queue.now)
         weights = self.strategy.global_weights
-        evaluation = self.evaluate(weights, self._bitwidths)
-        extras = self.extra_metrics(weights) if self.extra_metrics is not None else {}
         point = RunPoint(
             version=self.strategy.version,
             time=self.queue.now,
@@ -233,8 +232,5 @@ class Simulator:
             updates_applied=self.strategy.updates_applied,
             updates_dropped=self.strategy.updates_dropped,
         )
-        record = metrics_record(point, evaluation, extras)
-        self.metrics.write(record)
-        if self.progress is not None:
-            self.progress(record)
-        return record
+        extra = self.extra_metrics
+        return self.recorder.record(point, weights, self._bitwidths, None if extra is None else lambda: extra(weights))
