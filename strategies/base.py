@@ -20,6 +20,7 @@ __all__ = [
     "Aggregator",
     "Assignment",
     "Decision",
+    "KeepsModels",
     "Plan",
     "Planner",
     "Scheduler",
@@ -92,6 +93,14 @@ class Aggregator(Protocol):
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class KeepsModels(Protocol):
+    """An aggregator whose global weights carry more models than the one evaluated (grouped averaging keeps one
+    per bitwidth group): after a resume it rebuilds that view from its loaded state."""
+
+    def global_view(self, weights: Weights) -> dict[str, torch.Tensor]: ...
 
 
 @runtime_checkable
@@ -256,3 +265,5 @@ class Strategy:
         }
         self.scheduler.load_state_dict(state["scheduler"])
         self.aggregator.load_state_dict(state["aggregator"])
+        if isinstance(self.aggregator, KeepsModels):  # the global weights carry its models again
+            self.global_weights = self.aggregator.global_view(self.global_weights)

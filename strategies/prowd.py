@@ -504,8 +504,12 @@ class GroupedMean:
                 k: v if v.is_floating_point() else _integer_mean([group], k, global_weights[k])
                 for k, v in group.mean.items()
             }
+        return self.global_view(global_weights)
+
+    def global_view(self, weights: Weights) -> dict[str, torch.Tensor]:
+        """The global weights: the highest group's model, carrying every group's (``weights`` before any group)."""
         if not self.models:
-            return dict(global_weights)
+            return dict(weights)
         return GroupedModels(self.models[max(self.models)], self.models)
 
     def state_dict(self) -> dict[str, Any]:

@@ -71,6 +71,28 @@ def test_result_bitwidth_is_the_registered_profiles_not_the_clients_claim() -> N
     assert torch.equal(grouped.models[32]["w"], torch.full((3, 2), 2.0))
 
 
+def test_grouped_models_survive_a_resume_and_each_group_still_receives_its_own() -> None:
+    def strategy_after_one_round() -> tuple[Strategy, GroupedMean]:
+        grouped = GroupedMean()
+        strategy = sync_strategy(grouped, BitwidthPlanner())
+        strategy.start({"w": torch.zeros(3, 2), "count": torch.tensor(0)}, 0.0)
+        return strategy, grouped
+
+    first, _ = strategy_after_one_round()
+    for c in (client(0, 8), client(1, 32)):
+        first.on_available(c, 0.0)
+    for task in first.on_tick(0.0):
+        weights = {"w": torch.full((3, 2), float(task.client_id + 1)), "count": torch.tensor(0)}
+        first.on_result(Result(task.task_id, task.client_id, 0, weights, 10, 1, 0.0, 0.0), 0.0)
+    resumed, grouped = strategy_after_one_round()
+    resumed.load_state_dict(first.state_dict())
+    assert sorted(grouped.models) == [8, 32]
+    tasks = {t.client_id: t for c in (client(0, 8), client(1, 32)) for t in resumed.on_available(c, 1.0)}
+    tasks.update({t.client_id: t for t in resumed.on_tick(1.0)})
+    assert torch.equal(tasks[0].weights["w"], torch.full((3, 2), 1.0))  # the 8-bit group's model, not the top one
+    assert torch.equal(tasks[1].weights["w"], torch.full((3, 2), 2.0))
+
+
 def test_buffer_buckets_by_start_version_and_bitwidth() -> None:
     buf = UpdateBuffer()
     for r in [result(0, 0, 32, 1.0), result(1, 0, 8, 2.0), result(2, 1, 8, 3.0), result(3, 0, 8, 4.0)]:
