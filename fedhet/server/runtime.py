@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from fedhet.metrics import MetricsWriter
@@ -238,6 +238,7 @@ class Coordinator:
                     int(body["local_steps"]),
                     float(body["train_seconds"]),
                     float(body["loss"]),
+                    self.clients[int(body["client_id"])].info.profile.bitwidth,  # the registered one, as live
                 )
                 dp = body.get("dp")
                 step = None if dp is None else (float(dp[0]), float(dp[1]), int(dp[2]))
@@ -454,16 +455,7 @@ class Coordinator:
         checked = check_norm(result.weights, record.task.weights, self.settings.norm_bound, self.settings.norm_action)
         if not checked.clipped:
             return result, False
-        return Result(
-            result.task_id,
-            result.client_id,
-            result.version,
-            checked.weights,
-            result.num_samples,
-            result.local_steps,
-            result.train_seconds,
-            result.loss,
-        ), True
+        return replace(result, weights=checked.weights), True
 
     async def submit(
         self,

@@ -247,6 +247,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 result, clipped = coord.bound_norm(result, record)
             except PayloadTooLarge as error:
                 coord.reject()
+                await _drain(stream, self.max_upload_bytes)  # so the client reads the refusal, not a reset stream
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{type(error).__name__}: {error}")
             except UpdateError as error:
                 coord.reject()
