@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 import torch
 
-from fedhet.server.app import main
-from fedhet.server.persistence import (
+from fedhet.runtime.checkpoint import (
     CheckpointError,
-    StateStore,
     decode_checkpoint,
     encode_checkpoint,
     flatten_state,
     unflatten_state,
     write_atomic,
 )
+from fedhet.server.app import main
+from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.session import DuplicateResult, RuntimeSettings
 from fedhet.strategies import Strategy, build_strategy

@@ -20,9 +20,10 @@ from fedhet.codec import encoded_size
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import assemble, check_spec, run_spec
+from fedhet.runtime.checkpoint import CheckpointError
 from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
 from fedhet.server.config import ServerRunConfig, compose_server
-from fedhet.server.persistence import CheckpointError, StateStore
+from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
 from fedhet.server.session import RunEnded, RuntimeSettings

@@ -28,7 +28,8 @@ from fedhet.runtime import (
     RunPoint,
     StopRules,
 )
-from fedhet.server.persistence import CheckpointError, StateStore, encode_checkpoint
+from fedhet.runtime.checkpoint import CheckpointError, encode_checkpoint
+from fedhet.server.persistence import StateStore
 from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.session import (
     ClientSession,

@@ -1,0 +1,144 @@
+"""Checkpoints of a run, the same way in every runtime: any nested state of dicts, lists, numbers, strings and
+tensors becomes one safetensors file (the tensors, each stored once) whose metadata holds the rest as JSON and a
+SHA-256 over both, written atomically (temporary file, fsync, rename, fsync of the directory). Loading checks the
+digest, so a corrupted file is refused with :class:`CheckpointError`; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+__all__ = [
+    "CheckpointError",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "flatten_state",
+    "fsync_dir",
+    "safetensors_metadata",
+    "unflatten_state",
+    "write_atomic",
+]
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint, log or result file is missing, corrupted or does not fit; the message names the file."""
+
+
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts with any scalar keys, lists, tuples, tensors, scalars) into a JSON-able tree
+    and named tensors. A tensor object that appears several times is stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = names.get(id(node))
+            if key is None:
+                key = names[id(node)] = f"t{len(names)}"
+                tensors[key] = node.detach().to("cpu").contiguous().clone()
+            return {"tensor": key}
+        if isinstance(node, Mapping):
+            return {"dict": [[walk(k, path), walk(v, f"{path}.{k}")] for k, v in node.items()]}
+        if isinstance(node, tuple):
+            return {"tuple": [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if hasattr(node, "item") and callable(node.item):  # numpy scalars
+            return walk(node.item(), path)
+        raise CheckpointError(f"state entry {path or '<root>'} has type {type(node).__name__}, which cannot be saved")
+
+    return walk(obj, ""), tensors
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if set(tree) == {"tensor"}:
+            if tree["tensor"] not in tensors:
+                raise CheckpointError(f"checkpoint refers to a missing tensor {tree['tensor']!r}")
+            return tensors[tree["tensor"]]
+        if set(tree) == {"tuple"}:
+            return tuple(unflatten_state(v, tensors) for v in tree["tuple"])
+        if set(tree) == {"dict"}:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in tree["dict"]}
+        raise CheckpointError(f"malformed checkpoint entry with keys {sorted(tree)}")
+    return tree
+
+
+def _digest(state_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(state_json.encode())
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def encode_checkpoint(state: Any) -> bytes:
+    """The bytes of a checkpoint file holding ``state`` (safetensors with the JSON state and checksum in its
+    metadata)."""
+    tree, tensors = flatten_state(state)
+    state_json = json.dumps({"format": FORMAT, "state": tree}, separators=(",", ":"))
+    return save_tensors(tensors, metadata={"fedhet": state_json, "sha256": _digest(state_json, tensors)})
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a mapping")
+    return metadata
+
+
+def decode_checkpoint(data: bytes, source: str) -> Any:
+    """The state in checkpoint bytes; raises :class:`CheckpointError` naming ``source`` when corrupted."""
+    try:
+        metadata = safetensors_metadata(data)
+        state_json, checksum = metadata["fedhet"], metadata["sha256"]
+        tensors = load_tensors(data)
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        raise CheckpointError(f"{source} is corrupted or not a fedhet checkpoint ({error})") from None
+    if _digest(state_json, tensors) != checksum:
+        raise CheckpointError(f"{source} is corrupted: its checksum does not match its contents")
+    document = json.loads(state_json)
+    if document.get("format") != FORMAT:
+        raise CheckpointError(f"{source} has format {document.get('format')}, this fedhet reads format {FORMAT}")
+    return unflatten_state(document["state"], tensors)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
