@@ -26,6 +26,7 @@ from fedhet.data import load_configured
 from fedhet.flower import ClientAppSettings, DriverSettings, LocalGrid, ServerAppSettings, make_client_app, run_on_grid
 from fedhet.flower.records import from_array_record, to_array_record
 from fedhet.models import build_model, evaluate
+from fedhet.runtime.checkpoint import CheckpointError
 
 N = 10
 SYNTHETIC = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
@@ -169,3 +170,34 @@ def test_fidelity_fedhet_fedavg_matches_flower_fedavg() -> None:
     print(f"after {rounds} rounds: fedhet FedAvg {summary.accuracy:.4f}, Flower FedAvg {flower_accuracy:.4f}")
     assert flower_accuracy > history[0] + 0.2  # both trained
     assert abs(summary.accuracy - flower_accuracy) <= 0.005
+
+
+def test_the_server_app_checkpoints_and_resumes_through_the_run_core(tmp_path: Path) -> None:
+    """A run stopped at version 3 (its ServerApp process gone) resumes from its checkpoint: the strategy's model,
+    version and counters continue, metrics append, and a fresh run refuses the used state directory."""
+    fedavg = {
+        "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": N},
+        "planner": {"name": "identity"},
+        "aggregator": {"name": "weighted_mean"},
+    }
+    metrics = tmp_path / "metrics.jsonl"
+
+    def run(versions: int, resume: bool) -> object:
+        settings = _server(fedavg, versions, str(metrics))
+        driver = DriverSettings(max_versions=versions, min_nodes=N, state_dir=str(tmp_path / "state"), resume=resume)
+        grid = LocalGrid(make_client_app(_client()), N)
+        try:
+            return run_on_grid(grid, ServerAppSettings(**{**settings.__dict__, "driver": driver}))
+        finally:
+            grid.close()
+
+    first = run(3, resume=False)
+    with pytest.raises(CheckpointError, match="holds a run"):
+        run(6, resume=False)
+    second = run(6, resume=True)
+    assert first.version == 3 and second.version == 6 and second.reason == "max_versions"  # type: ignore[attr-defined]
+    assert second.results == 6 * N and second.bytes_up > first.bytes_up  # type: ignore[attr-defined]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    versions = [r["version"] for r in rows]
+    assert versions[0] == 0 and versions[-1] == 6 and versions == sorted(versions)  # no second version 0
+    assert rows[-1]["updates_applied"] == 6 * N and rows[-1]["virtual_time"] > rows[versions.index(3)]["virtual_time"]

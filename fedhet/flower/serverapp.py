@@ -38,6 +38,7 @@ from fedhet.flower.records import (
 )
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.runtime import (
+    MAX_VERSIONS,
     EvalCadence,
     Evaluate,
     Outcome,
@@ -48,6 +49,7 @@ from fedhet.runtime import (
     StopRules,
     assemble,
 )
+from fedhet.runtime.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.types import ClientInfo, Task, Weights
 from fedhet.updates import UpdateError, check_update, meta_of
@@ -82,6 +84,9 @@ class DriverSettings:
         retry_after: seconds before a node whose message failed is asked again.
         encoding: how tasks for fp32 clients travel (``fp32``, ``fp16``, ``bf16``); a client of bitwidth b < 32
             gets ``int<b>``.
+        state_dir: where the run's checkpoint goes after every new version and at the end ("" = none): the run
+            core's state (strategy, last evaluation), the run time and the counters.
+        resume: continue the run checkpointed in ``state_dir`` (a fresh run refuses a directory that holds one).
     """
 
     max_versions: int = 20
@@ -94,8 +99,12 @@ class DriverSettings:
     poll_interval: float = 0.02
     retry_after: float = 1.0
     encoding: str = "fp32"
+    state_dir: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.resume and not self.state_dir:
+            raise ValueError("resume needs the state_dir the run was checkpointed in")
         if self.max_versions < 1 or self.eval_every < 1 or self.min_nodes < 1:
             raise ValueError("max_versions, eval_every and min_nodes must be >= 1")
         if self.max_seconds < 0 or not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
@@ -147,6 +156,9 @@ class RunSummary:
     assignments: list[Assigned] = field(default_factory=list)
     epsilon: dict[int, list[float]] = field(default_factory=dict)
     uploads: dict[int, list[int]] = field(default_factory=dict)
+
+
+_COUNTERS = ("results", "refused", "failed", "bytes_up", "bytes_down")  # RunSummary fields a checkpoint keeps
 
 
 class _RecordingAggregator:
@@ -215,20 +227,24 @@ class GridDriver:
         self._version = 0
         self._applied = 0
         self._start = 0.0
+        self._time_base = 0.0  # run seconds reached before a resume
+        self._checkpoint_path = Path(settings.state_dir) / CHECKPOINT if settings.state_dir else None
         self.recorder = Recorder(evaluate, metrics, self._noted) if evaluate is not None else None
 
     def now(self) -> float:
-        """Run seconds on the real clock."""
-        return time.monotonic() - self._start
+        """Run seconds on the real clock (continuing the time reached before a resume)."""
+        return self._time_base + time.monotonic() - self._start
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunSummary:
         """Run to the end; returns the summary (also at :attr:`summary`)."""
         self._start = time.monotonic()
         self.strategy.start(self.initial_weights, 0.0)
-        self._queue_eval()
+        if not self._resume():
+            self._queue_eval()
         try:
-            self._wait_for_nodes()
+            if not self.summary.reason:
+                self._wait_for_nodes()
             last_look = self.now()
             while not self.summary.reason:
                 busy = self._pull()
@@ -253,6 +269,7 @@ class GridDriver:
                     time.sleep(self.settings.poll_interval)
             if self.driver.evaluation_pending():
                 self._queue_eval()
+            self._checkpoint()
         finally:
             if self.recorder is not None:
                 self.recorder.close()
@@ -261,6 +278,41 @@ class GridDriver:
         self.summary.seconds = self.now()
         self.summary.clients = dict(self.strategy.clients)
         return self.summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        if self._checkpoint_path is None:
+            return
+        counters = {k: getattr(self.summary, k) for k in _COUNTERS}
+        state = {"driver": self.driver.state_dict(), "seconds": self.now()}
+        save_checkpoint(self._checkpoint_path, {**state, "counters": counters})
+
+    def _resume(self) -> bool:
+        """Load the checkpoint when resuming; True when a run was resumed. Nodes are asked for their profiles
+        again: a task a node held when the run stopped is lost, as when a client asks past its task."""
+        if self._checkpoint_path is None:
+            return False
+        if not self.settings.resume:
+            if self._checkpoint_path.exists():
+                raise CheckpointError(
+                    f"{self._checkpoint_path} holds a run: resume it (resume=True) or choose another state_dir"
+                )
+            return False
+        state = load_checkpoint(self._checkpoint_path)
+        if state is None:
+            raise CheckpointError(f"nothing to resume: {self._checkpoint_path} does not exist")
+        try:
+            self.driver.load_state_dict(state["driver"])
+            self._time_base = float(state["seconds"])
+            for key in _COUNTERS:
+                setattr(self.summary, key, int(state["counters"][key]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{self._checkpoint_path} does not fit this run: {error}") from None
+        self._version, self._applied = self.strategy.version, self.strategy.updates_applied
+        log.info("resumed at version %d, run time %.1f s", self.strategy.version, self._time_base)
+        if self.strategy.version >= self.settings.max_versions:  # a resumed run goes on only below its limits
+            self._end(MAX_VERSIONS)
+        return True
 
     def _end(self, reason: str) -> None:
         self.summary.reason = reason
@@ -379,6 +431,7 @@ class GridDriver:
             clients = tuple(self._task_client.pop(t, -1) for t in self._folding.folded)
             self._folding.folded.clear()
             self.summary.aggregations.append(Aggregation(version, now, applied, clients))
+            self._checkpoint()
         if outcome.evaluate:
             self._queue_eval()
         if outcome.stop is not None:
@@ -387,6 +440,8 @@ class GridDriver:
             return
         messages, pending = [], []
         for task in outcome.tasks:
+            if task.client_id not in self.node_of:  # a resumed run's client whose node has not answered yet: the
+                continue  # task is lost when the node registers again, as when a client asks past its task
             info = self.strategy.clients[task.client_id]
             encoding = codec.encoding_for_bitwidth(info.profile.bitwidth, self.settings.encoding)
             content = task_content(task, encoding)  # with its train and sparse names; pruned tensors sparse

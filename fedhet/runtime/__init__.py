@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedhet.runtime.assembly import RunParts, RunSpec, assemble, check_spec, run_spec
-from fedhet.runtime.driver import EvalCadence, Outcome, RunDriver, StopRules
+from fedhet.runtime.driver import MAX_SECONDS, MAX_VERSIONS, EvalCadence, Outcome, RunDriver, StopRules
 from fedhet.runtime.evaluation import (
     Evaluate,
     Evaluation,
@@ -16,6 +16,8 @@ from fedhet.runtime.evaluation import (
 from fedhet.runtime.recorder import Extras, Recorder
 
 __all__ = [
+    "MAX_SECONDS",
+    "MAX_VERSIONS",
     "EvalCadence",
     "Evaluate",
     "Evaluation",

@@ -20,17 +20,23 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 __all__ = [
+    "CHECKPOINT",
     "CheckpointError",
     "decode_checkpoint",
     "encode_checkpoint",
     "flatten_state",
     "fsync_dir",
+    "load_checkpoint",
     "safetensors_metadata",
+    "save_checkpoint",
     "unflatten_state",
     "write_atomic",
 ]
 
 FORMAT = 1
+
+
+CHECKPOINT = "checkpoint.safetensors"  # the checkpoint's file name in a run's state directory
 
 
 class CheckpointError(RuntimeError):
@@ -142,3 +148,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def save_checkpoint(path: Path, state: Any) -> None:
+    """Write ``state`` to ``path`` as one checkpoint, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, encode_checkpoint(state))
+
+
+def load_checkpoint(path: Path) -> Any | None:
+    """The state in the checkpoint at ``path`` (None when there is none); a corrupted file is a CheckpointError."""
+    if not path.exists():
+        return None
+    return decode_checkpoint(path.read_bytes(), str(path))

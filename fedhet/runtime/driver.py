@@ -159,12 +159,20 @@ class RunDriver:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"evaluated_version": self.evaluated_version, "evaluated_at": self.evaluated_at}
+        """What a run needs to resume, whatever its runtime: the strategy's state and the last evaluation."""
+        return {
+            "strategy": self.strategy.state_dict(),
+            "evaluated_version": self.evaluated_version,
+            "evaluated_at": self.evaluated_at,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; raises ValueError (or the strategy's StateError) for a state that does
+        not fit this run."""
         version, at = int(state["evaluated_version"]), float(state["evaluated_at"])
         if version < -1 or math.isnan(at):
             raise ValueError(f"driver state: evaluated version {version} at {at} s is not a state")
+        self.strategy.load_state_dict(state["strategy"])
         self.evaluated_version, self.evaluated_at = version, at
 
 

@@ -31,16 +31,15 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedhet.runtime.checkpoint import (
+    CHECKPOINT,
     CheckpointError,
-    decode_checkpoint,
     fsync_dir,
+    load_checkpoint,
     safetensors_metadata,
     write_atomic,
 )
 
 __all__ = ["EventLog", "StateStore"]
-
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -142,9 +141,7 @@ class StateStore:
 
     def load_checkpoint(self) -> Any | None:
         """The latest checkpoint's state, or None when there is none."""
-        if not self.checkpoint_path.exists():
-            return None
-        return decode_checkpoint(self.checkpoint_path.read_bytes(), str(self.checkpoint_path))
+        return load_checkpoint(self.checkpoint_path)
 
     def events_after(self, seq: int) -> list[LoggedEvent]:
         """Logged events with sequence numbers > ``seq``, in order."""

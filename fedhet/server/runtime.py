@@ -158,7 +158,6 @@ class Coordinator:
             "seq": self._last_seq,
             "now": self.now(),
             "wall_start": self._wall_start,
-            "strategy": self.strategy.state_dict(),
             "clients": [[*info_row(c.info), c.announced] for c in self.clients.values()],
             "tasks": [
                 [
@@ -187,7 +186,6 @@ class Coordinator:
             self._last_seq = int(state["seq"])
             self._time_base = float(state["now"])
             self._wall_start = float(state["wall_start"])
-            self.strategy.load_state_dict(state["strategy"])
             self.clients = {}
             for row in state["clients"]:
                 info = info_from_row(row[:6])
