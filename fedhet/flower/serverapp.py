@@ -44,7 +44,6 @@ from fedhet.runtime import (
     Outcome,
     Recorder,
     RunDriver,
-    RunPoint,
     RunSpec,
     StopRules,
     assemble,
@@ -463,15 +462,7 @@ class GridDriver:
         self.driver.mark_evaluated(now)
         if self.recorder is None:
             return
-        point = RunPoint(
-            version=self.strategy.version,
-            time=now,
-            wall_time=now,
-            bytes_up=self.summary.bytes_up,
-            bytes_down=self.summary.bytes_down,
-            updates_applied=self.strategy.updates_applied,
-            updates_dropped=self.strategy.updates_dropped,
-        )
+        point = self.driver.point(now, now, self.summary.bytes_up, self.summary.bytes_down)
         bitwidths = sorted({c.profile.bitwidth for c in self.strategy.clients.values()})
         self.recorder.submit(point, self.strategy.global_weights, bitwidths)
 

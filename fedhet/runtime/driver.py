@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedhet.runtime.evaluation import RunPoint
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, Result, Task
 
@@ -152,6 +153,12 @@ class RunDriver:
         evaluation)."""
         self.evaluated_version = self.strategy.version
         self.evaluated_at = now
+
+    def point(self, now: float, wall_time: float, bytes_up: int, bytes_down: int) -> RunPoint:
+        """Where the run stands at ``now`` on its clock (``wall_time`` seconds since it started; payload bytes so
+        far), for a metrics line."""
+        s = self.strategy
+        return RunPoint(s.version, now, wall_time, bytes_up, bytes_down, s.updates_applied, s.updates_dropped)
 
     def evaluation_pending(self) -> bool:
         """The current global model has not been evaluated (at the end of a run, evaluate it once more)."""

@@ -25,7 +25,6 @@ from fedhet.runtime import (
     PersonalReports,
     Recorder,
     RunDriver,
-    RunPoint,
     StopRules,
 )
 from fedhet.runtime.checkpoint import CheckpointError, encode_checkpoint
@@ -349,15 +348,7 @@ class Coordinator:
         self.driver.mark_evaluated(now)
         if self.recorder is None:
             return
-        point = RunPoint(
-            version=self.version,
-            time=now,
-            wall_time=time.time() - self._wall_start,
-            bytes_up=self.counters.bytes_up,
-            bytes_down=self.counters.bytes_down,
-            updates_applied=self.strategy.updates_applied,
-            updates_dropped=self.strategy.updates_dropped,
-        )
+        point = self.driver.point(now, time.time() - self._wall_start, self.counters.bytes_up, self.counters.bytes_down)
         bitwidths = sorted({c.info.profile.bitwidth for c in self.clients.values()})
         personal = self.personal.mean()
         privacy = self.privacy.snapshot() if self.privacy else None

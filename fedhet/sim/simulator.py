@@ -20,7 +20,7 @@ import numpy as np
 
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.runtime import EvalCadence, Evaluate, Recorder, RunDriver, RunPoint, StopRules
+from fedhet.runtime import EvalCadence, Evaluate, Recorder, RunDriver, StopRules
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
@@ -223,14 +223,8 @@ class Simulator:
     def _record(self) -> MetricsRecord:
         self.driver.mark_evaluated(self.queue.now)
         weights = self.strategy.global_weights
-        point = RunPoint(
-            version=self.strategy.version,
-            time=self.queue.now,
-            wall_time=time.perf_counter() - self._wall_start,
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            updates_applied=self.strategy.updates_applied,
-            updates_dropped=self.strategy.updates_dropped,
+        point = self.driver.point(
+            self.queue.now, time.perf_counter() - self._wall_start, self.bytes_up, self.bytes_down
         )
         extra = self.extra_metrics
         return self.recorder.record(point, weights, self._bitwidths, None if extra is None else lambda: extra(weights))
