@@ -84,6 +84,10 @@ class SimulationConfig:
             metrics: the mean over clients of their held-out accuracy with their own head fine-tuned on the global
             shared layers; needs ``dataset.partition.test_fraction > 0``).
         finetune_epochs: head fine-tuning epochs of the personalised evaluation.
+        checkpoint_every: write ``checkpoint.safetensors`` into the run directory every this many versions and at
+            the end (0: never; tasks in flight are part of it, so a large fleet's checkpoint is large).
+        resume: go on from the checkpoint of an earlier run of the same config (its run directory or checkpoint
+            file); only the stop rules, evaluation cadence and run settings (threads, progress) may differ.
     """
 
     max_versions: int = 60
@@ -99,6 +103,8 @@ class SimulationConfig:
     ray_address: str = ""
     personal_eval: bool = False
     finetune_epochs: int = 5
+    checkpoint_every: int = 0
+    resume: str = ""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from fedhet.types import Result, Task
 
 __all__ = [
     "CHECKPOINT",
@@ -27,8 +29,12 @@ __all__ = [
     "flatten_state",
     "fsync_dir",
     "load_checkpoint",
+    "result_from_state",
+    "result_state",
     "safetensors_metadata",
     "save_checkpoint",
+    "task_from_state",
+    "task_state",
     "unflatten_state",
     "write_atomic",
 ]
@@ -161,3 +167,57 @@ def load_checkpoint(path: Path) -> Any | None:
     if not path.exists():
         return None
     return decode_checkpoint(path.read_bytes(), str(path))
+
+
+def task_state(task: Task) -> list[Any]:
+    """A task as a checkpoint row (its weights stored as tensors; tasks sharing a planned model share them)."""
+    return [
+        task.task_id,
+        task.client_id,
+        task.version,
+        task.local_steps,
+        task.local_epochs,
+        dict(task.weights),
+        sorted(task.train),
+        sorted(task.sparse),
+    ]
+
+
+def task_from_state(row: Sequence[Any]) -> Task:
+    """The task of :func:`task_state`'s row; raises ValueError (or TypeError) for a malformed one."""
+    tid, cid, version, steps, epochs, weights, train, sparse = row
+    names = (frozenset(map(str, train)), frozenset(map(str, sparse)))
+    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names)
+
+
+def result_state(result: Result) -> list[Any]:
+    """A result as a checkpoint row (its weights made plain tensors)."""
+    weights = {k: v.detach().contiguous() for k, v in result.weights.items()}
+    r = result
+    return [
+        r.task_id,
+        r.client_id,
+        r.version,
+        weights,
+        r.num_samples,
+        r.local_steps,
+        r.train_seconds,
+        r.loss,
+        r.bitwidth,
+    ]
+
+
+def result_from_state(row: Sequence[Any]) -> Result:
+    """The result of :func:`result_state`'s row; raises ValueError (or TypeError) for a malformed one."""
+    tid, cid, version, weights, samples, steps, seconds, loss, bits = row
+    return Result(
+        int(tid),
+        int(cid),
+        int(version),
+        dict(weights),
+        int(samples),
+        int(steps),
+        float(seconds),
+        float(loss),
+        int(bits),
+    )

@@ -27,7 +27,7 @@ from fedhet.runtime import (
     RunDriver,
     StopRules,
 )
-from fedhet.runtime.checkpoint import CheckpointError, encode_checkpoint
+from fedhet.runtime.checkpoint import CheckpointError, encode_checkpoint, task_from_state, task_state
 from fedhet.server.persistence import StateStore
 from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.session import (
@@ -158,19 +158,7 @@ class Coordinator:
             "now": self.now(),
             "wall_start": self._wall_start,
             "clients": [[*info_row(c.info), c.announced] for c in self.clients.values()],
-            "tasks": [
-                [
-                    r.task.task_id,
-                    r.task.client_id,
-                    r.task.version,
-                    r.task.local_steps,
-                    r.task.local_epochs,
-                    dict(r.task.weights),
-                    sorted(r.task.train),
-                    sorted(r.task.sparse),
-                ]
-                for r in self.records.values()
-            ],
+            "tasks": [task_state(r.task) for r in self.records.values()],
             "privacy": self.privacy.state_dict(),
             "personal": self.personal.state_dict(),
             "accepted": sorted(self.accepted.items()),
@@ -190,9 +178,8 @@ class Coordinator:
                 info = info_from_row(row[:6])
                 self.clients[info.client_id] = ClientSession(info, 0.0, announced=bool(row[6]))
             self.records = {}
-            for tid, cid, version, steps, epochs, weights, *names in state["tasks"]:
-                train, sparse = (frozenset(map(str, n)) for n in names) if names else (frozenset(), frozenset())
-                task = Task(int(tid), int(cid), int(version), weights, int(steps), int(epochs), train, sparse)
+            for row in state["tasks"]:
+                task = task_from_state(row)
                 self.records[task.task_id] = TaskRecord.of(task)
             self.privacy = PrivacyLedger()
             self.privacy.load_state_dict(state.get("privacy", {}))

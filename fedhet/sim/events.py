@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 __all__ = ["Event", "EventKind", "EventQueue"]
 
@@ -49,3 +51,21 @@ class EventQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pending events and the clock, for a checkpoint."""
+        events = [[e.time, e.seq, e.kind.value, e.client_id, e.task_id] for _, _, e in sorted(self._heap)]
+        return {"now": self.now, "next_seq": self._seq, "events": events}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ValueError for a malformed state."""
+        try:
+            rows = [(float(t), int(q), EventKind(str(k)), int(c), int(i)) for t, q, k, c, i in state["events"]]
+            now, next_seq = float(state["now"]), int(state["next_seq"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"event queue state is malformed: {error}") from None
+        if any(t < now or q >= next_seq for t, q, *_ in rows):
+            raise ValueError("event queue state holds an event before its clock or after its sequence")
+        self._heap = [(t, q, Event(t, q, k, c, i)) for t, q, k, c, i in rows]
+        heapq.heapify(self._heap)
+        self.now, self._seq = now, next_seq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -14,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.clients.trainer import ClientState, ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import ENCODINGS
-from fedhet.config import RunConfig
+from fedhet.config import RunConfig, plain
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.quant import FULL_PRECISION
 from fedhet.runtime import assemble, check_spec, describe, run_spec
+from fedhet.runtime.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.personal import PersonalEvaluator
@@ -69,6 +71,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("sim.executor=ray needs Ray: pip install 'fedhet[ray]' (or choose another sim.executor)")
     if cfg.sim.executor == "ray" and (cfg.privacy.enabled or cfg.strategy.planner.get("name") == "fedp3"):
         raise ConfigError("sim.executor=ray keeps no per-client state: FedP3 and DP runs need sequential or vectorized")
+    if cfg.sim.checkpoint_every < 0:
+        raise ConfigError(
+            f"sim.checkpoint_every must be >= 0 versions (0 = at the end only), got {cfg.sim.checkpoint_every}"
+        )
+    if cfg.sim.resume and not _checkpoint_file(cfg.sim.resume).is_file():
+        raise ConfigError(f"sim.resume: no checkpoint at {_checkpoint_file(cfg.sim.resume)}")
     if cfg.sim.finetune_epochs < 0:
         raise ConfigError(f"sim.finetune_epochs must be >= 0, got {cfg.sim.finetune_epochs}")
     if cfg.sim.personal_eval and part.test_fraction == 0:
@@ -221,7 +229,14 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         eval_interval=cfg.sim.eval_interval,
         batch_size=cfg.client.batch_size,
         encoding=cfg.sim.encoding,
+        checkpoint_every=cfg.sim.checkpoint_every,
     )
+    resume = _resume(cfg, run_dir, states) if cfg.sim.resume else None
+
+    def checkpoint(state: Mapping[str, Any]) -> None:
+        saved = {str(c): torch.frombuffer(bytearray(s.to_bytes()), dtype=torch.uint8) for c, s in states.states.items()}
+        save_checkpoint(run_dir / CHECKPOINT, {"run": _fingerprint(cfg), "sim": dict(state), "clients": saved})
+
     bar = tqdm(total=cfg.sim.max_versions, desc="fedhet", unit="version", disable=not cfg.sim.progress)
 
     def progress(record: MetricsRecord) -> None:
@@ -231,10 +246,19 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         simulator = Simulator(
-            strategy, clients, executor, parts.evaluator, metrics, sim_config, cfg.seed, progress, extra_metrics
+            strategy,
+            clients,
+            executor,
+            parts.evaluator,
+            metrics,
+            sim_config,
+            cfg.seed,
+            progress,
+            extra_metrics,
+            checkpoint,
         )
         try:
-            summary = simulator.run(parts.initial)
+            summary = simulator.run(parts.initial, resume)
         finally:
             close = getattr(executor, "close", None)  # the Ray executor stops its workers
             if close is not None:
@@ -255,3 +279,53 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         final.bytes_down / 1e6,
     )
     return summary
+
+
+#: keys a resumed run may change: when it stops, how often it evaluates and checkpoints, how it runs
+_RESUMABLE = (
+    "max_versions",
+    "max_virtual_seconds",
+    "eval_every",
+    "eval_interval",
+    "progress",
+    "threads",
+    "checkpoint_every",
+    "resume",
+    "device",
+)
+
+
+def _fingerprint(cfg: RunConfig) -> str:
+    """What a checkpoint's run must share with the run that resumes it, as JSON."""
+    config = plain(cfg)
+    config["sim"] = {k: v for k, v in config["sim"].items() if k not in _RESUMABLE}
+    return json.dumps(config, sort_keys=True)
+
+
+def _checkpoint_file(path: str) -> Path:
+    return Path(path) / CHECKPOINT if Path(path).is_dir() else Path(path)
+
+
+def _resume(cfg: RunConfig, run_dir: Path, states: ClientStates) -> Mapping[str, Any]:
+    """The simulator's state in ``sim.resume``'s checkpoint; the clients' kept state goes into ``states`` and the
+    earlier run's metrics lines before the checkpoint into ``run_dir``'s (the resumed run goes on from there)."""
+    path = _checkpoint_file(cfg.sim.resume)
+    saved = load_checkpoint(path)
+    if saved is None:
+        raise ConfigError(f"sim.resume: no checkpoint at {path}")
+    if saved.get("run") != _fingerprint(cfg):
+        earlier, now = json.loads(saved.get("run", "{}")), json.loads(_fingerprint(cfg))
+        differ = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
+        raise ConfigError(f"sim.resume: {path} was written by a run whose {', '.join(differ)} differ from this one's")
+    try:
+        states.states = {int(c): ClientState.from_bytes(bytes(t.numpy())) for c, t in saved["clients"].items()}
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"sim.resume: {path} holds unreadable client states: {error}") from None
+    version = int(saved["sim"]["driver"]["strategy"]["version"])
+    earlier = path.parent / "metrics.jsonl"
+    if earlier.is_file() and earlier.resolve() != (run_dir / "metrics.jsonl").resolve():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with earlier.open() as lines, (run_dir / "metrics.jsonl").open("w") as out:
+            out.writelines(line for line in lines if line.strip() and json.loads(line)["version"] < version)
+    log.info("resuming %s at version %d", path, version)
+    return dict(saved["sim"])

@@ -21,6 +21,7 @@ import numpy as np
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.runtime import EvalCadence, Evaluate, Recorder, RunDriver, StopRules
+from fedhet.runtime.checkpoint import result_from_state, result_state, task_from_state, task_state
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
@@ -47,6 +48,8 @@ class SimConfig:
         batch_size: local minibatch size, needed for the compute time of a task (samples).
         encoding: wire encoding used to size fp32 clients' payloads (fp32, fp16, bf16); a client of ``b < 32`` bits
             sends and receives ``int<b>``.
+        checkpoint_every: hand the simulator's state to ``checkpoint`` every this many versions and at the end
+            (0: never).
     """
 
     max_versions: int = 50
@@ -55,6 +58,7 @@ class SimConfig:
     eval_interval: float = 0.0
     batch_size: int = 32
     encoding: str = "fp32"
+    checkpoint_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,10 @@ class Simulator:
         seed: int,
         progress: Progress | None = None,
         extra_metrics: ExtraMetrics | None = None,
+        checkpoint: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.strategy = strategy
+        self.checkpoint = checkpoint
         self.extra_metrics = extra_metrics
         self.clients = {c.client_id: c for c in clients}
         self.config = config
@@ -121,17 +127,22 @@ class Simulator:
         self._computed: dict[int, Result] = {}
         self._ticks: set[float] = set()
         self._wall_start = 0.0
+        self._events = 0  # events handled so far
         self._sizes: dict[tuple[object, ...], int] = {}  # dense payload sizes by (encoding, names, shapes, dtypes)
 
-    def run(self, initial_weights: Weights) -> RunSummary:
-        """Run from ``initial_weights`` until the config's limits; the global model lives on the executor's device."""
+    def run(self, initial_weights: Weights, resume: Mapping[str, Any] | None = None) -> RunSummary:
+        """Run from ``initial_weights`` (or from ``resume``, a :meth:`state_dict` of an earlier run of the same
+        config) until the config's limits; the global model lives on the executor's device."""
         self._wall_start = time.perf_counter()
         device = self.executor.device
         self.strategy.start({k: v.to(device) for k, v in initial_weights.items()}, 0.0)
-        for client_id in self.clients:
-            self.queue.push(0.0, EventKind.AVAILABLE, client_id=client_id)
-        last = self._record()
-        events = 0
+        if resume is None:
+            for client_id in self.clients:
+                self.queue.push(0.0, EventKind.AVAILABLE, client_id=client_id)
+            last = self._record()
+        else:
+            self.load_state_dict(resume)
+            last = self._record()  # where the resumed run stands: its metrics go on from this line
         reason = "no more events (every client idle and the strategy asked for nothing)"
         driver = self.driver
         while len(self.queue):
@@ -141,7 +152,7 @@ class Simulator:
                 reason = over
                 self.queue.now = driver.rules.max_seconds
                 break
-            events += 1
+            self._events += 1
             if event.kind is EventKind.AVAILABLE:
                 outcome = driver.available(self.clients[event.client_id], event.time)
             elif event.kind is EventKind.ARRIVAL:
@@ -156,10 +167,54 @@ class Simulator:
             if outcome.stop is not None:
                 reason = outcome.stop
                 break
+            every = self.config.checkpoint_every
+            if outcome.new_version and every and self.strategy.version % every == 0 and self.checkpoint is not None:
+                self.checkpoint(self.state_dict())
         if last.version != self.strategy.version or last.virtual_time != self.queue.now:
             last = self._record()
+        if self.config.checkpoint_every and self.checkpoint is not None:
+            self.checkpoint(self.state_dict())
         log.info("simulation stopped: %s", reason)
-        return RunSummary(final=last, events=events, reason=reason, failure=driver.failure)
+        return RunSummary(final=last, events=self._events, reason=reason, failure=driver.failure)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a later run of the same config needs to go on from here: the run core's state (strategy,
+        last evaluation), the event queue, the tasks in flight (results computed but not yet delivered with their
+        weights: the clients' kept state already holds their training) and the counters."""
+        return {
+            "driver": self.driver.state_dict(),
+            "queue": self.queue.state_dict(),
+            "in_flight": [task_state(t) for t in self._in_flight.values()],
+            "computed": [result_state(r) for r in self._computed.values()],
+            "upload": [[t, n] for t, n in self._upload.items()],
+            "bytes": [self.bytes_up, self.bytes_down],
+            "ticks": sorted(self._ticks),
+            "events": self._events,
+            "wall_time": time.perf_counter() - self._wall_start,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`state_dict` (after ``strategy.start``); raises ValueError for a state that does not
+        fit this simulation."""
+        try:
+            self.driver.load_state_dict(state["driver"])
+            self.queue.load_state_dict(state["queue"])
+            self._in_flight = {t.task_id: t for t in map(task_from_state, state["in_flight"])}
+            self._computed = {r.task_id: r for r in map(result_from_state, state["computed"])}
+            self._upload = {int(t): int(n) for t, n in state["upload"]}
+            self.bytes_up, self.bytes_down = (int(b) for b in state["bytes"])
+            self._ticks = {float(t) for t in state["ticks"]}
+            self._events = int(state["events"])
+            self._wall_start -= float(state["wall_time"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"simulation state does not fit: {error}") from None
+        unknown = {t.client_id for t in self._in_flight.values()} - set(self.clients)
+        if unknown or set(self._upload) != set(self._in_flight) | set(self._computed):
+            raise ValueError("simulation state names tasks or clients this simulation does not have")
+        device = self.executor.device
+        if device.type != "cpu":  # the global model lives where the results are computed
+            self.strategy.global_weights = {k: v.to(device) for k, v in self.strategy.global_weights.items()}
 
     def _dispatch(self, tasks: list[Task], now: float) -> None:
         for task in tasks:
