@@ -39,7 +39,7 @@ from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import ClientState, ClientStates, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import CodecError, encoding_for_bitwidth
 from fedhet.errors import ConfigError, DataError
-from fedhet.models import build_model
+from fedhet.models import build_model, dp_incompatible
 from fedhet.types import ClientProfile, Result, Task
 from fedhet.updates import UpdateError, check_finite
 from fedhet.v1 import service_pb2 as spb
@@ -391,7 +391,7 @@ def _channel(net: NetworkConfig) -> grpc.Channel:
 def personal_probe(cfg: ClientRunConfig, data: LocalData) -> PersonalProbe | None:
     """How this client measures its personalised accuracy when it keeps a personal head (FedP3); None without
     held-out samples or a Linear head to fine-tune."""
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
     tune = FineTune(cfg.finetune_epochs, cfg.train.lr, cfg.train.batch_size)
     try:
         return PersonalProbe(model, (data.x, data.y), (data.x_held, data.y_held), tune, cfg.seed)
@@ -409,7 +409,13 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")
     data = local_partition(cfg)
     x, y = data.x, data.y
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
+    incompatible = dp_incompatible(model)
+    if cfg.privacy.enabled and incompatible:
+        raise ConfigError(
+            f"privacy.enabled: model {cfg.model.name} has layers DP-SGD cannot train ({incompatible}); set "
+            "model.dp_compatible=true on this client and on the server (Opacus replaces them by GroupNorm)"
+        )
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
     config = TrainConfig(**asdict(cfg.train))

@@ -37,9 +37,17 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """Attributes: name: registered model (``cnn``, ``2nn``, ``logreg``)."""
+    """The run's model.
+
+    Attributes:
+        name: registered model (``cnn``, ``2nn``, ``logreg``, ``fedp3_cnn``, or one a user registered).
+        dp_compatible: replace the layers DP-SGD cannot train per sample (BatchNorm by GroupNorm, through Opacus's
+            ModuleValidator) in every instance of the model; a deployed run sets it on the server and every client
+            alike. A simulation with ``privacy.enabled`` turns it on by itself.
+    """
 
     name: str = "cnn"
+    dp_compatible: bool = False
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedhet.registry import Registry
 
-__all__ = ["MODELS", "ModelBuilder", "build_model", "evaluate"]
+__all__ = ["MODELS", "ModelBuilder", "build_model", "dp_incompatible", "evaluate"]
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
@@ -82,15 +82,34 @@ def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """Build model ``name`` with weights initialised deterministically from ``seed``."""
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, dp_compatible: bool = False
+) -> nn.Module:
+    """Build model ``name`` with weights initialised deterministically from ``seed``; ``dp_compatible`` replaces
+    the layers DP-SGD cannot train per sample (see :func:`dp_incompatible`), the same way in every instance."""
     builder = MODELS.get(name)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        return builder(input_shape, num_classes)
+        model = builder(input_shape, num_classes)
     finally:
         torch.random.set_rng_state(generator_state)
+    if dp_compatible and dp_incompatible(model):
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)
+    return model
+
+
+def dp_incompatible(model: nn.Module) -> str:
+    """The layers of ``model`` DP-SGD cannot train per sample (batch statistics mix the samples: BatchNorm), as
+    ``"BatchNorm2d at 'features.1', ..."``; empty when there are none."""
+    found = [
+        f"{type(m).__name__} at {n!r}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    return ", ".join(found)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ same evaluation. What a runtime adds is its clock and its transport.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,11 +19,13 @@ from torch import nn
 from fedhet.config import ModelConfig, StrategyConfig, plain
 from fedhet.data import DATASETS, ClientSplit, Dataset, DatasetConfig, client_splits, load_configured
 from fedhet.errors import ConfigError
-from fedhet.models import MODELS, build_model
+from fedhet.models import MODELS, build_model, dp_incompatible
 from fedhet.runtime.evaluation import Evaluator
 from fedhet.strategies import ServerTrained, Strategy, build_strategy
 
 __all__ = ["RunParts", "RunSpec", "assemble", "check_spec", "run_spec"]
+
+log = logging.getLogger(__name__)
 
 _BUFFER_SEED = 0x5E7  # the server buffer's draw, apart from every other seeded choice
 
@@ -37,6 +40,8 @@ class RunSpec:
         strategy: ``{scheduler: {name, ...}, planner: {...}, aggregator: {...}}``.
         num_clients: clients the data is split for.
         seed: fixes the split, the initial model, the strategy's draws and the server buffer.
+        dp_compatible: every instance of the model has its DP-incompatible layers replaced (see
+            :func:`fedhet.models.build_model`).
     """
 
     dataset: DatasetConfig
@@ -44,6 +49,7 @@ class RunSpec:
     strategy: Mapping[str, Any]
     num_clients: int
     seed: int
+    dp_compatible: bool = False
 
 
 class RunConfigLike(Protocol):
@@ -56,9 +62,11 @@ class RunConfigLike(Protocol):
     seed: int
 
 
-def run_spec(cfg: RunConfigLike) -> RunSpec:
-    """The :class:`RunSpec` of a composed config."""
-    return RunSpec(cfg.dataset, cfg.model.name, plain(cfg.strategy), cfg.num_clients, cfg.seed)
+def run_spec(cfg: RunConfigLike, private: bool = False) -> RunSpec:
+    """The :class:`RunSpec` of a composed config; ``private``: the clients train with DP-SGD (the model is made
+    DP-compatible whatever ``model.dp_compatible`` says)."""
+    dp = cfg.model.dp_compatible or private
+    return RunSpec(cfg.dataset, cfg.model.name, plain(cfg.strategy), cfg.num_clients, cfg.seed, dp)
 
 
 @dataclass
@@ -75,7 +83,8 @@ class RunParts:
 
     def new_model(self) -> nn.Module:
         """A fresh instance of the run's model (initialised as version 0), on the CPU."""
-        return build_model(self.spec.model, self.data.input_shape, self.data.num_classes, self.spec.seed)
+        spec = self.spec
+        return build_model(spec.model, self.data.input_shape, self.data.num_classes, spec.seed, spec.dp_compatible)
 
 
 def check_spec(spec: RunSpec) -> Strategy:
@@ -104,11 +113,14 @@ def assemble(spec: RunSpec, device: str | torch.device = "cpu") -> RunParts:
     """Build the run ``spec`` describes; the evaluator runs on ``device``. Raises ConfigError or DataError."""
     strategy = check_spec(spec)
     data = load_configured(spec.dataset, spec.num_clients, spec.seed)
+    replaced = dp_incompatible(build_model(spec.model, data.input_shape, data.num_classes, spec.seed))
+    if spec.dp_compatible and replaced:
+        log.warning("model %s: %s replaced by GroupNorm (Opacus's ModuleValidator) for DP-SGD", spec.model, replaced)
     splits = client_splits(spec.dataset, data, spec.num_clients, spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed, spec.dp_compatible)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     target = torch.device(device)
-    eval_model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed).to(target)
+    eval_model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed, spec.dp_compatible).to(target)
     parts = RunParts(spec, data, splits, initial, strategy, Evaluator(eval_model, data.x_test, data.y_test), target)
     _give_server_buffer(parts)
     return parts

@@ -83,7 +83,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("sim.personal_eval needs held-out client data: set dataset.partition.test_fraction > 0")
     privacy_config(cfg)
     _check_combinations(cfg)
-    check_spec(run_spec(cfg))  # names, strategy keys and values, what the strategy needs of the data
+    check_spec(
+        run_spec(cfg, cfg.privacy.enabled)
+    )  # names, strategy keys and values, what the strategy needs of the data
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -168,7 +170,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     validate(cfg)
     if cfg.sim.threads:
         torch.set_num_threads(cfg.sim.threads)
-    parts = assemble(run_spec(cfg), cfg.sim.device)
+    parts = assemble(run_spec(cfg, cfg.privacy.enabled), cfg.sim.device)
     data, splits, strategy = parts.data, parts.splits, parts.strategy
     profiles = sample_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
     clients = [ClientInfo(i, p, len(train)) for i, (p, (train, _)) in enumerate(zip(profiles, splits, strict=True))]
