@@ -17,14 +17,8 @@ See ``docs/coming_from_flower.md``.
 from fedhet.flower.clientapp import ClientAppSettings, FedhetClient, make_client_app
 from fedhet.flower.local import LocalGrid
 from fedhet.flower.records import RecordError, from_array_record, to_array_record
-from fedhet.flower.serverapp import (
-    DriverSettings,
-    GridDriver,
-    RunSummary,
-    ServerAppSettings,
-    make_server_app,
-    run_on_grid,
-)
+from fedhet.flower.serverapp import GridDriver, ServerAppSettings, make_server_app, run_on_grid
+from fedhet.flower.settings import DriverSettings, RunSummary
 
 __all__ = [
     "ClientAppSettings",

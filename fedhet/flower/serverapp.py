@@ -36,6 +36,7 @@ from fedhet.flower.records import (
     parse_result,
     task_content,
 )
+from fedhet.flower.settings import Aggregation, Assigned, DriverSettings, RunSummary
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.runtime import (
     MAX_VERSIONS,
@@ -53,111 +54,9 @@ from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuff
 from fedhet.types import ClientInfo, Task, Weights
 from fedhet.updates import UpdateError, check_update, meta_of
 
-__all__ = [
-    "Aggregation",
-    "Assigned",
-    "DriverSettings",
-    "GridDriver",
-    "RunSummary",
-    "ServerAppSettings",
-    "make_server_app",
-    "run_on_grid",
-]
+__all__ = ["GridDriver", "ServerAppSettings", "make_server_app", "run_on_grid"]
 
 log = logging.getLogger("fedhet.flower")
-
-
-@dataclass(frozen=True)
-class DriverSettings:
-    """Stopping, evaluation and messaging of a :class:`GridDriver`.
-
-    Attributes:
-        max_versions: stop once the global model reaches this version.
-        max_seconds: stop after this many seconds (0 = no limit).
-        eval_every: evaluate every this many versions (and always the first and last).
-        min_nodes: wait for at least this many nodes before the run starts.
-        node_wait: seconds to wait for ``min_nodes`` nodes; fewer then is an error.
-        discover_every: seconds between looks for nodes that joined later.
-        task_ttl: seconds a task message (and its reply) stays valid at the SuperLink.
-        poll_interval: seconds between pulls when nothing arrived.
-        retry_after: seconds before a node whose message failed is asked again.
-        encoding: how tasks for fp32 clients travel (``fp32``, ``fp16``, ``bf16``); a client of bitwidth b < 32
-            gets ``int<b>``.
-        state_dir: where the run's checkpoint goes after every new version and at the end ("" = none): the run
-            core's state (strategy, last evaluation), the run time and the counters.
-        resume: continue the run checkpointed in ``state_dir`` (a fresh run refuses a directory that holds one).
-    """
-
-    max_versions: int = 20
-    max_seconds: float = 0.0
-    eval_every: int = 1
-    min_nodes: int = 2
-    node_wait: float = 120.0
-    discover_every: float = 2.0
-    task_ttl: float = 3600.0
-    poll_interval: float = 0.02
-    retry_after: float = 1.0
-    encoding: str = "fp32"
-    state_dir: str = ""
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        if self.resume and not self.state_dir:
-            raise ValueError("resume needs the state_dir the run was checkpointed in")
-        if self.max_versions < 1 or self.eval_every < 1 or self.min_nodes < 1:
-            raise ValueError("max_versions, eval_every and min_nodes must be >= 1")
-        if self.max_seconds < 0 or not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
-            raise ValueError("max_seconds must be >= 0 and node_wait, task_ttl, poll_interval > 0 seconds")
-        if self.encoding not in codec.ENCODINGS:
-            raise ValueError(f"encoding must be one of {sorted(codec.ENCODINGS)}, got {self.encoding!r}")
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """One new global version: when (run seconds), how many updates it folded in, and the clients whose updates
-    those were, in (start version, bitwidth) order (a FedCompass group with any late updates, a FedAvg round)."""
-
-    version: int
-    time: float
-    updates: int
-    clients: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Assigned:
-    """A task handed out: when (run seconds), to whom, and how much local work."""
-
-    time: float
-    client_id: int
-    task_id: int
-    version: int
-    local_steps: int
-    local_epochs: int
-
-
-@dataclass
-class RunSummary:
-    """How a run went: why it stopped, its final version and accuracy, and its trace (``epsilon``: per DP client,
-    the epsilon each of its accepted results reported, in order; ``uploads``: per client, the payload bytes of each
-    result it sent)."""
-
-    reason: str = ""
-    version: int = 0
-    seconds: float = 0.0
-    accuracy: float | None = None
-    results: int = 0
-    refused: int = 0
-    failed: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    clients: dict[int, ClientInfo] = field(default_factory=dict)
-    aggregations: list[Aggregation] = field(default_factory=list)
-    assignments: list[Assigned] = field(default_factory=list)
-    epsilon: dict[int, list[float]] = field(default_factory=dict)
-    uploads: dict[int, list[int]] = field(default_factory=dict)
-
-
-_COUNTERS = ("results", "refused", "failed", "bytes_up", "bytes_down")  # RunSummary fields a checkpoint keeps
 
 
 class _RecordingAggregator:
@@ -282,7 +181,7 @@ class GridDriver:
     def _checkpoint(self) -> None:
         if self._checkpoint_path is None:
             return
-        counters = {k: getattr(self.summary, k) for k in _COUNTERS}
+        counters = {k: getattr(self.summary, k) for k in RunSummary.COUNTERS}
         state = {"driver": self.driver.state_dict(), "seconds": self.now()}
         save_checkpoint(self._checkpoint_path, {**state, "counters": counters})
 
@@ -303,7 +202,7 @@ class GridDriver:
         try:
             self.driver.load_state_dict(state["driver"])
             self._time_base = float(state["seconds"])
-            for key in _COUNTERS:
+            for key in RunSummary.COUNTERS:
                 setattr(self.summary, key, int(state["counters"][key]))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{self._checkpoint_path} does not fit this run: {error}") from None
