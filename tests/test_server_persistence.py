@@ -123,7 +123,8 @@ async def crash_and_resume(root: Path) -> None:
     before = snapshot(first.strategy)
     # a checkpoint write runs in a worker thread, which a cancelled task cannot stop (a real crash would): let it
     # finish, so no thread of the "dead" process deletes files under the resumed one
-    await asyncio.wait_for(first._ckpt_queue.join(), 30)
+    assert first.checkpoints is not None
+    await asyncio.wait_for(first.checkpoints.join(), 30)
     runner.cancel()  # the process dies here: no end event, no final checkpoint
     await asyncio.gather(runner, return_exceptions=True)
 

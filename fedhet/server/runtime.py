@@ -27,7 +27,8 @@ from fedhet.runtime import (
     RunDriver,
     StopRules,
 )
-from fedhet.runtime.checkpoint import CheckpointError, encode_checkpoint, task_from_state, task_state
+from fedhet.runtime.checkpoint import CheckpointError, task_from_state, task_state
+from fedhet.server.journal import CheckpointWriter, LoggedResult, parse_result_event, result_event
 from fedhet.server.persistence import StateStore
 from fedhet.server.privacy import DPStep, PrivacyLedger
 from fedhet.server.session import (
@@ -101,7 +102,7 @@ class Coordinator:
             strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
         )
         self.recorder = Recorder(evaluate, metrics) if evaluate is not None else None
-        self._ckpt_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self.checkpoints = CheckpointWriter(store) if store is not None else None
         self._last_seq = -1
         strategy.start(initial_weights, 0.0)
 
@@ -214,22 +215,8 @@ class Coordinator:
             elif kind == "result":
                 assert self.store is not None
                 weights = self.store.read_result(str(body["file"]), str(body["sha256"]))
-                result = Result(
-                    int(body["task_id"]),
-                    int(body["client_id"]),
-                    int(body["version"]),
-                    weights,
-                    int(body["num_samples"]),
-                    int(body["local_steps"]),
-                    float(body["train_seconds"]),
-                    float(body["loss"]),
-                    self.clients[int(body["client_id"])].info.profile.bitwidth,  # the registered one, as live
-                )
-                dp = body.get("dp")
-                step = None if dp is None else (float(dp[0]), float(dp[1]), int(dp[2]))
-                personal = body.get("personal")
-                accuracy = None if personal is None else float(personal)
-                self._apply_result(result, now, int(body["bytes"]), bool(body["clipped"]), step, accuracy)
+                bitwidth = self.clients[int(body["client_id"])].info.profile.bitwidth  # the registered one, as live
+                self._apply_result(parse_result_event(body, weights, bitwidth), now)
             elif kind == "end":
                 self._end(str(body["reason"]), now)
             else:
@@ -253,15 +240,8 @@ class Coordinator:
         self._log({"kind": "tick", "now": now})
         self._carry_out(self.driver.tick(now), now)
 
-    def _apply_result(
-        self,
-        result: Result,
-        now: float,
-        nbytes: int,
-        clipped: bool,
-        dp: DPStep | None = None,
-        personal: float | None = None,
-    ) -> None:
+    def _apply_result(self, accepted: LoggedResult, now: float) -> None:
+        result, dp, personal = accepted.result, accepted.dp, accepted.personal
         outcome = self.driver.result(result, now)
         if dp is not None:
             self.privacy.add(result.client_id, dp)
@@ -271,8 +251,8 @@ class Coordinator:
         self.accepted[result.task_id] = result.client_id
         self.counters.received += 1
         self.counters.accepted += 1
-        self.counters.clipped += int(clipped)
-        self.counters.bytes_up += nbytes
+        self.counters.clipped += int(accepted.clipped)
+        self.counters.bytes_up += accepted.nbytes
         self.clients[result.client_id].announced = True
         self._carry_out(outcome, now)
 
@@ -311,25 +291,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ checkpoints and metrics
     def _checkpoint_now(self, sync: bool = False) -> None:
-        if self.store is None or self.store.log is None:
-            return
-        data = encode_checkpoint(self._state())
-        self.store.log.rotate()
-        if sync:
-            self.store.commit_checkpoint(data, self._last_seq)
-        else:
-            self._ckpt_queue.put_nowait((data, self._last_seq))
-
-    async def _checkpoint_writer(self) -> None:
-        assert self.store is not None
-        while True:
-            data, seq = await self._ckpt_queue.get()
-            try:
-                await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
-            except OSError as error:  # the log still holds every event: nothing acknowledged is lost
-                log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
-            finally:
-                self._ckpt_queue.task_done()
+        if self.checkpoints is not None and self.store is not None and self.store.log is not None:
+            self.checkpoints.commit(self._state(), self._last_seq, sync)
 
     def _queue_eval(self, now: float) -> None:
         self.driver.mark_evaluated(now)
@@ -467,26 +430,9 @@ class Coordinator:
                 self.store.delete_result(file)
             raise
         now = self.now()
-        self._log(
-            {
-                "kind": "result",
-                "now": now,
-                "task_id": result.task_id,
-                "client_id": result.client_id,
-                "version": result.version,
-                "num_samples": result.num_samples,
-                "local_steps": result.local_steps,
-                "train_seconds": result.train_seconds,
-                "loss": result.loss,
-                "file": file,
-                "sha256": sha,
-                "bytes": nbytes,
-                "clipped": clipped,
-                "dp": None if dp is None else list(dp),
-                "personal": personal,
-            }
-        )
-        self._apply_result(result, now, nbytes, clipped, dp, personal)
+        accepted = LoggedResult(result, nbytes, clipped, dp, personal)
+        self._log(result_event(accepted, now, file, sha))
+        self._apply_result(accepted, now)
         return self.version
 
     def heartbeat(self, client_id: int) -> bool:
@@ -510,7 +456,7 @@ class Coordinator:
     # ------------------------------------------------------------------ background work
     async def run(self) -> RunEnded:
         """Drive ticks, stopping and liveness until the run ends and clients were told (or the grace passed)."""
-        tasks = [asyncio.create_task(self._checkpoint_writer())] if self.store is not None else []
+        tasks = [asyncio.create_task(self.checkpoints.run())] if self.checkpoints is not None else []
         if self.driver.evaluated_version < 0:
             self._queue_eval(self.now())
         reaper = asyncio.create_task(self._reaper())
@@ -520,7 +466,8 @@ class Coordinator:
             await self._grace()
             if self.recorder is not None:
                 await asyncio.to_thread(self.recorder.close)
-            await self._ckpt_queue.join()
+            if self.checkpoints is not None:
+                await self.checkpoints.join()
         finally:
             for t in (*tasks, reaper):
                 t.cancel()

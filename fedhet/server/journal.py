@@ -1,0 +1,108 @@
+"""What the server writes to survive a crash: the write-ahead log's result events (their one schema, written live
+and read back on replay) and the checkpoint writer that commits the coordinator's states off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedhet.runtime.checkpoint import encode_checkpoint
+from fedhet.server.persistence import StateStore
+from fedhet.server.privacy import DPStep
+from fedhet.types import Result, Weights
+
+__all__ = ["CheckpointWriter", "LoggedResult", "parse_result_event", "result_event"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoggedResult:
+    """A result as the log holds it, with what the server noted when it accepted it: its payload bytes, whether
+    its norm was clipped, the DP-SGD step it reported and the personalised accuracy it measured."""
+
+    result: Result
+    nbytes: int
+    clipped: bool
+    dp: DPStep | None
+    personal: float | None
+
+
+def result_event(accepted: LoggedResult, now: float, file: str, sha256: str) -> dict[str, Any]:
+    """The log line of an accepted result whose weights went to ``file``."""
+    r = accepted.result
+    return {
+        "kind": "result",
+        "now": now,
+        "task_id": r.task_id,
+        "client_id": r.client_id,
+        "version": r.version,
+        "num_samples": r.num_samples,
+        "local_steps": r.local_steps,
+        "train_seconds": r.train_seconds,
+        "loss": r.loss,
+        "file": file,
+        "sha256": sha256,
+        "bytes": accepted.nbytes,
+        "clipped": accepted.clipped,
+        "dp": None if accepted.dp is None else list(accepted.dp),
+        "personal": accepted.personal,
+    }
+
+
+def parse_result_event(body: Mapping[str, Any], weights: Weights, bitwidth: int) -> LoggedResult:
+    """The accepted result of a :func:`result_event` line, its weights read back; ``bitwidth`` is the client's
+    registered one, as when it was accepted. Raises KeyError, TypeError or ValueError for a malformed line."""
+    result = Result(
+        int(body["task_id"]),
+        int(body["client_id"]),
+        int(body["version"]),
+        weights,
+        int(body["num_samples"]),
+        int(body["local_steps"]),
+        float(body["train_seconds"]),
+        float(body["loss"]),
+        bitwidth,
+    )
+    dp, personal = body.get("dp"), body.get("personal")
+    step = None if dp is None else (float(dp[0]), float(dp[1]), int(dp[2]))
+    accuracy = None if personal is None else float(personal)
+    return LoggedResult(result, int(body["bytes"]), bool(body["clipped"]), step, accuracy)
+
+
+class CheckpointWriter:
+    """Commits checkpoints of a state directory: at once (``sync``) or, during a run, in order from a worker
+    thread so the event loop never waits on the disk. A failed write is logged; the write-ahead log still holds
+    every event, so nothing acknowledged is lost."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+
+    def commit(self, state: Any, through_seq: int, sync: bool = False) -> None:
+        """Checkpoint ``state``, which holds every logged event through ``through_seq``."""
+        assert self.store.log is not None
+        data = encode_checkpoint(state)
+        self.store.log.rotate()
+        if sync:
+            self.store.commit_checkpoint(data, through_seq)
+        else:
+            self._queue.put_nowait((data, through_seq))
+
+    async def run(self) -> None:
+        """Write queued checkpoints until cancelled."""
+        while True:
+            data, seq = await self._queue.get()
+            try:
+                await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
+            except OSError as error:
+                log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
+            finally:
+                self._queue.task_done()
+
+    async def join(self) -> None:
+        """Wait until every queued checkpoint is written."""
+        await self._queue.join()
