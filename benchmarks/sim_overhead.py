@@ -95,6 +95,7 @@ def fedhet_round(
     from fedhet.data.partition import iid
     from fedhet.metrics import MetricsWriter
     from fedhet.models import build_model
+    from fedhet.runtime import Evaluation, StopRules
     from fedhet.sim.executor import SequentialExecutor
     from fedhet.sim.simulator import SimConfig, Simulator
     from fedhet.sim.vectorized import VectorizedExecutor, reuse_freed_memory
@@ -142,9 +143,9 @@ def fedhet_round(
             strategy,
             clients,
             Timed(),
-            lambda w: (0.0, 0.0),
+            lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
-            SimConfig(max_versions=rounds),
+            SimConfig(StopRules(rounds)),
             SEED,
             progress=lambda record: walls.append((record.wall_time, executor_seconds)),
         )

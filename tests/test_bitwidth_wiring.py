@@ -19,7 +19,7 @@ from fedhet.codec import encoded_size
 from fedhet.config import FleetConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsWriter
-from fedhet.runtime import Evaluation
+from fedhet.runtime import Evaluation, StopRules
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.runner import validate
@@ -204,7 +204,7 @@ def run_one_client(tmp_path: Path, bits: int) -> tuple[Simulator, list[dict[str,
             EchoExecutor(),
             lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
-            SimConfig(max_versions=1, batch_size=5),
+            SimConfig(StopRules(1), batch_size=5),
             seed=0,
         )
         sim.run(start)
@@ -234,7 +234,7 @@ def test_simulated_fleet_of_two_bitwidths_keeps_two_groups(tmp_path: Path) -> No
             EchoExecutor(),
             lambda w, bits: Evaluation(0.0, 0.0),
             metrics,
-            SimConfig(max_versions=1, batch_size=5),
+            SimConfig(StopRules(1), batch_size=5),
             seed=0,
         )
         sim.run({"w": torch.zeros(4, 3), "count": torch.tensor(0)})

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fedhet.cli import compose
 from fedhet.metrics import MetricsWriter
-from fedhet.runtime import Evaluation
+from fedhet.runtime import EvalCadence, Evaluation, StopRules
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.strategies import StateError, Strategy, build_strategy
@@ -201,7 +201,7 @@ def simulate(
         client(i, seconds_per_sample=s, bandwidth=(bandwidths or [1e12] * len(speeds))[i], availability=availability)
         for i, s in enumerate(speeds)
     ]
-    config = SimConfig(max_versions=max_versions, max_virtual_seconds=5000.0, eval_every=10**6, batch_size=1)
+    config = SimConfig(StopRules(max_versions, 5000.0), EvalCadence(10**6), batch_size=1)
     with MetricsWriter(os.devnull) as metrics:
         simulator = Simulator(strategy, clients, ledger, lambda w, bits: Evaluation(0.0, 0.0), metrics, config, seed=0)
         simulator.run(start_weights())

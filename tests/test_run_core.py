@@ -110,7 +110,7 @@ def test_a_failing_strategy_stops_the_run_with_one_line_and_unknown_tasks_are_st
 async def fail_on_the_server(root: Path) -> str:
     """Two clients answer a round whose aggregation fails; returns the reason the run ended with. No run loop is
     started, so nothing after the initial checkpoint is written but the log: a crash right after the failure."""
-    coord = Coordinator(strategy(fail_at=1), INITIAL, RuntimeSettings(max_versions=5), StateStore(root))
+    coord = Coordinator(strategy(fail_at=1), INITIAL, RuntimeSettings(stop=StopRules(5)), StateStore(root))
     coord.open()
     for c in (0, 1):
         coord.register(info(c))
@@ -133,6 +133,8 @@ def test_a_strategy_failure_ends_the_server_run_and_replays_to_the_same_end(tmp_
     reason = asyncio.run(fail_on_the_server(tmp_path / "state"))
     assert reason.startswith("strategy failed on the result of task ") and "cannot fold 2 updates" in reason
 
-    resumed = Coordinator(strategy(fail_at=1), INITIAL, RuntimeSettings(max_versions=5), StateStore(tmp_path / "state"))
+    resumed = Coordinator(
+        strategy(fail_at=1), INITIAL, RuntimeSettings(stop=StopRules(5)), StateStore(tmp_path / "state")
+    )
     assert resumed.resume() > 0  # the failing result replays without a CheckpointError
     assert resumed.ended is not None and resumed.ended.reason == reason and resumed.version == 0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from fedhet.runtime import StopRules
 from fedhet.runtime.checkpoint import (
     CheckpointError,
     decode_checkpoint,
@@ -89,7 +90,7 @@ def info(cid: int) -> ClientInfo:
 
 def coordinator(root: Path) -> Coordinator:
     strategy = build_strategy(SPEC, seed=0)
-    return Coordinator(strategy, INITIAL, RuntimeSettings(max_versions=50, shutdown_grace=0.1), StateStore(root))
+    return Coordinator(strategy, INITIAL, RuntimeSettings(stop=StopRules(50), shutdown_grace=0.1), StateStore(root))
 
 
 def result(task: Task, value: float) -> Result:

@@ -13,7 +13,7 @@ import torch
 from fedhet.codec import encoded_size
 from fedhet.config import FleetConfig
 from fedhet.metrics import WALL_CLOCK_FIELDS, MetricsWriter
-from fedhet.runtime import Evaluation
+from fedhet.runtime import EvalCadence, Evaluation, StopRules
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import SimConfig, Simulator, task_duration
@@ -71,7 +71,7 @@ def run_sim(
             EchoExecutor(),
             lambda w, bits: Evaluation(float(w["w"][0]), 0.0),
             metrics,
-            SimConfig(max_versions=versions, batch_size=5),
+            SimConfig(StopRules(versions), batch_size=5),
             seed=0,
         )
         sim.run(weights(0.0))
@@ -157,7 +157,7 @@ def test_eval_interval_limits_evaluations_in_virtual_time(tmp_path: Path) -> Non
         SyncScheduler(fraction=1.0, min_clients=1, local_steps=3, local_epochs=0), IdentityPlanner(), WeightedMean()
     )
     with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
-        config = SimConfig(max_versions=10, batch_size=5, eval_interval=2.0)
+        config = SimConfig(StopRules(10), EvalCadence(interval=2.0), batch_size=5)
         evaluate = lambda w, bits: Evaluation(0.0, 0.0)  # noqa: E731
         Simulator(strategy, clients, EchoExecutor(), evaluate, metrics, config, seed=0).run(weights(0.0))
     times = [r["virtual_time"] for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())]

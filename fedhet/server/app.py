@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedhet.codec import encoded_size
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
-from fedhet.runtime import assemble, check_spec, run_spec
+from fedhet.runtime import EvalCadence, StopRules, assemble, check_spec, run_spec
 from fedhet.runtime.checkpoint import CheckpointError
 from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
 from fedhet.server.config import ServerRunConfig, compose_server
@@ -111,9 +111,8 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     initial = parts.initial
     max_upload = s.max_upload_bytes or 2 * encoded_size(initial, "fp32") + (1 << 20)
     settings = RuntimeSettings(
-        max_versions=s.max_versions,
-        max_seconds=s.max_seconds,
-        eval_every=s.eval_every,
+        stop=StopRules(s.max_versions, s.max_seconds),
+        cadence=EvalCadence(s.eval_every),
         client_timeout=s.client_timeout,
         norm_bound=s.norm_bound,
         norm_action=s.norm_action,

@@ -19,13 +19,11 @@ from typing import Any
 
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import (
-    EvalCadence,
     Evaluate,
     Outcome,
     PersonalReports,
     Recorder,
     RunDriver,
-    StopRules,
 )
 from fedhet.runtime.checkpoint import CheckpointError, task_from_state, task_state
 from fedhet.server.journal import CheckpointWriter, LoggedResult, parse_result_event, result_event
@@ -98,9 +96,7 @@ class Coordinator:
         self._wall_start = time.time()
         self._wake = asyncio.Event()
         self._ended_event = asyncio.Event()
-        self.driver = RunDriver(
-            strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
-        )
+        self.driver = RunDriver(strategy, settings.stop, settings.cadence)
         self.recorder = Recorder(evaluate, metrics) if evaluate is not None else None
         self.checkpoints = CheckpointWriter(store) if store is not None else None
         self._last_seq = -1

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedhet.runtime.driver import EvalCadence, StopRules
 from fedhet.strategies import UnknownTaskError
 from fedhet.types import ClientInfo, ClientProfile, Task
 from fedhet.updates import TensorMeta, meta_of
@@ -58,11 +59,11 @@ class RunEnded:
 
 @dataclass
 class RuntimeSettings:
-    """What the runtime needs of the server config (see :class:`fedhet.server.config.ServerSettings`)."""
+    """What the runtime needs of the server config (see :class:`fedhet.server.config.ServerSettings`): the run
+    core's stop rules and evaluation cadence, and the server's own limits."""
 
-    max_versions: int = 20
-    max_seconds: float = 0.0
-    eval_every: int = 1
+    stop: StopRules = field(default_factory=StopRules)
+    cadence: EvalCadence = field(default_factory=EvalCadence)
     client_timeout: float = 30.0
     norm_bound: float = 0.0
     norm_action: str = "reject"

@@ -21,7 +21,7 @@ from fedhet.config import RunConfig, plain
 from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.quant import FULL_PRECISION
-from fedhet.runtime import assemble, check_spec, describe, run_spec
+from fedhet.runtime import EvalCadence, StopRules, assemble, check_spec, describe, run_spec
 from fedhet.runtime.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedhet.sim.executor import Executor, SequentialExecutor
 from fedhet.sim.fleet import sample_profiles
@@ -225,10 +225,8 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         run_dir,
     )
     sim_config = SimConfig(
-        max_versions=cfg.sim.max_versions,
-        max_virtual_seconds=cfg.sim.max_virtual_seconds,
-        eval_every=cfg.sim.eval_every,
-        eval_interval=cfg.sim.eval_interval,
+        stop=StopRules(cfg.sim.max_versions, cfg.sim.max_virtual_seconds),
+        cadence=EvalCadence(cfg.sim.eval_every, cfg.sim.eval_interval),
         batch_size=cfg.client.batch_size,
         encoding=cfg.sim.encoding,
         checkpoint_every=cfg.sim.checkpoint_every,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,11 +40,8 @@ class SimConfig:
     """When a simulation stops and how often it evaluates.
 
     Attributes:
-        max_versions: stop once the global model reaches this version.
-        max_virtual_seconds: stop once the virtual clock passes this many seconds (0 = no limit).
-        eval_every: evaluate the global model every this many versions (and at the start and the end).
-        eval_interval: and at most once per this many virtual seconds (0 = no limit); asynchronous strategies
-            make a version per update, far more often than an evaluation is worth.
+        stop: the run core's stop rules (``max_seconds`` on the virtual clock).
+        cadence: when the global model is evaluated (``interval`` in virtual seconds).
         batch_size: local minibatch size, needed for the compute time of a task (samples).
         encoding: wire encoding used to size fp32 clients' payloads (fp32, fp16, bf16); a client of ``b < 32`` bits
             sends and receives ``int<b>``.
@@ -52,10 +49,8 @@ class SimConfig:
             (0: never).
     """
 
-    max_versions: int = 50
-    max_virtual_seconds: float = 0.0
-    eval_every: int = 1
-    eval_interval: float = 0.0
+    stop: StopRules = field(default_factory=lambda: StopRules(max_versions=50))
+    cadence: EvalCadence = field(default_factory=EvalCadence)
     batch_size: int = 32
     encoding: str = "fp32"
     checkpoint_every: int = 0
@@ -110,11 +105,7 @@ class Simulator:
         self.executor = executor
         self.evaluate = evaluate
         self.recorder = Recorder(evaluate, metrics, progress)
-        self.driver = RunDriver(
-            strategy,
-            StopRules(config.max_versions, config.max_virtual_seconds),
-            EvalCadence(config.eval_every, config.eval_interval),
-        )
+        self.driver = RunDriver(strategy, config.stop, config.cadence)
         self._bitwidths = sorted({c.profile.bitwidth for c in clients})
         self.metrics = metrics
         self.seed = seed
