@@ -40,13 +40,11 @@ from fedhet.flower.settings import Aggregation, Assigned, DriverSettings, RunSum
 from fedhet.metrics import MetricsRecord, MetricsWriter
 from fedhet.runtime import (
     MAX_VERSIONS,
-    EvalCadence,
     Evaluate,
     Outcome,
     Recorder,
     RunDriver,
     RunSpec,
-    StopRules,
     assemble,
 )
 from fedhet.runtime.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
@@ -113,9 +111,7 @@ class GridDriver:
         self.metrics = metrics
         self.evaluate = evaluate
         self.summary = RunSummary()
-        self.driver = RunDriver(
-            strategy, StopRules(settings.max_versions, settings.max_seconds), EvalCadence(settings.eval_every)
-        )
+        self.driver = RunDriver(strategy, settings.stop, settings.cadence)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
         self._pending: dict[str, _Pending] = {}

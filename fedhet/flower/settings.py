@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedhet import codec
+from fedhet.runtime.driver import EvalCadence, StopRules
 from fedhet.types import ClientInfo
 
 __all__ = ["Aggregation", "Assigned", "DriverSettings", "RunSummary"]
@@ -49,12 +50,23 @@ class DriverSettings:
     def __post_init__(self) -> None:
         if self.resume and not self.state_dir:
             raise ValueError("resume needs the state_dir the run was checkpointed in")
-        if self.max_versions < 1 or self.eval_every < 1 or self.min_nodes < 1:
-            raise ValueError("max_versions, eval_every and min_nodes must be >= 1")
-        if self.max_seconds < 0 or not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
-            raise ValueError("max_seconds must be >= 0 and node_wait, task_ttl, poll_interval > 0 seconds")
+        _ = (self.stop, self.cadence)  # the run core checks the stop rules and the evaluation cadence
+        if self.min_nodes < 1:
+            raise ValueError(f"min_nodes must be >= 1, got {self.min_nodes}")
+        if not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
+            raise ValueError("node_wait, task_ttl and poll_interval must be > 0 seconds")
         if self.encoding not in codec.ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(codec.ENCODINGS)}, got {self.encoding!r}")
+
+    @property
+    def stop(self) -> StopRules:
+        """The run core's stop rules of these settings."""
+        return StopRules(self.max_versions, self.max_seconds)
+
+    @property
+    def cadence(self) -> EvalCadence:
+        """The run core's evaluation cadence of these settings."""
+        return EvalCadence(self.eval_every)
 
 
 @dataclass(frozen=True)
