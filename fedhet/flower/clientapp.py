@@ -36,9 +36,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedhet import codec, quant
+from fedhet.clients.personal import FineTune, personal_accuracy
 from fedhet.clients.probe import measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientState, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.clients.trainer import ClientState, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig, task_seed
 from fedhet.config import DatasetConfig
 from fedhet.data import client_splits, load_configured
 from fedhet.flower.records import (
@@ -80,6 +81,8 @@ class ClientAppSettings:
         privacy: DP-SGD settings of every client (None: plain SGD); fp32 clients only. Each client's epsilon at
             ``privacy.delta`` goes into its train replies' metrics (``epsilon``). With ``target_epsilon``, set
             ``planned_tasks`` to the tasks a client will run (with full participation: the versions).
+        finetune_epochs: head fine-tuning epochs of the personalised accuracy a client with a personal head (FedP3)
+            reports with each result.
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -95,6 +98,7 @@ class ClientAppSettings:
     local_epochs: int = 1
     threads: int = 0
     privacy: PrivacyConfig | None = None
+    finetune_epochs: int = 5
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -230,6 +234,20 @@ class FedhetClient:
         self.states[partition] = state
         return state
 
+    def personal_accuracy(self, partition: int, task: Task, state: ClientState) -> float | None:
+        """The partition's personalised accuracy on ``task``'s model with its own head (FedP3), as ``fedhet client``
+        measures it (:mod:`fedhet.clients.personal`); None when it keeps no head or holds no held-out samples."""
+        own = {k: v for k, v in state.tensors.items() if k not in task.weights}
+        held = self.samples(partition, held_out=True)
+        if not own or not len(held[0]):
+            return None
+        model: torch.nn.Module | None = getattr(self._local, "personal_model", None)
+        if model is None:
+            model = self._local.personal_model = self._model()
+        tune = FineTune(self.settings.finetune_epochs, self.settings.train.lr, self.settings.train.batch_size)
+        seed = task_seed(self.settings.seed, task.task_id)
+        return personal_accuracy(model, task.weights, own, self.samples(partition), held, tune, seed)
+
     def epsilon(self, partition: int) -> float:
         """The epsilon the partition has spent at ``privacy.delta`` (0 without DP or before its first task)."""
         state = self.states.get(partition)
@@ -253,6 +271,7 @@ class FedhetClient:
         bits = self.bitwidth(partition)
         with self._partition_lock(partition):  # one task of a partition at a time: it updates the state
             state = self.state(partition, task, context)
+            personal = self.personal_accuracy(partition, task, state) if spec.fedhet_task else None
             start = time.perf_counter()
             result = self.trainer().train(seeded, x, y, seed, bits, state)
             encoding = codec.encoding_for_bitwidth(bits, self.settings.encoding)
@@ -268,7 +287,7 @@ class FedhetClient:
         if not spec.fedhet_task:
             encoding = "fp32"  # Flower's strategies aggregate numpy arrays
         epsilon = self.epsilon(partition) if self.settings.privacy is not None else None
-        return result_content(result, encoding, spec.fedhet_task, epsilon)
+        return result_content(result, encoding, spec.fedhet_task, epsilon, personal)
 
     def evaluate(self, content: RecordDict, partition: int, context: Context | None = None) -> RecordDict:
         """Accuracy and loss of the message's model on the partition's held-out split; tensors the message does not

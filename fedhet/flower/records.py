@@ -49,6 +49,7 @@ __all__ = [
     "array_record_nbytes",
     "from_array_record",
     "parse_epsilon",
+    "parse_personal_accuracy",
     "parse_profile",
     "parse_result",
     "parse_task",
@@ -300,10 +301,17 @@ def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 
     return TaskSpec(task, encoding, fedhet_task)
 
 
-def result_content(result: Result, encoding: str, fedhet_task: bool = True, epsilon: float | None = None) -> RecordDict:
+def result_content(
+    result: Result,
+    encoding: str,
+    fedhet_task: bool = True,
+    epsilon: float | None = None,
+    personal_accuracy: float | None = None,
+) -> RecordDict:
     """A train reply for ``result``, its weights at ``encoding``; ``fedhet_task`` adds the task id and version a
     fedhet strategy checks (a Flower strategy's reply carries only ``arrays`` and ``metrics``); ``epsilon`` (a DP
-    client's spent epsilon) goes into the metrics."""
+    client's spent epsilon) and ``personal_accuracy`` (measured by a client with a personal head) go into the
+    metrics."""
     metrics = MetricRecord(
         {
             "num-examples": result.num_samples,
@@ -314,6 +322,8 @@ def result_content(result: Result, encoding: str, fedhet_task: bool = True, epsi
     )
     if epsilon is not None:
         metrics["epsilon"] = float(epsilon)
+    if personal_accuracy is not None:
+        metrics["personal-accuracy"] = float(personal_accuracy)
     content = RecordDict({ARRAYS: to_array_record(result.weights, encoding), METRICS: metrics})
     if fedhet_task:
         content[FEDHET] = ConfigRecord({"task-id": result.task_id, "version": result.version})
@@ -344,6 +354,18 @@ def parse_result(content: RecordDict, client_id: int) -> Result:
         train_seconds=seconds,
         loss=_float(metrics, "train-loss", METRICS),
     )
+
+
+def parse_personal_accuracy(content: RecordDict) -> float | None:
+    """The personalised accuracy a client with a personal head reports in a train reply (None: it reports none);
+    raises :class:`RecordError` for a value outside [0, 1]."""
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord) or "personal-accuracy" not in metrics:
+        return None
+    value = _float(metrics, "personal-accuracy", METRICS)
+    if not 0.0 <= value <= 1.0:
+        raise RecordError(f"{METRICS}['personal-accuracy'] must be in [0, 1], got {value}")
+    return value
 
 
 def parse_epsilon(content: RecordDict) -> float | None:

@@ -32,6 +32,7 @@ from fedhet.flower.records import (
     RecordError,
     array_record_nbytes,
     parse_epsilon,
+    parse_personal_accuracy,
     parse_profile,
     parse_result,
     task_content,
@@ -42,6 +43,7 @@ from fedhet.runtime import (
     MAX_VERSIONS,
     Evaluate,
     Outcome,
+    PersonalReports,
     Recorder,
     RunDriver,
     RunSpec,
@@ -111,6 +113,7 @@ class GridDriver:
         self.metrics = metrics
         self.evaluate = evaluate
         self.summary = RunSummary()
+        self.personal = PersonalReports()  # the personalised accuracy each client last reported
         self.driver = RunDriver(strategy, settings.stop, settings.cadence)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
@@ -298,6 +301,7 @@ class GridDriver:
                 raise RecordError(f"reply names task {result.task_id}@{result.version}")
             _check_update(result.weights, task)
             epsilon = parse_epsilon(reply.content)
+            personal = parse_personal_accuracy(reply.content)
         except RecordError as error:
             self.summary.refused += 1
             self._failed(pending, f"refused: {error}", now)
@@ -314,6 +318,8 @@ class GridDriver:
         self.summary.results += 1
         if epsilon is not None:
             self.summary.epsilon.setdefault(pending.client_id, []).append(epsilon)
+        if personal is not None:
+            self.personal.report(pending.client_id, personal)
         self._after(outcome, now)
 
     def _after(self, outcome: Outcome, now: float) -> None:
@@ -359,7 +365,9 @@ class GridDriver:
             return
         point = self.driver.point(now, now, self.summary.bytes_up, self.summary.bytes_down)
         bitwidths = sorted({c.profile.bitwidth for c in self.strategy.clients.values()})
-        self.recorder.submit(point, self.strategy.global_weights, bitwidths)
+        personal = self.personal.mean()
+        extras = {} if personal is None else {"personal_accuracy": personal}
+        self.recorder.submit(point, self.strategy.global_weights, bitwidths, lambda: extras)
 
     def _noted(self, record: MetricsRecord) -> None:
         self.summary.accuracy = record.accuracy
