@@ -56,3 +56,33 @@ def test_a_deployed_dp_client_refuses_a_batchnorm_model_unless_told_in_one_line(
     assert "\n" not in str(error.value)
     client = build_client(compose_client([*overrides, "model.dp_compatible=true", "profile.seconds_per_sample=0.001"]))
     client.channel.close()
+
+
+def test_flower_apps_train_a_batchnorm_model_with_dp_once_both_sides_are_dp_compatible() -> None:
+    pytest.importorskip("flwr")
+    from fedhet.clients.trainer import PrivacyConfig
+    from fedhet.config import DatasetConfig, PartitionConfig
+    from fedhet.flower import (
+        ClientAppSettings,
+        DriverSettings,
+        LocalGrid,
+        ServerAppSettings,
+        make_client_app,
+        run_on_grid,
+    )
+
+    data = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
+    fedavg = {
+        "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": 3},
+        "planner": {"name": "identity"},
+        "aggregator": {"name": "weighted_mean"},
+    }
+    common = {"dataset": data, "model": NAME, "num_clients": 3, "seed": 0, "dp_compatible": True}
+    client = ClientAppSettings(**common, privacy=PrivacyConfig(noise_multiplier=1.0), threads=1)  # type: ignore[arg-type]
+    server = ServerAppSettings(fedavg, **common, driver=DriverSettings(max_versions=2, min_nodes=3))  # type: ignore[arg-type]
+    grid = LocalGrid(make_client_app(client), 3)
+    try:
+        summary = run_on_grid(grid, server)
+    finally:
+        grid.close()
+    assert summary.version == 2 and summary.failed == summary.refused == 0 and summary.epsilon

@@ -50,7 +50,7 @@ from fedhet.flower.records import (
     result_content,
     to_array_record,
 )
-from fedhet.models import build_model, evaluate
+from fedhet.models import build_model, dp_incompatible, evaluate
 from fedhet.types import ClientProfile, Task
 
 __all__ = ["ClientAppSettings", "FedhetClient", "load_state", "make_client_app", "node_partition", "save_state"]
@@ -83,6 +83,8 @@ class ClientAppSettings:
             ``planned_tasks`` to the tasks a client will run (with full participation: the versions).
         finetune_epochs: head fine-tuning epochs of the personalised accuracy a client with a personal head (FedP3)
             reports with each result.
+        dp_compatible: the model's layers DP-SGD cannot train are replaced (``model.dp_compatible``); with
+            ``privacy`` a model that has such layers needs it, here and in the ServerApp's settings.
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -99,6 +101,7 @@ class ClientAppSettings:
     threads: int = 0
     privacy: PrivacyConfig | None = None
     finetune_epochs: int = 5
+    dp_compatible: bool = False
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -167,7 +170,13 @@ class FedhetClient:
                     torch.set_num_threads(s.threads)
                 data = load_configured(s.dataset, s.num_clients, s.seed)
                 self._splits = client_splits(s.dataset, data, s.num_clients, s.seed)
-                initial = build_model(s.model, data.input_shape, data.num_classes, s.seed)
+                initial = build_model(s.model, data.input_shape, data.num_classes, s.seed, s.dp_compatible)
+                incompatible = dp_incompatible(initial)
+                if s.privacy is not None and incompatible:
+                    raise ValueError(
+                        f"privacy: model {s.model} has layers DP-SGD cannot train ({incompatible}); set "
+                        "dp_compatible=True in the ClientApp's and the ServerApp's settings"
+                    )
                 self._initial = {k: v.detach().clone() for k, v in initial.state_dict().items()}
                 self._data = data
 
@@ -179,7 +188,8 @@ class FedhetClient:
 
     def _model(self) -> torch.nn.Module:
         self._load()
-        return build_model(self.settings.model, self._data.input_shape, self._data.num_classes, self.settings.seed)
+        s = self.settings
+        return build_model(s.model, self._data.input_shape, self._data.num_classes, s.seed, s.dp_compatible)
 
     def trainer(self) -> ClientTrainer:
         """This thread's trainer: fp32 (DP-SGD under privacy), and quantization-aware when a partition is below 32

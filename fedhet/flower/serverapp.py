@@ -404,6 +404,8 @@ class ServerAppSettings:
             the global model on the dataset's test set.
         driver: stopping, evaluation, messaging.
         metrics_path: where ``metrics.jsonl`` goes ("" = no file).
+        dp_compatible: the model's layers DP-SGD cannot train are replaced (``model.dp_compatible``); set it as the
+            ClientApps do.
     """
 
     strategy: Mapping[str, Any]
@@ -413,6 +415,7 @@ class ServerAppSettings:
     seed: int = 0
     driver: DriverSettings = field(default_factory=DriverSettings)
     metrics_path: str = ""
+    dp_compatible: bool = False
 
 
 def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], None] | None = None) -> ServerApp:
@@ -431,7 +434,8 @@ def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], 
 
 def run_on_grid(grid: Grid, settings: ServerAppSettings) -> RunSummary:
     """Build the strategy, the initial model and the test-set evaluation of ``settings``; drive them on ``grid``."""
-    spec = RunSpec(settings.dataset, settings.model, settings.strategy, settings.num_clients, settings.seed)
+    s = settings
+    spec = RunSpec(s.dataset, s.model, s.strategy, s.num_clients, s.seed, s.dp_compatible)
     parts = assemble(spec)
     metrics = MetricsWriter(Path(settings.metrics_path)) if settings.metrics_path else None
     try:
