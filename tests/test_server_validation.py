@@ -174,6 +174,8 @@ BAD: dict[str, tuple[Mutation, str]] = {
     "absurd samples": (_with_samples(10**12), "SampleCountError"),
     "NaN loss": (_with_header(loss=float("nan")), "SampleCountError"),
     "negative train time": (_with_header(train_seconds=-1.0), "SampleCountError"),
+    "finite but absurd train time": (_with_header(train_seconds=1e308), "SampleCountError"),
+    "personal accuracy over 1": (_with_header(personal_accuracy=1.5), "SampleCountError"),
     "corrupted chunk": (_with_payload(_flip), "ChunkError"),
     "truncated payload": (_with_payload(lambda b: bytes(b[:-8])), "ChunkError"),
     "reordered chunks": (_reordered, "ChunkError"),
@@ -373,6 +375,23 @@ async def unpackable_registration_scenario(tmp_path: Path) -> None:
 
 def test_registration_at_a_bitwidth_without_a_wire_encoding_is_refused(tmp_path: Path) -> None:
     asyncio.run(unpackable_registration_scenario(tmp_path))
+
+
+async def absurd_samples_scenario(tmp_path: Path) -> None:
+    async with running_server(test_config(str(tmp_path / "state"))) as app:
+        client = ScriptedClient(f"127.0.0.1:{app.port}", 0)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.register(4_600_000_000_000_000_000)  # would make its update the whole weighted mean
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "num_samples 4600000000000000000 must be in 1.." in (refused.value.details() or "")
+        assert not app.coordinator.clients
+        await client.register(SAMPLES)  # the same client, honest, is welcome
+        assert 0 in app.coordinator.clients
+        await client.close()
+
+
+def test_a_registration_with_more_samples_than_the_dataset_holds_is_refused(tmp_path: Path) -> None:
+    asyncio.run(absurd_samples_scenario(tmp_path))
 
 
 # ---------------------------------------------------------------- unit checks, no server

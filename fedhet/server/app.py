@@ -142,7 +142,14 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     interceptors = [AuthInterceptor(tokens, SERVICE_NAME)] if tokens is not None else []
     server = aio.server(options=options, interceptors=interceptors)
     servicer = FederatedLearningServicer(
-        coordinator, tokens, s.encoding, s.chunk_bytes, max_upload, s.poll_timeout, s.heartbeat_seconds
+        coordinator,
+        tokens,
+        s.encoding,
+        s.chunk_bytes,
+        max_upload,
+        s.poll_timeout,
+        s.heartbeat_seconds,
+        len(parts.data.y_train),
     )
     service_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs predate grpc.aio

@@ -54,6 +54,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             them packed at ``int<b>`` (:func:`fedhet.codec.encoding_for_bitwidth`), as the simulator sizes them.
         chunk_bytes: payload bytes per chunk message.
         max_upload_bytes: largest result payload accepted.
+        max_samples: the most training samples a client may register (the run's dataset holds no more).
         poll_timeout: seconds a GetTask call waits for work.
         heartbeat_seconds: heartbeat period clients are told to keep while training.
     """
@@ -67,7 +68,9 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         max_upload_bytes: int,
         poll_timeout: float,
         heartbeat_seconds: float,
+        max_samples: int = 2**62,
     ) -> None:
+        self.max_samples = max_samples
         self.coord = coordinator
         self.tokens = tokens
         self.encoding = encoding
@@ -119,6 +122,13 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
     async def Register(self, request: spb.RegisterRequest, context: Context) -> spb.RegisterReply:
         client_id = await self._client(context, request.client_id)
         p = request.profile
+        if not 1 <= request.num_samples <= self.max_samples:  # the weight of its updates: never silently capped
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad registration: num_samples {request.num_samples} must be in 1..{self.max_samples} "
+                "(the training samples of the run's dataset)",
+            )
         try:
             info = ClientInfo(
                 client_id,
@@ -219,7 +229,8 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 fields = ResultFields(
                     header.num_samples, header.local_steps, header.train_seconds, header.loss, personal
                 )
-                check_result_fields(fields, coord.clients[client_id].info.num_samples)
+                run_age = coord.now() * 1.1 + 1.0  # the client's clock may run a little faster than the server's
+                check_result_fields(fields, coord.clients[client_id].info.num_samples, run_age)
                 dp = check_dp_fields(header)
                 if header.manifest.total_bytes > self.max_upload_bytes:  # the cheapest check first
                     raise PayloadTooLarge(

@@ -95,16 +95,20 @@ class ResultFields:
     personal_accuracy: float | None = None
 
 
-def check_result_fields(fields: ResultFields, registered_samples: int) -> None:
-    """The update's weight (its sample count) is in 1..the samples the client registered; other scalars sane."""
+def check_result_fields(fields: ResultFields, registered_samples: int, max_train_seconds: float = math.inf) -> None:
+    """The update's weight (its sample count) is in 1..the samples the client registered; its training time is
+    finite and at most ``max_train_seconds`` (a task cannot have trained longer than the run has existed: a finite
+    but absurd time would overflow a speed-aware scheduler); other scalars sane."""
     if not 1 <= fields.num_samples <= registered_samples:
         raise SampleCountError(
             f"num_samples {fields.num_samples} must be in 1..{registered_samples} (the samples the client registered)"
         )
     if fields.local_steps < 0:
         raise SampleCountError(f"local_steps must be >= 0, got {fields.local_steps}")
-    if not (math.isfinite(fields.train_seconds) and fields.train_seconds >= 0):
-        raise SampleCountError(f"train_seconds must be finite and >= 0, got {fields.train_seconds}")
+    if not (math.isfinite(fields.train_seconds) and 0 <= fields.train_seconds <= max_train_seconds):
+        raise SampleCountError(
+            f"train_seconds must be in [0, {max_train_seconds:.6g}] (the run's age), got {fields.train_seconds}"
+        )
     if math.isnan(fields.loss):
         raise SampleCountError("loss is NaN")
     accuracy = fields.personal_accuracy
