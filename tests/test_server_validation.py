@@ -91,6 +91,15 @@ def _with_header(**fields: float) -> Mutation:
     return mutate
 
 
+def _with_dp(noise_multiplier: float) -> Mutation:
+    def mutate(client: ScriptedClient, task: ReceivedTask, w: dict[str, torch.Tensor]) -> list[spb.ResultMessage]:
+        out = messages(client, task, *encode(w))
+        out[0].header.dp.CopyFrom(spb.DPReport(noise_multiplier=noise_multiplier, sample_rate=0.1, steps=1))
+        return out
+
+    return mutate
+
+
 def _reordered(client: ScriptedClient, task: ReceivedTask, w: dict[str, torch.Tensor]) -> list[spb.ResultMessage]:
     out = messages(client, task, *encode(w), chunk=256)
     out[1], out[2] = out[2], out[1]
@@ -175,6 +184,8 @@ BAD: dict[str, tuple[Mutation, str]] = {
     "NaN loss": (_with_header(loss=float("nan")), "SampleCountError"),
     "negative train time": (_with_header(train_seconds=-1.0), "SampleCountError"),
     "finite but absurd train time": (_with_header(train_seconds=1e308), "SampleCountError"),
+    "vanishing DP noise": (_with_dp(5e-324), "SampleCountError"),
+    "absurd DP noise": (_with_dp(1e300), "SampleCountError"),
     "personal accuracy over 1": (_with_header(personal_accuracy=1.5), "SampleCountError"),
     "corrupted chunk": (_with_payload(_flip), "ChunkError"),
     "truncated payload": (_with_payload(lambda b: bytes(b[:-8])), "ChunkError"),

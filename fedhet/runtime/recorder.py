@@ -73,8 +73,8 @@ class Recorder:
     ) -> None:
         try:
             log.info("%s", describe(self.record(point, weights, bitwidths, extras)))
-        except (RuntimeError, ValueError, OSError) as error:
-            log.error("evaluating version %d failed: %s", point.version, error)
+        except Exception as error:  # metrics must never stop a run, nor leave a failed job for drain() to raise
+            log.error("evaluating version %d failed: %s: %s", point.version, type(error).__name__, error)
 
     def drain(self) -> None:
         """Wait until every submitted evaluation is written."""

@@ -17,11 +17,16 @@ __all__ = ["DPStep", "PrivacyLedger", "check_dp_report"]
 
 DPStep = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
+#: noise multipliers the accountant can vouch for: below, the guarantee is vacuous (and the RDP arithmetic
+#: overflows); above, an update carries no signal. Opacus's own calibration stays far inside.
+NOISE_RANGE = (1e-3, 1e4)
+
 
 def check_dp_report(noise_multiplier: float, sample_rate: float, steps: int, local_steps: int) -> DPStep:
     """A reported DP-SGD history entry, checked; raises ValueError naming what is wrong."""
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"dp.noise_multiplier must be finite and > 0, got {noise_multiplier}")
+    low, high = NOISE_RANGE
+    if not (math.isfinite(noise_multiplier) and low <= noise_multiplier <= high):
+        raise ValueError(f"dp.noise_multiplier must be in [{low:g}, {high:g}], got {noise_multiplier}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"dp.sample_rate must be in (0, 1], got {sample_rate}")
     if steps != local_steps or steps < 1:
