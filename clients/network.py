@@ -344,12 +344,13 @@ class NetworkClient:
             raise
         if reply.run_over:
             self.over.set()
+        fate = "a duplicate" if reply.duplicate else "dropped by the server (too late)" if reply.dropped else "applied"
         log.info(
-            "task %d uploaded at %s, %d bytes%s; global version %d",
+            "task %d uploaded at %s, %d bytes, %s; global version %d",
             result.task_id,
             self.encoding,
             len(payload),
-            " (duplicate)" * reply.duplicate,
+            fate,
             reply.version,
         )
         self._forget(result.task_id)

@@ -121,7 +121,7 @@ async def fail_on_the_server(root: Path) -> str:
     versions = []
     for task in tasks:
         assert isinstance(task, Task)
-        versions.append(await coord.submit(result(task, 1.0), coord.records[task.task_id], 24, False))
+        versions.append((await coord.submit(result(task, 1.0), coord.records[task.task_id], 24, False)).version)
     assert coord.ended is not None and versions == [0, 0]
     assert coord.counters.accepted == 2  # the update was accepted (and logged); the run then stopped
     over = await coord.next_task(0, 0.1)

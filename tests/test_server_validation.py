@@ -436,3 +436,31 @@ def test_norm_check_clips_onto_the_bound_and_leaves_integers() -> None:
     assert torch.equal(out.weights["n"], torch.tensor(3))
     untouched = copy.deepcopy(start)
     assert not check_norm(untouched, start, 1.0, "reject").clipped
+
+
+async def late_result_scenario(tmp_path: Path) -> None:
+    cfg = test_config(
+        str(tmp_path / "state"), "strategy.scheduler.min_clients=2", "strategy.scheduler.round_timeout=0.5"
+    )
+    async with running_server(cfg) as app:
+        target = f"127.0.0.1:{app.port}"
+        late, prompt = ScriptedClient(target, 0), ScriptedClient(target, 1)
+        for cl in (late, prompt):
+            await cl.register(SAMPLES)
+        tasks = await asyncio.gather(late.poll_task(), prompt.poll_task())
+        reply = await prompt.upload(tasks[1].header, trained(tasks[1], 1.0), SAMPLES)
+        assert not reply.dropped and not reply.duplicate
+        for _ in range(100):  # the round closes at its timeout with the prompt client's update
+            if app.coordinator.version == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert app.coordinator.version == 1
+        reply = await late.upload(tasks[0].header, trained(tasks[0], 5.0), SAMPLES)
+        assert reply.dropped and not reply.duplicate  # taken in, but not in the model: the client is told so
+        assert app.coordinator.strategy.updates_dropped == 1 and app.coordinator.version == 1
+        for cl in (late, prompt):
+            await cl.close()
+
+
+def test_a_late_results_reply_says_it_was_dropped(tmp_path: Path) -> None:
+    asyncio.run(late_result_scenario(tmp_path))

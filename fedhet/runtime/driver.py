@@ -81,12 +81,14 @@ class Outcome:
         new_version: the event produced a new global version.
         evaluate: the global model is due for an evaluation now (the runtime reports it with ``mark_evaluated``).
         stop: the reason the run ends now, or None.
+        dropped: results the strategy discarded at this event (a result that arrived after its round closed).
     """
 
     tasks: list[Task] = field(default_factory=list)
     new_version: bool = False
     evaluate: bool = False
     stop: str | None = None
+    dropped: int = 0
 
 
 class RunDriver:
@@ -121,7 +123,7 @@ class RunDriver:
         return self._event("a deadline", now, self.strategy.on_tick, now)
 
     def _event(self, what: str, now: float, call: Callable[..., list[Task]], *args: Any) -> Outcome:
-        before = self.strategy.version
+        before, dropped = self.strategy.version, self.strategy.updates_dropped
         try:
             tasks = call(*args)
         except UnknownTaskError:
@@ -130,11 +132,12 @@ class RunDriver:
             self.failure = strategy_failure(what, error)
             log.error("%s", self.failure)
             return Outcome(stop=self.failure)
+        dropped = self.strategy.updates_dropped - dropped
         if self.strategy.version == before:
-            return Outcome(tasks)
+            return Outcome(tasks, dropped=dropped)
         done = self.strategy.version >= self.rules.max_versions
         stop = MAX_VERSIONS if done else None
-        return Outcome(tasks, new_version=True, evaluate=self._due(now, force=done), stop=stop)
+        return Outcome(tasks, new_version=True, evaluate=self._due(now, force=done), stop=stop, dropped=dropped)
 
     # ------------------------------------------------------------------ stop rules and evaluation cadence
     def time_up(self, now: float) -> str | None:

@@ -36,6 +36,7 @@ from fedhet.server.session import (
     NotOutstanding,
     RunEnded,
     RuntimeSettings,
+    Submitted,
     TaskRecord,
     UnknownClient,
     info_from_row,
@@ -236,7 +237,9 @@ class Coordinator:
         self._log({"kind": "tick", "now": now})
         self._carry_out(self.driver.tick(now), now)
 
-    def _apply_result(self, accepted: LoggedResult, now: float) -> None:
+    def _apply_result(self, accepted: LoggedResult, now: float) -> bool:
+        """Hand an accepted result to the strategy; True when it went into the model (or its buffer), False when
+        the strategy dropped it (it arrived after its round closed)."""
         result, dp, personal = accepted.result, accepted.dp, accepted.personal
         outcome = self.driver.result(result, now)
         if dp is not None:
@@ -251,6 +254,7 @@ class Coordinator:
         self.counters.bytes_up += accepted.nbytes
         self.clients[result.client_id].announced = True
         self._carry_out(outcome, now)
+        return outcome.dropped == 0
 
     def _carry_out(self, outcome: Outcome, now: float) -> None:
         """Send the outcome's tasks; stop, or evaluate and checkpoint a new version, as the driver decided."""
@@ -401,8 +405,9 @@ class Coordinator:
         clipped: bool,
         dp: DPStep | None = None,
         personal: float | None = None,
-    ) -> int:
-        """Make a validated result durable, then hand it to the strategy; returns the global version after it.
+    ) -> Submitted:
+        """Make a validated result durable, then hand it to the strategy; returns the global version after it and
+        whether the result was applied.
         ``dp`` is the DP-SGD history entry the client reported with it (None without DP), ``personal`` the
         personalised accuracy it measured (None when it keeps no personal head).
 
@@ -428,8 +433,8 @@ class Coordinator:
         now = self.now()
         accepted = LoggedResult(result, nbytes, clipped, dp, personal)
         self._log(result_event(accepted, now, file, sha))
-        self._apply_result(accepted, now)
-        return self.version
+        applied = self._apply_result(accepted, now)
+        return Submitted(self.version, applied)
 
     def heartbeat(self, client_id: int) -> bool:
         """Note a heartbeat; returns True when the run is over (and notes that the client was told)."""

@@ -266,7 +266,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 await _drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
-                version = await coord.submit(
+                submitted = await coord.submit(
                     result, record, int(header.manifest.total_bytes), clipped, dp, fields.personal_accuracy
                 )
             except DuplicateResult:
@@ -275,7 +275,10 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
         finally:
             coord.uploads_in_flight -= 1
-        return spb.UploadReply(task_id=header.task_id, version=version, run_over=coord.ended is not None)
+        over = coord.ended is not None
+        return spb.UploadReply(
+            task_id=header.task_id, version=submitted.version, run_over=over, dropped=not submitted.applied
+        )
 
     async def Heartbeat(self, request: spb.HeartbeatRequest, context: Context) -> spb.HeartbeatReply:
         client_id = await self._client(context, request.client_id)

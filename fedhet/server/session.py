@@ -19,6 +19,7 @@ __all__ = [
     "NotOutstanding",
     "RunEnded",
     "RuntimeSettings",
+    "Submitted",
     "TaskRecord",
     "UnknownClient",
     "info_from_row",
@@ -47,6 +48,15 @@ class NotOutstanding(UnknownTaskError):
 
 class DuplicateResult(Exception):
     """The task's result was already accepted; nothing is applied twice."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What became of an accepted result: the global version after it, and whether it went into the model (False:
+    the strategy dropped it as too late)."""
+
+    version: int
+    applied: bool
 
 
 @dataclass(frozen=True)

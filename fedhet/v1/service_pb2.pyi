@@ -142,16 +142,18 @@ class ResultMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadReply(_message.Message):
-    __slots__ = ("task_id", "version", "duplicate", "run_over")
+    __slots__ = ("task_id", "version", "duplicate", "run_over", "dropped")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     RUN_OVER_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     version: int
     duplicate: bool
     run_over: bool
-    def __init__(self, task_id: _Optional[int] = ..., version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., run_over: _Optional[bool] = ...) -> None: ...
+    dropped: bool
+    def __init__(self, task_id: _Optional[int] = ..., version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., run_over: _Optional[bool] = ..., dropped: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "task_id", "version")
