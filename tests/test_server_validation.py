@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 import torch
 
+from fedhet.server.persistence import StateStore
 from fedhet.server.testing import ReceivedTask, ScriptedClient, running_server, test_config
 from fedhet.server.validation import (
     ResultFields,
@@ -464,3 +466,28 @@ async def late_result_scenario(tmp_path: Path) -> None:
 
 def test_a_late_results_reply_says_it_was_dropped(tmp_path: Path) -> None:
     asyncio.run(late_result_scenario(tmp_path))
+
+
+async def timed_out_round_scenario(tmp_path: Path) -> None:
+    """A round closed by its timeout makes a version like any other: evaluated, checkpointed, counted toward
+    ``max_versions`` (here the last one: the run ends there)."""
+    overrides = ("strategy.scheduler.min_clients=2", "strategy.scheduler.round_timeout=0.5", "server.max_versions=1")
+    async with running_server(test_config(str(tmp_path / "state"), *overrides)) as app:
+        target = f"127.0.0.1:{app.port}"
+        silent, prompt = ScriptedClient(target, 0), ScriptedClient(target, 1)
+        for cl in (silent, prompt):
+            await cl.register(SAMPLES)
+        tasks = await asyncio.gather(silent.poll_task(), prompt.poll_task())
+        await prompt.upload(tasks[1].header, trained(tasks[1], 1.0), SAMPLES)
+        await asyncio.wait_for(app.coordinator.ended_event.wait(), 10)
+        assert app.coordinator.ended is not None and app.coordinator.ended.reason == "max_versions"
+        for cl in (silent, prompt):
+            await cl.close()
+    versions = [json.loads(line)["version"] for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert versions == [0, 1]  # the timed-out round's version was evaluated
+    resumed = StateStore(tmp_path / "state").load_checkpoint()
+    assert resumed is not None and resumed["driver"]["strategy"]["version"] == 1  # and checkpointed
+
+
+def test_a_round_closed_by_its_timeout_is_evaluated_checkpointed_and_counted(tmp_path: Path) -> None:
+    asyncio.run(timed_out_round_scenario(tmp_path))
