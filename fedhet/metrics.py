@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["WALL_CLOCK_FIELDS", "MetricsRecord", "MetricsWriter", "read_metrics"]
 
@@ -58,7 +60,7 @@ class MetricsWriter:
 
     def write(self, record: MetricsRecord) -> None:
         row = {k: v for k, v in asdict(record).items() if v is not None}  # unmeasured fields are left out
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps(_strict(row), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -74,6 +76,31 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[MetricsRecord]:
-    """Records of a ``metrics.jsonl`` file, in order."""
+    """Records of a ``metrics.jsonl`` file, in order (a null number, written for NaN or an infinity, reads as NaN)."""
     with Path(path).open(encoding="utf-8") as f:
-        return [MetricsRecord(**json.loads(line)) for line in f if line.strip()]
+        return [MetricsRecord(**_numbers(json.loads(line))) for line in f if line.strip()]
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float as None: metrics files are strict JSON, which has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+_FLOATS = ("virtual_time", "wall_time", "accuracy", "loss")
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """A line's nulls back as NaN where the record holds a number."""
+    out = {k: math.nan if k in _FLOATS and v is None else v for k, v in row.items()}
+    for key in ("epsilon", "accuracy_by_bitwidth"):
+        if isinstance(out.get(key), dict):
+            out[key] = {c: math.nan if v is None else v for c, v in out[key].items()}
+    if out.get("personal_accuracy", 0.0) is None:
+        out["personal_accuracy"] = math.nan
+    return out

@@ -247,3 +247,19 @@ def test_bad_input_returns_2_with_one_line(
     assert stdout == ""
     assert len(stderr.splitlines()) == 1 and stderr.startswith("fedhet: error: ")
     assert message in stderr
+
+
+def test_metrics_files_are_strict_json_and_non_finite_numbers_read_back_as_nan(tmp_path: Path) -> None:
+    from fedhet.metrics import MetricsWriter, read_metrics
+
+    record = MetricsRecord(1, 2.0, 3.0, float("nan"), float("inf"), 10, 20, 1, 0, epsilon={"0": float("inf")})
+    with MetricsWriter(tmp_path / "metrics.jsonl") as writer:
+        writer.write(record)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert line["accuracy"] is None and line["loss"] is None and line["epsilon"] == {"0": None}
+    back = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert np.isnan(back.accuracy) and np.isnan(back.loss) and back.epsilon is not None and np.isnan(back.epsilon["0"])
