@@ -100,12 +100,16 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         torch.set_num_threads(s.threads)
     spec = run_spec(cfg)
     check_spec(spec)  # a bad name, key or value fails before any data is read
+    if Path(s.state_dir).exists() and not Path(s.state_dir).is_dir():
+        raise ConfigError(f"server.state_dir {s.state_dir} is a file, not a directory")
     store = StateStore(s.state_dir) if s.durable else None
     if store is not None and store.holds_run() and not s.resume:
         raise ConfigError(
             f"server.state_dir {s.state_dir} holds a run: pass --resume (server.resume=true) to "
             "continue it, or choose another server.state_dir"
         )
+    if store is not None and s.resume:
+        store.check_resumable()  # never start over silently under a new run id
 
     parts = assemble(spec)
     initial = parts.initial
@@ -131,6 +135,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
 
     limit = s.chunk_bytes + _MESSAGE_SLACK
     options = [
+        ("grpc.so_reuseport", 0),  # a second server on the same port fails to bind instead of splitting the clients
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 20_000),

@@ -130,6 +130,8 @@ class StateStore:
         self.results.mkdir(exist_ok=True)
         self.wal_dir = self.root / "wal"
         self.log: EventLog | None = None
+        for stale in [*self.root.glob(".*.tmp"), *self.results.glob(".*.tmp")]:  # interrupted atomic writes
+            stale.unlink(missing_ok=True)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -138,6 +140,17 @@ class StateStore:
     def holds_run(self) -> bool:
         """True when the directory has a checkpoint or logged events."""
         return self.checkpoint_path.exists() or any(p.stat().st_size for p in self.wal_dir.glob("*.jsonl"))
+
+    def check_resumable(self) -> None:
+        """Raise :class:`CheckpointError` unless the directory holds a run to resume: its checkpoint (written when
+        a run opens) must be there; the log alone cannot be replayed onto nothing."""
+        if self.checkpoint_path.exists():
+            return
+        logged = self.holds_run()
+        raise CheckpointError(
+            f"cannot resume: {self.checkpoint_path} is missing"
+            + (" while the write-ahead log holds events (restore the checkpoint)" if logged else "; no run to resume")
+        )
 
     def load_checkpoint(self) -> Any | None:
         """The latest checkpoint's state, or None when there is none."""
