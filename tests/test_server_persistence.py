@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,34 @@ def test_a_torn_log_line_is_ignored_and_cut_before_appending(tmp_path: Path) -> 
     log.append({"kind": "tick", "now": 2.0})
     log.close()
     assert [e.seq for e in store.events_after(-1)] == [0, 1]
+
+
+async def many_checkpoints(root: Path) -> tuple[int, Any]:
+    """Versions come faster than checkpoints can be written: waiting checkpoints are superseded, the newest lands."""
+    from fedhet.server.journal import CheckpointWriter
+
+    store = StateStore(root)
+    store.open_log(0)
+    writer = CheckpointWriter(store)
+    slow = store.commit_checkpoint
+
+    def commit_slowly(data: bytes, seq: int) -> None:
+        time.sleep(0.05)
+        slow(data, seq)
+
+    store.commit_checkpoint = commit_slowly  # type: ignore[method-assign]  # a slow disk
+    task = asyncio.create_task(writer.run())
+    for version in range(40):
+        assert store.log is not None
+        seq = store.log.append({"kind": "tick", "now": float(version)})
+        writer.commit({"version": version, "w": torch.full((1000,), float(version))}, seq)
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(writer.join(), 10)
+    task.cancel()
+    return writer.superseded, store.load_checkpoint()
+
+
+def test_checkpoints_coalesce_when_versions_outpace_the_disk(tmp_path: Path) -> None:
+    superseded, latest = asyncio.run(many_checkpoints(tmp_path))
+    assert superseded >= 30  # at most one write in flight and one waiting, never a queue of 40 states in memory
+    assert latest["version"] == 39 and torch.equal(latest["w"], torch.full((1000,), 39.0))

@@ -74,13 +74,18 @@ def parse_result_event(body: Mapping[str, Any], weights: Weights, bitwidth: int)
 
 
 class CheckpointWriter:
-    """Commits checkpoints of a state directory: at once (``sync``) or, during a run, in order from a worker
-    thread so the event loop never waits on the disk. A failed write is logged; the write-ahead log still holds
-    every event, so nothing acknowledged is lost."""
+    """Commits checkpoints of a state directory: at once (``sync``) or, during a run, from a worker thread so the
+    event loop never waits on the disk. Only the newest checkpoint matters: one still waiting when a newer one comes
+    is superseded, so however fast versions come, at most one write is in flight and one waits (memory stays flat).
+    A failed write is logged; the write-ahead log still holds every event, so nothing acknowledged is lost."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        self._queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self._waiting: tuple[bytes, int] | None = None
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.superseded = 0  # checkpoints replaced by a newer one before they were written
 
     def commit(self, state: Any, through_seq: int, sync: bool = False) -> None:
         """Checkpoint ``state``, which holds every logged event through ``through_seq``."""
@@ -89,20 +94,27 @@ class CheckpointWriter:
         self.store.log.rotate()
         if sync:
             self.store.commit_checkpoint(data, through_seq)
-        else:
-            self._queue.put_nowait((data, through_seq))
+            return
+        self.superseded += self._waiting is not None
+        self._waiting = (data, through_seq)
+        self._idle.clear()
+        self._ready.set()
 
     async def run(self) -> None:
-        """Write queued checkpoints until cancelled."""
+        """Write the newest waiting checkpoint, again and again, until cancelled."""
         while True:
-            data, seq = await self._queue.get()
-            try:
-                await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
-            except OSError as error:
-                log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
-            finally:
-                self._queue.task_done()
+            await self._ready.wait()
+            self._ready.clear()
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None:
+                data, seq = waiting
+                try:
+                    await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
+                except OSError as error:
+                    log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
+            if self._waiting is None:
+                self._idle.set()
 
     async def join(self) -> None:
-        """Wait until every queued checkpoint is written."""
-        await self._queue.join()
+        """Wait until the newest checkpoint is written."""
+        await self._idle.wait()
