@@ -179,8 +179,8 @@ def _validate(cfg: ClientRunConfig) -> None:
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     try:
         TrainConfig(**asdict(cfg.train))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    except ValueError as error:  # the simulator's key is client.*; this client's is train.*
+        raise ConfigError(str(error).replace("client.", "train.", 1)) from None
     privacy_of(cfg)
 
 

@@ -42,6 +42,7 @@ def test_server_config_errors_are_one_line(
         (["profile.slowdown=0.5"], "profile.slowdown must be >= 1"),
         (["network.tls.cert=c.pem"], "must be given together"),
         (["model=nope"], "nope"),
+        (["train.lr=-1"], "train.lr must be > 0, got -1"),  # the key the user typed
     ],
 )
 def test_client_config_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,3 +101,14 @@ def test_a_second_server_on_the_same_port_fails_to_bind(tmp_path: Path, capsys: 
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(capsys)
     finally:
         first.kill()
+
+
+def test_unreadable_tokens_and_pem_files_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "tokens.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "bad.pem").write_text("this is not a certificate")
+    base = ["num_clients=4", "server.port=0", f"server.state_dir={tmp_path / 'state'}"]
+    assert main([*base, f"server.tokens_file={tmp_path / 'tokens.bin'}"]) == 2
+    assert "cannot read the tokens file" in one_line_error(capsys)
+    pem = [f"server.tls.cert={tmp_path / 'bad.pem'}", f"server.tls.key={tmp_path / 'bad.pem'}"]
+    assert main([*base, *pem]) == 2
+    assert "server.tls.cert" in (line := one_line_error(capsys)) and "holds no PEM certificate" in line

@@ -47,7 +47,11 @@ class TokenStore:
     @classmethod
     def from_file(cls, path: str | Path) -> TokenStore:
         tokens: dict[int, str] = {}
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read the tokens file: {error}") from None
+        for number, line in enumerate(text.splitlines(), 1):
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
@@ -130,10 +134,21 @@ class AuthInterceptor(_Interceptor):
 
 def server_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials:
     """TLS credentials; with ``client_ca`` the server demands a client certificate signed by it (mutual TLS)."""
-    chain = Path(cert).read_bytes()
-    private = Path(key).read_bytes()
+    chain = _pem("server.tls.cert", cert, b"CERTIFICATE")
+    private = _pem("server.tls.key", key, b"PRIVATE KEY")
     if client_ca:
-        return grpc.ssl_server_credentials(
-            [(private, chain)], root_certificates=Path(client_ca).read_bytes(), require_client_auth=True
-        )
+        roots = _pem("server.tls.client_ca", client_ca, b"CERTIFICATE")
+        return grpc.ssl_server_credentials([(private, chain)], root_certificates=roots, require_client_auth=True)
     return grpc.ssl_server_credentials([(private, chain)])
+
+
+def _pem(key: str, path: str, kind: bytes) -> bytes:
+    """The bytes of a PEM file holding a ``kind`` block; anything else is a one-line ConfigError naming ``key`` (gRPC
+    would only say later that it failed to bind)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot read {path}: {error.strerror or error}") from None
+    if b"-----BEGIN " not in data or kind not in data:
+        raise ConfigError(f"{key}: {path} holds no PEM {kind.decode().lower()}")
+    return data
