@@ -161,6 +161,10 @@ def _extra(w: dict[str, torch.Tensor]) -> None:
     w["extra"] = torch.zeros(3)
 
 
+def _largest(w: dict[str, torch.Tensor]) -> None:
+    w["1.weight"] = torch.full_like(w["1.weight"], 3.4e38)  # finite, and the loss would be NaN
+
+
 def _float64(w: dict[str, torch.Tensor]) -> None:
     w["1.bias"] = w["1.bias"].double()
 
@@ -178,6 +182,7 @@ BAD: dict[str, tuple[Mutation, str]] = {
     "NaN in the payload": (_with_weights(_nan), "NonFiniteError"),
     "Inf in the payload": (_with_weights(_inf), "NonFiniteError"),
     "Inf after decoding fp16": (_with_weights(_huge, "fp16"), "NonFiniteError"),
+    "values near float32's largest, no bound configured": (_with_weights(_largest), "NormBoundExceeded"),
     "missing tensor": (_with_weights(_missing), "MissingTensor"),
     "extra tensor": (_with_weights(_extra), "ExtraTensor"),
     "zero samples": (_with_samples(0), "SampleCountError"),

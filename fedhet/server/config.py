@@ -66,7 +66,8 @@ class ServerSettings:
         poll_timeout: seconds a task poll waits before answering ``idle``.
         heartbeat_seconds: how often clients send a heartbeat while training, in seconds.
         client_timeout: seconds of silence after which a client is marked gone.
-        norm_bound: largest L2 norm of an update (trained minus start weights); 0 = no bound.
+        norm_bound: largest L2 norm of an update (trained minus start weights); 0 = the default, 100 x max(norm of
+            the start weights, 1) (``fedhet.server.validation.DEFAULT_RELATIVE_BOUND``: 20x an honest worst case).
         norm_action: ``reject`` or ``clip`` an update over ``norm_bound``.
         shutdown_grace: seconds the server keeps answering after the run ends, so clients learn it is over.
         threads: torch CPU threads (0 = torch's default).
@@ -175,7 +176,7 @@ def validate_server(cfg: ServerRunConfig) -> None:
             f"and server.heartbeat_seconds ({s.heartbeat_seconds} s), or live clients would be marked gone"
         )
     if not (math.isfinite(s.norm_bound) and s.norm_bound >= 0):
-        raise ConfigError(f"server.norm_bound must be >= 0 (0 = no bound), got {s.norm_bound}")
+        raise ConfigError(f"server.norm_bound must be >= 0 (0 = the default relative bound), got {s.norm_bound}")
     if s.norm_action not in ("reject", "clip"):
         raise ConfigError(f"server.norm_action must be reject or clip, got {s.norm_action!r}")
     if bool(s.tls.cert) != bool(s.tls.key):

@@ -134,12 +134,20 @@ def update_norm(weights: Weights, start: Weights) -> float:
     return math.sqrt(total)
 
 
+#: the default bound on an update's L2 norm, relative to max(|start weights|, 1). Measured worst case of an honest
+#: task: 0.5 (logreg, Synthetic, 5 epochs at lr 0.05), 0.08 (2NN and CNN, Fashion-MNIST, 1 epoch), 5.0 (logreg, 20
+#: epochs at lr 0.5): 100 leaves 20x headroom and stops an update of float32's largest values (3.4e38).
+DEFAULT_RELATIVE_BOUND = 100.0
+
+
 def check_norm(weights: Weights, start: Weights, bound: float, action: str) -> NormCheck:
-    """Bound the update ``weights - start`` to L2 norm ``bound`` (0 = no bound): ``reject`` raises
-    :class:`NormBoundExceeded`, ``clip`` scales the update down onto the bound."""
+    """Bound the update ``weights - start`` to L2 norm ``bound`` (0 = the default, :data:`DEFAULT_RELATIVE_BOUND`
+    times max(|start|, 1)): ``reject`` raises :class:`NormBoundExceeded`, ``clip`` scales the update down onto the
+    bound."""
     plain = dict(weights)
     if bound <= 0:
-        return NormCheck(plain, 0.0, False)
+        start_norm = math.sqrt(sum(float(torch.sum(v.double() ** 2)) for v in start.values() if v.is_floating_point()))
+        bound = DEFAULT_RELATIVE_BOUND * max(start_norm, 1.0)
     norm = update_norm(weights, start)
     if norm <= bound:
         return NormCheck(plain, norm, False)
