@@ -97,10 +97,11 @@ _FLOATS = ("virtual_time", "wall_time", "accuracy", "loss")
 
 def _numbers(row: dict[str, Any]) -> dict[str, Any]:
     """A line's nulls back as NaN where the record holds a number."""
-    out = {k: math.nan if k in _FLOATS and v is None else v for k, v in row.items()}
+    out: dict[str, Any] = {k: math.nan if k in _FLOATS and v is None else v for k, v in row.items()}
     for key in ("epsilon", "accuracy_by_bitwidth"):
-        if isinstance(out.get(key), dict):
-            out[key] = {c: math.nan if v is None else v for c, v in out[key].items()}
+        values = out.get(key)
+        if isinstance(values, dict):
+            out[key] = {c: math.nan if v is None else v for c, v in values.items()}
     if out.get("personal_accuracy", 0.0) is None:
         out["personal_accuracy"] = math.nan
     return out

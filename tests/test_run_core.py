@@ -40,7 +40,7 @@ class FailsAtVersion:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        """Nothing to load: the failing aggregator keeps no state of its own."""
 
 
 def strategy(fail_at: int = 0) -> Strategy:

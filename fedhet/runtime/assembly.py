@@ -113,8 +113,10 @@ def assemble(spec: RunSpec, device: str | torch.device = "cpu") -> RunParts:
     """Build the run ``spec`` describes; the evaluator runs on ``device``. Raises ConfigError or DataError."""
     strategy = check_spec(spec)
     data = load_configured(spec.dataset, spec.num_clients, spec.seed)
-    replaced = dp_incompatible(build_model(spec.model, data.input_shape, data.num_classes, spec.seed))
-    if spec.dp_compatible and replaced:
+    replaced = spec.dp_compatible and dp_incompatible(
+        build_model(spec.model, data.input_shape, data.num_classes, spec.seed)
+    )  # only a DP-compatible run builds the unreplaced model, to say what it replaced
+    if replaced:
         log.warning("model %s: %s replaced by GroupNorm (Opacus's ModuleValidator) for DP-SGD", spec.model, replaced)
     splits = client_splits(spec.dataset, data, spec.num_clients, spec.seed)
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed, spec.dp_compatible)

@@ -145,10 +145,13 @@ def check_norm(weights: Weights, start: Weights, bound: float, action: str) -> N
     times max(|start|, 1)): ``reject`` raises :class:`NormBoundExceeded`, ``clip`` scales the update down onto the
     bound."""
     plain = dict(weights)
-    if bound <= 0:
-        start_norm = math.sqrt(sum(float(torch.sum(v.double() ** 2)) for v in start.values() if v.is_floating_point()))
-        bound = DEFAULT_RELATIVE_BOUND * max(start_norm, 1.0)
     norm = update_norm(weights, start)
+    if bound <= 0:  # the default; the start weights' norm is needed only past its floor of 1 (never, honestly)
+        start_norm = 0.0
+        if norm > DEFAULT_RELATIVE_BOUND:
+            squares = (float(torch.sum(v.double() ** 2)) for v in start.values() if v.is_floating_point())
+            start_norm = math.sqrt(sum(squares))
+        bound = DEFAULT_RELATIVE_BOUND * max(start_norm, 1.0)
     if norm <= bound:
         return NormCheck(plain, norm, False)
     if action == "reject":
