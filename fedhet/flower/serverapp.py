@@ -110,8 +110,6 @@ class GridDriver:
         self.strategy = strategy
         self.initial_weights = initial_weights
         self.settings = settings
-        self.metrics = metrics
-        self.evaluate = evaluate
         self.summary = RunSummary()
         self.personal = PersonalReports()  # the personalised accuracy each client last reported
         self.driver = RunDriver(strategy, settings.stop, settings.cadence)

@@ -80,7 +80,6 @@ class Coordinator:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self.evaluate = evaluate
         self.on_end = on_end
         self.counters = Counters()
         self.run_id = uuid.uuid4().hex

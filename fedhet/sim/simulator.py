@@ -103,13 +103,10 @@ class Simulator:
         for client in clients:  # a bitwidth without a wire encoding fails here, not mid-run
             self._encoding(client)
         self.executor = executor
-        self.evaluate = evaluate
         self.recorder = Recorder(evaluate, metrics, progress)
         self.driver = RunDriver(strategy, config.stop, config.cadence)
         self._bitwidths = sorted({c.profile.bitwidth for c in clients})
-        self.metrics = metrics
         self.seed = seed
-        self.progress = progress
         self.queue = EventQueue()
         self.bytes_up = 0
         self.bytes_down = 0
