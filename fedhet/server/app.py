@@ -21,8 +21,10 @@ from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import EvalCadence, StopRules, assemble, check_spec, run_spec
 from fedhet.runtime.checkpoint import CheckpointError
-from fedhet.server.auth import AuthInterceptor, TokenStore, server_credentials
+from fedhet.server.admission import UploadLimits, UploadSlots
+from fedhet.server.auth import TokenStore, server_credentials
 from fedhet.server.config import ServerRunConfig, compose_server
+from fedhet.server.gate import Gate, RateLimitedLog
 from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
@@ -41,6 +43,8 @@ Examples: fedhet server strategy=fedavg server.max_versions=50
           fedhet server server.address=0.0.0.0 server.tls.cert=srv.pem server.tls.key=srv.key \\
                  server.tokens_file=tokens.txt"""
 
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MESSAGE_SLACK = 256 << 10  # bytes a message may carry beyond its chunk (header, manifest)
 
 
@@ -76,15 +80,37 @@ class ServerApp:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.coordinator.request_stop, f"signal {sig.name}")
+        watch = asyncio.create_task(self._watch_storage())
         try:
             ended = await self.coordinator.run()
         finally:
+            watch.cancel()
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(grace=1.0)
             if self.coordinator.metrics is not None:
                 self.coordinator.metrics.close()
         return ended
+
+    async def _watch_storage(self, period: float = 0.25) -> None:
+        """Report NOT_SERVING while the state directory cannot be written (checkpoints, the log, result files),
+        SERVING again once it can."""
+        store = self.coordinator.store
+        if store is None:
+            return
+        serving = True
+        while True:
+            await asyncio.sleep(period)
+            failure = store.failure
+            if (failure is None) != serving:
+                serving = failure is None
+                status = _SERVING if serving else _NOT_SERVING
+                for service in ("", SERVICE_NAME):
+                    await self.health.set(service, status)
+                if serving:
+                    log.info("the state directory can be written again: serving")
+                else:
+                    log.error("NOT_SERVING: the state directory cannot be written (%s)", failure)
 
 
 def build_app(cfg: ServerRunConfig) -> ServerApp:
@@ -121,7 +147,6 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         norm_bound=s.norm_bound,
         norm_action=s.norm_action,
         shutdown_grace=s.shutdown_grace,
-        max_concurrent_uploads=s.max_concurrent_uploads,
         dp_delta=s.dp_delta,
     )
     Path(s.state_dir).mkdir(parents=True, exist_ok=True)
@@ -144,8 +169,16 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    interceptors = [AuthInterceptor(tokens, SERVICE_NAME)] if tokens is not None else []
-    server = aio.server(options=options, interceptors=interceptors)
+    noisy = RateLimitedLog(log)
+    server = aio.server(options=options, interceptors=[Gate(tokens, SERVICE_NAME, noisy)])
+    if s.max_inflight_bytes and s.max_inflight_bytes < max_upload:
+        raise ConfigError(
+            f"server.max_inflight_bytes ({s.max_inflight_bytes}) is below the largest upload ({max_upload} bytes): "
+            "no upload could start"
+        )
+    limits = UploadLimits(
+        s.max_concurrent_uploads, s.uploads_per_client, s.max_inflight_bytes or max(1 << 30, max_upload), s.read_timeout
+    )
     servicer = FederatedLearningServicer(
         coordinator,
         tokens,
@@ -155,6 +188,8 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         s.poll_timeout,
         s.heartbeat_seconds,
         len(parts.data.y_train),
+        UploadSlots(limits),
+        noisy,
     )
     service_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs predate grpc.aio
@@ -215,6 +250,8 @@ def main(args: list[str]) -> int:
         ended = asyncio.run(serve(cfg))
     except (ConfigError, DataError, CheckpointError) as error:
         return _error(str(error))
+    except OSError as error:  # the state directory cannot be written at start (full disk, permissions)
+        return _error(f"server.state_dir {cfg.server.state_dir}: {error.strerror or error}")
     except grpc.RpcError as error:  # pragma: no cover - a failure inside grpc itself
         return _error(f"gRPC failure: {error}")
     log.info("stopped: %s at version %d", ended.reason, ended.version)

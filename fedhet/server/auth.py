@@ -1,19 +1,18 @@
-"""Who may call: per-client tokens, the interceptor that checks them on every RPC, and TLS credentials."""
+"""Who may call: per-client tokens (checked on every call by :class:`~fedhet.server.gate.Gate`) and TLS credentials."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from grpc import aio
 
 from fedhet.errors import ConfigError
 
-__all__ = ["AuthInterceptor", "TokenStore", "bearer", "server_credentials"]
+__all__ = ["TokenStore", "bearer", "server_credentials"]
 
 _HEADER = "authorization"
 _PREFIX = "Bearer "
@@ -75,61 +74,6 @@ class TokenStore:
                     if hmac.compare_digest(known, digest):
                         return client_id
         return None
-
-
-if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = aio.ServerInterceptor[Any, Any]
-else:  # not generic at run time
-    Handler = grpc.RpcMethodHandler
-    _Interceptor = aio.ServerInterceptor
-
-
-def _denied(handler: Handler, message: str) -> Handler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED without reading the request."""
-
-    async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator, as a streaming handler must be
-
-    factories: dict[tuple[bool, bool], Callable[..., Handler]] = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    shape = (handler.request_streaming, handler.response_streaming)
-    return factories[shape](
-        streaming if shape[1] else unary,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class AuthInterceptor(_Interceptor):
-    """Refuses every call to ``service`` without a valid token with UNAUTHENTICATED; other services (health)
-    stay open."""
-
-    def __init__(self, tokens: TokenStore, service: str) -> None:
-        self._tokens = tokens
-        self._prefix = f"/{service}/"
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(self._prefix):
-            return handler
-        metadata = handler_call_details.invocation_metadata
-        if self._tokens.client_for(metadata) is None:
-            return _denied(handler, "missing or invalid token: send metadata 'authorization: Bearer <token>'")
-        return handler
 
 
 def server_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials:

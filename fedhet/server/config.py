@@ -62,6 +62,11 @@ class ServerSettings:
         chunk_bytes: bytes per payload chunk (and the basis of the gRPC message size limit).
         max_upload_bytes: largest result payload accepted, in bytes (0 = twice the fp32 model, plus 1 MiB).
         max_concurrent_uploads: uploads in progress at once; more get RESOURCE_EXHAUSTED (retry later).
+        uploads_per_client: uploads one client may have in progress at once (its fair share).
+        max_inflight_bytes: payload bytes the uploads in progress may declare in all (0 = 1 GiB, or the largest
+            upload if that is more).
+        read_timeout: seconds an upload may go without sending its next message (header or chunk); a slower one
+            is cut off with DEADLINE_EXCEEDED, so an idle stream cannot hold its slot.
         dp_delta: delta of the epsilon the server computes for each DP client from the steps it reported.
         poll_timeout: seconds a task poll waits before answering ``idle``.
         heartbeat_seconds: how often clients send a heartbeat while training, in seconds.
@@ -89,6 +94,9 @@ class ServerSettings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 0
     max_concurrent_uploads: int = 32
+    uploads_per_client: int = 2
+    max_inflight_bytes: int = 0
+    read_timeout: float = 15.0
     dp_delta: float = 1e-5
     poll_timeout: float = 10.0
     heartbeat_seconds: float = 5.0
@@ -168,7 +176,11 @@ def validate_server(cfg: ServerRunConfig) -> None:
         raise ConfigError(f"server.dp_delta must be in (0, 1), got {s.dp_delta}")
     if s.max_concurrent_uploads < 1:
         raise ConfigError(f"server.max_concurrent_uploads must be >= 1, got {s.max_concurrent_uploads}")
-    for key in ("poll_timeout", "heartbeat_seconds", "client_timeout", "shutdown_grace"):
+    if s.uploads_per_client < 1:
+        raise ConfigError(f"server.uploads_per_client must be >= 1, got {s.uploads_per_client}")
+    if s.max_inflight_bytes < 0:
+        raise ConfigError(f"server.max_inflight_bytes must be >= 0 (0 = 1 GiB), got {s.max_inflight_bytes}")
+    for key in ("poll_timeout", "heartbeat_seconds", "client_timeout", "shutdown_grace", "read_timeout"):
         _positive(key, float(getattr(s, key)))
     if s.client_timeout <= max(s.poll_timeout, s.heartbeat_seconds):
         raise ConfigError(

@@ -77,10 +77,13 @@ class CheckpointWriter:
     """Commits checkpoints of a state directory: at once (``sync``) or, during a run, from a worker thread so the
     event loop never waits on the disk. Only the newest checkpoint matters: one still waiting when a newer one comes
     is superseded, so however fast versions come, at most one write is in flight and one waits (memory stays flat).
-    A failed write is logged; the write-ahead log still holds every event, so nothing acknowledged is lost."""
+    A failed write is logged and tried again every ``retry_seconds`` until it succeeds or a newer one replaces it
+    (meanwhile the store reports the failure); the write-ahead log still holds every event, so nothing acknowledged
+    is lost."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, retry_seconds: float = 2.0) -> None:
         self.store = store
+        self.retry_seconds = retry_seconds
         self._waiting: tuple[bytes, int] | None = None
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
@@ -88,13 +91,17 @@ class CheckpointWriter:
         self.superseded = 0  # checkpoints replaced by a newer one before they were written
 
     def commit(self, state: Any, through_seq: int, sync: bool = False) -> None:
-        """Checkpoint ``state``, which holds every logged event through ``through_seq``."""
-        assert self.store.log is not None
+        """Checkpoint ``state``, which holds every logged event through ``through_seq``. Raises OSError only when
+        ``sync``; otherwise a failure is logged (the log segment goes on; a later checkpoint covers it)."""
         data = encode_checkpoint(state)
-        self.store.log.rotate()
         if sync:
+            self.store.rotate_log()
             self.store.commit_checkpoint(data, through_seq)
             return
+        try:
+            self.store.rotate_log()
+        except OSError as error:
+            log.error("checkpoint through event %d not started: cannot open a log segment (%s)", through_seq, error)
         self.superseded += self._waiting is not None
         self._waiting = (data, through_seq)
         self._idle.clear()
@@ -111,7 +118,17 @@ class CheckpointWriter:
                 try:
                     await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
                 except OSError as error:
-                    log.error("checkpoint through event %d failed (%s); the write-ahead log keeps growing", seq, error)
+                    log.error(
+                        "checkpoint through event %d failed (%s); the write-ahead log keeps growing; retrying in %g s",
+                        seq,
+                        error,
+                        self.retry_seconds,
+                    )
+                    if self._waiting is None:
+                        self._waiting = waiting
+                    await asyncio.sleep(self.retry_seconds)
+                    self._ready.set()
+                    continue
             if self._waiting is None:
                 self._idle.set()
 

@@ -63,29 +63,46 @@ class LoggedEvent:
 
 
 class EventLog:
-    """Append-only JSON-lines log in segments ``wal/<first seq>.jsonl``; each append is fsynced."""
+    """Append-only JSON-lines log in segments ``wal/<first seq>.jsonl``; each append is fsynced, and one that fails
+    (a full disk, a file-size limit) leaves the segment as it was: no torn line for later appends to follow."""
 
     def __init__(self, directory: Path, next_seq: int) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.next_seq = next_seq
-        self._file = (self.directory / f"{next_seq:012d}.jsonl").open("a", encoding="utf-8")
-        fsync_dir(self.directory)
+        self._fd = self._open(next_seq)
+
+    def _open(self, first_seq: int) -> int:
+        fd = os.open(self.directory / f"{first_seq:012d}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def append(self, body: Mapping[str, Any]) -> int:
-        """Log ``body`` durably; returns its sequence number."""
+        """Log ``body`` durably; returns its sequence number. Raises OSError, the log unchanged, when it cannot."""
         seq = self.next_seq
-        self._file.write(json.dumps({"seq": seq, **body}, separators=(",", ":")) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = (json.dumps({"seq": seq, **body}, separators=(",", ":")) + "\n").encode()
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
         self.next_seq += 1
         return seq
 
     def rotate(self) -> None:
         """Start a new segment at the next sequence number (called when a checkpoint captures the state)."""
-        self._file.close()
-        self._file = (self.directory / f"{self.next_seq:012d}.jsonl").open("a", encoding="utf-8")
-        fsync_dir(self.directory)
+        fd = self._open(self.next_seq)
+        os.close(self._fd)
+        self._fd = fd
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob("*.jsonl"))
@@ -101,7 +118,7 @@ class EventLog:
         return dropped
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
 def read_segment(path: Path, last: bool) -> Iterator[LoggedEvent]:
@@ -121,9 +138,13 @@ def read_segment(path: Path, last: bool) -> Iterator[LoggedEvent]:
 
 
 class StateStore:
-    """The state directory: checkpoint, write-ahead log and result files."""
+    """The state directory: checkpoint, write-ahead log and result files.
+
+    Every write that fails (``OSError``: a full disk, a file-size limit, a read-only mount) is noted in
+    :attr:`failure` until a write of the same kind succeeds, so the server can report itself NOT_SERVING."""
 
     def __init__(self, root: str | Path) -> None:
+        self._failures: dict[str, str] = {}
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.results = self.root / "results"
@@ -132,6 +153,32 @@ class StateStore:
         self.log: EventLog | None = None
         for stale in [*self.root.glob(".*.tmp"), *self.results.glob(".*.tmp")]:  # interrupted atomic writes
             stale.unlink(missing_ok=True)
+
+    @property
+    def failure(self) -> str | None:
+        """What cannot be written now (None when the last write of every kind succeeded)."""
+        return "; ".join(f"{kind}: {why}" for kind, why in self._failures.items()) or None
+
+    @contextlib.contextmanager
+    def _writing(self, kind: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            self._failures[kind] = error.strerror or str(error)
+            raise
+        self._failures.pop(kind, None)
+
+    def append(self, body: Mapping[str, Any]) -> int:
+        """Log ``body`` durably (see :class:`EventLog`); returns its sequence number."""
+        assert self.log is not None, "open_log first"
+        with self._writing("write-ahead log"):
+            return self.log.append(body)
+
+    def rotate_log(self) -> None:
+        """Start a new log segment (a checkpoint is about to capture the state)."""
+        assert self.log is not None, "open_log first"
+        with self._writing("write-ahead log"):
+            self.log.rotate()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -181,11 +228,16 @@ class StateStore:
         tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
         data = save_tensors(tensors, metadata={"order": json.dumps(list(tensors))})
         name = f"results/{uuid.uuid4().hex}.safetensors"
-        with (self.root / name).open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(self.results)
+        with self._writing("result files"):
+            try:
+                with (self.root / name).open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                fsync_dir(self.results)
+            except OSError:
+                self.delete_result(name)
+                raise
         return name, hashlib.sha256(data).hexdigest()
 
     def read_result(self, name: str, sha256: str) -> dict[str, torch.Tensor]:
@@ -209,7 +261,8 @@ class StateStore:
     def commit_checkpoint(self, data: bytes, through_seq: int) -> None:
         """Make checkpoint ``data`` (state through event ``through_seq``) the latest, then drop the log segments
         and result files it covers."""
-        write_atomic(self.checkpoint_path, data)
+        with self._writing("checkpoint"):
+            write_atomic(self.checkpoint_path, data)
         if self.log is not None:
             for body in self.log.drop_through(through_seq):
                 if body.get("kind") == "result":

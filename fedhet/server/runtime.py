@@ -51,6 +51,8 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
+_FINAL_CHECKPOINT_SECONDS = 30.0  # longest the end of a run waits for a checkpoint the disk keeps refusing
+
 
 class Coordinator:
     """Owns the strategy, the clock, the clients' mailboxes, the log and the checkpoints of one run.
@@ -89,7 +91,6 @@ class Coordinator:
         self.privacy = PrivacyLedger()  # DP-SGD steps each client reported
         self.personal = PersonalReports()  # the personalised accuracy each client last reported
         self.ended: RunEnded | None = None
-        self.uploads_in_flight = 0
         self._replaying = False
         self._time_base = 0.0  # run seconds reached before this process started
         self._mono_start = time.monotonic()
@@ -192,9 +193,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ events
     def _log(self, body: dict[str, Any]) -> None:
+        """Log an event before it takes effect; raises OSError (the event does not happen) when it cannot."""
         if self.store is not None and not self._replaying:
-            assert self.store.log is not None
-            self._last_seq = self.store.log.append(body)
+            self._last_seq = self.store.append(body)
 
     def _replay(self, seq: int, body: dict[str, Any]) -> None:
         self._last_seq = seq
@@ -273,7 +274,10 @@ class Coordinator:
     def _end(self, reason: str, now: float) -> None:
         if self.ended is not None:
             return
-        self._log({"kind": "end", "now": now, "reason": reason})
+        try:
+            self._log({"kind": "end", "now": now, "reason": reason})
+        except OSError as error:  # the run still ends; a resume would find it running and go on
+            log.error("the end of the run could not be logged (%s)", error)
         self.ended = RunEnded(self.version, reason)
         if self._replaying:
             return
@@ -431,7 +435,12 @@ class Coordinator:
             raise
         now = self.now()
         accepted = LoggedResult(result, nbytes, clipped, dp, personal)
-        self._log(result_event(accepted, now, file, sha))
+        try:
+            self._log(result_event(accepted, now, file, sha))
+        except OSError:
+            if self.store is not None:
+                self.store.delete_result(file)
+            raise
         applied = self._apply_result(accepted, now)
         return Submitted(self.version, applied)
 
@@ -467,7 +476,10 @@ class Coordinator:
             if self.recorder is not None:
                 await asyncio.to_thread(self.recorder.close)
             if self.checkpoints is not None:
-                await self.checkpoints.join()
+                try:
+                    await asyncio.wait_for(self.checkpoints.join(), _FINAL_CHECKPOINT_SECONDS)
+                except asyncio.TimeoutError:
+                    log.error("the final checkpoint could not be written; the write-ahead log holds every event")
         finally:
             for t in (*tasks, reaper):
                 t.cancel()
@@ -491,7 +503,12 @@ class Coordinator:
                 return
             deadline = self.strategy.next_deadline()
             if deadline is not None and now >= deadline:
-                self._tick(now)
+                try:
+                    self._tick(now)
+                except OSError as error:  # not logged, so not taken: the deadline stays, tried again shortly
+                    log.error("deadline at %.1f s not handled: the write-ahead log failed (%s)", deadline, error)
+                    await asyncio.sleep(1.0)
+                    continue
                 if self.strategy.next_deadline() == deadline:
                     await asyncio.sleep(0.05)  # the tick did not move the deadline: do not spin on it
 

@@ -1,9 +1,11 @@
 """The gRPC face of the runtime: translates ``fedhet.v1`` messages to coordinator calls and errors to statuses.
 
-Status codes: UNAUTHENTICATED (no or wrong token, from :class:`~fedhet.server.auth.AuthInterceptor`),
-PERMISSION_DENIED (a message names another client than the token's), FAILED_PRECONDITION (unregistered client,
-or a result for a task that is not outstanding), INVALID_ARGUMENT (validation), RESOURCE_EXHAUSTED (payload over
-the cap, or too many uploads at once).
+Status codes: UNAUTHENTICATED (no or wrong token) and INVALID_ARGUMENT for bytes that do not parse, from
+:class:`~fedhet.server.gate.Gate`; PERMISSION_DENIED (a message names another client than the token's),
+FAILED_PRECONDITION (unregistered client, or a result for a task that is not outstanding), INVALID_ARGUMENT
+(validation), RESOURCE_EXHAUSTED (payload over the cap; "server busy" when the fair share of uploads is taken,
+see :mod:`fedhet.server.admission`), DEADLINE_EXCEEDED (an upload idle past ``server.read_timeout``),
+UNAVAILABLE (the state directory cannot be written; from the gate).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import grpc
 from grpc import aio
 
 from fedhet.codec import encoding_for_bitwidth
+from fedhet.server.admission import ReadTimeout, UploadSlots, read_within
 from fedhet.server.auth import TokenStore
+from fedhet.server.gate import RateLimitedLog
 from fedhet.server.privacy import DPStep, check_dp_report
 from fedhet.server.runtime import Coordinator
 from fedhet.server.session import DuplicateResult, NotOutstanding, RunEnded, UnknownClient
@@ -55,6 +59,8 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         chunk_bytes: payload bytes per chunk message.
         max_upload_bytes: largest result payload accepted.
         max_samples: the most training samples a client may register (the run's dataset holds no more).
+        slots: the fair share of upload capacity (caps and read timeout).
+        noisy: the rate-limited log of client-caused lines.
         poll_timeout: seconds a GetTask call waits for work.
         heartbeat_seconds: heartbeat period clients are told to keep while training.
     """
@@ -68,9 +74,13 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         max_upload_bytes: int,
         poll_timeout: float,
         heartbeat_seconds: float,
-        max_samples: int = 2**62,
+        max_samples: int,
+        slots: UploadSlots,
+        noisy: RateLimitedLog,
     ) -> None:
         self.max_samples = max_samples
+        self.slots = slots
+        self.noisy = noisy
         self.coord = coordinator
         self.tokens = tokens
         self.encoding = encoding
@@ -138,13 +148,17 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             encoding_for_bitwidth(info.profile.bitwidth)  # a bitwidth without a wire encoding is refused here
         except ValueError as error:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad registration: {error}")
+        known = client_id in self.coord.clients
         info = self.coord.register(info)
         over = self.coord.ended is not None
         if over and client_id in self.coord.clients:
             self.coord.heartbeat(client_id)  # notes that this client was told
-        log.info(
-            "client %d registered (%d samples, %.3g s/sample)",
+        self.noisy(
+            logging.INFO,
+            "registered again" if known else "registered",
+            "client %d registered%s (%d samples, %.3g s/sample)",
             client_id,
+            " again" if known else "",
             info.num_samples,
             info.profile.seconds_per_sample,
         )
@@ -196,9 +210,12 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         self, request_iterator: AsyncIterator[spb.ResultMessage], context: Context
     ) -> spb.UploadReply:
         stream = request_iterator.__aiter__()
+        timeout = self.slots.limits.read_timeout
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
+            first = await read_within(stream, timeout, "header")
+        except ReadTimeout as error:
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+        if first is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload: send a header first")
         if first.WhichOneof("kind") != "header":
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with its header")
@@ -209,20 +226,19 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         if coord.ended is not None:
             coord.heartbeat(client_id)
             return spb.UploadReply(task_id=header.task_id, version=coord.version, run_over=True)
-        if coord.uploads_in_flight >= coord.settings.max_concurrent_uploads:
+        declared = max(0, int(header.manifest.total_bytes))
+        charged = min(declared, self.max_upload_bytes)  # one over the cap is refused as too large, below
+        busy = self.slots.refusal(client_id, charged)
+        if busy is not None:
             coord.counters.busy += 1
-            await _abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {coord.uploads_in_flight} uploads in progress; retry later",
-            )
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
         try:
             record = coord.begin_result(client_id, header.task_id, header.version)
         except DuplicateResult:
             return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
         except NotOutstanding as error:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        coord.uploads_in_flight += 1
+        self.slots.take(client_id, charged)
         try:
             try:
                 personal = header.personal_accuracy if header.HasField("personal_accuracy") else None
@@ -232,14 +248,12 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 run_age = coord.now() * 1.1 + 1.0  # the client's clock may run a little faster than the server's
                 check_result_fields(fields, coord.clients[client_id].info.num_samples, run_age)
                 dp = check_dp_fields(header)
-                if header.manifest.total_bytes > self.max_upload_bytes:  # the cheapest check first
-                    raise PayloadTooLarge(
-                        f"payload of {header.manifest.total_bytes} bytes exceeds the cap of {self.max_upload_bytes}"
-                    )
+                if declared > self.max_upload_bytes:  # the cheapest check first
+                    raise PayloadTooLarge(f"payload of {declared} bytes exceeds the cap of {self.max_upload_bytes}")
                 bitwidth = self._bitwidth(client_id)
                 check_update_manifest(header.manifest, record.meta, bitwidth)
                 assembler = PayloadAssembler(header.manifest, self.max_upload_bytes)
-                async for message in stream:
+                while (message := await read_within(stream, timeout, "chunk")) is not None:
                     if message.WhichOneof("kind") != "chunk":
                         raise ChunkError("an upload sends one header, then only chunks")
                     assembler.add(message.chunk)
@@ -256,13 +270,24 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     bitwidth=bitwidth,
                 )
                 result, clipped = coord.bound_norm(result, record)
+            except ReadTimeout as error:
+                coord.reject()
+                self.noisy(logging.WARNING, "slow upload", "client %d, task %d: %s", client_id, header.task_id, error)
+                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             except PayloadTooLarge as error:
                 coord.reject()
                 await _drain(stream, self.max_upload_bytes)  # so the client reads the refusal, not a reset stream
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{type(error).__name__}: {error}")
             except UpdateError as error:
                 coord.reject()
-                log.warning("client %d, task %d: rejected: %s", client_id, header.task_id, error)
+                self.noisy(
+                    logging.WARNING,
+                    "rejected result",
+                    "client %d, task %d: rejected: %s",
+                    client_id,
+                    header.task_id,
+                    error,
+                )
                 await _drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
@@ -274,7 +299,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             except NotOutstanding as error:
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
         finally:
-            coord.uploads_in_flight -= 1
+            self.slots.give_back(client_id, charged)
         over = coord.ended is not None
         return spb.UploadReply(
             task_id=header.task_id, version=submitted.version, run_over=over, dropped=not submitted.applied

@@ -78,7 +78,6 @@ class RuntimeSettings:
     norm_bound: float = 0.0
     norm_action: str = "reject"
     shutdown_grace: float = 10.0
-    max_concurrent_uploads: int = 32
     dp_delta: float = 1e-5
 
 
