@@ -81,6 +81,21 @@ def read_metrics(path: str | Path) -> list[MetricsRecord]:
         return [MetricsRecord(**_numbers(json.loads(line))) for line in f if line.strip()]
 
 
+def last_version(path: str | Path) -> int:
+    """The highest version a ``metrics.jsonl`` file records (-1 when none); a torn last line, left by a crash
+    mid-write, is skipped."""
+    if not Path(path).exists():
+        return -1
+    last = -1
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                last = max(last, int(json.loads(line)["version"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
 def _strict(value: Any) -> Any:
     """``value`` with every non-finite float as None: metrics files are strict JSON, which has no NaN or Infinity."""
     if isinstance(value, float) and not math.isfinite(value):

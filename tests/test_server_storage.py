@@ -1,5 +1,6 @@
 """A server process whose disk refuses writes (issue 16): clients are told UNAVAILABLE with the reason, never
-UNKNOWN; health reports NOT_SERVING while checkpoints cannot be written; nothing acknowledged is lost.
+UNKNOWN; health reports NOT_SERVING while checkpoints cannot be written; nothing acknowledged is lost, and the
+versions a resume re-creates from the log are evaluated.
 
 The failing disk is a real one: the server runs as its own process, and the test lowers that process's file-size
 limit (RLIMIT_FSIZE, with SIGXFSZ ignored) while it runs, so its writes fail with EFBIG as they would with ENOSPC on
@@ -9,6 +10,7 @@ a full disk; both are the same OSError path.
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedhet.metrics import read_metrics
 from fedhet.server.testing import ReceivedTask, ScriptedClient, wait_for_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prlimit on another process: Linux")
@@ -137,13 +140,22 @@ async def storage_scenario(tmp_path: Path) -> None:
         assert "Traceback" not in output, output[-3000:]
         assert "checkpoint through event" in output and "failed" in output
 
+        # as if the crash came before version 4 was evaluated: the resume re-creates it from the log and must
+        # evaluate it, once
+        metrics = state / "metrics.jsonl"
+        lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["version"] < 4]
+        metrics.write_text("".join(f"{line}\n" for line in lines))
         resumed = Server(state, "--resume")
         try:
-            clients = [ScriptedClient(f"127.0.0.1:{resumed.port}", i) for i in range(3)]
-            reply = await clients[0].register()
+            client = ScriptedClient(f"127.0.0.1:{resumed.port}", 0)
+            reply = await client.register()
             assert reply.version == 4
-            for c in clients:
-                await c.close()
+            await client.close()
+            deadline = time.monotonic() + 30
+            while 4 not in (versions := [r.version for r in read_metrics(metrics)]):
+                assert time.monotonic() < deadline, "the replayed version 4 was not evaluated"
+                await asyncio.sleep(0.1)
+            assert versions.count(4) == 1 and versions.count(3) == 1, versions
         finally:
             resumed.kill()
     finally:

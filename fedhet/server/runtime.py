@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
-from fedhet.metrics import MetricsWriter
+from fedhet.metrics import MetricsWriter, last_version
 from fedhet.runtime import (
     Evaluate,
     Outcome,
@@ -92,6 +92,7 @@ class Coordinator:
         self.personal = PersonalReports()  # the personalised accuracy each client last reported
         self.ended: RunEnded | None = None
         self._replaying = False
+        self._recorded = -1  # the newest version metrics.jsonl held when a resume began
         self._time_base = 0.0  # run seconds reached before this process started
         self._mono_start = time.monotonic()
         self._wall_start = time.time()
@@ -122,6 +123,8 @@ class Coordinator:
         if state is not None:
             self._load_state(state)
         events = self.store.events_after(self._last_seq)
+        # versions the log re-creates are evaluated as they were live, unless metrics already hold them
+        self._recorded = last_version(self.metrics.path) if self.metrics is not None else -1
         self._replaying = True
         try:
             for event in events:
@@ -266,10 +269,14 @@ class Coordinator:
         self._wake.set()
         if outcome.stop is not None:
             self._end(outcome.stop, now)  # evaluates (when not yet done) and checkpoints
-        elif outcome.new_version and not self._replaying:
+        elif outcome.new_version:
             if outcome.evaluate:
-                self._queue_eval(now)
-            self._checkpoint_now()
+                if self._replaying and self.version <= self._recorded:
+                    self.driver.mark_evaluated(now)  # its line was written before the restart
+                else:
+                    self._queue_eval(now)
+            if not self._replaying:
+                self._checkpoint_now()
 
     def _end(self, reason: str, now: float) -> None:
         if self.ended is not None:
