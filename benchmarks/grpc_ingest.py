@@ -242,6 +242,7 @@ def main() -> None:
                     "server.max_versions=2",
                     "server.eval_every=1000",
                     f"server.max_concurrent_uploads={n}",
+                    f"server.max_inflight_bytes={max(1 << 30, n * 2 * len(payload))}",
                     "server.threads=1",
                     "server.poll_timeout=30",
                     "server.client_timeout=600",
@@ -255,7 +256,8 @@ def main() -> None:
             try:
                 port = wait_port(Path(f"{state}.port"), server)
                 deadline = time.monotonic() + 120  # the version-0 evaluation runs first; let it finish
-                while not (state / "metrics.jsonl").exists() and time.monotonic() < deadline:
+                metrics = state / "metrics.jsonl"  # created at start; its first line is the version-0 evaluation
+                while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
                     time.sleep(0.1)
                 ours = asyncio.run(fedhet_round(port, n, chunk_bytes, {"samples": 60000 // n, "payload": len(payload)}))
             finally:

@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from fedhet.metrics import MetricsWriter, last_version
@@ -400,12 +400,11 @@ class Coordinator:
         self.counters.received += 1
         self.counters.rejected += 1
 
-    def bound_norm(self, result: Result, record: TaskRecord) -> tuple[Result, bool]:
-        """Apply the configured norm bound; raises NormBoundExceeded when rejecting."""
-        checked = check_norm(result.weights, record.task.weights, self.settings.norm_bound, self.settings.norm_action)
-        if not checked.clipped:
-            return result, False
-        return replace(result, weights=checked.weights), True
+    def bound_norm(self, weights: Weights, record: TaskRecord) -> tuple[Weights, bool]:
+        """An update's weights under the configured norm bound, and whether they were clipped; raises
+        NormBoundExceeded when rejecting. Reads only the settings and the task, so any thread may call it."""
+        checked = check_norm(weights, record.task.weights, self.settings.norm_bound, self.settings.norm_action)
+        return checked.weights, checked.clipped
 
     async def submit(
         self,

@@ -26,7 +26,7 @@ from fedhet.server.auth import TokenStore
 from fedhet.server.gate import RateLimitedLog
 from fedhet.server.privacy import DPStep, check_dp_report
 from fedhet.server.runtime import Coordinator
-from fedhet.server.session import DuplicateResult, NotOutstanding, RunEnded, UnknownClient
+from fedhet.server.session import DuplicateResult, NotOutstanding, RunEnded, TaskRecord, UnknownClient
 from fedhet.server.validation import (
     ResultFields,
     SampleCountError,
@@ -127,6 +127,14 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         while len(self._encoded) > 4:
             self._encoded.popitem(last=False)
         return manifest, payload
+
+    def _received(self, assembler: PayloadAssembler, record: TaskRecord) -> tuple[Weights, bool]:
+        """Checksum, decode, check and norm-bound a received payload; the weights to use and whether they were
+        clipped. Runs in a worker thread (it reads, but never changes, the run's state): hashing and the tensor
+        passes release the GIL, so the event loop keeps serving."""
+        weights = decode(assembler.manifest, assembler.finish())
+        check_update(weights, record.meta)
+        return self.coord.bound_norm(weights, record)
 
     # ------------------------------------------------------------------ RPCs
     async def Register(self, request: spb.RegisterRequest, context: Context) -> spb.RegisterReply:
@@ -257,7 +265,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     if message.WhichOneof("kind") != "chunk":
                         raise ChunkError("an upload sends one header, then only chunks")
                     assembler.add(message.chunk)
-                weights = await asyncio.to_thread(_finish_checked, assembler, record.meta)
+                weights, clipped = await asyncio.to_thread(self._received, assembler, record)
                 result = Result(
                     task_id=header.task_id,
                     client_id=client_id,
@@ -269,7 +277,6 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     loss=header.loss,
                     bitwidth=bitwidth,
                 )
-                result, clipped = coord.bound_norm(result, record)
             except ReadTimeout as error:
                 coord.reject()
                 self.noisy(logging.WARNING, "slow upload", "client %d, task %d: %s", client_id, header.task_id, error)
@@ -328,14 +335,6 @@ def check_dp_fields(header: spb.ResultHeader) -> DPStep | None:
         return check_dp_report(dp.noise_multiplier, dp.sample_rate, dp.steps, header.local_steps)
     except ValueError as error:
         raise SampleCountError(str(error)) from None
-
-
-def _finish_checked(assembler: PayloadAssembler, meta: Any) -> dict[str, Any]:
-    """Checksum, decode and check a received payload (in a worker thread: hashing and the NaN scan release the
-    GIL, so the event loop keeps serving)."""
-    weights = decode(assembler.manifest, assembler.finish())
-    check_update(weights, meta)
-    return weights
 
 
 _DRAIN_SECONDS = 2.0  # longest a refused upload's remaining messages are read for

@@ -126,11 +126,14 @@ class NormCheck:
 
 
 def update_norm(weights: Weights, start: Weights) -> float:
-    """L2 norm of ``weights - start`` over the floating-point tensors (float64 accumulation)."""
+    """L2 norm of ``weights - start`` over the floating-point tensors: float32 differences, whose sums of squares
+    are added in float64; NaN or inf when a value is not finite or the squares overflow float32. One pass over the
+    update (a server takes in every update of a run through it)."""
     total = 0.0
     for name, value in weights.items():
         if value.is_floating_point():
-            total += float(torch.sum((value.double() - start[name].double()) ** 2))
+            diff = (value.float() - start[name].float()).reshape(-1)
+            total += float(torch.dot(diff, diff))
     return math.sqrt(total)
 
 
