@@ -2,24 +2,33 @@
 
 A :class:`Strategy` knows nothing of gRPC, threads or clocks. Runtimes (the simulator, the gRPC server) tell it
 what happened and when (``now``, in seconds on the runtime's clock) and it answers with tasks to hand out.
+
+Every event is all-or-nothing: when the scheduler, the aggregator or the planner raises, the strategy, its
+scheduler and its aggregator are put back exactly as they were before the event, and the exception propagates.
+The scheduler records its changes in a :class:`~fedhet.strategies.journal.Journal` (its decision carries it as
+``undo``), the aggregator only rebinds its attributes (the strategy notes them before it aggregates), and the
+strategy records its own changes in a journal of its own. Nothing any of them holds is changed in place during an
+event but through a record, so the cost is O(changes), never O(clients) or O(model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Concatenate, ParamSpec, Protocol, runtime_checkable
 
 import torch
 
 from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.errors import StateError, UnknownTaskError
+from fedhet.strategies.journal import Journal
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
 
 __all__ = [
     "Aggregator",
     "Assignment",
     "Decision",
+    "Journal",
     "KeepsModels",
     "Plan",
     "Planner",
@@ -28,7 +37,10 @@ __all__ = [
     "Strategy",
     "UnknownTaskError",
     "UpdateBuffer",
+    "undoable",
 ]
+
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -63,15 +75,33 @@ class Plan:
 @dataclass
 class Decision:
     """What a scheduler wants after an event: fold ``aggregate`` into the global model (when given), then hand
-    work to ``assign`` from the (new) global model. ``dropped`` counts results it discarded (too late)."""
+    work to ``assign`` from the (new) global model. ``dropped`` counts results it discarded (too late).
+
+    ``aggregate`` is a buffer the scheduler no longer holds. ``undo`` puts the scheduler back as it was before the
+    event, for a later step of the event (aggregation, planning) that fails; None for a scheduler that changed
+    nothing."""
 
     aggregate: UpdateBuffer | None = None
     assign: list[Assignment] = field(default_factory=list)
     dropped: int = 0
+    undo: Journal | None = None
+
+
+def undoable(event: Callable[Concatenate[Journal, P], Decision], *args: P.args, **kwargs: P.kwargs) -> Decision:
+    """``event(journal, *args, **kwargs)`` with a fresh journal, in which the event records its changes: put back at
+    once when it raises, else handed to the strategy as the decision's ``undo``."""
+    journal = Journal()
+    decision = journal.run(event, *args, **kwargs)
+    decision.undo = journal
+    return decision
 
 
 class Scheduler(Protocol):
-    """Decides who trains, how much, and when to aggregate. Uses only the ``now`` it is given."""
+    """Decides who trains, how much, and when to aggregate. Uses only the ``now`` it is given.
+
+    An event either returns a decision whose ``undo`` takes it back, or raises having changed nothing
+    (:func:`undoable` gives both).
+    """
 
     def on_available(self, client: ClientInfo, now: float) -> Decision: ...
     def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision: ...
@@ -88,7 +118,13 @@ class Planner(Protocol):
 
 
 class Aggregator(Protocol):
-    """Combines buffered updates with the global model into the next global model."""
+    """Combines buffered updates with the global model into the next global model.
+
+    ``aggregate`` changes the aggregator only by rebinding its own attributes (it replaces the tensors, modules and
+    containers it keeps, never changes them in place), so the strategy puts a failed event's aggregator back from
+    the bindings it noted before aggregating (an aggregator that wraps another must not leave the inner one
+    changed: the strategy sees only the wrapper's bindings).
+    """
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -135,6 +171,7 @@ class Strategy:
         self.clients: dict[int, ClientInfo] = {}
         self._outstanding: dict[int, tuple[int, int]] = {}  # task id -> (client id, start version)
         self._next_task_id = 0
+        self.folded: tuple[int, ...] = ()  # task ids of the updates the latest aggregation folded in
 
     def start(self, initial_weights: Weights, now: float) -> None:
         """Set the initial global model (version 0) at time ``now`` (seconds): a copy, kept on the device the
@@ -147,10 +184,7 @@ class Strategy:
         known = self.clients.get(client.client_id)
         if known is not None and known != client:
             raise ValueError(f"client {client.client_id} registered again with a different profile or sample count")
-        self.clients[client.client_id] = client
-        for task_id in [t for t, (c, _) in self._outstanding.items() if c == client.client_id]:
-            del self._outstanding[task_id]
-        return self._apply(self.scheduler.on_available(client, now))
+        return Journal().run(self._available, client, now)
 
     def on_result(self, result: Result, now: float) -> list[Task]:
         """An update arrived at ``now``. Raises :class:`UnknownTaskError` for a task not outstanding. The result's
@@ -163,16 +197,15 @@ class Strategy:
                 f"task {result.task_id} belongs to client {owner[0]} at version {owner[1]}, "
                 f"not client {result.client_id} at version {result.version}"
             )
-        del self._outstanding[result.task_id]
         client = self.clients[result.client_id]
         # the bitwidth an update is grouped by is the registered profile's, never what the client claims
         if result.bitwidth != client.profile.bitwidth:
             result = replace(result, bitwidth=client.profile.bitwidth)
-        return self._apply(self.scheduler.on_result(result, client, now))
+        return Journal().run(self._result, result, client, now)
 
     def on_tick(self, now: float) -> list[Task]:
         """A deadline the strategy asked for (``next_deadline``) has passed."""
-        return self._apply(self.scheduler.on_tick(now))
+        return Journal().run(self._tick, now)
 
     def next_deadline(self) -> float | None:
         """The time (seconds) at which the runtime must call ``on_tick``; None when nothing is due."""
@@ -183,16 +216,39 @@ class Strategy:
         """Tasks handed out and not yet answered or lost."""
         return len(self._outstanding)
 
-    def _apply(self, decision: Decision) -> list[Task]:
+    # ------------------------------------------------------------------ events, recorded in a journal
+    def _available(self, journal: Journal, client: ClientInfo, now: float) -> list[Task]:
+        journal.keep(self)
+        journal.keep_item(self.clients, client.client_id)
+        self.clients[client.client_id] = client
+        for task_id in [t for t, (c, _) in self._outstanding.items() if c == client.client_id]:
+            journal.keep_item(self._outstanding, task_id)
+            del self._outstanding[task_id]
+        return self._apply(journal, self.scheduler.on_available(client, now))
+
+    def _result(self, journal: Journal, result: Result, client: ClientInfo, now: float) -> list[Task]:
+        journal.keep(self)
+        journal.keep_item(self._outstanding, result.task_id)
+        del self._outstanding[result.task_id]
+        return self._apply(journal, self.scheduler.on_result(result, client, now))
+
+    def _tick(self, journal: Journal, now: float) -> list[Task]:
+        journal.keep(self)
+        return self._apply(journal, self.scheduler.on_tick(now))
+
+    def _apply(self, journal: Journal, decision: Decision) -> list[Task]:
+        if decision.undo is not None:
+            journal.record(decision.undo.rollback)
         self.updates_dropped += decision.dropped
         if decision.aggregate is not None and len(decision.aggregate):
+            journal.keep(self.aggregator)
             self.global_weights = self.aggregator.aggregate(self.global_weights, decision.aggregate, self.version)
-            self.updates_applied += len(decision.aggregate)
+            self.folded = tuple(decision.aggregate.task_ids())
+            self.updates_applied += len(self.folded)
             self.version += 1
-            decision.aggregate.clear()
-        return [self._task(a) for a in decision.assign]
+        return [self._task(journal, a) for a in decision.assign]
 
-    def _task(self, assignment: Assignment) -> Task:
+    def _task(self, journal: Journal, assignment: Assignment) -> Task:
         client = self.clients[assignment.client_id]
         plan = self.planner.plan(client, self.global_weights, self.version)
         task = Task(
@@ -206,6 +262,7 @@ class Strategy:
             sparse=plan.sparse,
         )
         self._next_task_id += 1
+        journal.keep_item(self._outstanding, task.task_id)
         self._outstanding[task.task_id] = (client.client_id, self.version)
         return task
 

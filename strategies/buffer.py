@@ -1,10 +1,15 @@
 """The update buffer: results folded into running weighted sums on arrival, one bucket per (start version,
-bitwidth), so a round of a thousand clients costs what a round of ten does (see docs/DESIGN.md)."""
+bitwidth), so a round of a thousand clients costs what a round of ten does (see docs/DESIGN.md).
+
+A buffer never changes a tensor or a dict it holds in place: folding an update makes new sums (the same arithmetic,
+written to a new tensor) and a new dict of them. So a :meth:`UpdateBuffer.restore_point` holds references, not
+copies, and an event that fails after folding an update puts the buffer back exactly, at no cost per update.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +80,7 @@ class _Chunk:
             index = torch.tensor(self.rows)
             weights = torch.tensor(self.weights)
         total, count = sum(self.weights), len(self.rows)
+        sums, key_weights, key_counts = dict(bucket.weighted_sum), dict(bucket.key_weights), dict(bucket.key_counts)
         for name, stack in self.stacks.items():
             rows = stack.reshape(len(stack), -1)
             rows = rows if index is None else rows[index.to(stack.device)]
@@ -83,10 +89,11 @@ class _Chunk:
                 part = torch.mv(rows.t().to(dtype), weights.to(stack.device, dtype))
             else:
                 part = rows.sum(0)
-            acc = bucket.weighted_sum[name]
-            acc.add_(part.view(acc.shape).to(acc.device, acc.dtype))
-            bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + total
-            bucket.key_counts[name] = bucket.key_counts.get(name, 0) + count
+            acc = sums[name]
+            sums[name] = acc + part.view(acc.shape).to(acc.device, acc.dtype)
+            key_weights[name] = key_weights.get(name, 0.0) + total
+            key_counts[name] = key_counts.get(name, 0) + count
+        bucket.weighted_sum, bucket.key_weights, bucket.key_counts = sums, key_weights, key_counts
 
 
 class UpdateBuffer:
@@ -115,34 +122,40 @@ class UpdateBuffer:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = Bucket({}, bitwidth=key[1])
-            self._buckets[key] = bucket
         weights = result.weights
         if isinstance(weights, StackedRow):
-            self._stage(key, weights, weight, result.task_id)
+            self._buckets[key] = bucket  # a chunk folds into it
+            self._stage(key, bucket, weights, weight, result.task_id)
         else:
             _check_shapes(bucket, {k: v.shape for k, v in weights.items()}, result.task_id)
+            sums, key_weights, key_counts = dict(bucket.weighted_sum), dict(bucket.key_weights), dict(bucket.key_counts)
             for name, value in weights.items():
-                acc = _sum_of(bucket, name, value)
+                acc = sums.get(name)
+                if acc is None:
+                    acc = torch.zeros_like(value, dtype=_sum_dtype(value))
                 if value.is_floating_point():
-                    acc.add_(value.to(acc.device, acc.dtype), alpha=weight)
+                    sums[name] = torch.add(acc, value.to(acc.device, acc.dtype), alpha=weight)
                 else:
-                    acc.add_(value.to(acc.device, acc.dtype))
-                bucket.key_weights[name] = bucket.key_weights.get(name, 0.0) + weight
-                bucket.key_counts[name] = bucket.key_counts.get(name, 0) + 1
+                    sums[name] = acc + value.to(acc.device, acc.dtype)
+                key_weights[name] = key_weights.get(name, 0.0) + weight
+                key_counts[name] = key_counts.get(name, 0) + 1
+            bucket.weighted_sum, bucket.key_weights, bucket.key_counts = sums, key_weights, key_counts
         bucket.total_weight += weight
         bucket.count += 1
         bucket.task_ids.append(result.task_id)
+        self._buckets[key] = bucket  # a new bucket only once its first update is in: a failed add leaves none
 
-    def _stage(self, key: tuple[int, int], row: StackedRow, weight: float, task_id: int) -> None:
-        """Hold ``row`` until its chunk is complete (then fold the chunk), keeping at most :data:`_PENDING_CHUNKS`
-        chunks of bucket ``key`` waiting."""
+    def _stage(self, key: tuple[int, int], bucket: Bucket, row: StackedRow, weight: float, task_id: int) -> None:
+        """Hold ``row`` until its chunk is complete (then fold the chunk into ``bucket``, the bucket of ``key``),
+        keeping at most :data:`_PENDING_CHUNKS` chunks of bucket ``key`` waiting."""
         where = (key, id(row.stacks))
         chunk = self._pending.get(where)
         if chunk is None:
-            bucket = self._buckets[key]
             _check_shapes(bucket, {k: v.shape[1:] for k, v in row.stacks.items()}, task_id)
-            for name, stack in row.stacks.items():
-                _sum_of(bucket, name, stack[0])
+            missing = [name for name in row.stacks if name not in bucket.weighted_sum]
+            if missing:
+                zeros = {n: torch.zeros_like(row.stacks[n][0], dtype=_sum_dtype(row.stacks[n])) for n in missing}
+                bucket.weighted_sum = {**bucket.weighted_sum, **zeros}
             waiting = [w for w in self._pending if w[0] == key]
             for oldest in waiting[: max(0, len(waiting) - _PENDING_CHUNKS + 1)]:
                 self._fold(oldest)
@@ -198,22 +211,44 @@ class UpdateBuffer:
                     dict(bucket.key_counts),
                 )
                 continue
+            sums, key_weights, key_counts = dict(mine.weighted_sum), dict(mine.key_weights), dict(mine.key_counts)
             for name, value in bucket.weighted_sum.items():
-                acc = mine.weighted_sum.get(name)
-                if acc is None:
-                    mine.weighted_sum[name] = value
-                else:
-                    acc.add_(value)
-                mine.key_weights[name] = mine.key_weights.get(name, 0.0) + bucket.key_weights[name]
-                mine.key_counts[name] = mine.key_counts.get(name, 0) + bucket.key_counts[name]
+                acc = sums.get(name)
+                sums[name] = value if acc is None else acc + value
+                key_weights[name] = key_weights.get(name, 0.0) + bucket.key_weights[name]
+                key_counts[name] = key_counts.get(name, 0) + bucket.key_counts[name]
+            mine.weighted_sum, mine.key_weights, mine.key_counts = sums, key_weights, key_counts
             mine.total_weight += bucket.total_weight
             mine.count += bucket.count
             mine.task_ids.extend(bucket.task_ids)
         other.clear()
 
     def clear(self) -> None:
-        self._buckets.clear()
-        self._pending.clear()
+        self._buckets = {}
+        self._pending = {}
+
+    def restore_point(self) -> Callable[[], None]:
+        """A function that puts this buffer back as it is now (for an event that fails after folding into it).
+
+        O(buckets + waiting chunks): the buffer replaces its sums and their dicts rather than changing them, so the
+        point holds references; a bucket's task ids and a chunk's rows only grow, so their lengths suffice.
+        """
+        attrs = vars(self).copy()
+        buckets = [(b, vars(b).copy(), len(b.task_ids)) for b in self._buckets.values()]
+        chunks = [(c, len(c.rows)) for c in self._pending.values()]
+        buckets_now, pending_now = dict(self._buckets), dict(self._pending)
+
+        def restore() -> None:
+            for bucket, fields, count in buckets:
+                vars(bucket).update(fields)
+                del bucket.task_ids[count:]
+            for chunk, rows in chunks:
+                del chunk.rows[rows:]
+                del chunk.weights[rows:]
+            vars(self).update(attrs)
+            self._buckets, self._pending = buckets_now, pending_now
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         """One entry per bucket, keyed ``"<start version>:<bitwidth>"``; a bucket of partial updates also lists
@@ -254,7 +289,7 @@ class UpdateBuffer:
             key_weights, key_counts = _key_totals(name, row, sums, weight, count)
             buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1], key_weights, key_counts)
         self._buckets = buckets
-        self._pending.clear()
+        self._pending = {}
 
 
 def _key_totals(
@@ -302,11 +337,3 @@ def _check_shapes(bucket: Bucket, shapes: Mapping[str, torch.Size], task_id: int
             raise ValueError(
                 f"task {task_id}: tensor {name!r} has shape {tuple(shape)}, the buffered updates {tuple(held.shape)}"
             )
-
-
-def _sum_of(bucket: Bucket, name: str, like: torch.Tensor) -> torch.Tensor:
-    """``bucket``'s sum of tensor ``name``, created (zeros, float64 or int64, on ``like``'s device) when missing."""
-    acc = bucket.weighted_sum.get(name)
-    if acc is None:
-        acc = bucket.weighted_sum[name] = torch.zeros_like(like, dtype=_sum_dtype(like))
-    return acc

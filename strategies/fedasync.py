@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.base import Assignment, Decision, undoable
 from fedhet.strategies.errors import StateError
+from fedhet.strategies.journal import Journal
 from fedhet.strategies.staleness import ClientWeights, StalenessBuffer, StartVersions
 from fedhet.types import ClientInfo, Result
 
@@ -34,10 +35,18 @@ class FedAsyncScheduler:
         self._starts = StartVersions()
 
     def on_available(self, client: ClientInfo, now: float) -> Decision:
+        return undoable(self._available, client)
+
+    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+        return undoable(self._result, result, client)
+
+    def _available(self, journal: Journal, client: ClientInfo) -> Decision:
+        self._keep(journal, client.client_id)
         self._weights.observe(client)
         return Decision(assign=[self._assign(client.client_id)])
 
-    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+    def _result(self, journal: Journal, result: Result, client: ClientInfo) -> Decision:
+        self._keep(journal, client.client_id)
         update = StalenessBuffer()
         update.add(result, self._weights.weight(client))
         self.version += 1
@@ -54,6 +63,12 @@ class FedAsyncScheduler:
     def buffered_task_ids(self) -> list[int]:
         """Tasks accepted and not yet aggregated: none, every update is applied on arrival."""
         return []
+
+    def _keep(self, journal: Journal, cid: int) -> None:
+        """Record what an event of client ``cid`` may change: the version, its weight and its start version."""
+        journal.keep(self)
+        self._weights.keep(journal, cid)
+        self._starts.keep(journal, cid)
 
     def _assign(self, cid: int) -> Assignment:
         self._starts.start(cid, self.version)

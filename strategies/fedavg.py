@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.base import Assignment, Decision, undoable
 from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.errors import StateError
+from fedhet.strategies.journal import Journal
 from fedhet.strategies.layers import layer_names
 from fedhet.types import ClientInfo, Result
 
@@ -85,37 +86,48 @@ class SyncScheduler:
         return max(self.min_clients, math.ceil(self.fraction * len(self._known - self._stragglers)))
 
     def on_available(self, client: ClientInfo, now: float) -> Decision:
-        self._known.add(client.client_id)
-        self._idle.add(client.client_id)
-        self._stragglers.discard(client.client_id)
-        if client.client_id in self._pending:  # it lost its task: the round no longer waits for it
-            self._pending.discard(client.client_id)
+        return undoable(self._available, client, now)
+
+    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+        return undoable(self._result, result, client, now)
+
+    def on_tick(self, now: float) -> Decision:
+        return undoable(self._tick, now)
+
+    # the events, each recording its changes in ``journal``; the client sets change in place one client at a time,
+    # a round's start and end replace them
+    def _available(self, journal: Journal, client: ClientInfo, now: float) -> Decision:
+        cid = client.client_id
+        self._keep(journal, cid)
+        self._known.add(cid)
+        self._idle.add(cid)
+        self._stragglers.discard(cid)
+        if cid in self._pending:  # it lost its task: the round no longer waits for it
+            self._pending.discard(cid)
             if not self._pending:
                 return self._close_round(now)
         if self._round_deadline is None and self._start_at is None:
             self._start_at = now  # start on a tick, after every other event at this time was seen
         return Decision()
 
-    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
-        self._idle.add(client.client_id)
-        self._stragglers.discard(client.client_id)
-        if client.client_id not in self._pending:
-            decision = Decision(dropped=1)  # its round already closed
+    def _result(self, journal: Journal, result: Result, client: ClientInfo, now: float) -> Decision:
+        cid = client.client_id
+        self._keep(journal, cid)
+        if cid not in self._pending:
+            self._idle.add(cid)
+            self._stragglers.discard(cid)
             if self._round_deadline is None and self._start_at is None:
                 self._start_at = now
-            return decision
-        self._pending.discard(client.client_id)
+            return Decision(dropped=1)  # its round already closed
+        journal.record(self.buffer.restore_point())
         self.buffer.add(result, self._weight(result))
+        self._idle.add(cid)
+        self._stragglers.discard(cid)
+        self._pending.discard(cid)
         return self._close_round(now) if not self._pending else Decision()
 
-    def _weight(self, result: Result) -> float:
-        if self.weighting == "samples":
-            return float(result.num_samples)
-        if self.weighting == "layers":
-            return float(len(layer_names(result.weights)))
-        return 1.0
-
-    def on_tick(self, now: float) -> Decision:
+    def _tick(self, journal: Journal, now: float) -> Decision:
+        journal.keep(self)
         if self._round_deadline is not None and now >= self._round_deadline:
             decision = self._close_round(now)
             decision.assign = self._try_start(now)
@@ -124,16 +136,30 @@ class SyncScheduler:
             return Decision(assign=self._try_start(now))
         return Decision()
 
+    def _keep(self, journal: Journal, cid: int) -> None:
+        """Record what an event of client ``cid`` may change: the attributes, and ``cid`` in each client set."""
+        journal.keep(self)
+        for clients in (self._known, self._idle, self._pending, self._stragglers):
+            journal.keep_member(clients, cid)
+
+    def _weight(self, result: Result) -> float:
+        if self.weighting == "samples":
+            return float(result.num_samples)
+        if self.weighting == "layers":
+            return float(len(layer_names(result.weights)))
+        return 1.0
+
     def next_deadline(self) -> float | None:
         return self._round_deadline if self._round_deadline is not None else self._start_at
 
     def _close_round(self, now: float) -> Decision:
-        self._stragglers |= self._pending
-        self._pending.clear()
+        self._stragglers = self._stragglers | self._pending
+        self._pending = set()
         self._round_deadline = None
         self._start_at = now
         self.round += 1
-        return Decision(aggregate=self.buffer)
+        closed, self.buffer = self.buffer, UpdateBuffer()
+        return Decision(aggregate=closed)
 
     def _try_start(self, now: float) -> list[Assignment]:
         self._start_at = None
@@ -142,7 +168,7 @@ class SyncScheduler:
             return []  # wait: the next client to become available tries again
         rng = np.random.default_rng([self.seed, self.round])
         chosen = sorted(int(c) for c in rng.choice(sorted(self._idle), size=size, replace=False))
-        self._idle.difference_update(chosen)
+        self._idle = self._idle.difference(chosen)
         self._pending = set(chosen)
         self._round_deadline = now + self.round_timeout
         return [Assignment(c, local_steps=self.local_steps, local_epochs=self.local_epochs) for c in chosen]

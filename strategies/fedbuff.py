@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.base import Assignment, Decision, undoable
 from fedhet.strategies.errors import StateError
+from fedhet.strategies.journal import Journal
 from fedhet.strategies.staleness import StalenessBuffer, StartVersions
 from fedhet.types import ClientInfo, Result
 
@@ -39,11 +40,21 @@ class FedBuffScheduler:
         self._starts = StartVersions()
 
     def on_available(self, client: ClientInfo, now: float) -> Decision:
-        return Decision(assign=[self._assign(client.client_id)])
+        return undoable(self._available, client)
 
     def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
-        self._starts.finish(client.client_id)
+        return undoable(self._result, result, client)
+
+    def _available(self, journal: Journal, client: ClientInfo) -> Decision:
+        self._starts.keep(journal, client.client_id)
+        return Decision(assign=[self._assign(client.client_id)])
+
+    def _result(self, journal: Journal, result: Result, client: ClientInfo) -> Decision:
+        journal.keep(self)
+        journal.record(self.buffer.restore_point())
+        self._starts.keep(journal, client.client_id)
         self.buffer.add(result, 1.0 / self.buffer_size)
+        self._starts.finish(client.client_id)
         if len(self.buffer) < self.buffer_size:
             return Decision(assign=[self._assign(client.client_id)])
         flush, self.buffer = self.buffer, StalenessBuffer()

@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedhet.strategies.base import Assignment, Decision
+from fedhet.strategies.base import Assignment, Decision, undoable
 from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.errors import StateError
+from fedhet.strategies.journal import Journal
 from fedhet.strategies.staleness import ClientWeights, StalenessBuffer
 from fedhet.types import ClientInfo, Result
 
@@ -131,33 +132,48 @@ class FedCompassScheduler:
         self._next_group = 0
 
     # ------------------------------------------------------------------ events
-
     def on_available(self, client: ClientInfo, now: float) -> Decision:
+        return undoable(self._available, client, now)
+
+    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+        return undoable(self._result, result, client, now)
+
+    def on_tick(self, now: float) -> Decision:
+        return undoable(self._tick, now)
+
+    # every change below is recorded in the event's journal first: a client's record and a group before their
+    # fields change (``_client``, ``_group``), a member before it joins or leaves, a buffer before it folds or empties
+    def _available(self, journal: Journal, client: ClientInfo, now: float) -> Decision:
+        journal.keep(self)
+        self._weights.keep(journal, client.client_id)
         self._weights.observe(client)
-        ready, expired = self._close_due(now, inclusive=False)
-        record = self.clients.setdefault(client.client_id, CompassClient())
+        ready, expired = self._close_due(journal, now, inclusive=False)
+        record = self._client(journal, client.client_id)
         assign = []
         if record.busy:  # it lost its task: its group no longer waits for it
             record.busy = False
             if record.group is not None:
                 gid, record.group = record.group, None
-                group = self.groups[gid]
+                group = self._group(journal, gid)
+                journal.keep_member(group.training, client.client_id)
                 group.training.discard(client.client_id)
                 if not group.closed and not group.training and group.arrived:
                     group.closed = True
                     ready.append(gid)
-                self._drop_if_empty(gid)
+                self._drop_if_empty(journal, gid)
             assign.append(client.client_id)
         elif record.group is None:  # a new client
             assign.append(client.client_id)
         # otherwise it waits in its group and gets its task at the group's aggregation
-        return self._decide(now, StalenessBuffer(), ready, expired, assign)
+        return self._decide(journal, now, StalenessBuffer(), ready, expired, assign)
 
-    def on_result(self, result: Result, client: ClientInfo, now: float) -> Decision:
+    def _result(self, journal: Journal, result: Result, client: ClientInfo, now: float) -> Decision:
         cid = client.client_id
+        journal.keep(self)
+        self._weights.keep(journal, cid)
         weight = self._weights.weight(client)
-        ready, expired = self._close_due(now, inclusive=False)
-        record = self.clients.setdefault(cid, CompassClient())
+        ready, expired = self._close_due(journal, now, inclusive=False)
+        record = self._client(journal, cid)
         self._update_speed(record, result, now)
         record.busy = False
         stage = StalenessBuffer()
@@ -167,24 +183,42 @@ class FedCompassScheduler:
             stage.add(result, weight)
             assign.append(cid)
         else:
-            group = self.groups[gid]
+            group = self._group(journal, gid)
+            journal.keep_member(group.training, cid)
             group.training.discard(cid)
             if group.closed:  # late: buffered for the next group aggregation, reassigned at once
+                journal.record(self.late.restore_point())
                 self.late.add(result, weight)
                 record.group = None
-                self._drop_if_empty(gid)
+                self._drop_if_empty(journal, gid)
                 assign.append(cid)
             else:
+                journal.record(group.buffer.restore_point())
                 group.buffer.add(result, weight)
+                journal.keep_length(group.arrived)
                 group.arrived.append(cid)
                 if not group.training:
                     group.closed = True
                     ready.append(gid)
-        return self._decide(now, stage, ready, expired, assign)
+        return self._decide(journal, now, stage, ready, expired, assign)
 
-    def on_tick(self, now: float) -> Decision:
-        ready, expired = self._close_due(now, inclusive=True)
-        return self._decide(now, StalenessBuffer(), ready, expired, [])
+    def _tick(self, journal: Journal, now: float) -> Decision:
+        journal.keep(self)
+        ready, expired = self._close_due(journal, now, inclusive=True)
+        return self._decide(journal, now, StalenessBuffer(), ready, expired, [])
+
+    def _client(self, journal: Journal, cid: int) -> CompassClient:
+        """Client ``cid``'s record (a new one for a client not seen before), its fields recorded in ``journal``."""
+        journal.keep_item(self.clients, cid)
+        record = self.clients.setdefault(cid, CompassClient())
+        journal.keep(record)
+        return record
+
+    def _group(self, journal: Journal, gid: int) -> CompassGroup:
+        """Group ``gid``, its fields recorded in ``journal`` (its member set and arrival list need their own)."""
+        group = self.groups[gid]
+        journal.keep(group)
+        return group
 
     def next_deadline(self) -> float | None:
         deadlines = [g.latest for g in self.groups.values() if not g.closed]
@@ -212,7 +246,7 @@ class FedCompassScheduler:
             record.speed = (1.0 - m) * record.speed + m * sample
             record.overhead = (1.0 - m) * record.overhead + m * overhead
 
-    def _close_due(self, now: float, inclusive: bool) -> tuple[list[int], bool]:
+    def _close_due(self, journal: Journal, now: float, inclusive: bool) -> tuple[list[int], bool]:
         """Close the open groups whose deadline has passed (``L <= now`` on a tick, ``L < now`` on an arrival,
         which is on time at ``L``). Returns the closed groups that have arrivals to aggregate, and whether any
         group closed."""
@@ -222,41 +256,49 @@ class FedCompassScheduler:
             group = self.groups[gid]
             if group.closed or not (group.latest <= now if inclusive else group.latest < now):
                 continue
-            group.closed = True
+            self._group(journal, gid).closed = True
             expired = True
             if group.arrived:
                 ready.append(gid)
             else:
-                self._drop_if_empty(gid)
+                self._drop_if_empty(journal, gid)
         return ready, expired
 
     def _decide(
-        self, now: float, stage: StalenessBuffer, ready: list[int], expired: bool, assign: list[int]
+        self,
+        journal: Journal,
+        now: float,
+        stage: StalenessBuffer,
+        ready: list[int],
+        expired: bool,
+        assign: list[int],
     ) -> Decision:
         """Aggregate ``stage`` (a first update), plus the late buffer and the ``ready`` groups' updates when a group
         aggregates or a deadline passed; then assign ``assign`` and the ready groups' members, fastest first."""
         if ready or expired:
+            journal.record(self.late.restore_point())
             stage.absorb(self.late)
         for gid in ready:
-            group = self.groups[gid]
+            group = self._group(journal, gid)
+            journal.record(group.buffer.restore_point())
             stage.absorb(group.buffer)
             for cid in group.arrived:
-                self.clients[cid].group = None
+                self._client(journal, cid).group = None
             assign.extend(group.arrived)
             group.arrived = []
-            self._drop_if_empty(gid)
+            self._drop_if_empty(journal, gid)
         if len(stage):
             self.version += 1
         inf = math.inf
         order = sorted(assign, key=lambda c: (self.clients[c].speed or inf, c))
-        assignments = [self._assign(cid, now) for cid in order]
+        assignments = [self._assign(journal, cid, now) for cid in order]
         if not len(stage):
             return Decision(assign=assignments)
         stage.live_versions = self._live_versions()
         return Decision(aggregate=stage, assign=assignments)
 
-    def _assign(self, cid: int, now: float) -> Assignment:
-        record = self.clients[cid]
+    def _assign(self, journal: Journal, cid: int, now: float) -> Assignment:
+        record = self._client(journal, cid)
         record.busy = True
         record.start = now
         record.version = self.version
@@ -271,9 +313,11 @@ class FedCompassScheduler:
             self._next_group += 1
             duration = steps * record.speed
             start = now + record.overhead
+            journal.keep_item(self.groups, gid)
             self.groups[gid] = CompassGroup(start + duration, start + self.latest_time_factor * duration)
         else:
             gid, steps = joined
+        journal.keep_member(self.groups[gid].training, cid)
         self.groups[gid].training.add(cid)
         record.group = gid
         record.local_steps = steps
@@ -313,9 +357,10 @@ class FedCompassScheduler:
             raise StateError(f"client {cid} is in a group but has no speed estimate")
         return speed
 
-    def _drop_if_empty(self, gid: int) -> None:
+    def _drop_if_empty(self, journal: Journal, gid: int) -> None:
         group = self.groups[gid]
         if not group.training and not group.arrived:
+            journal.keep_item(self.groups, gid)
             del self.groups[gid]
 
     def _live_versions(self) -> frozenset[int]:

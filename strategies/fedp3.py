@@ -106,8 +106,12 @@ class FedP3Planner:
         self.keep_ratio = keep_ratio
         self.pruning = pruning
         self.head_layers = head_layers
+        # keep ratio -> pruned shared weights of the global weights ``_source`` at version ``_version`` (the weights
+        # object too, not only the number: an event that failed and was taken back may have planned a version that
+        # is made again, from other weights)
+        self._source: Weights | None = None
         self._version = -1
-        self._pruned: dict[float, dict[str, torch.Tensor]] = {}  # keep ratio -> pruned shared weights, this version
+        self._pruned: dict[float, dict[str, torch.Tensor]] = {}
 
     def layout(self, weights: Weights) -> _Layout:
         """Shared layers and head of a model given by its state dict."""
@@ -150,8 +154,8 @@ class FedP3Planner:
     def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
         layout = self.layout(weights)
         assigned, keep = self.assigned_layers(client, weights)
-        if version != self._version:
-            self._version, self._pruned = version, {}
+        if weights is not self._source or version != self._version:
+            self._source, self._version, self._pruned = weights, version, {}
         pruned = self._pruned.get(keep)
         if pruned is None:  # every client of a version and keep ratio shares one pruned copy
             pruned = {

@@ -28,6 +28,7 @@ Deviations named in config: ``chain`` (bitwidth levels of the dequantizer), ``hi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -132,16 +133,19 @@ class GroupedModels(dict[str, torch.Tensor]):
 class BitwidthPlanner:
     """Each client receives the global weights re-quantized to its bitwidth (its group's model under
     :class:`GroupedMean`). Quantized copies are made once per (version, bitwidth) and shared by the clients of that
-    bitwidth: memory is (bitwidths in use) x model."""
+    bitwidth: memory is (bitwidths in use) x model. They belong to the weights object they were made from too, not
+    only to the version number: an event that failed and was taken back may have planned a version that is made
+    again, from other weights."""
 
     def __init__(self) -> None:
+        self._source: Weights | None = None
         self._version = -1
         self._cache: dict[int, Plan] = {}
 
     def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
         bits = _check_bitwidth(client.profile.bitwidth, f"client {client.client_id}")
-        if version != self._version:
-            self._version, self._cache = version, {}
+        if weights is not self._source or version != self._version:
+            self._source, self._version, self._cache = weights, version, {}
         planned = self._cache.get(bits)
         if planned is None:
             source: Weights = weights
@@ -344,28 +348,33 @@ class ProWD:
     # ------------------------------------------------------------------------------------ aggregation
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
-        self._to(next(iter(global_weights.values())).device)
+        """The next global model. Nothing of this aggregator changes until it returns (the dequantizer trains as a
+        copy that replaces it at the end), so one that raises is left as it was."""
+        self._place(next(iter(global_weights.values())).device)
         groups = [_in_model_dtypes(g, global_weights) for g in group_updates(updates)]
         if not groups:
             return dict(global_weights)
         high = [g for g in groups if g.bitwidth >= self.high_bitwidth]
         lows = [g.bitwidth for g in groups if g.bitwidth < FULL]
-        self.lowest_seen = min([self.lowest_seen, *lows])
+        lowest = min([self.lowest_seen, *lows])
+        dequantizer = self.dequantizer
         if self.use_dequantizer:  # trained whenever high groups report, so it is ready when low ones return
-            self._train_dequantizer(high, version)
-        lifted = {g.bitwidth: self._lift(g) for g in groups}
+            dequantizer = copy.deepcopy(dequantizer).to(next(iter(global_weights.values())).device)
+            self._train_dequantizer(dequantizer, high, lowest, version)
+        lifted = {g.bitwidth: self._lift(dequantizer, g) for g in groups}
         floating = [k for k, v in global_weights.items() if v.is_floating_point()]
         deltas = {b: {k: w[k].double() - global_weights[k].double() for k in floating} for b, w in lifted.items()}
+        reference = self.reference
         if high:
             high_weight = sum(g.weight for g in high)
-            reference = {k: torch.zeros_like(deltas[high[0].bitwidth][k]) for k in floating}
+            mean_update = {k: torch.zeros_like(deltas[high[0].bitwidth][k]) for k in floating}
             for g in high:
                 for k in floating:
-                    reference[k].add_(deltas[g.bitwidth][k], alpha=g.weight / high_weight)
-            self.reference = {k: v.float() for k, v in reference.items()}
+                    mean_update[k].add_(deltas[g.bitwidth][k], alpha=g.weight / high_weight)
+            reference = {k: v.float() for k, v in mean_update.items()}
         total = sum(g.weight for g in groups)
         out: dict[str, torch.Tensor] = {}
-        self.last_masks = {}
+        masks: dict[int, float] = {}
         for name, current in global_weights.items():
             if not current.is_floating_point():
                 out[name] = _integer_mean(groups, name, current)
@@ -373,39 +382,42 @@ class ProWD:
             new = current.double()
             for group in groups:
                 delta = deltas[group.bitwidth][name]
-                if self.selective and group.bitwidth < self.high_bitwidth and name in self.reference:
+                if self.selective and group.bitwidth < self.high_bitwidth and name in reference:
                     mask = selective_mask(
-                        delta, self.reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
+                        delta, reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
                     )
                     delta = delta * mask
-                    kept = self.last_masks.get(group.bitwidth, 0.0)
-                    self.last_masks[group.bitwidth] = kept + float(mask.sum())
+                    masks[group.bitwidth] = masks.get(group.bitwidth, 0.0) + float(mask.sum())
                 new = new + delta * (group.weight / total)
             out[name] = new.to(current.dtype)
         numel = sum(global_weights[k].numel() for k in floating)
-        self.last_masks = {b: kept / numel for b, kept in self.last_masks.items()}
+        self.dequantizer, self.reference, self.lowest_seen = dequantizer, reference, lowest
+        self.last_masks = {b: kept / numel for b, kept in masks.items()}
         return out
 
-    def _lift(self, group: GroupUpdate) -> dict[str, torch.Tensor]:
-        """A group's mean at full precision: re-quantized to the group's grid, then through the dequantizer."""
+    def _lift(self, dequantizer: ProgressiveDequantizer, group: GroupUpdate) -> dict[str, torch.Tensor]:
+        """A group's mean at full precision: re-quantized to the group's grid, then through ``dequantizer``."""
         if not self.use_dequantizer or group.bitwidth == FULL:
             return group.mean
         with torch.no_grad():
-            return self.dequantizer.lift(quant.quantize_weights(group.mean, group.bitwidth), group.bitwidth)
+            return dequantizer.lift(quant.quantize_weights(group.mean, group.bitwidth), group.bitwidth)
 
-    def _to(self, device: torch.device) -> None:
-        """Keep the dequantizer and the server buffer where the weights are (a simulation on a GPU keeps them there)."""
-        self.dequantizer.to(device)
+    def _place(self, device: torch.device) -> None:
+        """Keep the server buffer where the weights are (a simulation on a GPU keeps it there); the dequantizer
+        goes there as it is copied for training."""
         if self.model is not None and self.server_inputs is not None:
             self.model.to(device)
             self.server_inputs = self.server_inputs.to(device)
 
     # ------------------------------------------------------------------------------------ training
 
-    def _train_dequantizer(self, high: Sequence[GroupUpdate], version: int) -> None:
-        """Train every block that some client's weights pass through (from the lowest bitwidth seen) and that has a
-        target: pairs from the high groups' weights (bitwidth >= the block's higher one)."""
-        if self.dequantizer_steps == 0 or not high or self.lowest_seen == FULL:
+    def _train_dequantizer(
+        self, dequantizer: ProgressiveDequantizer, high: Sequence[GroupUpdate], lowest: int, version: int
+    ) -> None:
+        """Train every block of ``dequantizer`` that some client's weights pass through (from ``lowest``, the lowest
+        bitwidth seen) and that has a target: pairs from the high groups' weights (bitwidth >= the block's higher
+        one)."""
+        if self.dequantizer_steps == 0 or not high or lowest == FULL:
             return
         if self.distill_weight > 0 and (self.model is None or self.server_inputs is None):
             raise ValueError(
@@ -413,8 +425,8 @@ class ProWD:
                 "aggregator.attach(model, server_inputs) (or set distill_weight: 0)"
             )
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
-        first = self.dequantizer.block_index(self.lowest_seen)
-        for index, block in enumerate(self.dequantizer.chain):
+        first = dequantizer.block_index(lowest)
+        for index, block in enumerate(dequantizer.chain):
             if index < first:
                 continue
             sources = [g for g in high if g.bitwidth >= block.high]
@@ -426,7 +438,7 @@ class ProWD:
             ]
             for step in range(self.dequantizer_steps):
                 low, target = pairs[step % len(pairs)]
-                lifted = self.dequantizer.lift(low, block.low, first=index)
+                lifted = dequantizer.lift(low, block.low, first=index)
                 loss = self.recon_weight * _relative_mse(lifted, target)
                 if self.distill_weight > 0:
                     loss = loss + self.distill_weight * self._distill(lifted, target, generator)
@@ -498,12 +510,14 @@ class GroupedMean:
         self.models: dict[int, dict[str, torch.Tensor]] = {}
 
     def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        models = dict(self.models)  # replaced whole at the end: a failed aggregation leaves the groups as they were
         for group in group_updates(updates):
             group = _in_model_dtypes(group, global_weights)
-            self.models[group.bitwidth] = {
+            models[group.bitwidth] = {
                 k: v if v.is_floating_point() else _integer_mean([group], k, global_weights[k])
                 for k, v in group.mean.items()
             }
+        self.models = models
         return self.global_view(global_weights)
 
     def global_view(self, weights: Weights) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import torch
 
 from fedhet.strategies.buffer import UpdateBuffer
 from fedhet.strategies.errors import StateError
+from fedhet.strategies.journal import Journal
 from fedhet.types import ClientInfo, Weights
 
 __all__ = [
@@ -123,6 +124,11 @@ class ClientWeights:
         self._samples: dict[int, int] = {}
         self._total = 0
 
+    def keep(self, journal: Journal, client_id: int) -> None:
+        """Record in ``journal`` what observing (or weighting) client ``client_id`` may change."""
+        journal.keep(self)
+        journal.keep_item(self._samples, client_id)
+
     def observe(self, client: ClientInfo) -> None:
         """Count ``client`` in N (and its samples in the total) from now on."""
         old = self._samples.get(client.client_id, 0)
@@ -163,6 +169,10 @@ class StartVersions:
 
     def __init__(self) -> None:
         self._versions: dict[int, int] = {}
+
+    def keep(self, journal: Journal, client_id: int) -> None:
+        """Record in ``journal`` the start version of ``client_id`` (or its absence)."""
+        journal.keep_item(self._versions, client_id)
 
     def start(self, client_id: int, version: int) -> None:
         """``client_id`` got a task from ``version`` (a task it held before is answered or lost)."""
