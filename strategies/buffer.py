@@ -133,8 +133,8 @@ class UpdateBuffer:
                 acc = sums.get(name)
                 if acc is None:
                     acc = torch.zeros_like(value, dtype=_sum_dtype(value))
-                if value.is_floating_point():
-                    sums[name] = torch.add(acc, value.to(acc.device, acc.dtype), alpha=weight)
+                if value.is_floating_point():  # promoted to the sum's dtype as it is added: no converted copy
+                    sums[name] = torch.add(acc, value.to(acc.device), alpha=weight)
                 else:
                     sums[name] = acc + value.to(acc.device, acc.dtype)
                 key_weights[name] = key_weights.get(name, 0.0) + weight

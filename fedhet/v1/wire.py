@@ -282,7 +282,7 @@ class PayloadAssembler:
             raise PayloadTooLarge(f"payload of {manifest.total_bytes} bytes exceeds the cap of {max_bytes} bytes")
         check_manifest(manifest)
         self.manifest = manifest
-        self._buffer = bytearray(manifest.total_bytes)
+        self._pieces: list[bytes] = []
         self._received = 0
 
     @property
@@ -291,19 +291,30 @@ class PayloadAssembler:
         return self._received
 
     def add(self, chunk: pb.Chunk) -> None:
-        """Append one chunk; it must start where the previous one ended."""
+        """Append one chunk; it must start where the previous one ended. Its bytes are kept as they came (no copy:
+        a server's event loop calls this), joined by :meth:`finish`."""
         if chunk.offset != self._received:
             raise ChunkError(f"chunk at offset {chunk.offset}, expected offset {self._received} (missing or reordered)")
-        end = self._received + len(chunk.data)
-        if end > len(self._buffer):
-            raise PayloadTooLarge(f"stream passed its declared {len(self._buffer)} bytes (at {end} bytes)")
-        self._buffer[self._received : end] = chunk.data
+        data = chunk.data
+        end = self._received + len(data)
+        if end > self.manifest.total_bytes:
+            raise PayloadTooLarge(f"stream passed its declared {self.manifest.total_bytes} bytes (at {end} bytes)")
+        self._pieces.append(data)
         self._received = end
 
     def finish(self) -> bytearray:
-        """The whole payload, once every byte arrived and the SHA-256 matches."""
-        if self._received != len(self._buffer):
-            raise ChunkError(f"stream ended after {self._received} of {len(self._buffer)} bytes")
-        if hashlib.sha256(self._buffer).digest() != self.manifest.sha256:  # releases the GIL: run it off the loop
+        """The whole payload, once every byte arrived and the SHA-256 matches (the hashing and the one copy that
+        joins the chunks release, or hold briefly, the GIL: a server runs this in a worker thread)."""
+        if self._received != self.manifest.total_bytes:
+            raise ChunkError(f"stream ended after {self._received} of {self.manifest.total_bytes} bytes")
+        digest = hashlib.sha256()
+        buffer = bytearray(self._received)
+        offset = 0
+        for piece in self._pieces:
+            digest.update(piece)
+            buffer[offset : offset + len(piece)] = piece
+            offset += len(piece)
+        self._pieces = []
+        if digest.digest() != self.manifest.sha256:
             raise ChunkError("payload SHA-256 differs from the manifest's (corrupted chunk)")
-        return self._buffer
+        return buffer
