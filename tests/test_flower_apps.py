@@ -23,10 +23,22 @@ from flwr.serverapp.strategy import FedAvg
 from fedhet.clients.trainer import TrainConfig
 from fedhet.config import DatasetConfig, PartitionConfig
 from fedhet.data import load_configured
-from fedhet.flower import ClientAppSettings, DriverSettings, LocalGrid, ServerAppSettings, make_client_app, run_on_grid
+from fedhet.flower import (
+    ClientAppSettings,
+    DriverSettings,
+    GridDriver,
+    LocalGrid,
+    ServerAppSettings,
+    make_client_app,
+    run_on_grid,
+)
 from fedhet.flower.records import from_array_record, to_array_record
 from fedhet.models import build_model, evaluate
 from fedhet.runtime.checkpoint import CheckpointError
+from fedhet.strategies import IdentityPlanner, Strategy, UpdateBuffer
+from fedhet.strategies.fedasync import FedAsyncScheduler
+from fedhet.strategies.staleness import StalenessWeighted
+from fedhet.types import Weights
 
 N = 10
 SYNTHETIC = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
@@ -204,3 +216,31 @@ def test_the_server_app_checkpoints_and_resumes_through_the_run_core(tmp_path: P
     at_three = rows[versions.index(3)]
     assert rows[-1]["updates_applied"] > at_three["updates_applied"] > 0  # a failed task may thin a round
     assert rows[-1]["virtual_time"] > at_three["virtual_time"]
+
+
+class FailsOnTask(StalenessWeighted):
+    """The staleness-weighted mix, failing on any update of task ``task_id`` (an aggregator with a bug)."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        if self.task_id in updates.task_ids():
+            raise ValueError(f"cannot mix task {self.task_id}")
+        return super().aggregate(global_weights, updates, version)
+
+
+def test_a_result_the_strategy_fails_on_is_refused_and_the_run_goes_on() -> None:
+    grid = LocalGrid(make_client_app(_client(seconds_per_sample=SPEEDS)), N)
+    model = build_model("logreg", (60,), 10, 0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = Strategy(FedAsyncScheduler(local_steps=5), IdentityPlanner(), FailsOnTask(task_id=3))
+    try:
+        summary = GridDriver(grid, strategy, initial, DriverSettings(max_versions=15, min_nodes=N)).run()
+    finally:
+        grid.close()
+    assert summary.reason == "max_versions" and summary.version == 15
+    assert summary.refused == summary.failed == 1  # task 3's reply: refused, its node asked again
+    assert summary.results == len(summary.aggregations) == 15 and all(a.updates == 1 for a in summary.aggregations)
+    assert strategy.updates_applied == 15 and strategy.updates_dropped == 0

@@ -1,6 +1,7 @@
-"""The run core: one driver decides stops and evaluations for every runtime, and a strategy's failure ends a run
-with one line that says why, in the simulator and on the server, and again identically when the server's log is
-replayed after a crash."""
+"""The run core: one driver decides stops and evaluations for every runtime. A strategy's failure on a result
+refuses that result (the strategy took the event back) and the run goes on; its failure on a client asking for work
+or on a deadline ends the run with one line that says why, in the simulator and on the server, and again
+identically when the server's log is replayed after a crash."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from fedhet.runtime import EvalCadence, RunDriver, StopRules
+from fedhet.runtime import EvalCadence, ResultFailed, RunDriver, StopRules
 from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.session import RuntimeSettings
-from fedhet.strategies import IdentityPlanner, Strategy, UnknownTaskError, UpdateBuffer
+from fedhet.strategies import Aggregator, IdentityPlanner, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
@@ -43,9 +44,19 @@ class FailsAtVersion:
         """Nothing to load: the failing aggregator keeps no state of its own."""
 
 
-def strategy(fail_at: int = 0) -> Strategy:
+class FailsOnLargeUpdates(WeightedMean):
+    """A weighted mean that refuses to fold an update of a value over 100 (an aggregator with a sanity check)."""
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        for _, bucket in updates.items():
+            if float(bucket.weighted_sum["w"].abs().max()) > 100 * bucket.total_weight:
+                raise ValueError(f"an update of tasks {bucket.task_ids} is too large")
+        return super().aggregate(global_weights, updates, version)
+
+
+def strategy(fail_at: int = 0, aggregator: Aggregator | None = None) -> Strategy:
     scheduler = SyncScheduler(fraction=1.0, min_clients=2, round_timeout=600.0, local_steps=1, local_epochs=0)
-    return Strategy(scheduler, IdentityPlanner(), FailsAtVersion(fail_at))
+    return Strategy(scheduler, IdentityPlanner(), aggregator or FailsAtVersion(fail_at))
 
 
 def info(cid: int) -> ClientInfo:
@@ -94,22 +105,75 @@ def test_the_driver_bounds_evaluations_by_run_time_and_stops_on_time() -> None:
     assert driver.evaluation_pending()  # version 4 at 31 s was not due: the end of the run evaluates it
 
 
-def test_a_failing_strategy_stops_the_run_with_one_line_and_unknown_tasks_are_still_refused() -> None:
+def start_round(driver: RunDriver, now: float) -> list[Task]:
+    """Both clients ask for work and the round starts: its two tasks."""
+    tasks = [t for c in (0, 1) for t in driver.available(info(c), now).tasks]
+    tasks += driver.tick(now).tasks  # a FedAvg round starts on a tick, once every client of that time was seen
+    assert len(tasks) == 2
+    return tasks
+
+
+def test_a_result_the_strategy_fails_on_is_refused_with_one_line_and_the_run_goes_on() -> None:
+    s = strategy(aggregator=FailsOnLargeUpdates())
+    s.start(INITIAL, 0.0)
+    driver = RunDriver(s, StopRules(max_versions=3), EvalCadence())
+    honest, poisoned = start_round(driver, 0.0)
+    assert driver.result(result(honest, 1.0), 1.0).stop is None
+    before = s.state_dict()
+    with pytest.raises(ResultFailed) as refused:  # the last result closes the round: the aggregation fails
+        driver.result(result(poisoned, 1e6), 2.0)
+    reason = str(refused.value)
+    assert reason == f"strategy failed on the result of task {poisoned.task_id}: ValueError: an update of tasks " + (
+        f"[{honest.task_id}, {poisoned.task_id}] is too large"
+    )
+    assert driver.failure is None and s.version == 0 and s.outstanding == 1
+    after = s.state_dict()
+    assert torch.equal(
+        after["scheduler"]["buffer"]["0:32"]["sum"]["w"], before["scheduler"]["buffer"]["0:32"]["sum"]["w"]
+    )
+    assert after["outstanding"] == before["outstanding"] and after["next_task_id"] == before["next_task_id"]
+    with pytest.raises(ResultFailed):  # the same result fails the same way
+        driver.result(result(poisoned, 1e6), 2.5)
+    # its client asks for work again: its task is lost, the round closes with the honest update alone
+    outcome = driver.available(info(poisoned.client_id), 3.0)
+    assert outcome.new_version and outcome.stop is None and s.version == 1 and s.updates_applied == 1
+    assert torch.equal(s.global_weights["w"], torch.ones(2, 3))
+    for v in (1, 2):  # and the run goes on to its end
+        outcomes = [driver.result(result(t, 1.0), 10.0 * v + 1) for t in driver.tick(10.0 * v).tasks]
+        assert outcomes[-1].new_version
+    assert s.version == 3 and outcomes[-1].stop == "max_versions"
+    with pytest.raises(UnknownTaskError):  # a result of no outstanding task is still refused as such
+        driver.result(result(Task(99, 0, 0, INITIAL, local_steps=1), 1.0), 40.0)
+
+
+def test_a_failing_strategy_stops_the_run_on_a_deadline_or_a_request_for_work_with_one_line() -> None:
     s = strategy(fail_at=1)
     s.start(INITIAL, 0.0)
     driver = RunDriver(s, StopRules(max_versions=5), EvalCadence())
-    first, second = round_of(driver, 0.0, 1.0)
-    assert first.stop is None
-    assert second.stop is not None and second.stop == driver.failure
-    assert second.stop.startswith("strategy failed on the result of task ")
-    assert second.stop.endswith("ValueError: cannot fold 2 updates") and "\n" not in second.stop
-    with pytest.raises(UnknownTaskError):  # a refusal is not a failure
-        driver.result(result(Task(99, 0, 0, INITIAL, local_steps=1), 1.0), 2.0)
+    first, _ = start_round(driver, 0.0)
+    assert driver.result(result(first, 1.0), 1.0).stop is None
+    outcome = driver.tick(601.0)  # the round's deadline: it closes with one update, and the aggregation fails
+    assert outcome.stop is not None and outcome.stop == driver.failure
+    assert outcome.stop == "strategy failed on a deadline: ValueError: cannot fold 1 updates"
+    assert s.version == 0 and not outcome.tasks
+
+    s = strategy(fail_at=1)
+    s.start(INITIAL, 0.0)
+    driver = RunDriver(s, StopRules(max_versions=5), EvalCadence())
+    first, second = start_round(driver, 0.0)
+    assert driver.result(result(first, 1.0), 1.0).stop is None
+    outcome = driver.available(info(second.client_id), 2.0)  # it lost its task: the round closes without it
+    assert (
+        outcome.stop
+        == driver.failure
+        == (f"strategy failed on client {second.client_id} asking for work: ValueError: cannot fold 1 updates")
+    )
 
 
 async def fail_on_the_server(root: Path) -> str:
-    """Two clients answer a round whose aggregation fails; returns the reason the run ended with. No run loop is
-    started, so nothing after the initial checkpoint is written but the log: a crash right after the failure."""
+    """One of two clients answers a round whose aggregation fails at the round's deadline; returns the reason the
+    run ended with. No run loop is started, so nothing after the initial checkpoint is written but the log: a crash
+    right after the failure."""
     coord = Coordinator(strategy(fail_at=1), INITIAL, RuntimeSettings(stop=StopRules(5)), StateStore(root))
     coord.open()
     for c in (0, 1):
@@ -118,12 +182,12 @@ async def fail_on_the_server(root: Path) -> str:
     await asyncio.sleep(0.05)  # both clients asked for work
     coord._tick(coord.now())  # the deadline the run loop would act on: the round starts
     tasks = await asyncio.gather(*polls)
-    versions = []
-    for task in tasks:
-        assert isinstance(task, Task)
-        versions.append((await coord.submit(result(task, 1.0), coord.records[task.task_id], 24, False)).version)
-    assert coord.ended is not None and versions == [0, 0]
-    assert coord.counters.accepted == 2  # the update was accepted (and logged); the run then stopped
+    assert isinstance(tasks[0], Task)
+    submitted = await coord.submit(result(tasks[0], 1.0), coord.records[tasks[0].task_id], 24, False)
+    assert submitted.version == 0 and coord.ended is None
+    coord._tick(coord.now() + 601.0)  # the round's deadline: it closes with one update, and the aggregation fails
+    assert coord.ended is not None
+    assert coord.counters.accepted == 1  # the update was accepted (and logged); the run then stopped
     over = await coord.next_task(0, 0.1)
     assert over == coord.ended  # clients are told the run is over, not left polling a wedged server
     return coord.ended.reason
@@ -131,10 +195,44 @@ async def fail_on_the_server(root: Path) -> str:
 
 def test_a_strategy_failure_ends_the_server_run_and_replays_to_the_same_end(tmp_path: Path) -> None:
     reason = asyncio.run(fail_on_the_server(tmp_path / "state"))
-    assert reason.startswith("strategy failed on the result of task ") and "cannot fold 2 updates" in reason
+    assert reason == "strategy failed on a deadline: ValueError: cannot fold 1 updates"
 
     resumed = Coordinator(
         strategy(fail_at=1), INITIAL, RuntimeSettings(stop=StopRules(5)), StateStore(tmp_path / "state")
     )
-    assert resumed.resume() > 0  # the failing result replays without a CheckpointError
+    assert resumed.resume() > 0  # the failing deadline replays without a CheckpointError
     assert resumed.ended is not None and resumed.ended.reason == reason and resumed.version == 0
+
+
+async def refuse_on_the_server(root: Path) -> Coordinator:
+    """Two clients answer a round; the second result makes the aggregation fail."""
+    coord = Coordinator(strategy(aggregator=FailsOnLargeUpdates()), INITIAL, RuntimeSettings(), StateStore(root))
+    coord.open()
+    for c in (0, 1):
+        coord.register(info(c))
+    polls = [asyncio.create_task(coord.next_task(c, 2.0)) for c in (0, 1)]
+    await asyncio.sleep(0.05)
+    coord._tick(coord.now())
+    honest, poisoned = await asyncio.gather(*polls)
+    assert isinstance(honest, Task) and isinstance(poisoned, Task)
+    await coord.submit(result(honest, 1.0), coord.records[honest.task_id], 24, False)
+    submitted = await coord.submit(result(poisoned, 1e6), coord.records[poisoned.task_id], 24, False)
+    assert not submitted.applied and submitted.version == 0 and coord.ended is None
+    task = await coord.next_task(poisoned.client_id, 0.1)  # it asks again: its task is lost, the round closes
+    assert coord.version == 1 and coord.ended is None
+    assert isinstance(task, Task) or task is None
+    return coord
+
+
+@pytest.mark.xfail(
+    raises=ResultFailed,
+    strict=False,
+    reason="fedhet/server (owned by another engineer) does not catch ResultFailed yet (issue 16)",
+)
+def test_a_strategy_failure_on_a_result_refuses_it_on_the_server_and_replays_the_same(tmp_path: Path) -> None:
+    coord = asyncio.run(refuse_on_the_server(tmp_path / "state"))
+    resumed = Coordinator(
+        strategy(aggregator=FailsOnLargeUpdates()), INITIAL, RuntimeSettings(), StateStore(tmp_path / "state")
+    )
+    assert resumed.resume() > 0  # the refused result replays as a refusal again, without a CheckpointError
+    assert resumed.ended is None and resumed.version == coord.version == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,13 @@ from fedhet.runtime import EvalCadence, Evaluation, StopRules
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.simulator import SimConfig, Simulator, task_duration
-from fedhet.strategies import Strategy
+from fedhet.strategies import Strategy, UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
-from fedhet.types import Task
+from fedhet.strategies.staleness import StalenessWeighted
+from fedhet.types import Task, Weights
 from tests.helpers import EchoExecutor, client, weights
 
 
@@ -165,3 +169,38 @@ def test_eval_interval_limits_evaluations_in_virtual_time(tmp_path: Path) -> Non
     assert round_time < 2.0
     assert all(later - earlier >= 2.0 for earlier, later in itertools.pairwise(times[:-1]))
     assert times[-1] == pytest.approx(10 * round_time)  # the last version is always evaluated
+
+
+class FailsOnTask(StalenessWeighted):
+    """The staleness-weighted mix, failing on any update of task ``task_id`` (an aggregator with a bug)."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(alpha=0.5)
+        self.task_id = task_id
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        if self.task_id in updates.task_ids():
+            raise ValueError(f"cannot mix task {self.task_id}")
+        return super().aggregate(global_weights, updates, version)
+
+
+def test_a_result_the_strategy_fails_on_is_a_dropped_update_and_the_simulation_finishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clients = [client(i, num_samples=10, seconds_per_sample=0.01 * (i + 1), bandwidth=1e3) for i in range(3)]
+    strategy = Strategy(FedAsyncScheduler(local_steps=3), IdentityPlanner(), FailsOnTask(task_id=4))
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        evaluate = lambda w, bits: Evaluation(float(w["w"][0]), 0.0)  # noqa: E731
+        sim = Simulator(strategy, clients, EchoExecutor(), evaluate, metrics, SimConfig(StopRules(8)), seed=0)
+        with caplog.at_level(logging.WARNING, logger="fedhet.sim.simulator"):
+            summary = sim.run(weights(0.0))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary.failure is None and summary.reason == "max_versions" and strategy.version == 8
+    assert records[-1]["updates_applied"] == 8 and records[-1]["updates_dropped"] == 1  # task 4's update
+    dropped = [r.getMessage() for r in caplog.records]  # logged once, with its reason
+    assert len(dropped) == 1
+    assert re.fullmatch(
+        r"client \d: update dropped: strategy failed on the result of task 4: ValueError: cannot mix task 4", dropped[0]
+    )
+    assert strategy.state_dict()["outstanding"].keys().isdisjoint({"4"})  # its client asked again: the task is gone
+    assert sim.state_dict()["refused"] == 1  # a resumed run goes on counting it

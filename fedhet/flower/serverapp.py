@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -45,39 +44,19 @@ from fedhet.runtime import (
     Outcome,
     PersonalReports,
     Recorder,
+    ResultFailed,
     RunDriver,
     RunSpec,
     assemble,
 )
 from fedhet.runtime.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from fedhet.strategies import Aggregator, Strategy, UnknownTaskError, UpdateBuffer
+from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, Task, Weights
 from fedhet.updates import UpdateError, check_update, meta_of
 
 __all__ = ["GridDriver", "ServerAppSettings", "make_server_app", "run_on_grid"]
 
 log = logging.getLogger("fedhet.flower")
-
-
-class _RecordingAggregator:
-    """Passes every call to the strategy's aggregator, noting the task ids each aggregation folds in."""
-
-    def __init__(self, inner: Aggregator) -> None:
-        self.inner = inner
-        self.folded: list[int] = []
-
-    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
-        self.folded.extend(updates.task_ids())
-        return self.inner.aggregate(global_weights, updates, version)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 @dataclass
@@ -105,8 +84,6 @@ class GridDriver:
         evaluate: Evaluate | None = None,
     ) -> None:
         self.grid = grid
-        self._folding = _RecordingAggregator(strategy.aggregator)
-        strategy.aggregator = self._folding
         self.strategy = strategy
         self.initial_weights = initial_weights
         self.settings = settings
@@ -168,7 +145,6 @@ class GridDriver:
         finally:
             if self.recorder is not None:
                 self.recorder.close()
-            self.strategy.aggregator = self._folding.inner
         self.summary.version = self.strategy.version
         self.summary.seconds = self.now()
         self.summary.clients = dict(self.strategy.clients)
@@ -313,6 +289,10 @@ class GridDriver:
             self.summary.refused += 1
             log.info("client %d: %s", pending.client_id, error)
             return
+        except ResultFailed as error:  # the strategy failed on it and took it back: refused, the node asked again
+            self.summary.refused += 1
+            self._failed(pending, f"refused: {error}", now)
+            return
         self.summary.results += 1
         if epsilon is not None:
             self.summary.epsilon.setdefault(pending.client_id, []).append(epsilon)
@@ -326,8 +306,7 @@ class GridDriver:
         if outcome.new_version:
             applied = self.strategy.updates_applied - self._applied
             self._version, self._applied = version, self.strategy.updates_applied
-            clients = tuple(self._task_client.pop(t, -1) for t in self._folding.folded)
-            self._folding.folded.clear()
+            clients = tuple(self._task_client.pop(t, -1) for t in self.strategy.folded)
             self.summary.aggregations.append(Aggregation(version, now, applied, clients))
             self._checkpoint()
         if outcome.evaluate:

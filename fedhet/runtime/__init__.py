@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedhet.runtime.assembly import RunParts, RunSpec, assemble, check_spec, run_spec
-from fedhet.runtime.driver import MAX_SECONDS, MAX_VERSIONS, EvalCadence, Outcome, RunDriver, StopRules
+from fedhet.runtime.driver import MAX_SECONDS, MAX_VERSIONS, EvalCadence, Outcome, ResultFailed, RunDriver, StopRules
 from fedhet.runtime.evaluation import (
     Evaluate,
     Evaluation,
@@ -26,6 +26,7 @@ __all__ = [
     "Outcome",
     "PersonalReports",
     "Recorder",
+    "ResultFailed",
     "RunDriver",
     "RunParts",
     "RunPoint",

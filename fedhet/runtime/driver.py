@@ -6,10 +6,21 @@ clock; the driver hands the event to the strategy and answers an :class:`Outcome
 global version came out, whether the model is due for an evaluation, and whether the run stops now and why. Stop
 rules (versions, run time), the evaluation cadence and what a strategy's failure means live here and nowhere else.
 
-A strategy that raises on an event (anything but :class:`~fedhet.strategies.UnknownTaskError`, which refuses one
-result) stops the run with a one-line reason: the driver never lets an exception escape half-way through a
-runtime's bookkeeping. A strategy's failure is deterministic in its inputs, so replaying the same events after a
-restart reaches the same stop, never a crash.
+A strategy's event is all-or-nothing: when it raises, the strategy is exactly as it was before the event. What a
+failure means depends on the event:
+
+- a *result* the strategy fails on is refused, as one that answers no outstanding task is:
+  :meth:`RunDriver.result` raises :class:`ResultFailed` with a one-line reason (``strategy failed on the result of
+  task N: ValueError: ...``), as it raises :class:`~fedhet.strategies.UnknownTaskError` for a result of no
+  outstanding task, and the run goes on without that update. Its task stays outstanding until its client asks for
+  work again, which loses it;
+- a failure on a client *asking for work* or on a *deadline* stops the run with a one-line reason
+  (:attr:`Outcome.stop`, :attr:`RunDriver.failure`): nothing a runtime could refuse caused it, and the strategy
+  would fail the same way again.
+
+No other exception escapes half-way through a runtime's bookkeeping. A strategy's failure is deterministic in its
+inputs, so replaying the same events after a restart refuses the same results and reaches the same stop, never a
+crash.
 """
 
 from __future__ import annotations
@@ -24,13 +35,18 @@ from fedhet.runtime.evaluation import RunPoint
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, Result, Task
 
-__all__ = ["MAX_SECONDS", "MAX_VERSIONS", "EvalCadence", "Outcome", "RunDriver", "StopRules"]
+__all__ = ["MAX_SECONDS", "MAX_VERSIONS", "EvalCadence", "Outcome", "ResultFailed", "RunDriver", "StopRules"]
 
 #: why a run stopped: the global model reached ``max_versions``; the run's clock passed ``max_seconds``
 MAX_VERSIONS = "max_versions"
 MAX_SECONDS = "max_seconds"
 
 log = logging.getLogger(__name__)
+
+
+class ResultFailed(Exception):
+    """The strategy failed on a result and took the event back: the result is refused, the run goes on. The
+    message is one line: ``strategy failed on the result of task N: <error type>: <first line of its message>``."""
 
 
 @dataclass(frozen=True)
@@ -111,27 +127,37 @@ class RunDriver:
     # ------------------------------------------------------------------ events
     def available(self, client: ClientInfo, now: float) -> Outcome:
         """``client`` is idle and asks for work at ``now`` (run seconds)."""
-        return self._event(f"client {client.client_id} asking for work", now, self.strategy.on_available, client, now)
+        return self._stopping(
+            f"client {client.client_id} asking for work", now, self.strategy.on_available, client, now
+        )
 
     def result(self, result: Result, now: float) -> Outcome:
-        """``result`` arrived at ``now``; raises :class:`UnknownTaskError` (nothing applied) for a task that is not
-        outstanding."""
-        return self._event(f"the result of task {result.task_id}", now, self.strategy.on_result, result, now)
+        """``result`` arrived at ``now``. Nothing is applied when it raises: :class:`UnknownTaskError` for a task
+        that is not outstanding, :class:`ResultFailed` when the strategy failed on it (the run goes on)."""
+        what = f"the result of task {result.task_id}"
+        try:
+            return self._event(now, self.strategy.on_result, result, now)
+        except UnknownTaskError:
+            raise
+        except Exception as error:  # the strategy took the event back: a refusal, not the end of the run
+            raise ResultFailed(strategy_failure(what, error)) from error
 
     def tick(self, now: float) -> Outcome:
         """A deadline the strategy asked for has passed."""
-        return self._event("a deadline", now, self.strategy.on_tick, now)
+        return self._stopping("a deadline", now, self.strategy.on_tick, now)
 
-    def _event(self, what: str, now: float, call: Callable[..., list[Task]], *args: Any) -> Outcome:
-        before, dropped = self.strategy.version, self.strategy.updates_dropped
+    def _stopping(self, what: str, now: float, call: Callable[..., list[Task]], *args: Any) -> Outcome:
+        """:meth:`_event`, where a failure of the strategy on ``what`` stops the run, with its reason."""
         try:
-            tasks = call(*args)
-        except UnknownTaskError:
-            raise
-        except Exception as error:  # any other failure of the algorithm stops the run, with its reason
+            return self._event(now, call, *args)
+        except Exception as error:
             self.failure = strategy_failure(what, error)
             log.error("%s", self.failure)
             return Outcome(stop=self.failure)
+
+    def _event(self, now: float, call: Callable[..., list[Task]], *args: Any) -> Outcome:
+        before, dropped = self.strategy.version, self.strategy.updates_dropped
+        tasks = call(*args)
         dropped = self.strategy.updates_dropped - dropped
         if self.strategy.version == before:
             return Outcome(tasks, dropped=dropped)

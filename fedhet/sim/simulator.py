@@ -6,6 +6,10 @@ divided by the client's bandwidth. Payloads travel in the client's encoding: ``i
 the run's float encoding for an fp32 client (:func:`fedhet.codec.encoding_for_bitwidth`), so a 4-bit client moves
 about an eighth of an fp32 client's bytes. Results are computed lazily, when their arrival is the next event (in batches
 of the executor's ``batch_size``), so at most a batch of results is ever held.
+
+A result the strategy fails on (:class:`~fedhet.runtime.ResultFailed`: the strategy took the event back) is a
+dropped update: logged once with its reason, counted in the metrics' ``updates_dropped``, and its client asks for
+work again at once (which loses its task), as a client whose update a server refused does. The run goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.metrics import MetricsRecord, MetricsWriter
-from fedhet.runtime import EvalCadence, Evaluate, Recorder, RunDriver, StopRules
+from fedhet.runtime import EvalCadence, Evaluate, Outcome, Recorder, ResultFailed, RunDriver, StopRules
 from fedhet.runtime.checkpoint import result_from_state, result_state, task_from_state, task_state
 from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
@@ -116,6 +120,7 @@ class Simulator:
         self._ticks: set[float] = set()
         self._wall_start = 0.0
         self._events = 0  # events handled so far
+        self._refused = 0  # results the strategy failed on (dropped updates the strategy does not count)
         self._sizes: dict[tuple[object, ...], int] = {}  # dense payload sizes by (encoding, names, shapes, dtypes)
 
     def run(self, initial_weights: Weights, resume: Mapping[str, Any] | None = None) -> RunSummary:
@@ -144,7 +149,11 @@ class Simulator:
             if event.kind is EventKind.AVAILABLE:
                 outcome = driver.available(self.clients[event.client_id], event.time)
             elif event.kind is EventKind.ARRIVAL:
-                outcome = driver.result(self._result(event.task_id), event.time)
+                result = self._result(event.task_id)
+                try:
+                    outcome = driver.result(result, event.time)
+                except ResultFailed as error:
+                    outcome = self._refuse(result, error, event.time)
             else:
                 self._ticks.discard(event.time)
                 outcome = driver.tick(event.time)
@@ -165,6 +174,13 @@ class Simulator:
         log.info("simulation stopped: %s", reason)
         return RunSummary(final=last, events=self._events, reason=reason, failure=driver.failure)
 
+    def _refuse(self, result: Result, error: ResultFailed, now: float) -> Outcome:
+        """Drop a result the strategy failed on; its client asks for work again at ``now``."""
+        self._refused += 1
+        log.warning("client %d: update dropped: %s", result.client_id, error)
+        self.queue.push(now, EventKind.AVAILABLE, client_id=result.client_id)
+        return Outcome()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a later run of the same config needs to go on from here: the run core's state (strategy,
@@ -179,6 +195,7 @@ class Simulator:
             "bytes": [self.bytes_up, self.bytes_down],
             "ticks": sorted(self._ticks),
             "events": self._events,
+            "refused": self._refused,
             "wall_time": time.perf_counter() - self._wall_start,
         }
 
@@ -194,6 +211,7 @@ class Simulator:
             self.bytes_up, self.bytes_down = (int(b) for b in state["bytes"])
             self._ticks = {float(t) for t in state["ticks"]}
             self._events = int(state["events"])
+            self._refused = int(state.get("refused", 0))  # states saved before results could be refused lack it
             self._wall_start -= float(state["wall_time"])
         except (KeyError, TypeError) as error:
             raise ValueError(f"simulation state does not fit: {error}") from None
@@ -269,5 +287,6 @@ class Simulator:
         point = self.driver.point(
             self.queue.now, time.perf_counter() - self._wall_start, self.bytes_up, self.bytes_down
         )
+        point = replace(point, updates_dropped=point.updates_dropped + self._refused)
         extra = self.extra_metrics
         return self.recorder.record(point, weights, self._bitwidths, None if extra is None else lambda: extra(weights))
