@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc import aio
 
 from fedhet.server.testing import ReceivedTask, ScriptedClient, running_server, test_config
@@ -172,3 +173,43 @@ async def inflight_bytes_scenario(tmp_path: Path) -> None:
 
 def test_uploads_past_the_inflight_byte_cap_are_told_to_retry(tmp_path: Path) -> None:
     asyncio.run(inflight_bytes_scenario(tmp_path))
+
+
+async def strategy_failure_scenario(tmp_path: Path) -> None:
+    cfg = test_config(str(tmp_path / "state"), "strategy=fedasync", "server.client_timeout=30")
+    async with running_server(cfg) as app:
+        strategy = app.coordinator.strategy
+        real = type(strategy.aggregator)
+        armed = [True]
+
+        class FailsOnce(real):  # type: ignore[valid-type,misc]  # the real aggregator, made to fail on one call
+            def aggregate(self, *args: object) -> object:
+                if armed[0]:
+                    armed[0] = False
+                    raise OverflowError("made to fail")
+                return real.aggregate(self, *args)
+
+        strategy.aggregator.__class__ = FailsOnce
+        a, b = [ScriptedClient(f"127.0.0.1:{app.port}", i) for i in range(2)]
+        for c in (a, b):
+            await c.register()
+        task = await a.poll_task()
+        before = {k: v.clone() for k, v in strategy.global_weights.items()}
+        with pytest.raises(aio.AioRpcError) as refused:
+            await a.upload(task.header, {k: v + 0.01 for k, v in task.weights.items()})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "strategy failed on the result of task" in (refused.value.details() or "")
+        assert "OverflowError: made to fail" in (refused.value.details() or "")
+        assert strategy.version == 0 and all(torch.equal(before[k], v) for k, v in strategy.global_weights.items())
+        assert app.coordinator.ended is None and app.coordinator.counters.rejected == 1
+        for c in (a, b):  # the run goes on: the next results are applied
+            task = await c.poll_task()
+            reply = await c.upload(task.header, {k: v + 0.01 for k, v in task.weights.items()})
+            assert not reply.dropped
+        assert strategy.version == 2
+        for c in (a, b):
+            await c.close()
+
+
+def test_a_result_the_strategy_fails_on_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
+    asyncio.run(strategy_failure_scenario(tmp_path))

@@ -9,6 +9,7 @@ fsynced) before it takes effect; a restart loads the last checkpoint and replays
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from fedhet.runtime import (
     Outcome,
     PersonalReports,
     Recorder,
+    ResultFailed,
     RunDriver,
 )
 from fedhet.runtime.checkpoint import CheckpointError, task_from_state, task_state
@@ -216,7 +218,8 @@ class Coordinator:
                 assert self.store is not None
                 weights = self.store.read_result(str(body["file"]), str(body["sha256"]))
                 bitwidth = self.clients[int(body["client_id"])].info.profile.bitwidth  # the registered one, as live
-                self._apply_result(parse_result_event(body, weights, bitwidth), now)
+                with contextlib.suppress(ResultFailed):  # refused live, refused again: the strategy took it back
+                    self._apply_result(parse_result_event(body, weights, bitwidth), now)
             elif kind == "end":
                 self._end(str(body["reason"]), now)
             else:
@@ -242,9 +245,14 @@ class Coordinator:
 
     def _apply_result(self, accepted: LoggedResult, now: float) -> bool:
         """Hand an accepted result to the strategy; True when it went into the model (or its buffer), False when
-        the strategy dropped it (it arrived after its round closed)."""
+        the strategy dropped it (it arrived after its round closed). Raises :class:`ResultFailed`, with nothing
+        changed but the rejection counted, when the strategy failed on it."""
         result, dp, personal = accepted.result, accepted.dp, accepted.personal
-        outcome = self.driver.result(result, now)
+        try:
+            outcome = self.driver.result(result, now)
+        except ResultFailed:
+            self.reject()
+            raise
         if dp is not None:
             self.privacy.add(result.client_id, dp)
         if personal is not None:

@@ -21,6 +21,7 @@ import grpc
 from grpc import aio
 
 from fedhet.codec import encoding_for_bitwidth
+from fedhet.runtime import ResultFailed
 from fedhet.server.admission import ReadTimeout, UploadSlots, read_within
 from fedhet.server.auth import TokenStore
 from fedhet.server.gate import RateLimitedLog
@@ -305,6 +306,9 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 return spb.UploadReply(task_id=header.task_id, version=coord.version, duplicate=True)
             except NotOutstanding as error:
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            except ResultFailed as error:  # the strategy took it back; the run goes on without it
+                self.noisy(logging.ERROR, "strategy failed", "client %d: %s", client_id, error)
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         finally:
             self.slots.give_back(client_id, charged)
         over = coord.ended is not None
