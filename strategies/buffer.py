@@ -124,7 +124,6 @@ class UpdateBuffer:
             bucket = Bucket({}, bitwidth=key[1])
         weights = result.weights
         if isinstance(weights, StackedRow):
-            self._buckets[key] = bucket  # a chunk folds into it
             self._stage(key, bucket, weights, weight, result.task_id)
         else:
             _check_shapes(bucket, {k: v.shape for k, v in weights.items()}, result.task_id)
@@ -156,6 +155,7 @@ class UpdateBuffer:
             if missing:
                 zeros = {n: torch.zeros_like(row.stacks[n][0], dtype=_sum_dtype(row.stacks[n])) for n in missing}
                 bucket.weighted_sum = {**bucket.weighted_sum, **zeros}
+            self._buckets[key] = bucket  # the chunk folds into it
             waiting = [w for w in self._pending if w[0] == key]
             for oldest in waiting[: max(0, len(waiting) - _PENDING_CHUNKS + 1)]:
                 self._fold(oldest)
@@ -166,7 +166,8 @@ class UpdateBuffer:
             self._fold(where)
 
     def _fold(self, where: tuple[tuple[int, int], int]) -> None:
-        self._pending.pop(where).fold_into(self._buckets[where[0]])
+        self._pending[where].fold_into(self._buckets[where[0]])
+        del self._pending[where]  # once folded: a fold that raises loses no row
 
     def _fold_all(self) -> None:
         """Fold every staged row: before anything reads the sums."""

@@ -149,11 +149,7 @@ class Simulator:
             if event.kind is EventKind.AVAILABLE:
                 outcome = driver.available(self.clients[event.client_id], event.time)
             elif event.kind is EventKind.ARRIVAL:
-                result = self._result(event.task_id)
-                try:
-                    outcome = driver.result(result, event.time)
-                except ResultFailed as error:
-                    outcome = self._refuse(result, error, event.time)
+                outcome = self._arrival(event.task_id, event.time)
             else:
                 self._ticks.discard(event.time)
                 outcome = driver.tick(event.time)
@@ -174,12 +170,18 @@ class Simulator:
         log.info("simulation stopped: %s", reason)
         return RunSummary(final=last, events=self._events, reason=reason, failure=driver.failure)
 
-    def _refuse(self, result: Result, error: ResultFailed, now: float) -> Outcome:
-        """Drop a result the strategy failed on; its client asks for work again at ``now``."""
-        self._refused += 1
-        log.warning("client %d: update dropped: %s", result.client_id, error)
-        self.queue.push(now, EventKind.AVAILABLE, client_id=result.client_id)
-        return Outcome()
+    def _arrival(self, task_id: int, now: float) -> Outcome:
+        """Hand the result of ``task_id`` to the driver at ``now``. One the strategy fails on is dropped: its client
+        asks for work again at ``now``. (A method of its own, so that the result, which may hold a whole chunk's
+        stacked weights, is not kept alive by the run loop.)"""
+        result = self._result(task_id)
+        try:
+            return self.driver.result(result, now)
+        except ResultFailed as error:
+            self._refused += 1
+            log.warning("client %d: update dropped: %s", result.client_id, error)
+            self.queue.push(now, EventKind.AVAILABLE, client_id=result.client_id)
+            return Outcome()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
