@@ -213,3 +213,44 @@ async def strategy_failure_scenario(tmp_path: Path) -> None:
 
 def test_a_result_the_strategy_fails_on_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
     asyncio.run(strategy_failure_scenario(tmp_path))
+
+
+async def gone_scenario(tmp_path: Path) -> None:
+    cfg = test_config(str(tmp_path / "state"), "strategy=fedasync", "server.read_timeout=0.5")
+    async with running_server(cfg) as app:
+        client = ScriptedClient(f"127.0.0.1:{app.port}", 0)
+        await client.register()
+        task = await client.poll_task()
+        call = asyncio.create_task(client.upload_messages(stalled(client, task, asyncio.Event())))
+        await asyncio.sleep(0.2)
+        call.cancel()  # the client goes away mid-upload; the server's refusal finds nobody to answer
+        await asyncio.sleep(1.0)
+        reply = await client.upload(task.header, task.weights)  # and the task is still its own to answer
+        assert not reply.dropped and app.coordinator.version == 1
+        await client.close()
+
+
+def test_a_client_gone_mid_upload_leaves_no_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    asyncio.run(gone_scenario(tmp_path))
+    assert tracebacks(caplog) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def garbage_stream_scenario(tmp_path: Path, uploads: int) -> list[grpc.StatusCode]:
+    codes = []
+    async with (
+        running_server(test_config(str(tmp_path / "state"))) as app,
+        aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        path = f"/{SERVICE.full_name}/UploadResult"
+        upload = channel.stream_unary(path, request_serializer=identity, response_deserializer=identity)
+        for _ in range(uploads):  # a garbage first message, then a client still writing 1 MiB of garbage
+            with pytest.raises(aio.AioRpcError) as refused:
+                await upload(iter([GARBAGE] + [GARBAGE * 2048] * 16), timeout=10)
+            codes.append(refused.value.code())
+    return codes
+
+
+def test_a_stream_of_garbage_is_refused_as_invalid_even_while_the_client_writes(tmp_path: Path) -> None:
+    assert set(asyncio.run(garbage_stream_scenario(tmp_path, 30))) == {grpc.StatusCode.INVALID_ARGUMENT}

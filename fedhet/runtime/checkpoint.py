@@ -29,10 +29,12 @@ __all__ = [
     "flatten_state",
     "fsync_dir",
     "load_checkpoint",
+    "prepare_checkpoint",
     "result_from_state",
     "result_state",
     "safetensors_metadata",
     "save_checkpoint",
+    "serialize_checkpoint",
     "task_from_state",
     "task_state",
     "unflatten_state",
@@ -51,7 +53,8 @@ class CheckpointError(RuntimeError):
 
 def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Split a nested state (dicts with any scalar keys, lists, tuples, tensors, scalars) into a JSON-able tree
-    and named tensors. A tensor object that appears several times is stored once."""
+    and named tensors (the state's own tensor objects, not copies: :func:`serialize_checkpoint` copies them, so a
+    runtime may do that off its event loop). A tensor object that appears several times is stored once."""
     tensors: dict[str, torch.Tensor] = {}
     names: dict[int, str] = {}
 
@@ -60,7 +63,7 @@ def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             key = names.get(id(node))
             if key is None:
                 key = names[id(node)] = f"t{len(names)}"
-                tensors[key] = node.detach().to("cpu").contiguous().clone()
+                tensors[key] = node.detach()
             return {"tensor": key}
         if isinstance(node, Mapping):
             return {"dict": [[walk(k, path), walk(v, f"{path}.{k}")] for k, v in node.items()]}
@@ -99,16 +102,28 @@ def _digest(state_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         tensor = tensors[key]
         h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # in place, no copy
     return h.hexdigest()
 
 
 def encode_checkpoint(state: Any) -> bytes:
     """The bytes of a checkpoint file holding ``state`` (safetensors with the JSON state and checksum in its
     metadata)."""
+    return serialize_checkpoint(*prepare_checkpoint(state))
+
+
+def prepare_checkpoint(state: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """The cheap half of :func:`encode_checkpoint`, which must see ``state`` as it is now: its JSON document and the
+    state's tensors (referenced; fedhet's states never change a tensor in place, they replace it)."""
     tree, tensors = flatten_state(state)
-    state_json = json.dumps({"format": FORMAT, "state": tree}, separators=(",", ":"))
-    return save_tensors(tensors, metadata={"fedhet": state_json, "sha256": _digest(state_json, tensors)})
+    return json.dumps({"format": FORMAT, "state": tree}, separators=(",", ":")), tensors
+
+
+def serialize_checkpoint(state_json: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The costly half of :func:`encode_checkpoint` (copies, checksum, serialization; releases the GIL, so it can
+    run in a worker thread): the checkpoint bytes of a :func:`prepare_checkpoint` result."""
+    copies = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return save_tensors(copies, metadata={"fedhet": state_json, "sha256": _digest(state_json, copies)})
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

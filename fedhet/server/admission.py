@@ -10,12 +10,16 @@ seconds of the previous one (:func:`read_within`), so an idle stream gives its s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["ReadTimeout", "UploadLimits", "UploadSlots", "read_within"]
+import grpc
+from google.protobuf.message import Message
+
+__all__ = ["ReadTimeout", "UploadLimits", "UploadSlots", "drain", "read_within"]
 
 T = TypeVar("T")
 
@@ -81,3 +85,22 @@ class UploadSlots:
         self._by_client[client_id] -= 1
         if not self._by_client[client_id]:
             del self._by_client[client_id]
+
+
+_DRAIN_SECONDS = 2.0  # longest a refused upload's remaining messages are read for
+
+
+async def drain(stream: AsyncIterator[Any], limit: int) -> None:
+    """Read (and drop) what a refused client is still sending, at most ``limit`` bytes for ``_DRAIN_SECONDS``, so
+    its writes complete and it receives the refusal's status; a client cut off mid-write can see a bare INTERNAL
+    error instead. Nothing read here is kept or used."""
+
+    async def read() -> None:
+        seen = 0
+        async for message in stream:
+            seen += message.ByteSize() if isinstance(message, Message) else 0  # unparsed: bounded by time alone
+            if seen > limit:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(read(), _DRAIN_SECONDS)

@@ -170,7 +170,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         ("grpc.http2.max_pings_without_data", 0),
     ]
     noisy = RateLimitedLog(log)
-    server = aio.server(options=options, interceptors=[Gate(tokens, SERVICE_NAME, noisy)])
+    server = aio.server(options=options, interceptors=[Gate(tokens, SERVICE_NAME, noisy, max_upload)])
     if s.max_inflight_bytes and s.max_inflight_bytes < max_upload:
         raise ConfigError(
             f"server.max_inflight_bytes ({s.max_inflight_bytes}) is below the largest upload ({max_upload} bytes): "

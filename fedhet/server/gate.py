@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # the stubs omit the C core
 
+from fedhet.server.admission import drain
 from fedhet.server.auth import TokenStore
 
 __all__ = ["Gate", "RateLimitedLog"]
@@ -39,6 +41,11 @@ else:  # not generic at run time
     _Interceptor = aio.ServerInterceptor
 
 Context = aio.ServicerContext[Any, Any]
+
+#: what grpc raises when a handler answers a call whose client is gone ("execute_batch" failed, abort called twice)
+_CALL_GONE: tuple[type[BaseException], ...] = tuple(
+    getattr(cygrpc, name) for name in ("ExecuteBatchError", "UsageError") if hasattr(cygrpc, name)
+)
 
 
 class RateLimitedLog:
@@ -137,9 +144,11 @@ class Gate(_Interceptor):
         tokens: the token store, or None when clients are trusted (loopback only).
         service: the guarded service's full name.
         noisy: the rate-limited log of client-caused lines.
+        drain_bytes: the most bytes read (and dropped) from a stream refused as malformed before its refusal.
     """
 
-    def __init__(self, tokens: TokenStore | None, service: str, noisy: RateLimitedLog) -> None:
+    def __init__(self, tokens: TokenStore | None, service: str, noisy: RateLimitedLog, drain_bytes: int) -> None:
+        self._drain_bytes = drain_bytes
         self._tokens = tokens
         self._prefix = f"/{service}/"
         self._noisy = noisy
@@ -177,9 +186,14 @@ class Gate(_Interceptor):
 
         async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             async for request in requests:
+                if isinstance(request, Malformed):  # let the client finish writing, so it reads the refusal
+                    await drain(requests, self._drain_bytes)
                 yield await check(request, context)
 
         async def failed(error: Exception, context: Context) -> None:
+            if isinstance(error, _CALL_GONE):  # the client went away (cancelled, killed): nobody to answer
+                log.debug("%s: the client is gone (%s)", name, type(error).__name__)
+                return
             if isinstance(error, OSError):
                 reason = error.strerror or str(error)
                 noisy(logging.ERROR, "storage failure", "%s: storage failed: %s", name, reason)

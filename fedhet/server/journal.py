@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedhet.runtime.checkpoint import encode_checkpoint
+from fedhet.runtime.checkpoint import prepare_checkpoint, serialize_checkpoint
 from fedhet.server.persistence import StateStore
 from fedhet.server.privacy import DPStep
 from fedhet.types import Result, Weights
@@ -75,8 +75,10 @@ def parse_result_event(body: Mapping[str, Any], weights: Weights, bitwidth: int)
 
 class CheckpointWriter:
     """Commits checkpoints of a state directory: at once (``sync``) or, during a run, from a worker thread so the
-    event loop never waits on the disk. Only the newest checkpoint matters: one still waiting when a newer one comes
-    is superseded, so however fast versions come, at most one write is in flight and one waits (memory stays flat).
+    event loop never waits on the disk nor on copying, hashing and serializing the state (the loop only takes its
+    JSON document and tensor references, :func:`~fedhet.runtime.checkpoint.prepare_checkpoint`). Only the newest
+    checkpoint matters: one still waiting when a newer one comes is superseded, so however fast versions come, at
+    most one write is in flight and one waits (memory stays flat).
     A failed write is logged and tried again every ``retry_seconds`` until it succeeds or a newer one replaces it
     (meanwhile the store reports the failure); the write-ahead log still holds every event, so nothing acknowledged
     is lost."""
@@ -84,7 +86,7 @@ class CheckpointWriter:
     def __init__(self, store: StateStore, retry_seconds: float = 2.0) -> None:
         self.store = store
         self.retry_seconds = retry_seconds
-        self._waiting: tuple[bytes, int] | None = None
+        self._waiting: tuple[tuple[str, dict[str, Any]], int] | None = None
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -93,17 +95,17 @@ class CheckpointWriter:
     def commit(self, state: Any, through_seq: int, sync: bool = False) -> None:
         """Checkpoint ``state``, which holds every logged event through ``through_seq``. Raises OSError only when
         ``sync``; otherwise a failure is logged (the log segment goes on; a later checkpoint covers it)."""
-        data = encode_checkpoint(state)
+        prepared = prepare_checkpoint(state)
         if sync:
             self.store.rotate_log()
-            self.store.commit_checkpoint(data, through_seq)
+            self.store.commit_checkpoint(serialize_checkpoint(*prepared), through_seq)
             return
         try:
             self.store.rotate_log()
         except OSError as error:
             log.error("checkpoint through event %d not started: cannot open a log segment (%s)", through_seq, error)
         self.superseded += self._waiting is not None
-        self._waiting = (data, through_seq)
+        self._waiting = (prepared, through_seq)
         self._idle.clear()
         self._ready.set()
 
@@ -114,9 +116,9 @@ class CheckpointWriter:
             self._ready.clear()
             waiting, self._waiting = self._waiting, None
             if waiting is not None:
-                data, seq = waiting
+                prepared, seq = waiting
                 try:
-                    await asyncio.to_thread(self.store.commit_checkpoint, data, seq)
+                    await asyncio.to_thread(self._write, prepared, seq)
                 except OSError as error:
                     log.error(
                         "checkpoint through event %d failed (%s); the write-ahead log keeps growing; retrying in %g s",
@@ -131,6 +133,9 @@ class CheckpointWriter:
                     continue
             if self._waiting is None:
                 self._idle.set()
+
+    def _write(self, prepared: tuple[str, dict[str, Any]], seq: int) -> None:
+        self.store.commit_checkpoint(serialize_checkpoint(*prepared), seq)
 
     async def join(self) -> None:
         """Wait until the newest checkpoint is written."""

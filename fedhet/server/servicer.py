@@ -11,7 +11,6 @@ UNAVAILABLE (the state directory cannot be written; from the gate).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from grpc import aio
 
 from fedhet.codec import encoding_for_bitwidth
 from fedhet.runtime import ResultFailed
-from fedhet.server.admission import ReadTimeout, UploadSlots, read_within
+from fedhet.server.admission import ReadTimeout, UploadSlots, drain, read_within
 from fedhet.server.auth import TokenStore
 from fedhet.server.gate import RateLimitedLog
 from fedhet.server.privacy import DPStep, check_dp_report
@@ -284,7 +283,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                 await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             except PayloadTooLarge as error:
                 coord.reject()
-                await _drain(stream, self.max_upload_bytes)  # so the client reads the refusal, not a reset stream
+                await drain(stream, self.max_upload_bytes)  # so the client reads the refusal, not a reset stream
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{type(error).__name__}: {error}")
             except UpdateError as error:
                 coord.reject()
@@ -296,7 +295,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     header.task_id,
                     error,
                 )
-                await _drain(stream, self.max_upload_bytes)
+                await drain(stream, self.max_upload_bytes)
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
             try:
                 submitted = await coord.submit(
@@ -339,25 +338,6 @@ def check_dp_fields(header: spb.ResultHeader) -> DPStep | None:
         return check_dp_report(dp.noise_multiplier, dp.sample_rate, dp.steps, header.local_steps)
     except ValueError as error:
         raise SampleCountError(str(error)) from None
-
-
-_DRAIN_SECONDS = 2.0  # longest a refused upload's remaining messages are read for
-
-
-async def _drain(stream: AsyncIterator[spb.ResultMessage], limit: int) -> None:
-    """Read (and drop) what a refused client is still sending, at most ``limit`` bytes for ``_DRAIN_SECONDS``, so
-    its writes complete and it receives the refusal's status; a client cut off mid-write can see a bare INTERNAL
-    error instead. Nothing read here is kept or used."""
-
-    async def read() -> None:
-        seen = 0
-        async for message in stream:
-            seen += message.ByteSize()
-            if seen > limit:
-                return
-
-    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError):
-        await asyncio.wait_for(read(), _DRAIN_SECONDS)
 
 
 async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
