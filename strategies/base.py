@@ -246,9 +246,13 @@ class Strategy:
             self.folded = tuple(decision.aggregate.task_ids())
             self.updates_applied += len(self.folded)
             self.version += 1
-        return [self._task(journal, a) for a in decision.assign]
+        if not decision.assign:
+            return []
+        first = self._next_task_id  # the tasks get the next ids: a failure forgets them all
+        journal.record(_forget, self._outstanding, range(first, first + len(decision.assign)))
+        return [self._task(a) for a in decision.assign]
 
-    def _task(self, journal: Journal, assignment: Assignment) -> Task:
+    def _task(self, assignment: Assignment) -> Task:
         client = self.clients[assignment.client_id]
         plan = self.planner.plan(client, self.global_weights, self.version)
         task = Task(
@@ -262,7 +266,6 @@ class Strategy:
             sparse=plan.sparse,
         )
         self._next_task_id += 1
-        journal.keep_item(self._outstanding, task.task_id)
         self._outstanding[task.task_id] = (client.client_id, self.version)
         return task
 
@@ -324,3 +327,8 @@ class Strategy:
         self.aggregator.load_state_dict(state["aggregator"])
         if isinstance(self.aggregator, KeepsModels):  # the global weights carry its models again
             self.global_weights = self.aggregator.global_view(self.global_weights)
+
+
+def _forget(outstanding: dict[int, tuple[int, int]], task_ids: range) -> None:
+    for task_id in task_ids:
+        outstanding.pop(task_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -234,22 +235,31 @@ class UpdateBuffer:
         O(buckets + waiting chunks): the buffer replaces its sums and their dicts rather than changing them, so the
         point holds references; a bucket's task ids and a chunk's rows only grow, so their lengths suffice.
         """
-        attrs = vars(self).copy()
-        buckets = [(b, vars(b).copy(), len(b.task_ids)) for b in self._buckets.values()]
-        chunks = [(c, len(c.rows)) for c in self._pending.values()]
-        buckets_now, pending_now = dict(self._buckets), dict(self._pending)
+        buckets, pending = self._buckets.copy(), self._pending.copy()
+        fields = []
+        for bucket in buckets.values():
+            fields.append((bucket, vars(bucket).copy(), len(bucket.task_ids)))
+        rows = []
+        for chunk in pending.values():
+            rows.append((chunk, len(chunk.rows)))
+        return partial(self._restore, vars(self).copy(), buckets, pending, fields, rows)
 
-        def restore() -> None:
-            for bucket, fields, count in buckets:
-                vars(bucket).update(fields)
-                del bucket.task_ids[count:]
-            for chunk, rows in chunks:
-                del chunk.rows[rows:]
-                del chunk.weights[rows:]
-            vars(self).update(attrs)
-            self._buckets, self._pending = buckets_now, pending_now
-
-        return restore
+    def _restore(
+        self,
+        attrs: dict[str, Any],
+        buckets: dict[tuple[int, int], Bucket],
+        pending: dict[tuple[tuple[int, int], int], _Chunk],
+        fields: list[tuple[Bucket, dict[str, Any], int]],
+        rows: list[tuple[_Chunk, int]],
+    ) -> None:
+        for bucket, values, count in fields:
+            vars(bucket).update(values)
+            del bucket.task_ids[count:]
+        for chunk, length in rows:
+            del chunk.rows[length:]
+            del chunk.weights[length:]
+        vars(self).update(attrs)
+        self._buckets, self._pending = buckets, pending
 
     def state_dict(self) -> dict[str, Any]:
         """One entry per bucket, keyed ``"<start version>:<bitwidth>"``; a bucket of partial updates also lists

@@ -94,16 +94,16 @@ class SyncScheduler:
     def on_tick(self, now: float) -> Decision:
         return undoable(self._tick, now)
 
-    # the events, each recording its changes in ``journal``; the client sets change in place one client at a time,
-    # a round's start and end replace them
+    # the events, each recording its changes in ``journal``: the client sets change through it one client at a
+    # time, a round's start and end replace them
     def _available(self, journal: Journal, client: ClientInfo, now: float) -> Decision:
         cid = client.client_id
-        self._keep(journal, cid)
-        self._known.add(cid)
-        self._idle.add(cid)
-        self._stragglers.discard(cid)
+        journal.keep(self)
+        journal.add(self._known, cid)
+        journal.add(self._idle, cid)
+        journal.discard(self._stragglers, cid)
         if cid in self._pending:  # it lost its task: the round no longer waits for it
-            self._pending.discard(cid)
+            journal.discard(self._pending, cid)
             if not self._pending:
                 return self._close_round(now)
         if self._round_deadline is None and self._start_at is None:
@@ -112,18 +112,18 @@ class SyncScheduler:
 
     def _result(self, journal: Journal, result: Result, client: ClientInfo, now: float) -> Decision:
         cid = client.client_id
-        self._keep(journal, cid)
+        journal.keep(self)
         if cid not in self._pending:
-            self._idle.add(cid)
-            self._stragglers.discard(cid)
+            journal.add(self._idle, cid)
+            journal.discard(self._stragglers, cid)
             if self._round_deadline is None and self._start_at is None:
                 self._start_at = now
             return Decision(dropped=1)  # its round already closed
         journal.record(self.buffer.restore_point())
         self.buffer.add(result, self._weight(result))
-        self._idle.add(cid)
-        self._stragglers.discard(cid)
-        self._pending.discard(cid)
+        journal.add(self._idle, cid)
+        journal.discard(self._stragglers, cid)
+        journal.discard(self._pending, cid)
         return self._close_round(now) if not self._pending else Decision()
 
     def _tick(self, journal: Journal, now: float) -> Decision:
@@ -135,12 +135,6 @@ class SyncScheduler:
         if self._start_at is not None and now >= self._start_at:
             return Decision(assign=self._try_start(now))
         return Decision()
-
-    def _keep(self, journal: Journal, cid: int) -> None:
-        """Record what an event of client ``cid`` may change: the attributes, and ``cid`` in each client set."""
-        journal.keep(self)
-        for clients in (self._known, self._idle, self._pending, self._stragglers):
-            journal.keep_member(clients, cid)
 
     def _weight(self, result: Result) -> float:
         if self.weighting == "samples":

@@ -141,8 +141,8 @@ class FedCompassScheduler:
     def on_tick(self, now: float) -> Decision:
         return undoable(self._tick, now)
 
-    # every change below is recorded in the event's journal first: a client's record and a group before their
-    # fields change (``_client``, ``_group``), a member before it joins or leaves, a buffer before it folds or empties
+    # every change below is recorded in the event's journal: a client's record and a group before their fields
+    # change (``_client``, ``_group``), a buffer before it folds or empties; members join and leave through it
     def _available(self, journal: Journal, client: ClientInfo, now: float) -> Decision:
         journal.keep(self)
         self._weights.keep(journal, client.client_id)
@@ -155,8 +155,7 @@ class FedCompassScheduler:
             if record.group is not None:
                 gid, record.group = record.group, None
                 group = self._group(journal, gid)
-                journal.keep_member(group.training, client.client_id)
-                group.training.discard(client.client_id)
+                journal.discard(group.training, client.client_id)
                 if not group.closed and not group.training and group.arrived:
                     group.closed = True
                     ready.append(gid)
@@ -184,8 +183,7 @@ class FedCompassScheduler:
             assign.append(cid)
         else:
             group = self._group(journal, gid)
-            journal.keep_member(group.training, cid)
-            group.training.discard(cid)
+            journal.discard(group.training, cid)
             if group.closed:  # late: buffered for the next group aggregation, reassigned at once
                 journal.record(self.late.restore_point())
                 self.late.add(result, weight)
@@ -317,8 +315,7 @@ class FedCompassScheduler:
             self.groups[gid] = CompassGroup(start + duration, start + self.latest_time_factor * duration)
         else:
             gid, steps = joined
-        journal.keep_member(self.groups[gid].training, cid)
-        self.groups[gid].training.add(cid)
+        journal.add(self.groups[gid].training, cid)
         record.group = gid
         record.local_steps = steps
         return Assignment(cid, local_steps=steps)

@@ -3,7 +3,8 @@ that it can be put back exactly when a later step of the event fails.
 
 A :class:`~fedhet.strategies.base.Strategy` event runs the scheduler, the aggregator and the planner one after the
 other; any of them may raise. Each records, before it changes anything in place, the step that puts the old value
-back: an attribute binding (:meth:`Journal.keep`), a dict entry, a set member, a list's length. Tensors and the
+back: an attribute binding (:meth:`Journal.keep`), a dict entry, a list's length; a set changes through the journal
+(:meth:`Journal.add`, :meth:`Journal.discard`), which records the changes it makes. Tensors and the
 dicts that hold them are never changed in place (an update buffer replaces them), so a step holds references,
 never copies: recording costs O(1) per change, whatever the fleet or the model.
 """
@@ -47,7 +48,8 @@ class Journal:
     def keep(self, obj: object) -> None:
         """Every attribute binding of ``obj`` as it is now (its scalars, and the containers it holds: a container
         it replaces is put back; one it changes in place needs its own record)."""
-        self._steps.append((vars(obj).update, (vars(obj).copy(),)))
+        attrs = vars(obj)
+        self._steps.append((attrs.update, (attrs.copy(),)))
 
     def keep_item(self, mapping: MutableMapping[K, V], key: K) -> None:
         """``mapping[key]`` as it is now, or its absence."""
@@ -57,9 +59,17 @@ class Journal:
         else:
             self._steps.append((mapping.__setitem__, (key, value)))
 
-    def keep_member(self, items: MutableSet[T], item: T) -> None:
-        """Whether ``item`` is in ``items`` now."""
-        self._steps.append((items.add if item in items else items.discard, (item,)))
+    def add(self, items: MutableSet[T], item: T) -> None:
+        """``items.add(item)``, recorded when it changes ``items``."""
+        if item not in items:
+            items.add(item)
+            self._steps.append((items.discard, (item,)))
+
+    def discard(self, items: MutableSet[T], item: T) -> None:
+        """``items.discard(item)``, recorded when it changes ``items``."""
+        if item in items:
+            items.discard(item)
+            self._steps.append((items.add, (item,)))
 
     def keep_length(self, items: list[Any]) -> None:
         """The length of ``items``, which may only grow (appends) until the event ends."""
