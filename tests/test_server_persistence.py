@@ -180,13 +180,15 @@ def test_a_torn_log_line_is_ignored_and_cut_before_appending(tmp_path: Path) -> 
     assert [e.seq for e in store.events_after(-1)] == [0, 1]
 
 
-async def many_checkpoints(root: Path) -> tuple[int, Any]:
-    """Versions come faster than checkpoints can be written: waiting checkpoints are superseded, the newest lands."""
+async def many_checkpoints(root: Path) -> tuple[int, int, Any]:
+    """Versions come faster than checkpoints can be written: a checkpoint captures the newest state when the writer
+    is free, never a queue of states; the newest lands."""
     from fedhet.server.journal import CheckpointWriter
 
     store = StateStore(root)
     store.open_log(0)
-    writer = CheckpointWriter(store)
+    current: dict[str, Any] = {}
+    writer = CheckpointWriter(store, lambda: (dict(current), current["seq"]), min_interval=0.02)
     slow = store.commit_checkpoint
 
     def commit_slowly(data: bytes, seq: int) -> None:
@@ -198,14 +200,15 @@ async def many_checkpoints(root: Path) -> tuple[int, Any]:
     for version in range(40):
         assert store.log is not None
         seq = store.log.append({"kind": "tick", "now": float(version)})
-        writer.commit({"version": version, "w": torch.full((1000,), float(version))}, seq)
+        current.update(version=version, w=torch.full((1000,), float(version)), seq=seq)
+        writer.request()
         await asyncio.sleep(0.001)
     await asyncio.wait_for(writer.join(), 10)
     task.cancel()
-    return writer.superseded, store.load_checkpoint()
+    return writer.superseded, writer.written, store.load_checkpoint()
 
 
 def test_checkpoints_coalesce_when_versions_outpace_the_disk(tmp_path: Path) -> None:
-    superseded, latest = asyncio.run(many_checkpoints(tmp_path))
-    assert superseded >= 30  # at most one write in flight and one waiting, never a queue of 40 states in memory
+    superseded, written, latest = asyncio.run(many_checkpoints(tmp_path))
+    assert superseded >= 30 and written <= 10  # one state captured per write, never a queue of 40 states in memory
     assert latest["version"] == 39 and torch.equal(latest["w"], torch.full((1000,), 39.0))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,70 +74,82 @@ def parse_result_event(body: Mapping[str, Any], weights: Weights, bitwidth: int)
     return LoggedResult(result, int(body["bytes"]), bool(body["clipped"]), step, accuracy)
 
 
-class CheckpointWriter:
-    """Commits checkpoints of a state directory: at once (``sync``) or, during a run, from a worker thread so the
-    event loop never waits on the disk nor on copying, hashing and serializing the state (the loop only takes its
-    JSON document and tensor references, :func:`~fedhet.runtime.checkpoint.prepare_checkpoint`). Only the newest
-    checkpoint matters: one still waiting when a newer one comes is superseded, so however fast versions come, at
-    most one write is in flight and one waits (memory stays flat).
-    A failed write is logged and tried again every ``retry_seconds`` until it succeeds or a newer one replaces it
-    (meanwhile the store reports the failure); the write-ahead log still holds every event, so nothing acknowledged
-    is lost."""
+#: what a checkpoint captures: the state now, and the last logged event it holds
+Capture = Callable[[], tuple[Any, int]]
 
-    def __init__(self, store: StateStore, retry_seconds: float = 2.0) -> None:
+
+class CheckpointWriter:
+    """Commits checkpoints of a state directory: at once (:meth:`commit_now`) or, during a run, when one is due
+    (:meth:`request`). A due checkpoint captures the state only when the writer is free and at most once every
+    ``min_interval`` seconds (the write-ahead log covers the events in between), so however fast versions come, the
+    event loop takes one state's JSON document and tensor references per write
+    (:func:`~fedhet.runtime.checkpoint.prepare_checkpoint`), and copying, hashing, serializing and the disk are left
+    to a worker thread; memory holds at most the one state being written. A failed write is logged and tried again
+    every ``retry_seconds`` with a fresh capture until it succeeds (meanwhile the store reports the failure); the
+    write-ahead log still holds every event, so nothing acknowledged is lost.
+
+    Args:
+        store: the state directory.
+        capture: the coordinator's state now and the last event it holds (called on the event loop).
+    """
+
+    def __init__(
+        self, store: StateStore, capture: Capture, min_interval: float = 1.0, retry_seconds: float = 2.0
+    ) -> None:
         self.store = store
+        self.capture = capture
+        self.min_interval = min_interval
         self.retry_seconds = retry_seconds
-        self._waiting: tuple[tuple[str, dict[str, Any]], int] | None = None
-        self._ready = asyncio.Event()
+        self._due = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.superseded = 0  # checkpoints replaced by a newer one before they were written
+        self.superseded = 0  # requests served by a later capture (versions no checkpoint captured alone)
+        self.written = 0
 
-    def commit(self, state: Any, through_seq: int, sync: bool = False) -> None:
-        """Checkpoint ``state``, which holds every logged event through ``through_seq``. Raises OSError only when
-        ``sync``; otherwise a failure is logged (the log segment goes on; a later checkpoint covers it)."""
-        prepared = prepare_checkpoint(state)
-        if sync:
-            self.store.rotate_log()
-            self.store.commit_checkpoint(serialize_checkpoint(*prepared), through_seq)
-            return
-        try:
-            self.store.rotate_log()
-        except OSError as error:
-            log.error("checkpoint through event %d not started: cannot open a log segment (%s)", through_seq, error)
-        self.superseded += self._waiting is not None
-        self._waiting = (prepared, through_seq)
+    def commit_now(self) -> None:
+        """Capture and write a checkpoint at once (the first of a run); raises OSError when it cannot."""
+        state, seq = self.capture()
+        self.store.rotate_log()
+        self.store.commit_checkpoint(serialize_checkpoint(*prepare_checkpoint(state)), seq)
+        self.written += 1
+
+    def request(self) -> None:
+        """A checkpoint is due (a new version): one is captured and written as soon as the writer may."""
+        self.superseded += self._due.is_set()
+        self._due.set()
         self._idle.clear()
-        self._ready.set()
 
     async def run(self) -> None:
-        """Write the newest waiting checkpoint, again and again, until cancelled."""
+        """Write due checkpoints until cancelled."""
+        loop = asyncio.get_running_loop()
+        last = -math.inf
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            waiting, self._waiting = self._waiting, None
-            if waiting is not None:
-                prepared, seq = waiting
-                try:
-                    await asyncio.to_thread(self._write, prepared, seq)
-                except OSError as error:
-                    log.error(
-                        "checkpoint through event %d failed (%s); the write-ahead log keeps growing; retrying in %g s",
-                        seq,
-                        error,
-                        self.retry_seconds,
-                    )
-                    if self._waiting is None:
-                        self._waiting = waiting
-                    await asyncio.sleep(self.retry_seconds)
-                    self._ready.set()
-                    continue
-            if self._waiting is None:
+            await self._due.wait()
+            await asyncio.sleep(max(0.0, last + self.min_interval - loop.time()))
+            self._due.clear()
+            last = loop.time()
+            state, seq = self.capture()  # no await from here to the rotation: the state holds exactly the log so far
+            try:
+                self.store.rotate_log()
+                prepared = prepare_checkpoint(state)
+                await asyncio.to_thread(self._write, prepared, seq)
+            except OSError as error:
+                log.error(
+                    "checkpoint through event %d failed (%s); the write-ahead log keeps growing; retrying in %g s",
+                    seq,
+                    error,
+                    self.retry_seconds,
+                )
+                await asyncio.sleep(self.retry_seconds)
+                self._due.set()
+                continue
+            if not self._due.is_set():
                 self._idle.set()
 
     def _write(self, prepared: tuple[str, dict[str, Any]], seq: int) -> None:
         self.store.commit_checkpoint(serialize_checkpoint(*prepared), seq)
+        self.written += 1
 
     async def join(self) -> None:
-        """Wait until the newest checkpoint is written."""
+        """Wait until a checkpoint of the newest state is written."""
         await self._idle.wait()

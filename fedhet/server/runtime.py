@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import torch
+
 from fedhet.metrics import MetricsWriter, last_version
 from fedhet.runtime import (
     Evaluate,
@@ -102,7 +104,7 @@ class Coordinator:
         self._ended_event = asyncio.Event()
         self.driver = RunDriver(strategy, settings.stop, settings.cadence)
         self.recorder = Recorder(evaluate, metrics) if evaluate is not None else None
-        self.checkpoints = CheckpointWriter(store) if store is not None else None
+        self.checkpoints = CheckpointWriter(store, self._capture) if store is not None else None
         self._last_seq = -1
         strategy.start(initial_weights, 0.0)
 
@@ -164,7 +166,8 @@ class Coordinator:
             "tasks": [task_state(r.task) for r in self.records.values()],
             "privacy": self.privacy.state_dict(),
             "personal": self.personal.state_dict(),
-            "accepted": sorted(self.accepted.items()),
+            # one tensor, not a list of pairs: it grows with every result, and a checkpoint walks lists in Python
+            "accepted": torch.tensor(sorted(self.accepted.items()), dtype=torch.int64).reshape(-1, 2),
             "counters": asdict(self.counters),
             "driver": self.driver.state_dict(),
             "ended": None if self.ended is None else [self.ended.version, self.ended.reason],
@@ -188,7 +191,8 @@ class Coordinator:
             self.privacy.load_state_dict(state.get("privacy", {}))
             self.personal = PersonalReports()
             self.personal.load_state_dict(state.get("personal", {}))
-            self.accepted = {int(t): int(c) for t, c in state["accepted"]}
+            rows = state["accepted"]
+            self.accepted = {int(t): int(c) for t, c in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)}
             self.counters = Counters(**state["counters"])
             self.driver.load_state_dict(state["driver"])
             ended = state["ended"]
@@ -310,7 +314,14 @@ class Coordinator:
     # ------------------------------------------------------------------ checkpoints and metrics
     def _checkpoint_now(self, sync: bool = False) -> None:
         if self.checkpoints is not None and self.store is not None and self.store.log is not None:
-            self.checkpoints.commit(self._state(), self._last_seq, sync)
+            if sync:
+                self.checkpoints.commit_now()
+            else:
+                self.checkpoints.request()
+
+    def _capture(self) -> tuple[dict[str, Any], int]:
+        """The state now and the last logged event it holds (a checkpoint's content)."""
+        return self._state(), self._last_seq
 
     def _queue_eval(self, now: float) -> None:
         self.driver.mark_evaluated(now)
