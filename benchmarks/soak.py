@@ -282,7 +282,7 @@ class HonestClient:
         try:
             await self._loop(stop)
         except RunOver:
-            pass
+            return  # the server said the run is over: this client is done
         finally:
             self.replies.close()
             await self.link.close()
