@@ -133,8 +133,9 @@ class UpdateBuffer:
                 acc = sums.get(name)
                 if acc is None:
                     acc = torch.zeros_like(value, dtype=_sum_dtype(value))
-                if value.is_floating_point():  # promoted to the sum's dtype as it is added: no converted copy
-                    sums[name] = torch.add(acc, value.to(acc.device), alpha=weight)
+                if value.is_floating_point():  # one new tensor: the update converted, scaled and summed in place
+                    scaled = value.to(acc.device, acc.dtype, copy=True)
+                    sums[name] = scaled.mul_(weight).add_(acc)
                 else:
                     sums[name] = acc + value.to(acc.device, acc.dtype)
                 key_weights[name] = key_weights.get(name, 0.0) + weight

@@ -52,9 +52,16 @@ class ServerApp:
     """A built run: the coordinator, the gRPC server bound to its port, and the health service."""
 
     def __init__(
-        self, cfg: ServerRunConfig, coordinator: Coordinator, server: aio.Server, port: int, health_servicer: Any
+        self,
+        cfg: ServerRunConfig,
+        coordinator: Coordinator,
+        servicer: FederatedLearningServicer,
+        server: aio.Server,
+        port: int,
+        health_servicer: Any,
     ) -> None:
         self.cfg = cfg
+        self.servicer = servicer
         self.coordinator = coordinator
         self.server = server
         self.port = port
@@ -88,6 +95,7 @@ class ServerApp:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(grace=1.0)
+            self.servicer.close()
             if self.coordinator.metrics is not None:
                 self.coordinator.metrics.close()
         return ended
@@ -206,7 +214,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         log.info("run over: %s", ended.reason)
 
     coordinator.on_end = on_end
-    return ServerApp(cfg, coordinator, server, port, health_servicer)
+    return ServerApp(cfg, coordinator, servicer, server, port, health_servicer)
 
 
 async def serve(cfg: ServerRunConfig) -> RunEnded:
