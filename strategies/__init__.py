@@ -16,6 +16,7 @@ from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.fedbuff import FedBuffScheduler
 from fedhet.strategies.fedcompass import FedCompassScheduler
+from fedhet.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedhet.strategies.fedp3 import FedP3Planner
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.prowd import BitwidthPlanner, GroupedMean, ProWD
@@ -58,6 +59,9 @@ AGGREGATORS.register("prowd")(ProWD)
 AGGREGATORS.register("grouped_mean")(GroupedMean)
 AGGREGATORS.register("weighted_mean")(WeightedMean)
 AGGREGATORS.register("staleness_weighted")(StalenessWeighted)
+AGGREGATORS.register("fedadagrad")(FedAdagrad)
+AGGREGATORS.register("fedadam")(FedAdam)
+AGGREGATORS.register("fedyogi")(FedYogi)
 
 
 def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str, Any], seed: int) -> Any:

@@ -65,6 +65,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "planner": {"name": "identity"},
         "aggregator": STALENESS,
     },
+    "fedadam": {"scheduler": FEDAVG, "planner": {"name": "identity"}, "aggregator": {"name": "fedadam"}},
     "prowd": {"scheduler": FEDAVG, "planner": {"name": "bitwidth"}, "aggregator": PROWD},
     "compass_prowd": {
         "scheduler": {"name": "fedcompass", "q_min": 2, "q_max": 6},
