@@ -55,7 +55,7 @@ def test_three_rounds_follow_the_papers_update_rule(rule: str) -> None:
     current = {"w": torch.tensor(x, dtype=torch.float32), "steps": torch.tensor(4)}
     for version in range(3):
         clients = [(rng.normal(size=7) * 0.1 + x, samples) for samples in (5, 20, 75)]
-        mean = sum(c * n for c, n in clients) / 100
+        mean = np.sum([c * n for c, n in clients], axis=0) / 100
         updates = [
             ({"w": torch.tensor(c, dtype=torch.float32), "steps": torch.tensor(8 + i)}, n)
             for i, (c, n) in enumerate(clients)
