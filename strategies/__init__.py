@@ -20,6 +20,7 @@ from fedhet.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedhet.strategies.fedp3 import FedP3Planner
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.prowd import BitwidthPlanner, GroupedMean, ProWD
+from fedhet.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 from fedhet.strategies.staleness import StalenessWeighted
 
 __all__ = [
@@ -62,6 +63,9 @@ AGGREGATORS.register("staleness_weighted")(StalenessWeighted)
 AGGREGATORS.register("fedadagrad")(FedAdagrad)
 AGGREGATORS.register("fedadam")(FedAdam)
 AGGREGATORS.register("fedyogi")(FedYogi)
+AGGREGATORS.register("median")(CoordinateMedian)
+AGGREGATORS.register("trimmed_mean")(TrimmedMean)
+AGGREGATORS.register("krum")(Krum)
 
 
 def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str, Any], seed: int) -> Any:
@@ -95,9 +99,23 @@ def _build(role: str, registry: Registry[Callable[..., Any]], spec: Mapping[str,
 
 def build_strategy(spec: Mapping[str, Any], seed: int) -> Strategy:
     """A :class:`Strategy` from a config mapping with ``scheduler``, ``planner`` and ``aggregator`` entries,
-    each ``{name: <registered name>, <argument>: <value> ...}``."""
+    each ``{name: <registered name>, <argument>: <value> ...}``.
+
+    An aggregator that looks at every update apart (``needs_updates``: median, trimmed mean, Krum) gets a scheduler
+    that keeps them (``keep_updates``); a scheduler that cannot is a :class:`ConfigError`."""
+    aggregator = _build("aggregator", AGGREGATORS, spec["aggregator"], seed)
+    scheduler_spec = dict(spec["scheduler"])
+    if getattr(aggregator, "needs_updates", False):
+        name = scheduler_spec.get("name")
+        factory = SCHEDULERS.get(name) if isinstance(name, str) and name in SCHEDULERS else None
+        if factory is not None and "keep_updates" not in inspect.signature(factory).parameters:
+            raise ConfigError(
+                f"strategy.aggregator.name: {spec['aggregator']['name']} looks at every update of a round apart, "
+                f"which scheduler {name!r} does not keep; use strategy.scheduler.name=fedavg"
+            )
+        scheduler_spec["keep_updates"] = True
     return Strategy(
-        scheduler=_build("scheduler", SCHEDULERS, spec["scheduler"], seed),
+        scheduler=_build("scheduler", SCHEDULERS, scheduler_spec, seed),
         planner=_build("planner", PLANNERS, spec["planner"], seed),
-        aggregator=_build("aggregator", AGGREGATORS, spec["aggregator"], seed),
+        aggregator=aggregator,
     )

@@ -31,7 +31,8 @@ class Bucket:
 
     ``weighted_sum`` holds ``sum_i w_i * theta_i`` for floating-point tensors and the plain sum for integer
     tensors (counters, which are averaged unweighted). ``bitwidth`` is the bits per weight of every update folded
-    in (32 = fp32), so bitwidth-aware aggregators never mix groups.
+    in (32 = fp32), so bitwidth-aware aggregators never mix groups. ``updates`` holds each update's own tensors and
+    weight, in arrival order, when the buffer keeps them apart (robust aggregators need them; else it is empty).
 
     An update may carry only some tensors (FedP3 clients send back the layers they trained): ``key_weights`` and
     ``key_counts`` hold, per tensor name, the total weight and the number of updates that carried it, so every
@@ -45,6 +46,7 @@ class Bucket:
     bitwidth: int = FULL_PRECISION
     key_weights: dict[str, float] = field(default_factory=dict)
     key_counts: dict[str, int] = field(default_factory=dict)
+    updates: list[tuple[Mapping[str, torch.Tensor], float]] = field(default_factory=list)
 
     def weight_of(self, name: str) -> float:
         """Total weight of the updates that carried tensor ``name`` (0 when none did)."""
@@ -108,9 +110,13 @@ class UpdateBuffer:
     one matrix-vector product per tensor and chunk instead of one cast and one add per tensor and update, on the
     chunk's device. At most :data:`_PENDING_CHUNKS` chunks per bucket wait (memory: that many chunks). Any other
     update (every update a server receives) is folded at once, in float64.
+
+    With ``keep_updates`` the buffer also holds every update's tensors apart (by reference, no copy), for
+    aggregators that look at each update (median, trimmed mean, Krum): memory (updates) x (model).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_updates: bool = False) -> None:
+        self.keep_updates = keep_updates
         self._buckets: dict[tuple[int, int], Bucket] = {}
         self._pending: dict[tuple[tuple[int, int], int], _Chunk] = {}  # by (bucket, id of the chunk's stacks)
 
@@ -123,6 +129,22 @@ class UpdateBuffer:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = Bucket({}, bitwidth=key[1])
+        weights = result.weights
+        if self.keep_updates:
+            own = {k: v[weights.row] for k, v in weights.stacks.items()} if isinstance(weights, StackedRow) else weights
+            bucket.updates.append((own, weight))  # taken back below if the fold raises
+        try:
+            self._fold_in(key, bucket, result, weight)
+        except BaseException:
+            if self.keep_updates:
+                bucket.updates.pop()
+            raise
+        bucket.total_weight += weight
+        bucket.count += 1
+        bucket.task_ids.append(result.task_id)
+        self._buckets[key] = bucket  # a new bucket only once its first update is in: a failed add leaves none
+
+    def _fold_in(self, key: tuple[int, int], bucket: Bucket, result: Result, weight: float) -> None:
         weights = result.weights
         if isinstance(weights, StackedRow):
             self._stage(key, bucket, weights, weight, result.task_id)
@@ -141,10 +163,6 @@ class UpdateBuffer:
                 key_weights[name] = key_weights.get(name, 0.0) + weight
                 key_counts[name] = key_counts.get(name, 0) + 1
             bucket.weighted_sum, bucket.key_weights, bucket.key_counts = sums, key_weights, key_counts
-        bucket.total_weight += weight
-        bucket.count += 1
-        bucket.task_ids.append(result.task_id)
-        self._buckets[key] = bucket  # a new bucket only once its first update is in: a failed add leaves none
 
     def _stage(self, key: tuple[int, int], bucket: Bucket, row: StackedRow, weight: float, task_id: int) -> None:
         """Hold ``row`` until its chunk is complete (then fold the chunk into ``bucket``, the bucket of ``key``),
@@ -212,6 +230,7 @@ class UpdateBuffer:
                     key[1],
                     dict(bucket.key_weights),
                     dict(bucket.key_counts),
+                    list(bucket.updates),
                 )
                 continue
             sums, key_weights, key_counts = dict(mine.weighted_sum), dict(mine.key_weights), dict(mine.key_counts)
@@ -224,6 +243,7 @@ class UpdateBuffer:
             mine.total_weight += bucket.total_weight
             mine.count += bucket.count
             mine.task_ids.extend(bucket.task_ids)
+            mine.updates.extend(bucket.updates)
         other.clear()
 
     def clear(self) -> None:
@@ -234,12 +254,13 @@ class UpdateBuffer:
         """A function that puts this buffer back as it is now (for an event that fails after folding into it).
 
         O(buckets + waiting chunks): the buffer replaces its sums and their dicts rather than changing them, so the
-        point holds references; a bucket's task ids and a chunk's rows only grow, so their lengths suffice.
+        point holds references; a bucket's task ids, kept updates and a chunk's rows only grow, so their lengths
+        suffice.
         """
         buckets, pending = self._buckets.copy(), self._pending.copy()
         fields = []
         for bucket in buckets.values():
-            fields.append((bucket, vars(bucket).copy(), len(bucket.task_ids)))
+            fields.append((bucket, vars(bucket).copy(), len(bucket.task_ids), len(bucket.updates)))
         rows = []
         for chunk in pending.values():
             rows.append((chunk, len(chunk.rows)))
@@ -250,12 +271,13 @@ class UpdateBuffer:
         attrs: dict[str, Any],
         buckets: dict[tuple[int, int], Bucket],
         pending: dict[tuple[tuple[int, int], int], _Chunk],
-        fields: list[tuple[Bucket, dict[str, Any], int]],
+        fields: list[tuple[Bucket, dict[str, Any], int, int]],
         rows: list[tuple[_Chunk, int]],
     ) -> None:
-        for bucket, values, count in fields:
+        for bucket, values, count, kept in fields:
             vars(bucket).update(values)
             del bucket.task_ids[count:]
+            del bucket.updates[kept:]
         for chunk, length in rows:
             del chunk.rows[length:]
             del chunk.weights[length:]
@@ -273,6 +295,9 @@ class UpdateBuffer:
             if b.partial:
                 row["key_weights"] = dict(b.key_weights)
                 row["key_counts"] = dict(b.key_counts)
+            if b.updates:
+                row["updates"] = [dict(u) for u, _ in b.updates]
+                row["update_weights"] = [w for _, w in b.updates]
             out[f"{v}:{bits}"] = row
         return out
 
@@ -285,7 +310,8 @@ class UpdateBuffer:
             if key in buckets:
                 raise StateError(f"update buffer entry {name!r} repeats the bucket of version {key[0]}, {key[1]} bits")
             required = {"sum", "weight", "count", "tasks"}
-            if not isinstance(row, Mapping) or not required <= set(row) <= required | {"key_weights", "key_counts"}:
+            optional = {"key_weights", "key_counts", "updates", "update_weights"}
+            if not isinstance(row, Mapping) or not required <= set(row) <= required | optional:
                 raise StateError(f"update buffer entry {name!r} is malformed")
             sums = row["sum"]
             if not isinstance(sums, Mapping) or not all(isinstance(t, torch.Tensor) for t in sums.values()):
@@ -299,7 +325,8 @@ class UpdateBuffer:
                     f"update buffer entry {name!r} holds {count} updates, {len(tasks)} task ids and weight {weight}"
                 )
             key_weights, key_counts = _key_totals(name, row, sums, weight, count)
-            buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1], key_weights, key_counts)
+            kept = _kept_updates(name, row, count) if self.keep_updates else []
+            buckets[key] = Bucket(dict(sums), weight, count, tasks, key[1], key_weights, key_counts, kept)
         self._buckets = buckets
         self._pending = {}
 
@@ -323,6 +350,22 @@ def _key_totals(
     ):
         raise StateError(f"update buffer entry {name!r}: a tensor's weight or count exceeds the bucket's")
     return key_weights, key_counts
+
+
+def _kept_updates(name: str, row: Mapping[str, Any], count: int) -> list[tuple[Mapping[str, torch.Tensor], float]]:
+    """The updates a checkpointed bucket kept apart: one per update it holds, each a mapping of tensors with a
+    finite weight > 0."""
+    updates, weights = row.get("updates"), row.get("update_weights")
+    if not isinstance(updates, list) or not isinstance(weights, list) or not len(updates) == len(weights) == count:
+        raise StateError(f"update buffer entry {name!r} does not keep its {count} updates apart, as this one must")
+    kept: list[tuple[Mapping[str, torch.Tensor], float]] = []
+    for update, weight in zip(updates, weights, strict=True):
+        if not isinstance(update, Mapping) or not all(isinstance(t, torch.Tensor) for t in update.values()):
+            raise StateError(f"update buffer entry {name!r}: a kept update is not a mapping of tensors")
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+            raise StateError(f"update buffer entry {name!r}: a kept update's weight {weight!r} is not finite and > 0")
+        kept.append((dict(update), float(weight)))
+    return kept
 
 
 def _bucket_key(name: object) -> tuple[int, int]:

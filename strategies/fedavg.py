@@ -39,6 +39,8 @@ class SyncScheduler:
             (1 each) or ``layers`` (the number of layers it carries: FedP3's layer-count weighting; the mean of
             every tensor is normalised over the updates that carried it).
         seed: seeds client sampling.
+        keep_updates: hold each update of a round apart as well as folded (the strategy builder sets it for an
+            aggregator that looks at every update: median, trimmed mean, Krum).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class SyncScheduler:
         local_steps: int = 0,
         weighting: str = "samples",
         seed: int = 0,
+        keep_updates: bool = False,
     ) -> None:
         if weighting not in SYNC_WEIGHTINGS:
             raise ValueError(f"strategy.weighting must be one of {', '.join(SYNC_WEIGHTINGS)}, got {weighting!r}")
@@ -72,7 +75,8 @@ class SyncScheduler:
         self.weighting = weighting
         self.seed = seed
         self.round = 0
-        self.buffer = UpdateBuffer()
+        self.keep_updates = keep_updates
+        self.buffer = UpdateBuffer(keep_updates)
         self._known: set[int] = set()
         self._idle: set[int] = set()
         self._pending: set[int] = set()
@@ -152,7 +156,7 @@ class SyncScheduler:
         self._round_deadline = None
         self._start_at = now
         self.round += 1
-        closed, self.buffer = self.buffer, UpdateBuffer()
+        closed, self.buffer = self.buffer, UpdateBuffer(self.keep_updates)
         return Decision(aggregate=closed)
 
     def _try_start(self, now: float) -> list[Assignment]:

@@ -66,6 +66,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "aggregator": STALENESS,
     },
     "fedadam": {"scheduler": FEDAVG, "planner": {"name": "identity"}, "aggregator": {"name": "fedadam"}},
+    "krum": {"scheduler": FEDAVG, "planner": {"name": "identity"}, "aggregator": {"name": "krum", "keep": 2}},
     "prowd": {"scheduler": FEDAVG, "planner": {"name": "bitwidth"}, "aggregator": PROWD},
     "compass_prowd": {
         "scheduler": {"name": "fedcompass", "q_min": 2, "q_max": 6},
