@@ -239,11 +239,13 @@ class NetworkClient:
                 header.local_epochs,
                 frozenset(header.train),
                 sparse,
+                header.proximal_mu,
             )
         except ValueError as error:
             log.warning("task %d: bad task (%s); asking again", header.task_id, error)
             return None
-        log.info("task %d received (version %d)", header.task_id, header.version)
+        prox = f", FedProx mu {task.proximal_mu:g}" if task.proximal_mu else ""
+        log.info("task %d received (version %d%s)", header.task_id, header.version, prox)
         return task
 
     def _train(self, task: Task) -> Result | None:

@@ -198,6 +198,25 @@ class ClientStates:
         return state.tensors if state is not None else {}
 
 
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, task: Task) -> None:
+    """FedProx: before each step of ``optimizer``, add ``mu * (w - w_start)``, the gradient of
+    ``mu/2 * ||w - w_start||^2``, to the gradient of every parameter ``task`` carries and trains. A step pre-hook, so
+    under DP-SGD it comes after Opacus has clipped and noised the data's gradient (the term touches no data)."""
+    mu = task.proximal_mu
+    pairs = [
+        (param, task.weights[name].to(param.device, param.dtype))
+        for name, param in model.named_parameters()
+        if name in task.trained and name in task.weights
+    ]
+
+    def proximal(*_: object) -> None:
+        for param, start in pairs:
+            if param.grad is not None:
+                param.grad.add_(param.detach() - start, alpha=mu)
+
+    optimizer.register_step_pre_hook(proximal)
+
+
 class LocalTrainer:
     """Local SGD (or DP-SGD) from a task's weights on one client's samples.
 
@@ -244,6 +263,8 @@ class LocalTrainer:
                 params.append(param)
         cfg = self.config
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if task.proximal_mu > 0:
+            add_proximal_term(optimizer, self.model, task)
         generator = torch.Generator().manual_seed(task_seed(seed, task.task_id))
         steps = task.steps_for(len(x), cfg.batch_size)
         try:

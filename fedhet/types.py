@@ -103,6 +103,8 @@ class Task:
         train: names of ``weights`` the client trains and sends back; empty means all of them. The client keeps
             whatever else its model holds (FedP3's personal head) and leaves the other received tensors frozen.
         sparse: names of ``weights`` that are pruned; they travel in the codec's sparse encoding.
+        proximal_mu: FedProx's mu: the client adds ``mu/2 * ||w - w_start||^2`` to its loss over the tensors it
+            trains (0 = plain local SGD).
     """
 
     task_id: int
@@ -113,8 +115,11 @@ class Task:
     local_epochs: int = 0
     train: frozenset[str] = frozenset()
     sparse: frozenset[str] = frozenset()
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"task {self.task_id}: proximal_mu must be finite and >= 0, got {self.proximal_mu}")
         if (self.local_steps > 0) == (self.local_epochs > 0):
             raise ValueError(
                 f"task {self.task_id}: exactly one of local_steps ({self.local_steps}) "

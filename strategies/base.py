@@ -50,6 +50,7 @@ class Assignment:
     client_id: int
     local_steps: int = 0
     local_epochs: int = 0
+    proximal_mu: float = 0.0  # FedProx's mu for this task (0: none)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ class Strategy:
             local_epochs=assignment.local_epochs,
             train=plan.train,
             sparse=plan.sparse,
+            proximal_mu=assignment.proximal_mu,
         )
         self._next_task_id += 1
         self._outstanding[task.task_id] = (client.client_id, self.version)

@@ -39,6 +39,8 @@ class SyncScheduler:
             (1 each) or ``layers`` (the number of layers it carries: FedP3's layer-count weighting; the mean of
             every tensor is normalised over the updates that carried it).
         seed: seeds client sampling.
+        proximal_mu: FedProx's mu (Li et al., 2020): each client minimises its loss plus
+            ``mu/2 * ||w - w_global||^2``; 0 is FedAvg.
         keep_updates: hold each update of a round apart as well as folded (the strategy builder sets it for an
             aggregator that looks at every update: median, trimmed mean, Krum).
     """
@@ -52,8 +54,11 @@ class SyncScheduler:
         local_steps: int = 0,
         weighting: str = "samples",
         seed: int = 0,
+        proximal_mu: float = 0.0,
         keep_updates: bool = False,
     ) -> None:
+        if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+            raise ValueError(f"strategy.proximal_mu must be finite and >= 0, got {proximal_mu}")
         if weighting not in SYNC_WEIGHTINGS:
             raise ValueError(f"strategy.weighting must be one of {', '.join(SYNC_WEIGHTINGS)}, got {weighting!r}")
         if not 0.0 < fraction <= 1.0:
@@ -76,6 +81,7 @@ class SyncScheduler:
         self.seed = seed
         self.round = 0
         self.keep_updates = keep_updates
+        self.proximal_mu = proximal_mu
         self.buffer = UpdateBuffer(keep_updates)
         self._known: set[int] = set()
         self._idle: set[int] = set()
@@ -169,7 +175,7 @@ class SyncScheduler:
         self._idle = self._idle.difference(chosen)
         self._pending = set(chosen)
         self._round_deadline = now + self.round_timeout
-        return [Assignment(c, local_steps=self.local_steps, local_epochs=self.local_epochs) for c in chosen]
+        return [Assignment(c, self.local_steps, self.local_epochs, self.proximal_mu) for c in chosen]
 
     def state_dict(self) -> dict[str, Any]:
         return {

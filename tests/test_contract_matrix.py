@@ -188,6 +188,9 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
     if kind.private:
         epsilon = records[-1]["epsilon"]
         assert epsilon and all(e > 0 for e in epsilon.values())
+    if strategy == "fedprox":  # every task carried the strategy's mu over the wire
+        received = [m for log in logs for m in re.findall(r"task \d+ received \(version \d+(.*)\)", log)]
+        assert received and set(received) == {", FedProx mu 0.01"}, received
 
 
 # ---------------------------------------------------------------------------------------------- Flower

@@ -97,6 +97,18 @@ def test_task_result_and_profile_messages_round_trip() -> None:
     assert parse_profile(profile_content(profile, 40, partition=3)) == (profile, 40, 3)
 
 
+def test_fedprox_mu_travels_in_a_task_and_in_a_flower_fedprox_round() -> None:
+    task = Task(5, 3, 2, _weights(), local_steps=7, proximal_mu=0.25)
+    assert parse_task(task_content(task, "fp32"), client_id=3).task.proximal_mu == 0.25
+    flower = {"server-round": 2, "proximal-mu": 0.5}  # what Flower's own FedProx strategy sends
+    content = RecordDict({"arrays": to_array_record(_weights()), "config": ConfigRecord(flower)})
+    assert parse_task(content, client_id=0).task.proximal_mu == 0.5
+    for bad in (-1.0, float("nan")):
+        config = ConfigRecord({"server-round": 2, "proximal-mu": bad})
+        with pytest.raises(RecordError, match="proximal"):
+            parse_task(RecordDict({"arrays": to_array_record(_weights()), "config": config}), client_id=0)
+
+
 def test_a_flower_strategy_round_becomes_a_task_of_its_round() -> None:
     content = RecordDict({"arrays": to_array_record(_weights()), "config": ConfigRecord({"server-round": 4})})
     spec = parse_task(content, client_id=0, default_local_epochs=2)

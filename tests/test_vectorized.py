@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +61,15 @@ def assert_same(expected: list[Result], actual: list[Result], atol: float = 1e-5
 
 
 def run_both(
-    model_name: str, config: TrainConfig, batch_size: int, unfold: bool = False
+    model_name: str, config: TrainConfig, batch_size: int, unfold: bool = False, mu: Sequence[float] = ()
 ) -> tuple[list[Result], list[Result], VectorizedExecutor]:
+    """The sequential and the vectorized executor's results for :func:`tasks_for`'s tasks (FedProx's mu per task
+    from ``mu``, when given)."""
     x, y, shards = data()
     model = build_model(model_name, SHAPE, 10, seed=0)
     tasks = tasks_for(model, len(shards))
+    if mu:
+        tasks = [replace(t, proximal_mu=m) for t, m in zip(tasks, mu, strict=True)]
     expected = SequentialExecutor(LocalTrainer(model, config), x, y, shards, seed=5).run(tasks)
     trainer = LocalTrainer(build_model(model_name, SHAPE, 10, seed=0), config)
     executor = VectorizedExecutor(trainer, x, y, shards, seed=5, batch_size=batch_size)
@@ -85,6 +91,32 @@ def test_momentum_and_weight_decay_follow_torch_sgd(model_name: str) -> None:
     config = TrainConfig(lr=0.05, batch_size=8, momentum=0.9, weight_decay=1e-3)
     expected, actual, _ = run_both(model_name, config, batch_size=4)
     assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fedprox_pull_follows_the_sequential_trainer(momentum: float) -> None:
+    """FedProx's mu differs per task (0 for some) and tasks start from two versions (stacked start weights)."""
+    config = TrainConfig(lr=0.05, batch_size=8, momentum=momentum)
+    mu = [0.0, 0.5, 2.0, 0.0, 0.5, 2.0, 1.0]
+    expected, actual, executor = run_both("cnn", config, batch_size=4, mu=mu)
+    assert_same(expected, actual)
+    assert executor.fallback_tasks == 0
+
+
+def test_a_strong_proximal_pull_keeps_the_update_near_its_start() -> None:
+    config = TrainConfig(lr=0.05, batch_size=8)
+    x, y, shards = data()
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    plain = [replace(t, local_steps=20, local_epochs=0) for t in tasks_for(model, len(shards))]
+    pulled = [replace(t, proximal_mu=10.0) for t in plain]
+    for executor in (SequentialExecutor, VectorizedExecutor):
+        free = executor(LocalTrainer(model, config), x, y, shards, seed=5).run(plain)
+        held = executor(LocalTrainer(model, config), x, y, shards, seed=5).run(pulled)
+        for task, a, b in zip(plain, free, held, strict=True):
+            moved = [
+                float(torch.linalg.vector_norm(r.weights[k] - task.weights[k])) for r in (a, b) for k in ["1.weight"]
+            ]
+            assert moved[1] < moved[0] / 2, (executor.__name__, task.task_id, moved)
 
 
 def test_the_cuda_convolution_path_is_exact_too() -> None:

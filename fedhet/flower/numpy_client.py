@@ -71,6 +71,9 @@ class NumPyClientTrainer:
             "local-steps": task.local_steps,
             "task-id": task.task_id,
             "seed": seed,
+            # FedProx's mu under both keys Flower's FedProx strategies use (Message API; legacy NumPyClient API)
+            "proximal-mu": task.proximal_mu,
+            "proximal_mu": task.proximal_mu,
         }
         start = time.perf_counter()
         arrays, num_examples, metrics = self.client.fit(parameters, fit_config)

@@ -252,6 +252,7 @@ def task_content(task: Task, encoding: str) -> RecordDict:
                     "encoding": encoding,
                     "train": [n for n in task.weights if n in task.train],
                     "sparse": [n for n in task.weights if n in task.sparse],
+                    "proximal-mu": task.proximal_mu,
                 }
             ),
         }
@@ -294,8 +295,10 @@ def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 
         encoding = "fp32"
     if encoding not in codec.ALL_ENCODINGS:
         raise RecordError(f"{CONFIG}['encoding']: unknown encoding {encoding!r}")
+    # FedProx's mu, under the key Flower's own FedProx strategy sends too
+    mu = _float(config, "proximal-mu", CONFIG) if "proximal-mu" in config else 0.0
     try:
-        task = Task(task_id, client_id, version, weights, steps, epochs, train, sparse)
+        task = Task(task_id, client_id, version, weights, steps, epochs, train, sparse, mu)
     except ValueError as error:
         raise RecordError(str(error)) from None
     return TaskSpec(task, encoding, fedhet_task)

@@ -199,14 +199,18 @@ def task_state(task: Task) -> list[Any]:
         dict(task.weights),
         sorted(task.train),
         sorted(task.sparse),
+        task.proximal_mu,
     ]
 
 
 def task_from_state(row: Sequence[Any]) -> Task:
     """The task of :func:`task_state`'s row; raises ValueError (or TypeError) for a malformed one."""
-    tid, cid, version, steps, epochs, weights, train, sparse = row
+    tid, cid, version, steps, epochs, weights, train, sparse, *rest = row  # rows before FedProx have no mu
+    if len(rest) > 1:
+        raise ValueError(f"a task row has {len(row)} entries, at most 9")
     names = (frozenset(map(str, train)), frozenset(map(str, sparse)))
-    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names)
+    mu = float(rest[0]) if rest else 0.0
+    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names, mu)
 
 
 def result_state(result: Result) -> list[Any]:

@@ -214,6 +214,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     local_epochs=task.local_epochs,
                     manifest=manifest,
                     train=sorted(task.train),
+                    proximal_mu=task.proximal_mu,
                 )
             )
             for chunk in chunks(payload, self.chunk_bytes):

@@ -245,6 +245,7 @@ class VectorizedExecutor:
         begin = time.perf_counter()
         plans = sorted(plans, key=lambda p: -p.steps)  # the clients training at a step are a prefix
         master = self._start_weights(plans)
+        prox = _Proximal.of(plans, master, self.device)
         momentum: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros(len(plans), dtype=torch.float64, device=self.device)
         indices = self._chunk_indices(plans)
@@ -271,7 +272,7 @@ class VectorizedExecutor:
                 grad, grads = layer.backward(grad, params[i], saved[i], active, need_dx=i > first)
                 saved[i] = ()
                 for key, g in zip(layer.keys, grads, strict=True):
-                    master[key] = self._step(key, master[key], g, active, momentum)
+                    master[key] = self._step(key, master[key], g, active, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
@@ -301,7 +302,8 @@ class VectorizedExecutor:
         master: dict[str, Param] = {}
         for key, value in first.items():
             base = value.to(self.device, torch.float32)
-            if key in self.low_rank_keys and not (self.config.momentum or self.config.weight_decay):
+            proximal = any(p.task.proximal_mu > 0 for p in plans)  # its pull makes every change full rank
+            if key in self.low_rank_keys and not (self.config.momentum or self.config.weight_decay or proximal):
                 out, inp = base.shape
                 u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
                 v = base.new_empty((len(plans), 0, inp), dtype=self.dtype)
@@ -333,26 +335,43 @@ class VectorizedExecutor:
         weight = real[:, :width] / sizes
         return idx[:, :width].clamp_min(0).to(self.device), weight.to(self.device)
 
-    def _step(self, key: str, param: Param, grad: Grad, active: int, momentum: dict[str, torch.Tensor]) -> Param:
+    def _step(
+        self,
+        key: str,
+        param: Param,
+        grad: Grad,
+        active: int,
+        momentum: dict[str, torch.Tensor],
+        prox: _Proximal | None,
+    ) -> Param:
         """One optimiser step of parameter ``key`` for the first ``active`` clients."""
         if isinstance(param, LowRank):
             if isinstance(grad, OuterGrad) and param.rank + grad.dy.shape[1] <= min(param.base.shape) // 2:
                 param.extend(grad)
                 return param
             param = param.dense()  # the factors would outgrow the weights
-        return self._sgd(key, param, grad.dense() if isinstance(grad, OuterGrad) else grad, active, momentum)
+        dense = grad.dense() if isinstance(grad, OuterGrad) else grad
+        return self._sgd(key, param, dense, active, momentum, prox)
 
     def _sgd(
-        self, key: str, param: torch.Tensor, grad: torch.Tensor, active: int, momentum: dict[str, torch.Tensor]
+        self,
+        key: str,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        active: int,
+        momentum: dict[str, torch.Tensor],
+        prox: _Proximal | None,
     ) -> torch.Tensor:
-        """torch.optim.SGD's step (weight decay, then momentum without dampening) for the first ``active``
-        clients; a shared parameter becomes a stacked one."""
+        """torch.optim.SGD's step (weight decay and FedProx's pull, then momentum without dampening) for the first
+        ``active`` clients; a shared parameter becomes a stacked one."""
         cfg = self.config
         shared = param.dim() == len(self.signature[key][0])
         current = param if shared else param[:active]
         grad = grad.float()  # before mixing with fp32: torch's mixed-dtype elementwise kernels are slower than a cast
         if cfg.weight_decay:
             grad = grad.add(current, alpha=cfg.weight_decay)
+        if prox is not None and not shared:  # a shared parameter is still every client's start: no pull
+            grad = grad + prox.pull(key, current, active)
         if cfg.momentum:
             if key not in momentum:
                 momentum[key] = grad.clone()
@@ -363,6 +382,32 @@ class VectorizedExecutor:
             return torch.sub(param, grad, alpha=cfg.lr)
         current.sub_(grad, alpha=cfg.lr)
         return param
+
+
+@dataclass
+class _Proximal:
+    """FedProx's pull in a chunk: ``mu_c * (w - w_start)`` for client ``c``, added to each gradient."""
+
+    mu: torch.Tensor  # (clients,)
+    starts: dict[str, torch.Tensor]  # the start weights: shared (the parameter's shape) or stacked per client
+
+    @classmethod
+    def of(cls, plans: Sequence[_Plan], master: Mapping[str, Param], device: torch.device) -> _Proximal | None:
+        """The chunk's pull (None when no task has one); stacked start weights are copied, as training changes
+        them in place."""
+        mu = [p.task.proximal_mu for p in plans]
+        if not any(mu):
+            return None
+        starts: dict[str, torch.Tensor] = {}
+        for key, value in master.items():
+            assert isinstance(value, torch.Tensor)  # a pull keeps weights dense (see _start_weights)
+            starts[key] = value.clone() if value.dim() > plans[0].task.weights[key].dim() else value
+        return cls(torch.tensor(mu, dtype=torch.float32, device=device), starts)
+
+    def pull(self, key: str, current: torch.Tensor, active: int) -> torch.Tensor:
+        start = self.starts[key]
+        start = start[:active] if start.dim() == current.dim() else start
+        return self.mu[:active].view(-1, *[1] * (current.dim() - 1)) * (current - start)
 
 
 def _cross_entropy(
