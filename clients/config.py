@@ -12,9 +12,9 @@ from hydra.core.config_store import ConfigStore
 from fedhet import quant
 from fedhet.clients.trainer import PrivacyConfig, TrainConfig
 from fedhet.config import ClientConfig, DatasetConfig, ModelConfig, PrivacySettings, compose_typed, is_loopback
-from fedhet.data import DATASETS, client_splits, load_configured
+from fedhet.data import check_dataset, client_splits, load_configured
 from fedhet.errors import ConfigError
-from fedhet.models import MODELS
+from fedhet.models import check_model
 
 __all__ = [
     "ClientRunConfig",
@@ -167,12 +167,8 @@ def _validate(cfg: ClientRunConfig) -> None:
         raise ConfigError("profile.seconds_per_sample must be >= 0 (0 = measure) and profile.benchmark_steps >= 1")
     if not prof.slowdown >= 1.0:
         raise ConfigError(f"profile.slowdown must be >= 1, got {prof.slowdown}")
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {cfg.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
-        )
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose one of: {', '.join(MODELS.names())}")
+    check_dataset(cfg.dataset)
+    check_model(cfg.model)
     if cfg.finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be >= 0, got {cfg.finetune_epochs}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):

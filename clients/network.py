@@ -394,7 +394,7 @@ def _channel(net: NetworkConfig) -> grpc.Channel:
 def personal_probe(cfg: ClientRunConfig, data: LocalData) -> PersonalProbe | None:
     """How this client measures its personalised accuracy when it keeps a personal head (FedP3); None without
     held-out samples or a Linear head to fine-tune."""
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
     tune = FineTune(cfg.finetune_epochs, cfg.train.lr, cfg.train.batch_size)
     try:
         return PersonalProbe(model, (data.x, data.y), (data.x_held, data.y_held), tune, cfg.seed)
@@ -412,11 +412,11 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")
     data = local_partition(cfg)
     x, y = data.x, data.y
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, cfg.model.dp_compatible)
     incompatible = dp_incompatible(model)
     if cfg.privacy.enabled and incompatible:
         raise ConfigError(
-            f"privacy.enabled: model {cfg.model.name} has layers DP-SGD cannot train ({incompatible}); set "
+            f"privacy.enabled: model {cfg.model.label} has layers DP-SGD cannot train ({incompatible}); set "
             "model.dp_compatible=true on this client and on the server (Opacus replaces them by GroupNorm)"
         )
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here

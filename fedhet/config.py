@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.errors import ConfigError
+from fedhet.models.config import ModelConfig
 from fedhet.quant import BITWIDTHS, FULL_PRECISION
 
 __all__ = [
@@ -33,21 +34,6 @@ __all__ = [
     "register_configs",
     "to_typed",
 ]
-
-
-@dataclass
-class ModelConfig:
-    """The run's model.
-
-    Attributes:
-        name: registered model (``cnn``, ``2nn``, ``logreg``, ``fedp3_cnn``, or one a user registered).
-        dp_compatible: replace the layers DP-SGD cannot train per sample (BatchNorm by GroupNorm, through Opacus's
-            ModuleValidator) in every instance of the model; a deployed run sets it on the server and every client
-            alike. A simulation with ``privacy.enabled`` turns it on by itself.
-    """
-
-    name: str = "cnn"
-    dp_compatible: bool = False
 
 
 @dataclass

@@ -216,6 +216,12 @@ def _label(cfg: DictConfig | None, key: str) -> str:
     return UNKNOWN if value is None else str(value)
 
 
+def _component(cfg: DictConfig | None, group: str) -> str:
+    """A model's or dataset's label: its import path (``_target_``) when it is the user's, else its name."""
+    target = _label(cfg, f"{group}._target_")
+    return target if target not in (UNKNOWN, "") else _label(cfg, f"{group}.name")
+
+
 def _integer(cfg: DictConfig | None, key: str) -> int | None:
     value = None if cfg is None else OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -233,8 +239,8 @@ def _load_run(metrics_path: Path) -> Run | None:
         fleet=_label(cfg, "fleet.speed"),
         num_clients=_integer(cfg, "num_clients"),
         partition=_label(cfg, "dataset.partition.name"),
-        dataset=_label(cfg, "dataset.name"),
-        model=_label(cfg, "model.name"),
+        dataset=_component(cfg, "dataset"),
+        model=_component(cfg, "model"),
         seed=_integer(cfg, "seed"),
         records=records,
     )

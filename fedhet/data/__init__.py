@@ -5,7 +5,7 @@ from __future__ import annotations
 from fedhet.data.base import DATASETS, Dataset, DatasetLoader, IndexArray, load_dataset
 from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.data.fashion_mnist import load_fashion_mnist
-from fedhet.data.federated import ClientSplit, client_splits, load_configured
+from fedhet.data.federated import ClientSplit, as_dataset, check_dataset, client_splits, load_configured
 from fedhet.data.partition import (
     PARTITIONERS,
     Partitioner,
@@ -28,6 +28,8 @@ __all__ = [
     "IndexArray",
     "PartitionConfig",
     "Partitioner",
+    "as_dataset",
+    "check_dataset",
     "client_splits",
     "dirichlet",
     "dual_dirichlet",

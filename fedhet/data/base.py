@@ -89,7 +89,7 @@ class Dataset:
 
 
 DatasetLoader = Callable[..., Dataset]
-DATASETS: Registry[DatasetLoader] = Registry("dataset")
+DATASETS: Registry[DatasetLoader] = Registry("dataset", group="fedhet.datasets")
 
 
 def call_with_params(key: str, name: str, fn: Callable[..., R], *args: Any, **params: Any) -> R:

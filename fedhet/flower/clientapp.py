@@ -40,7 +40,7 @@ from fedhet.clients.personal import FineTune, personal_accuracy
 from fedhet.clients.probe import measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import ClientState, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig, task_seed
-from fedhet.config import DatasetConfig
+from fedhet.config import DatasetConfig, ModelConfig
 from fedhet.data import client_splits, load_configured
 from fedhet.flower.records import (
     RecordError,
@@ -64,7 +64,8 @@ class ClientAppSettings:
 
     Attributes:
         dataset: the run's dataset and partitioning (as ``fedhet simulate`` / ``fedhet client`` configure it).
-        model: registered model name (``cnn``, ``2nn``, ``logreg``).
+        model: registered model name (``cnn``, ``2nn``, ``logreg``), or a :class:`~fedhet.config.ModelConfig`
+            (a model of your own by import path).
         num_clients: partitions the dataset is split into (must match the node config's ``num-partitions``).
         seed: the run seed: data split, model init, minibatch order.
         train: local optimiser settings.
@@ -88,7 +89,7 @@ class ClientAppSettings:
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: str = "cnn"
+    model: str | ModelConfig = "cnn"
     num_clients: int = 10
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -174,7 +175,7 @@ class FedhetClient:
                 incompatible = dp_incompatible(initial)
                 if s.privacy is not None and incompatible:
                     raise ValueError(
-                        f"privacy: model {s.model} has layers DP-SGD cannot train ({incompatible}); set "
+                        f"privacy: the model has layers DP-SGD cannot train ({incompatible}); set "
                         "dp_compatible=True in the ClientApp's and the ServerApp's settings"
                     )
                 self._initial = {k: v.detach().clone() for k, v in initial.state_dict().items()}

@@ -26,7 +26,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedhet import codec
-from fedhet.config import DatasetConfig
+from fedhet.config import DatasetConfig, ModelConfig
 from fedhet.flower.records import (
     RecordError,
     array_record_nbytes,
@@ -387,7 +387,7 @@ class ServerAppSettings:
 
     strategy: Mapping[str, Any]
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: str = "cnn"
+    model: str | ModelConfig = "cnn"
     num_clients: int = 10
     seed: int = 0
     driver: DriverSettings = field(default_factory=DriverSettings)
@@ -412,7 +412,8 @@ def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], 
 def run_on_grid(grid: Grid, settings: ServerAppSettings) -> RunSummary:
     """Build the strategy, the initial model and the test-set evaluation of ``settings``; drive them on ``grid``."""
     s = settings
-    spec = RunSpec(s.dataset, s.model, s.strategy, s.num_clients, s.seed, s.dp_compatible)
+    model = s.model if isinstance(s.model, ModelConfig) else ModelConfig(name=s.model)
+    spec = RunSpec(s.dataset, model, s.strategy, s.num_clients, s.seed, s.dp_compatible)
     parts = assemble(spec)
     metrics = MetricsWriter(Path(settings.metrics_path)) if settings.metrics_path else None
     try:

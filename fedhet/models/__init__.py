@@ -1,19 +1,25 @@
-"""The model zoo: FedAvg's CNN and 2NN, and logistic regression for Synthetic(alpha, beta)."""
+"""The model zoo: FedAvg's CNN and 2NN, and logistic regression for Synthetic(alpha, beta); and any
+``torch.nn.Module`` of the user's, by import path (``model._target_``) or by an installed package's entry point
+(the ``fedhet.models`` group)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from fedhet.errors import ConfigError
+from fedhet.models.config import ModelConfig
 from fedhet.registry import Registry
+from fedhet.targets import call_target, locate
 
-__all__ = ["MODELS", "ModelBuilder", "build_model", "dp_incompatible", "evaluate"]
+__all__ = ["MODELS", "ModelBuilder", "ModelConfig", "build_model", "check_model", "dp_incompatible", "evaluate"]
 
-ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
-MODELS: Registry[ModelBuilder] = Registry("model")
+ModelBuilder = Callable[..., nn.Module]  # takes input_shape and num_classes where it names them, and kwargs
+MODELS: Registry[ModelBuilder] = Registry("model", group="fedhet.models")
 
 
 @MODELS.register("cnn")
@@ -82,23 +88,43 @@ def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
+def check_model(model: str | ModelConfig) -> ModelBuilder:
+    """The class or function that builds ``model``; a :class:`ConfigError` naming the key when the name is not
+    registered or the import path cannot be imported."""
+    spec = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
+    if spec._target_:
+        return locate("model._target_", spec._target_)
+    if spec.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {spec.name!r}; choose one of: {', '.join(MODELS.names())}")
+    try:
+        return MODELS.get(spec.name)
+    except ImportError as error:
+        raise ConfigError(f"model.name: {error}") from None
+
+
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, dp_compatible: bool = False
+    model: str | ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int, dp_compatible: bool = False
 ) -> nn.Module:
-    """Build model ``name`` with weights initialised deterministically from ``seed``; ``dp_compatible`` replaces
-    the layers DP-SGD cannot train per sample (see :func:`dp_incompatible`), the same way in every instance."""
-    builder = MODELS.get(name)
+    """Build ``model`` (a registered name, or a config naming one or an import path) with weights initialised
+    deterministically from ``seed``; ``dp_compatible`` replaces the layers DP-SGD cannot train per sample (see
+    :func:`dp_incompatible`), the same way in every instance."""
+    spec = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
+    builder = check_model(spec)
+    offered: dict[str, Any] = {"input_shape": input_shape, "num_classes": num_classes}
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = builder(input_shape, num_classes)
+        built = call_target("model", builder, spec.kwargs, offered)
     finally:
         torch.random.set_rng_state(generator_state)
-    if dp_compatible and dp_incompatible(model):
+    if not isinstance(built, nn.Module):
+        raise ConfigError(f"model {spec.label!r} built a {type(built).__name__}, not a torch.nn.Module")
+    module: nn.Module = built
+    if dp_compatible and dp_incompatible(module):
         from opacus.validators import ModuleValidator
 
-        model = ModuleValidator.fix(model)
-    return model
+        module = ModuleValidator.fix(module)
+    return module
 
 
 def dp_incompatible(model: nn.Module) -> str:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from fedhet.config import ModelConfig, StrategyConfig, plain
-from fedhet.data import DATASETS, ClientSplit, Dataset, DatasetConfig, client_splits, load_configured
+from fedhet.data import ClientSplit, Dataset, DatasetConfig, check_dataset, client_splits, load_configured
 from fedhet.errors import ConfigError
-from fedhet.models import MODELS, build_model, dp_incompatible
+from fedhet.models import build_model, check_model, dp_incompatible
 from fedhet.runtime.evaluation import Evaluator
 from fedhet.strategies import ServerTrained, Strategy, build_strategy
 
@@ -36,7 +36,7 @@ class RunSpec:
 
     Attributes:
         dataset: data and its partition.
-        model: registered model name.
+        model: the model (a registered name or an import path, with its keyword arguments).
         strategy: ``{scheduler: {name, ...}, planner: {...}, aggregator: {...}}``.
         num_clients: clients the data is split for.
         seed: fixes the split, the initial model, the strategy's draws and the server buffer.
@@ -45,7 +45,7 @@ class RunSpec:
     """
 
     dataset: DatasetConfig
-    model: str
+    model: ModelConfig
     strategy: Mapping[str, Any]
     num_clients: int
     seed: int
@@ -66,7 +66,7 @@ def run_spec(cfg: RunConfigLike, private: bool = False) -> RunSpec:
     """The :class:`RunSpec` of a composed config; ``private``: the clients train with DP-SGD (the model is made
     DP-compatible whatever ``model.dp_compatible`` says)."""
     dp = cfg.model.dp_compatible or private
-    return RunSpec(cfg.dataset, cfg.model.name, plain(cfg.strategy), cfg.num_clients, cfg.seed, dp)
+    return RunSpec(cfg.dataset, cfg.model, plain(cfg.strategy), cfg.num_clients, cfg.seed, dp)
 
 
 @dataclass
@@ -92,12 +92,8 @@ def check_spec(spec: RunSpec) -> Strategy:
     naming the key."""
     if spec.num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {spec.num_clients}")
-    if spec.dataset.name not in DATASETS:
-        raise ConfigError(
-            f"dataset.name: unknown dataset {spec.dataset.name!r}; choose one of: {', '.join(DATASETS.names())}"
-        )
-    if spec.model not in MODELS:
-        raise ConfigError(f"model.name: unknown model {spec.model!r}; choose one of: {', '.join(MODELS.names())}")
+    check_dataset(spec.dataset)
+    check_model(spec.model)
     strategy = build_strategy(spec.strategy, spec.seed)
     aggregator = strategy.aggregator
     needs_buffer = isinstance(aggregator, ServerTrained) and aggregator.server_samples > 0
@@ -117,7 +113,9 @@ def assemble(spec: RunSpec, device: str | torch.device = "cpu") -> RunParts:
         build_model(spec.model, data.input_shape, data.num_classes, spec.seed)
     )  # only a DP-compatible run builds the unreplaced model, to say what it replaced
     if replaced:
-        log.warning("model %s: %s replaced by GroupNorm (Opacus's ModuleValidator) for DP-SGD", spec.model, replaced)
+        log.warning(
+            "model %s: %s replaced by GroupNorm (Opacus's ModuleValidator) for DP-SGD", spec.model.label, replaced
+        )
     splits = client_splits(spec.dataset, data, spec.num_clients, spec.seed)
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.seed, spec.dp_compatible)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

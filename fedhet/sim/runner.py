@@ -218,7 +218,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         data.name,
         cfg.num_clients,
         cfg.dataset.partition.name,
-        cfg.model.name,
+        cfg.model.label,
         sum(p.numel() for p in model.parameters()),
         cfg.strategy.name,
         cfg.fleet.speed,

@@ -153,6 +153,7 @@ class VectorizedExecutor:
         self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, BatchedLinear)}
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
+            self._warned.add(self.unsupported)  # said once, here
         self.x = x.to(self.device, self.dtype)
         if self.x.dim() == 4:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -165,6 +166,8 @@ class VectorizedExecutor:
     def _auto_batch_size(self, model: nn.Module, x: torch.Tensor, memory_bytes: int) -> int:
         """Clients per chunk that fit ``memory_bytes``: per client the fp32 weights (the results), a compute copy,
         a gradient and a momentum buffer, and twice the activations of one minibatch."""
+        if self.unsupported:  # every task trains sequentially; and a model of any kind may not take a batch of one
+            return 1
         params = sum(v.numel() for v in model.state_dict().values())
         with torch.no_grad():
             probe = x[:1].to(self.device)
