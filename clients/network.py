@@ -21,8 +21,6 @@ from typing import Any
 
 import grpc
 import torch
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
 from fedhet import quant
 from fedhet.clients.config import (
@@ -38,6 +36,7 @@ from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import ClientState, ClientStates, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
 from fedhet.codec import CodecError, encoding_for_bitwidth
+from fedhet.commandline import compose_command
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import build_model, dp_incompatible
 from fedhet.types import ClientProfile, Result, Task
@@ -471,19 +470,10 @@ def _error(message: str) -> int:
 
 
 def client_main(args: list[str]) -> int:
-    """``fedhet client [KEY=VALUE ...]``; returns the exit status."""
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    options = [a for a in args if a.startswith("-")]
-    if options:
-        return _error(f"unknown option {options[0]}; see fedhet client --help")
-    try:
-        cfg = compose_client(args)
-    except ConfigError as error:
-        return _error(str(error))
-    except (HydraException, OmegaConfBaseException) as error:
-        return _error(str(error).strip().splitlines()[0])
+    """``fedhet client [--cfg job | --info | --help] [KEY=VALUE ...]``; returns the exit status."""
+    cfg = compose_command("client", USAGE, args, compose_client)
+    if isinstance(cfg, int):
+        return cfg
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         client = build_client(cfg)

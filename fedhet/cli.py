@@ -9,10 +9,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fedhet.config import CONFIG_DIR, RunConfig, compose_typed, register_configs, to_typed
+from fedhet.commandline import SweepReport, config_keys, one_line, parse_command_line
+from fedhet.config import CONFIG_DIR, RunConfig, compose_config, compose_typed, register_configs, to_typed
 from fedhet.errors import ConfigError, DataError
 
 __all__ = ["CONFIG_DIR", "compose", "main"]
@@ -38,22 +40,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def _check_group_choices(overrides: list[str]) -> None:
-    """Reject ``group=name`` for a name with no config file, in one line (Hydra's own message is a page)."""
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and key.lstrip("+~") in GROUPS:
-            group = key.lstrip("+~")
-            options = _group_options(group)
-            for choice in value.split(","):
-                if choice not in options:
-                    raise ConfigError(f"{group}={choice}: unknown {group}; choose one of: {', '.join(options)}")
-
-
 def compose(overrides: list[str]) -> RunConfig:
     """The typed run config for ``overrides`` (what ``fedhet simulate`` would run)."""
     register_configs()
@@ -61,37 +47,48 @@ def compose(overrides: list[str]) -> RunConfig:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _simulate_job(cfg: DictConfig) -> float:
+def _simulate_job(cfg: DictConfig) -> float | None:
     from fedhet.sim.runner import simulate
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         summary = simulate(to_typed(cfg, RunConfig), run_dir)
     except (ConfigError, DataError) as error:
-        raise SystemExit(_error(str(error))) from None
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise SystemExit(_error(str(error))) from None
+        # in a sweep a bad value fails its own job only: the reason in one line, the next job runs
+        overrides = " ".join(hydra_cfg.overrides.task)
+        (run_dir / "error.txt").write_text(f"{overrides}: {error}\n")
+        log.error("job %s (%s) failed: %s", hydra_cfg.job.num, overrides, error)
+        return None
     return summary.final.accuracy
 
 
 def simulate_command(args: list[str]) -> int:
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if not a.startswith("-")]
     try:
-        _check_group_choices(overrides)
-        if not multirun:
+        line = parse_command_line(args)
+    except ConfigError as error:
+        return _error(f"{error}; see fedhet simulate --help")
+    sweep = line.flag("--multirun", "-m") is not None
+    searched = line.flag("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn") is not None
+    if not (line.informational or sweep or searched):  # a run: check it first, in one line
+        try:
             from fedhet.sim.runner import validate
 
-            validate(compose(overrides))  # fail fast, in one line, before Hydra sets up a run directory
-    except (ConfigError, DataError) as error:
-        return _error(str(error))
-    except (HydraException, OmegaConfBaseException) as error:
-        return _error(str(error).strip().splitlines()[0])
+            validate(compose(line.overrides))  # before Hydra sets up a run directory
+        except (ConfigError, DataError) as error:
+            return _error(str(error))
+        except (HydraException, OmegaConfBaseException) as error:
+            return _error(one_line(error, config_keys(compose_config("config", []))))
     register_configs()
     sys.argv = ["fedhet simulate", *args]
+    SweepReport.failed = []
     try:
         _simulate_job()
     except SystemExit as stop:
         return int(stop.code or 0) if not isinstance(stop.code, str) else _error(stop.code)
-    return 0
+    return 1 if SweepReport.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

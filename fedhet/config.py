@@ -28,6 +28,7 @@ __all__ = [
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "compose_config",
     "compose_typed",
     "is_loopback",
     "plain",
@@ -232,14 +233,19 @@ CONFIG_DIR = Path(str(resources.files("fedhet.configs")))
 _Schema = TypeVar("_Schema")
 
 
-def compose_typed(config_name: str, schema: type[_Schema], overrides: list[str]) -> _Schema:
-    """Compose ``configs/<config_name>.yaml`` with ``overrides`` and return it as an instance of ``schema``
-    (a dataclass whose schema the caller has stored in Hydra's ConfigStore); Hydra's own keys are dropped."""
+def compose_config(config_name: str, overrides: list[str]) -> Any:
+    """``configs/<config_name>.yaml`` composed with ``overrides`` by Hydra (a DictConfig; its schema, if any, must
+    be stored in Hydra's ConfigStore)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    return to_typed(cfg, schema)
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def compose_typed(config_name: str, schema: type[_Schema], overrides: list[str]) -> _Schema:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` and return it as an instance of ``schema``
+    (a dataclass whose schema the caller has stored in Hydra's ConfigStore); Hydra's own keys are dropped."""
+    return to_typed(compose_config(config_name, overrides), schema)
 
 
 def to_typed(cfg: Any, schema: type[_Schema]) -> _Schema:

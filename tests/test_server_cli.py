@@ -16,7 +16,7 @@ from fedhet.server import main
         (["server.port=-1"], "server.port must be in 0..65535"),
         (["server.encoding=int8"], "server.encoding must be fp32, fp16 or bf16"),
         (["strategy=nope"], "strategy=nope: unknown strategy; choose one of: "),
-        (["server.nope=1"], "server.nope'"),
+        (["server.nope=1"], "server.nope: no such key"),
         (["server.client_timeout=1"], "server.client_timeout (1.0 s) must exceed"),
         (["server.norm_action=ignore"], "server.norm_action must be reject or clip"),
         (["server.tls.client_ca=ca.pem"], "needs server.tls.cert"),

@@ -13,10 +13,9 @@ import grpc
 import torch
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
 from fedhet.codec import encoded_size
+from fedhet.commandline import compose_command
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import EvalCadence, StopRules, assemble, check_spec, run_spec
@@ -31,7 +30,7 @@ from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
 from fedhet.server.session import RunEnded, RuntimeSettings
 from fedhet.v1 import service_pb2_grpc
 
-__all__ = ["USAGE", "ServerApp", "build_app", "hydra_message", "main", "serve"]
+__all__ = ["USAGE", "ServerApp", "build_app", "main", "serve"]
 
 log = logging.getLogger("fedhet.server")
 
@@ -223,36 +222,20 @@ async def serve(cfg: ServerRunConfig) -> RunEnded:
     return await app.run(handle_signals=True)
 
 
-def hydra_message(error: Exception) -> str:
-    """One line for a Hydra / OmegaConf error (their messages span lines and hide the key's problem)."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if first.startswith("Could not override"):
-        return f"{first.rstrip('.')}: no such key (see configs/server.yaml and configs/client.yaml)"
-    return first
-
-
 def _error(message: str) -> int:
     print(f"fedhet server: error: {message}", file=sys.stderr)
     return 2
 
 
 def main(args: list[str]) -> int:
-    """``fedhet server [--resume] [KEY=VALUE ...]``; returns the exit status."""
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    overrides = [a for a in args if a != "--resume"]
-    unknown = [a for a in overrides if a.startswith("-")]
-    if unknown:
-        return _error(f"unknown option {unknown[0]}; see fedhet server --help")
-    if "--resume" in args:
-        overrides.append("server.resume=true")
-    try:
-        cfg = compose_server(overrides)
-    except ConfigError as error:
-        return _error(str(error))
-    except (HydraException, OmegaConfBaseException) as error:
-        return _error(hydra_message(error))
+    """``fedhet server [--resume] [--cfg job | --info | --help] [KEY=VALUE ...]``; returns the exit status."""
+
+    def compose(overrides: list[str]) -> ServerRunConfig:
+        return compose_server([*overrides, "server.resume=true"] if "--resume" in args else overrides)
+
+    cfg = compose_command("server", USAGE, args, compose, extra_switches=["--resume"])
+    if isinstance(cfg, int):
+        return cfg
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         ended = asyncio.run(serve(cfg))

@@ -17,7 +17,6 @@ __all__ = [
     "ServerRunConfig",
     "ServerSettings",
     "TLSConfig",
-    "check_group_choices",
     "compose_server",
     "is_loopback",
     "plain",
@@ -127,23 +126,8 @@ def register_server_configs() -> None:
     ConfigStore.instance().store(name="server_schema", node=ServerRunConfig)
 
 
-GROUPS = ("dataset", "model", "strategy")
-
-
-def check_group_choices(overrides: list[str], groups: tuple[str, ...] = GROUPS) -> None:
-    """Refuse ``group=name`` for a name with no config file, naming the choices (Hydra's message does not)."""
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        group = key.lstrip("+~")
-        if sep and group in groups:
-            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-            if value not in options:
-                raise ConfigError(f"{group}={value}: unknown {group}; choose one of: {', '.join(options)}")
-
-
 def compose_server(overrides: list[str]) -> ServerRunConfig:
     """The typed, validated config of ``fedhet server OVERRIDES``."""
-    check_group_choices(overrides)
     register_server_configs()
     typed = compose_typed("server", ServerRunConfig, overrides)
     validate_server(typed)

@@ -4,7 +4,8 @@
 # class partition (shards, CLASSES classes per client) and dual Dirichlet (alpha1 = N, alpha2 = 0.5), SEEDS seeds;
 # then `fedhet report` writes the table and the plot.
 #
-# One Hydra multirun per (strategy, fleet), JOBS of them at a time; every run stops at HORIZON virtual seconds.
+# One Hydra multirun per (strategy, fleet), its runs JOBS at a time on Hydra's joblib launcher (the `sweep` extra;
+# LAUNCHER=basic runs them one by one); every run stops at HORIZON virtual seconds.
 #   simulations/compass/run.sh [OUT_DIR]            (environment: JOBS DEVICE HORIZON QMIN QMAX SEEDS NS ...)
 set -euo pipefail
 out=${1:-multirun/compass}
@@ -19,6 +20,9 @@ classes=${CLASSES:-3}
 fleets=${FLEETS:-homogeneous normal exponential}
 strategies=${STRATEGIES:-fedavg fedasync fedbuff fedcompass}
 fedhet=${FEDHET:-fedhet}
+launcher=${LAUNCHER:-joblib}
+parallel=""
+[ "$launcher" = joblib ] && parallel="hydra/launcher=joblib hydra.launcher.n_jobs=$jobs"
 
 # (no value contains a space, so plain strings carry them into the parallel jobs)
 common="model=${MODEL:-cnn} num_clients=$ns seed=$seeds client.lr=0.02 client.batch_size=32 \
@@ -45,13 +49,12 @@ run_one() {  # one Hydra multirun: strategy $1 on fleet $2, over clients x parti
   local overrides
   overrides=$(strategy_overrides "$1")
   # shellcheck disable=SC2086
-  if ! $fedhet simulate -m $overrides "fleet=$2" $common "hydra.sweep.dir=$out/$1/$2" >"$out/$1-$2.log" 2>&1; then
-    echo "FAILED: $1 on $2 (see $out/$1-$2.log)"
+  if ! $fedhet simulate -m $overrides "fleet=$2" $common $parallel "hydra.sweep.dir=$out/$1/$2" \
+      >"$out/$1-$2.log" 2>&1; then
+    echo "FAILED (some or all runs): $1 on $2 (see $out/$1-$2.log)"
   fi
 }
-export -f run_one strategy_overrides
-export out fedhet common qmin qmax
 
 mkdir -p "$out"
-for s in $strategies; do for f in $fleets; do echo "$s $f"; done; done | xargs -P "$jobs" -n 2 bash -c 'run_one "$0" "$1"'
+for s in $strategies; do for f in $fleets; do run_one "$s" "$f"; done; done
 $fedhet report "$out"
