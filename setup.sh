@@ -12,4 +12,4 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev,flower,sweep]'
+.venv/bin/pip install -q -e '.[dev,flower,sweep,tracking]'

@@ -16,6 +16,7 @@ from fedhet.data.config import DatasetConfig, PartitionConfig
 from fedhet.errors import ConfigError
 from fedhet.models.config import ModelConfig
 from fedhet.quant import BITWIDTHS, FULL_PRECISION
+from fedhet.tracking import TrackingConfig
 
 __all__ = [
     "CONFIG_DIR",
@@ -209,6 +210,7 @@ class RunConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     sim: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     num_clients: int = 100
     seed: int = 0
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["WALL_CLOCK_FIELDS", "MetricsRecord", "MetricsWriter", "read_metrics"]
+__all__ = ["WALL_CLOCK_FIELDS", "MetricsRecord", "MetricsWriter", "Sink", "read_metrics"]
 
 #: fields that depend on the machine's speed; everything else is a function of the config and seed
 WALL_CLOCK_FIELDS = ("wall_time",)
@@ -34,6 +35,8 @@ class MetricsRecord:
         epsilon: under DP, each client's epsilon spent so far, keyed by client id; None without DP.
         accuracy_by_bitwidth: test accuracy of the global model rounded to each bitwidth below 32 that a client
             of the run computes at, keyed by bitwidth; None when every client is fp32.
+        train_loss: the clients' local training loss (each update's mean minibatch loss, weighted by its samples)
+            over the updates received since the previous evaluation; None when none arrived.
     """
 
     version: int
@@ -48,23 +51,37 @@ class MetricsRecord:
     personal_accuracy: float | None = None
     epsilon: dict[str, float] | None = None
     accuracy_by_bitwidth: dict[str, float] | None = None
+    train_loss: float | None = None
+
+
+class Sink(Protocol):
+    """Takes a run's metrics lines too (a tracker: :mod:`fedhet.tracking`)."""
+
+    def write(self, record: MetricsRecord) -> None: ...
+    def close(self) -> None: ...
 
 
 class MetricsWriter:
-    """Appends :class:`MetricsRecord` lines to ``path`` and flushes each, so a killed run keeps its history."""
+    """Appends :class:`MetricsRecord` lines to ``path`` and flushes each, so a killed run keeps its history; every
+    line also goes to ``sinks`` (TensorBoard, MLflow)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, sinks: Sequence[Sink] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        self.sinks = list(sinks)
 
     def write(self, record: MetricsRecord) -> None:
         row = {k: v for k, v in asdict(record).items() if v is not None}  # unmeasured fields are left out
         self._file.write(json.dumps(_strict(row), allow_nan=False) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -117,6 +134,7 @@ def _numbers(row: dict[str, Any]) -> dict[str, Any]:
         values = out.get(key)
         if isinstance(values, dict):
             out[key] = {c: math.nan if v is None else v for c, v in values.items()}
-    if out.get("personal_accuracy", 0.0) is None:
-        out["personal_accuracy"] = math.nan
+    for key in ("personal_accuracy", "train_loss"):
+        if key in out and out[key] is None:
+            out[key] = math.nan
     return out

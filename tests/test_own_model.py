@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from fedhet.config import ModelConfig
@@ -100,6 +101,7 @@ def test_a_deployed_run_trains_the_same_own_model(plugin: Path) -> None:
         "server.poll_timeout=0.5",
         "server.threads=1",
         "strategy.scheduler.fraction=1.0",
+        "tracking.tensorboard=true",
     ]
     server = spawn("fedhet.server", [*common, "server.port=0", *files, *settings], plugin / "server.log", plugin)
     clients = []
@@ -116,6 +118,10 @@ def test_a_deployed_run_trains_the_same_own_model(plugin: Path) -> None:
             p.kill()
     records = [json.loads(line) for line in (plugin / "state" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["version"] == 2 and float(records[-1]["accuracy"]) > 0.6
+    assert records[-1]["train_loss"] > 0  # the clients' reported training loss, as in simulation
+    recorded = yaml.safe_load((plugin / "state" / "config.yaml").read_text())  # what ran, for fedhet report
+    assert recorded["model"]["_target_"] == "my_fl.Net" and recorded["model"]["kwargs"] == {"hidden": 16}
+    assert list((plugin / "state" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_build_model_seeds_offers_the_shape_and_instantiates_nested_targets(plugin: Path) -> None:

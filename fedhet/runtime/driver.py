@@ -123,6 +123,8 @@ class RunDriver:
         self.evaluated_version = -1  # the last version handed out for evaluation
         self.evaluated_at = -math.inf  # run seconds of that evaluation
         self.failure: str | None = None  # why the strategy failed, when it did
+        self.trained = (0.0, 0)  # (sum of samples x local loss, samples) of the results since that evaluation
+        self._window = (0.0, 0)  # the same, over the results before that evaluation: its metrics line's
 
     # ------------------------------------------------------------------ events
     def available(self, client: ClientInfo, now: float) -> Outcome:
@@ -136,11 +138,15 @@ class RunDriver:
         that is not outstanding, :class:`ResultFailed` when the strategy failed on it (the run goes on)."""
         what = f"the result of task {result.task_id}"
         try:
-            return self._event(now, self.strategy.on_result, result, now)
+            outcome = self._event(now, self.strategy.on_result, result, now)
         except UnknownTaskError:
             raise
         except Exception as error:  # the strategy took the event back: a refusal, not the end of the run
             raise ResultFailed(strategy_failure(what, error)) from error
+        if math.isfinite(result.loss) and result.num_samples > 0:
+            total, samples = self.trained
+            self.trained = (total + result.loss * result.num_samples, samples + result.num_samples)
+        return outcome
 
     def tick(self, now: float) -> Outcome:
         """A deadline the strategy asked for has passed."""
@@ -182,12 +188,17 @@ class RunDriver:
         evaluation)."""
         self.evaluated_version = self.strategy.version
         self.evaluated_at = now
+        self._window, self.trained = self.trained, (0.0, 0)
 
     def point(self, now: float, wall_time: float, bytes_up: int, bytes_down: int) -> RunPoint:
         """Where the run stands at ``now`` on its clock (``wall_time`` seconds since it started; payload bytes so
-        far), for a metrics line."""
-        s = self.strategy
-        return RunPoint(s.version, now, wall_time, bytes_up, bytes_down, s.updates_applied, s.updates_dropped)
+        far), for the metrics line of the evaluation just marked (its training loss is over the results received
+        between the previous evaluation and this one)."""
+        s, (total, samples) = self.strategy, self._window
+        train_loss = total / samples if samples else None
+        return RunPoint(
+            s.version, now, wall_time, bytes_up, bytes_down, s.updates_applied, s.updates_dropped, train_loss
+        )
 
     def evaluation_pending(self) -> bool:
         """The current global model has not been evaluated (at the end of a run, evaluate it once more)."""
@@ -200,6 +211,7 @@ class RunDriver:
             "strategy": self.strategy.state_dict(),
             "evaluated_version": self.evaluated_version,
             "evaluated_at": self.evaluated_at,
+            "trained": list(self.trained),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -208,8 +220,12 @@ class RunDriver:
         version, at = int(state["evaluated_version"]), float(state["evaluated_at"])
         if version < -1 or math.isnan(at):
             raise ValueError(f"driver state: evaluated version {version} at {at} s is not a state")
+        total, samples = state.get("trained", (0.0, 0))  # checkpoints from before the training loss: none
+        if not (math.isfinite(float(total)) and int(samples) >= 0):
+            raise ValueError(f"driver state: training loss sum {total} over {samples} samples is not a state")
         self.strategy.load_state_dict(state["strategy"])
         self.evaluated_version, self.evaluated_at = version, at
+        self.trained = (float(total), int(samples))
 
 
 def strategy_failure(what: str, error: BaseException) -> str:

@@ -47,7 +47,7 @@ Evaluate = Callable[[Weights, Iterable[int]], Evaluation]
 @dataclass(frozen=True)
 class RunPoint:
     """Where a run stood when its model was evaluated: version, run-clock and wall seconds, payload bytes each
-    way, updates applied and dropped so far."""
+    way, updates applied and dropped so far, and the clients' training loss since the previous evaluation."""
 
     version: int
     time: float
@@ -56,6 +56,7 @@ class RunPoint:
     bytes_down: int
     updates_applied: int
     updates_dropped: int
+    train_loss: float | None = None
 
 
 class Evaluator:
@@ -98,6 +99,7 @@ def metrics_record(point: RunPoint, evaluation: Evaluation, extras: Mapping[str,
         updates_applied=point.updates_applied,
         updates_dropped=point.updates_dropped,
         accuracy_by_bitwidth=evaluation.accuracy_by_bitwidth,
+        train_loss=point.train_loss,
         **(extras or {}),
     )
 

@@ -15,7 +15,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedhet.codec import encoded_size
-from fedhet.commandline import compose_command
+from fedhet.commandline import compose_command, to_yaml
 from fedhet.errors import ConfigError, DataError
 from fedhet.metrics import MetricsWriter
 from fedhet.runtime import EvalCadence, StopRules, assemble, check_spec, run_spec
@@ -28,11 +28,14 @@ from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
 from fedhet.server.session import RunEnded, RuntimeSettings
+from fedhet.tracking import flat_config, open_sinks
 from fedhet.v1 import service_pb2_grpc
 
 __all__ = ["USAGE", "ServerApp", "build_app", "main", "serve"]
 
 log = logging.getLogger("fedhet.server")
+
+CONFIG_FILE = "config.yaml"  # the run's composed config, in the state directory
 
 USAGE = """usage: fedhet server [--resume] [KEY=VALUE ...]
 
@@ -156,10 +159,12 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         shutdown_grace=s.shutdown_grace,
         dp_delta=s.dp_delta,
     )
-    Path(s.state_dir).mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(
-        parts.strategy, initial, settings, store, MetricsWriter(Path(s.state_dir) / "metrics.jsonl"), parts.evaluator
-    )
+    state_dir = Path(s.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / CONFIG_FILE).write_text(to_yaml(cfg))  # what ran, for fedhet report and for people
+    sinks = open_sinks(cfg.tracking, state_dir, state_dir.name, flat_config(cfg))
+    metrics = MetricsWriter(state_dir / "metrics.jsonl", sinks)
+    coordinator = Coordinator(parts.strategy, initial, settings, store, metrics, parts.evaluator)
     if store is not None:
         if s.resume:
             coordinator.resume()

@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed, is_loopback, plain
 from fedhet.errors import ConfigError
+from fedhet.tracking import TrackingConfig, check_tracking
 
 __all__ = [
     "CONFIG_DIR",
@@ -117,6 +118,7 @@ class ServerRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server: ServerSettings = field(default_factory=ServerSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     num_clients: int = 30
     seed: int = 0
 
@@ -141,6 +143,7 @@ def _positive(key: str, value: float) -> None:
 
 def validate_server(cfg: ServerRunConfig) -> None:
     """Every check that needs no data and no port; raises :class:`ConfigError` naming the key."""
+    check_tracking(cfg.tracking)
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port must be in 0..65535, got {s.port}")

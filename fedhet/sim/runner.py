@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from fedhet.clients.quantized import QuantizedTrainer
@@ -28,11 +29,14 @@ from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.personal import PersonalEvaluator
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
 from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
+from fedhet.tracking import check_tracking, flat_config, open_sinks
 from fedhet.types import ClientInfo, Weights
 
 __all__ = ["EXECUTORS", "make_executor", "simulate", "validate"]
 
 log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"  # the final global model, in the run directory
 
 EXECUTORS = ("sequential", "vectorized", "ray")
 
@@ -44,6 +48,7 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     cfg.fleet.validate()
+    check_tracking(cfg.tracking)
     part = cfg.dataset.partition
     if not 0.0 <= part.test_fraction < 1.0:
         raise ConfigError(f"dataset.partition.test_fraction must be in [0, 1), got {part.test_fraction}")
@@ -244,7 +249,8 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         bar.set_postfix(v=record.version, t=f"{record.virtual_time:.0f}s", acc=f"{record.accuracy:.4f}")
         log.debug("%s", describe(record))
 
-    with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
+    sinks = open_sinks(cfg.tracking, run_dir, run_dir.name, flat_config(cfg))
+    with MetricsWriter(run_dir / "metrics.jsonl", sinks) as metrics:
         simulator = Simulator(
             strategy,
             clients,
@@ -264,6 +270,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
             if close is not None:
                 close()
     bar.close()
+    save_file({k: v.detach().contiguous().cpu() for k, v in strategy.global_weights.items()}, run_dir / MODEL_FILE)
     final = summary.final
     log.info(
         "stopped (%s) at version %d, virtual time %.1f s, wall %.1f s: accuracy %.4f, %d updates applied, "
