@@ -1,7 +1,10 @@
 """``fedhet report``: time-to-target tables and accuracy-vs-time plots from run and sweep directories.
 
 A *setting* is what a comparison holds fixed (dataset, model, partition, fleet, number of clients); within a
-setting each strategy gets one row and one curve, aggregated over its seeds.
+setting each strategy gets one row and one curve, aggregated over its seeds. Runs of one strategy in one setting
+whose configs differ in any other key (a learning rate, a bitwidth mix) are kept apart: each such key is named, and
+the row is labelled with its value, e.g. ``fedavg (client.lr=0.5)``. Only the seed and keys that change how a run
+is carried out, not what it computes (threads, device, progress bar, ports, paths, trackers), are not compared.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,6 +41,7 @@ __all__ = [
     "markdown_table",
     "mean_curve",
     "plot_accuracy",
+    "separate",
     "summarize",
     "targets",
     "time_to_target",
@@ -54,6 +58,7 @@ REFERENCE_STRATEGY = "fedcompass"
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
+SERVER_CONFIG_FILE = Path("config.yaml")  # what fedhet server records in its state directory
 TABLE_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_time.png"
 
@@ -104,6 +109,13 @@ class Run:
     model: str
     seed: int | None
     records: list[MetricsRecord]
+    config: dict[str, str] = field(default_factory=dict)  # every compared key of the run's config, as text
+    variant: str = ""  # the keys (and values) that set it apart from runs of its strategy and setting
+
+    @property
+    def label(self) -> str:
+        """Its row's and curve's name: the strategy, and its variant when it has one."""
+        return f"{self.strategy} ({self.variant})" if self.variant else self.strategy
 
     @property
     def setting(self) -> Setting:
@@ -137,6 +149,7 @@ class Summary:
     times: tuple[float | None, ...]
     final_accuracies: tuple[float, ...]
     reference_time: float | None
+    seeds: tuple[int | None, ...] = ()
 
     @property
     def reached(self) -> list[float]:
@@ -232,7 +245,8 @@ def _load_run(metrics_path: Path) -> Run | None:
     if not records:
         log.warning("%s: no evaluations; skipping the run", metrics_path)
         return None
-    cfg = _read_config(metrics_path.parent / CONFIG_FILE)
+    server = metrics_path.parent / SERVER_CONFIG_FILE
+    cfg = _read_config(server if server.is_file() else metrics_path.parent / CONFIG_FILE)
     return Run(
         path=metrics_path,
         strategy=_label(cfg, "strategy.name"),
@@ -243,7 +257,77 @@ def _load_run(metrics_path: Path) -> Run | None:
         model=_component(cfg, "model"),
         seed=_integer(cfg, "seed"),
         records=records,
+        config=_compared(cfg),
     )
+
+
+#: keys that say how a run is carried out, not what it computes (a prefix covers the keys below it)
+NOT_COMPARED = (
+    "seed",
+    "hydra",
+    "tracking",
+    "dataset.root",
+    "sim.progress",
+    "sim.threads",
+    "sim.device",
+    "sim.resume",
+    "sim.checkpoint_every",
+    "sim.ray_address",
+    "sim.executor",
+    "server.address",
+    "server.port",
+    "server.port_file",
+    "server.state_dir",
+    "server.tls",
+    "server.tokens_file",
+    "server.threads",
+    "server.resume",
+    "server.durable",
+    "server.poll_timeout",
+    "server.heartbeat_seconds",
+    "server.shutdown_grace",
+)
+#: keys that make the setting or the strategy (the table's own columns)
+SETTING_KEYS = frozenset(
+    {"dataset.name", "dataset._target_", "model.name", "model._target_", "dataset.partition.name", "fleet.speed"}
+    | {"num_clients", "strategy.name"}
+)
+
+
+def _compared(cfg: DictConfig | None) -> dict[str, str]:
+    """The run's config keys a comparison looks at, flattened to text."""
+    if cfg is None:
+        return {}
+    flat: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+            return
+        key = prefix.rstrip(".")
+        if key not in SETTING_KEYS and not any(key == p or key.startswith(f"{p}.") for p in NOT_COMPARED):
+            flat[key] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return flat
+
+
+def separate(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """``runs`` with each one's variant set: the keys in which runs of its setting and strategy differ, with its
+    values; and every such key, sorted."""
+    groups: dict[tuple[Setting, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.setting, run.strategy), []).append(run)
+    differing: dict[tuple[Setting, str], list[str]] = {}
+    for key, group in groups.items():
+        keys = sorted({k for run in group for k in run.config})
+        differing[key] = [k for k in keys if len({run.config.get(k, "—") for run in group}) > 1]
+    out = []
+    for run in runs:
+        keys = differing[(run.setting, run.strategy)]
+        out.append(replace(run, variant=", ".join(f"{k}={run.config.get(k, '—')}" for k in keys)))
+    return out, sorted({k for keys in differing.values() for k in keys})
 
 
 def load_runs(path: Path) -> list[Run]:
@@ -261,6 +345,12 @@ def load_runs(path: Path) -> list[Run]:
     else:
         raise DataError(f"{path}: no such file or directory")
     return [run for run in map(_load_run, metrics_paths) if run is not None]
+
+
+def _seeds_cell(summary: Summary) -> str:
+    """The number of runs, and of distinct seeds where fewer (the same seed run twice is not two seeds)."""
+    runs, seeds = len(summary.times), len(set(summary.seeds))
+    return str(runs) if seeds == runs else f"{runs} runs, {seeds} seed{'s' if seeds != 1 else ''}"
 
 
 # --- analysis ------------------------------------------------------------------------------------------------
@@ -302,9 +392,9 @@ def summarize(runs: Sequence[Run], target: float | None = None) -> list[Summary]
     summaries = []
     for setting, group in _by_setting(runs).items():
         goal = setting_targets[setting]
-        by_strategy: dict[str, list[Run]] = {}
+        by_strategy: dict[str, list[Run]] = {}  # by label: a strategy and its variant
         for run in group:
-            by_strategy.setdefault(run.strategy, []).append(run)
+            by_strategy.setdefault(run.label, []).append(run)
         reference_times = [
             t
             for t in (time_to_target(r.records, goal) for r in by_strategy.get(REFERENCE_STRATEGY, []))
@@ -321,6 +411,7 @@ def summarize(runs: Sequence[Run], target: float | None = None) -> list[Summary]
                     times=tuple(time_to_target(r.records, goal) for r in seeds),
                     final_accuracies=tuple(r.final_accuracy for r in seeds),
                     reference_time=reference,
+                    seeds=tuple(r.seed for r in seeds),
                 )
             )
     return summaries
@@ -367,7 +458,7 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
             s.setting.fleet,
             UNKNOWN if s.setting.num_clients is None else str(s.setting.num_clients),
             s.strategy,
-            str(len(s.times)),
+            _seeds_cell(s),
             f"{s.target * 100:.2f}",
             _time_cell(s),
             _mean_std(s.final_accuracies, scale=100.0),
@@ -402,15 +493,15 @@ def plot_accuracy(runs: Sequence[Run], setting_targets: dict[Setting, float], pa
     import matplotlib.pyplot as plt
 
     groups = _by_setting(runs)
-    strategies = sorted({run.strategy for run in runs})
+    strategies = sorted({run.label for run in runs})
     palette = plt.get_cmap("tab10")
     colours = {strategy: palette(i % 10) for i, strategy in enumerate(strategies)}
     columns = min(len(groups), 2)
     rows = math.ceil(len(groups) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
     for ax, (setting, group) in zip(axes.flat, groups.items(), strict=False):  # spare panels stay empty
-        for strategy in sorted({run.strategy for run in group}):
-            seeds = [run for run in group if run.strategy == strategy]
+        for strategy in sorted({run.label for run in group}):
+            seeds = [run for run in group if run.label == strategy]
             curve = mean_curve(seeds)
             colour = colours[strategy]
             ax.step(curve.times, curve.mean * 100, where="post", color=colour, label=f"{strategy} (n={len(seeds)})")
@@ -467,16 +558,23 @@ def _report(args: list[str]) -> None:
     target: float | None = options.target
     if target is not None and not 0.0 < target <= 1.0:
         raise ConfigError(f"--target {target:g}: give the accuracy as a fraction in (0, 1], e.g. 0.8 for 80%")
-    runs: list[Run] = []
+    loaded: list[Run] = []
     seen: set[Path] = set()
     for directory in options.dirs:
         for run in load_runs(directory):
             if run.path.resolve() not in seen:
                 seen.add(run.path.resolve())
-                runs.append(run)
+                loaded.append(run)
     sources = ", ".join(map(str, options.dirs))
-    if not runs:
+    if not loaded:
         raise DataError(f"{sources}: every metrics file is empty")
+    runs, differing = separate(loaded)
+    apart = (
+        f"Runs of one strategy and setting whose configs differ are separate rows, labelled by the keys in which "
+        f"they differ: {', '.join(differing)}.\n\n"
+        if differing
+        else ""
+    )
     first: Path = options.dirs[0]
     out: Path = options.out or (first if first.is_dir() else first.parent)
     setting_targets = targets(runs, target)
@@ -490,11 +588,13 @@ def _report(args: list[str]) -> None:
     (out / TABLE_FILE).write_text(
         f"# fedhet report\n\n{len(runs)} runs from {sources}.\n\n"
         f"Target accuracy: {rule}. Times are virtual seconds, mean ± sample std over the seeds that reach the "
-        f"target; accuracies are percent, mean ± sample std over seeds.\n\n"
+        f"target; accuracies are percent, mean ± sample std over seeds.\n\n{apart}"
         f"{table}\n![accuracy vs virtual time]({PLOT_FILE})\n",
         encoding="utf-8",
     )
     plot_accuracy(runs, setting_targets, out / PLOT_FILE)
+    if differing:
+        print(f"separated by: {', '.join(differing)}")
     print(table, end="")
     print(f"\nwrote {out / TABLE_FILE} and {out / PLOT_FILE}")
 

@@ -263,3 +263,53 @@ def test_metrics_files_are_strict_json_and_non_finite_numbers_read_back_as_nan(t
     assert line["accuracy"] is None and line["loss"] is None and line["epsilon"] == {"0": None}
     back = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert np.isnan(back.accuracy) and np.isnan(back.loss) and back.epsilon is not None and np.isnan(back.epsilon["0"])
+
+
+def config_text(lr: float, seed: int, bits: str = "[32]", threads: int = 1) -> str:
+    return (
+        "dataset: {name: fashion_mnist, partition: {name: dirichlet}}\nmodel: {name: cnn}\n"
+        "strategy: {name: fedavg, scheduler: {fraction: 0.1}}\n"
+        f"fleet: {{speed: normal, bitwidths: {bits}}}\nclient: {{lr: {lr}}}\nsim: {{threads: {threads}}}\n"
+        f"num_clients: 10\nseed: {seed}\n"
+    )
+
+
+def test_runs_that_differ_in_any_key_are_separate_rows_named_by_that_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    curve = [(0, 0.1), (10, 0.8)]
+    write_run(tmp_path / "a", curve, config_text(0.05, seed=0))
+    write_run(tmp_path / "b", curve, config_text(0.5, seed=0, threads=4))  # threads: how, not what, it ran
+    write_run(tmp_path / "c", curve, config_text(0.5, seed=0, bits="[32, 8]"))
+    write_run(tmp_path / "d", curve, config_text(0.05, seed=1))
+    write_run(tmp_path / "e", curve, config_text(0.05, seed=1))  # the same run twice: not a second seed
+    assert main([str(tmp_path), "--target", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "separated by: client.lr, fleet.bitwidths" in out
+    rows = {line.split("|")[6].strip(): line.split("|")[7].strip() for line in out.splitlines() if "fedavg" in line}
+    assert rows == {
+        "fedavg (client.lr=0.05, fleet.bitwidths=[32])": "3 runs, 2 seeds",
+        "fedavg (client.lr=0.5, fleet.bitwidths=[32])": "1",
+        "fedavg (client.lr=0.5, fleet.bitwidths=[32, 8])": "1",
+    }
+    assert (
+        "labelled by the keys in which they differ: client.lr, fleet.bitwidths" in (tmp_path / "report.md").read_text()
+    )
+
+
+def test_a_server_runs_recorded_config_labels_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    write_run(state, [(0, 0.1), (5, 0.5)], None)
+    (state / "config.yaml").write_text(
+        "dataset: {name: synthetic, partition: {name: natural}}\nmodel: {name: logreg}\n"
+        "strategy: {name: fedbuff}\nserver: {port: 5051, max_versions: 3}\nnum_clients: 30\nseed: 4\n"
+    )
+    [run] = load_runs(state)
+    assert (run.dataset, run.model, run.strategy, run.num_clients, run.seed) == (
+        "synthetic",
+        "logreg",
+        "fedbuff",
+        30,
+        4,
+    )
+    assert run.config == {"server.max_versions": "3"}  # the port is how it ran, not what
