@@ -57,6 +57,14 @@ class GiveUp(Exception):
     """The server stayed unreachable past the reconnect timeout."""
 
 
+class Permanent(Exception):
+    """An error no retry mends (a TLS certificate the client does not trust, a server model that is not the
+    client's): the client stops at once with a non-zero status."""
+
+
+_TLS_FAILURES = ("certificate", "ssl", "handshake", "tls")  # in an UNAVAILABLE status's details
+
+
 class Backoff:
     """Exponential backoff with jitter, giving up ``timeout`` seconds after the first failure since a success."""
 
@@ -110,6 +118,7 @@ class NetworkClient:
         # what the client keeps between tasks: its own tensors start from the initial model (the server's version 0);
         # without one (a trainer that holds no model, such as Flower's NumPyClient adapter) it keeps no tensors
         self.states = ClientStates(initial if initial is not None else {})
+        self.shapes = {k: tuple(v.shape) for k, v in (initial or {}).items()}  # the local model's, to check tasks
         self.state_file = Path(state_dir) / f"client{net.client_id}.state" if state_dir else None
         if self.state_file is not None and self.state_file.exists():
             self.states.states[net.client_id] = ClientState.from_bytes(self.state_file.read_bytes())
@@ -160,6 +169,8 @@ class NetworkClient:
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         log.error("server refused client %d: %s %s", self.client_id, code.name, details)
                         return 2
+                    if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in _TLS_FAILURES):
+                        raise Permanent(f"TLS with {self.net.server} failed (check network.tls.*): {details}") from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in details:
                         registered = False
                         continue
@@ -173,6 +184,9 @@ class NetworkClient:
         except GiveUp as error:
             log.error("client %d: %s", self.client_id, error)
             return 1
+        except Permanent as error:
+            log.error("client %d stops: %s", self.client_id, error)
+            return 2
         finally:
             self.channel.close()
 
@@ -261,6 +275,7 @@ class NetworkClient:
                 if reply.run_over:
                     self.over.set()
 
+        self._check_fits(task)
         thread = threading.Thread(target=beat, name=f"heartbeat-{self.client_id}", daemon=True)
         thread.start()
         try:
@@ -295,6 +310,23 @@ class NetworkClient:
             return None
         self.tasks_done += 1
         return replace(result, train_seconds=seconds)
+
+    def _check_fits(self, task: Task) -> None:
+        """Raise :class:`Permanent` when ``task``'s weights are not the local model's tensors (the server runs
+        another model: every task would fail the same way)."""
+        if not self.shapes:  # a trainer that holds no model of its own (a wrapped NumPyClient)
+            return
+        for name, tensor in task.weights.items():
+            if name not in self.shapes:
+                raise Permanent(
+                    f"task {task.task_id}: the server's model has a tensor {name!r} this client's model lacks: "
+                    "start both with the same model.* settings"
+                )
+            if tuple(tensor.shape) != self.shapes[name]:
+                raise Permanent(
+                    f"task {task.task_id}: the server's model has {name!r} of shape {tuple(tensor.shape)}, this "
+                    f"client's {self.shapes[name]}: start both with the same model.* and dataset.* settings"
+                )
 
     def _keep(self, state: ClientState) -> None:
         """Write the client's state to its file (atomically) when it has one."""

@@ -233,3 +233,49 @@ def test_insecure_must_be_explicit_and_tls_files_must_exist(tmp_path: Path) -> N
         test_config(str(tmp_path), "server.tls.cert=/nonexistent.pem", "server.tls.key=/nonexistent.key")
     with pytest.raises(ConfigError, match="given together"):
         test_config(str(tmp_path), "server.tls.cert=/nonexistent.pem")
+
+
+async def untrusting_client_scenario(tmp_path: Path, pki: Pki) -> int:
+    cfg = test_config(str(tmp_path / "state"), *tls_overrides(pki, mutual=False))
+    async with running_server(cfg) as app:
+        client_cfg = compose_client(
+            [
+                "num_clients=4",
+                f"network.server=localhost:{app.port}",
+                f"network.tls.ca={pki.write('other-ca.pem', pki.other_ca.cert)}",  # not the server's CA
+                "profile.seconds_per_sample=0.001",
+                "network.backoff_initial=0.1",
+                "network.reconnect_timeout=600",  # a retrying client would hang here, not return
+            ]
+        )
+        return await asyncio.wait_for(asyncio.to_thread(lambda: build_client(client_cfg).run()), timeout=120)
+
+
+def test_a_client_that_does_not_trust_the_server_stops_at_once(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate the client does not trust is no outage to wait out: exit status 2 and one line, not two
+    minutes of retries."""
+    assert asyncio.run(untrusting_client_scenario(tmp_path, pki)) == 2
+    assert "stops: TLS with localhost" in caplog.text and "check network.tls" in caplog.text
+
+
+def test_the_certificate_recipe_of_the_deployment_guide_works_as_written(tmp_path: Path) -> None:
+    """docs/deployment.md "Making certificates", run by bash in an empty directory; then a real server and the
+    client program run to the end over mutual TLS with the files it made."""
+    guide = (Path(__file__).parents[1] / "docs" / "deployment.md").read_text()
+    section = guide[guide.index("### Making certificates") :]
+    recipe = section[section.index("```bash\n") + 8 : section.index("```", section.index("```bash\n") + 8)]
+    done = subprocess.run(["bash", "-e", "-c", recipe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    files = {name: (tmp_path / name).read_bytes() for name in ("ca.pem", "server.pem", "server.key")}
+    files |= {name: (tmp_path / name).read_bytes() for name in ("client.pem", "client.key")}
+    made = Pki(
+        ca=Pem(files["ca.pem"], b""),
+        server=Pem(files["server.pem"], files["server.key"]),
+        client=Pem(files["client.pem"], files["client.key"]),
+        other_ca=Pem(b"", b""),
+        other_client=Pem(b"", b""),
+        dir=tmp_path,
+    )
+    assert asyncio.run(client_program_scenario(tmp_path / "run", made)) == 0

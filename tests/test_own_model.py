@@ -122,6 +122,9 @@ def test_a_deployed_run_trains_the_same_own_model(plugin: Path) -> None:
     recorded = yaml.safe_load((plugin / "state" / "config.yaml").read_text())  # what ran, for fedhet report
     assert recorded["model"]["_target_"] == "my_fl.Net" and recorded["model"]["kwargs"] == {"hidden": 16}
     assert list((plugin / "state" / "tensorboard").glob("events.out.tfevents.*"))
+    log = server.text()  # where it listens, what to run, and a status line per version
+    assert "waiting for clients: fedhet client network.server=127.0.0.1:" in log
+    assert "version 2 at" in log and "updates applied" in log
 
 
 def test_build_model_seeds_offers_the_shape_and_instantiates_nested_targets(plugin: Path) -> None:

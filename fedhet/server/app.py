@@ -13,6 +13,7 @@ import grpc
 import torch
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from fedhet.codec import encoded_size
 from fedhet.commandline import compose_command, to_yaml
@@ -79,11 +80,13 @@ class ServerApp:
             Path(self.cfg.server.port_file).write_text(str(self.port))
         self.started.set()
         log.info(
-            "listening on %s:%d (run %s, version %d)",
+            "listening on %s:%d (run %s, version %d); waiting for clients: fedhet client network.server=%s:%d ...",
             self.cfg.server.address,
             self.port,
             self.coordinator.run_id,
             self.coordinator.version,
+            self.cfg.server.address,
+            self.port,
         )
         if handle_signals:  # SIGTERM / SIGINT end the run cleanly: final checkpoint, clients told
             loop = asyncio.get_running_loop()
@@ -206,6 +209,9 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     service_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs predate grpc.aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # server reflection: grpcurl, grpc_health_probe and other standard tools list and call the services unaided
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
     target = f"{s.address}:{s.port}" if ":" not in s.address else f"[{s.address.strip('[]')}]:{s.port}"
     try:
         port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)

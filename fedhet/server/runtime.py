@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fedhet.metrics import MetricsWriter, last_version
+from fedhet.metrics import MetricsRecord, MetricsWriter, last_version
 from fedhet.runtime import (
     Evaluate,
     Outcome,
@@ -28,6 +28,7 @@ from fedhet.runtime import (
     Recorder,
     ResultFailed,
     RunDriver,
+    describe,
 )
 from fedhet.runtime.checkpoint import CheckpointError, task_from_state, task_state
 from fedhet.server.journal import CheckpointWriter, LoggedResult, parse_result_event, result_event
@@ -103,7 +104,8 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._ended_event = asyncio.Event()
         self.driver = RunDriver(strategy, settings.stop, settings.cadence)
-        self.recorder = Recorder(evaluate, metrics) if evaluate is not None else None
+        # a status line per evaluated version, so a person watching the server sees the run go on
+        self.recorder = Recorder(evaluate, metrics, _status) if evaluate is not None else None
         self.checkpoints = CheckpointWriter(store, self._capture) if store is not None else None
         self._last_seq = -1
         strategy.start(initial_weights, 0.0)
@@ -558,3 +560,7 @@ class Coordinator:
     @property
     def ended_event(self) -> asyncio.Event:
         return self._ended_event
+
+
+def _status(record: MetricsRecord) -> None:
+    log.info("%s, %d updates applied", describe(record), record.updates_applied)
