@@ -102,3 +102,22 @@ def test_a_simulation_leaves_its_final_model_as_safetensors(tmp_path: Path) -> N
     model.load_state_dict(weights)
     accuracy, _ = evaluate(model, data.x_test, data.y_test)
     assert accuracy == pytest.approx(summary.final.accuracy) == pytest.approx(records[-1].accuracy)
+
+
+@pytest.mark.parametrize(
+    ("version", "seconds", "limits", "position"),
+    [
+        (3, 10.0, (60, 0.0), 5.0),  # versions only
+        (3, 900.0, (60, 1200.0), 75.0),  # the time limit comes first: the ETA follows it
+        (45, 100.0, (60, 1200.0), 75.0),  # the version limit comes first
+        (70, 5000.0, (60, 1200.0), 100.0),
+    ],
+)
+def test_the_progress_bar_runs_toward_whichever_stop_rule_comes_first(
+    version: int, seconds: float, limits: tuple[int, float], position: float
+) -> None:
+    from fedhet.metrics import MetricsRecord
+    from fedhet.sim.runner import progress_position
+
+    record = MetricsRecord(version, seconds, 0.0, 0.5, 1.0, 0, 0, 0, 0)
+    assert progress_position(record, *limits) == position

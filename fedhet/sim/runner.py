@@ -242,10 +242,11 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         saved = {str(c): torch.frombuffer(bytearray(s.to_bytes()), dtype=torch.uint8) for c, s in states.states.items()}
         save_checkpoint(run_dir / CHECKPOINT, {"run": _fingerprint(cfg), "sim": dict(state), "clients": saved})
 
-    bar = tqdm(total=cfg.sim.max_versions, desc="fedhet", unit="version", disable=not cfg.sim.progress)
+    limits = (cfg.sim.max_versions, cfg.sim.max_virtual_seconds)
+    bar = tqdm(total=100, desc="fedhet", unit="%", disable=not cfg.sim.progress)  # toward the first stop rule
 
     def progress(record: MetricsRecord) -> None:
-        bar.update(record.version - bar.n)
+        bar.update(progress_position(record, *limits) - bar.n)
         bar.set_postfix(v=record.version, t=f"{record.virtual_time:.0f}s", acc=f"{record.accuracy:.4f}")
         log.debug("%s", describe(record))
 
@@ -286,6 +287,15 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         final.bytes_down / 1e6,
     )
     return summary
+
+
+def progress_position(record: MetricsRecord, max_versions: int, max_virtual_seconds: float) -> float:
+    """How far (percent) the run is toward its end: the further of its versions toward ``max_versions`` and its
+    virtual time toward ``max_virtual_seconds`` (0: no limit), so the bar's ETA is right whichever rule stops it."""
+    done = record.version / max_versions
+    if max_virtual_seconds > 0:
+        done = max(done, record.virtual_time / max_virtual_seconds)
+    return round(min(1.0, done) * 100, 2)
 
 
 #: keys a resumed run may change: when it stops, how often it evaluates and checkpoints, how it runs
