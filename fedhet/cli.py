@@ -71,6 +71,8 @@ def simulate_command(args: list[str]) -> int:
     except ConfigError as error:
         return _error(f"{error}; see fedhet simulate --help")
     sweep = line.flag("--multirun", "-m") is not None
+    if sweep and line.informational:
+        return _error("-m runs a sweep; --cfg, --info and --help describe one run: give one or the other")
     searched = line.flag("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn") is not None
     if not (line.informational or sweep or searched):  # a run: check it first, in one line
         try:
