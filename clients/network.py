@@ -39,6 +39,7 @@ from fedhet.codec import CodecError, encoding_for_bitwidth
 from fedhet.commandline import compose_command
 from fedhet.errors import ConfigError, DataError
 from fedhet.models import build_model, dp_incompatible
+from fedhet.threads import use_threads
 from fedhet.types import ClientProfile, Result, Task
 from fedhet.updates import UpdateError, check_finite
 from fedhet.v1 import service_pb2 as spb
@@ -436,8 +437,7 @@ def personal_probe(cfg: ClientRunConfig, data: LocalData) -> PersonalProbe | Non
 
 def build_client(cfg: ClientRunConfig) -> NetworkClient:
     """Load the local partition, build the model and trainer, measure the profile, open the channel."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads, "threads")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device is {cfg.device} but torch sees no CUDA device; use device=cpu")

@@ -68,7 +68,7 @@ class SimulationConfig:
         eval_every: evaluate every this many versions.
         eval_interval: and at most once per this many virtual seconds (0 = no limit).
         encoding: wire encoding that sizes payloads (fp32, fp16, bf16).
-        threads: torch CPU threads (0 = torch's default).
+        threads: torch CPU threads (0 = the idle cores when the run starts: :mod:`fedhet.threads`).
         device: where clients train and the global model is evaluated: ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
         executor: how client tasks are computed: ``sequential`` (one after another), ``vectorized`` (many clients

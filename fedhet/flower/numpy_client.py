@@ -40,6 +40,7 @@ from fedhet.clients.config import ClientRunConfig, NetworkConfig, compose_client
 from fedhet.clients.network import NetworkClient
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
+from fedhet.threads import use_threads
 from fedhet.types import ClientProfile, Result, Task
 
 __all__ = ["NumPyClientTrainer", "join", "load_numpy_client", "main"]
@@ -195,8 +196,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, HydraException, OmegaConfBaseException) as error:
         print(f"fedhet.flower.numpy_client: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads, "threads")
     return join(client, cfg.network, profile, num_samples, TrainConfig(**asdict(cfg.train)), prof.slowdown)
 
 

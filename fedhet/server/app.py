@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,6 +28,7 @@ from fedhet.server.persistence import StateStore
 from fedhet.server.runtime import Coordinator
 from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
 from fedhet.server.session import RunEnded, RuntimeSettings
+from fedhet.threads import use_threads
 from fedhet.tracking import flat_config, open_sinks
 from fedhet.v1 import service_pb2_grpc
 
@@ -135,8 +135,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
     s = cfg.server
     tokens = TokenStore.from_file(s.tokens_file) if s.tokens_file else None
     credentials = server_credentials(s.tls.cert, s.tls.key, s.tls.client_ca) if s.tls.cert else None
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    use_threads(s.threads, "server.threads")
     spec = run_spec(cfg)
     check_spec(spec)  # a bad name, key or value fails before any data is read
     if Path(s.state_dir).exists() and not Path(s.state_dir).is_dir():

@@ -75,7 +75,7 @@ class ServerSettings:
             the start weights, 1) (``fedhet.server.validation.DEFAULT_RELATIVE_BOUND``: 20x an honest worst case).
         norm_action: ``reject`` or ``clip`` an update over ``norm_bound``.
         shutdown_grace: seconds the server keeps answering after the run ends, so clients learn it is over.
-        threads: torch CPU threads (0 = torch's default).
+        threads: torch CPU threads (0 = the idle cores when the run starts: :mod:`fedhet.threads`).
     """
 
     address: str = "127.0.0.1"

@@ -29,6 +29,7 @@ from fedhet.sim.fleet import sample_profiles
 from fedhet.sim.personal import PersonalEvaluator
 from fedhet.sim.simulator import RunSummary, SimConfig, Simulator
 from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
+from fedhet.threads import use_threads
 from fedhet.tracking import check_tracking, flat_config, open_sinks
 from fedhet.types import ClientInfo, Weights
 
@@ -173,8 +174,7 @@ def make_executor(
 def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     """Run the simulation ``cfg`` describes, writing ``metrics.jsonl`` into ``run_dir``."""
     validate(cfg)
-    if cfg.sim.threads:
-        torch.set_num_threads(cfg.sim.threads)
+    use_threads(cfg.sim.threads, "sim.threads")
     parts = assemble(run_spec(cfg, cfg.privacy.enabled), cfg.sim.device)
     data, splits, strategy = parts.data, parts.splits, parts.strategy
     profiles = sample_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
