@@ -145,5 +145,11 @@ def open_sinks(cfg: TrackingConfig, run_dir: Path, run_name: str, params: Mappin
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
     if cfg.mlflow:
-        sinks.append(MLflowSink(cfg, run_name, params))
+        try:
+            sinks.append(MLflowSink(cfg, run_name, params))
+        except Exception as error:  # whatever MLflow raises for a store it cannot use
+            for sink in sinks:
+                sink.close()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"tracking.mlflow_uri {cfg.mlflow_uri!r}: MLflow cannot log there: {reason}") from None
     return sinks

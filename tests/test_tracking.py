@@ -121,3 +121,12 @@ def test_the_progress_bar_runs_toward_whichever_stop_rule_comes_first(
 
     record = MetricsRecord(version, seconds, 0.0, 0.5, 1.0, 0, 0, 0, 0)
     assert progress_position(record, *limits) == position
+
+
+def test_an_mlflow_store_it_cannot_use_is_one_config_error(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"  # under a file: no database can be made there
+    with pytest.raises(ConfigError, match=r"tracking.mlflow_uri .*MLflow cannot log there"):
+        simulate(compose([*SMALL, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]), tmp_path / "run")
