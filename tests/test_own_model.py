@@ -193,3 +193,50 @@ def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert metrics(tmp_path)[-1]["version"] == 3
+
+
+def test_flower_apps_train_the_own_model_and_track_it(plugin: Path) -> None:
+    """The same model and data through fedhet's Flower ClientApp and ServerApp (nodes in threads), with the
+    training loss in the metrics and TensorBoard beside them, as in simulation and behind fedhet server."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("tensorboard")
+    from fedhet.clients.trainer import TrainConfig
+    from fedhet.flower import (
+        ClientAppSettings,
+        DriverSettings,
+        LocalGrid,
+        ServerAppSettings,
+        make_client_app,
+        run_on_grid,
+    )
+    from fedhet.tracking import TrackingConfig
+
+    model = ModelConfig(_target_="my_fl.Net", kwargs={"hidden": 16})
+    data = DatasetConfig(_target_="my_fl.blobs")
+    data.partition.name = "iid"
+    client = ClientAppSettings(dataset=data, model=model, num_clients=3, seed=0, train=TrainConfig(lr=0.05))
+    grid = LocalGrid(make_client_app(client), 3)
+    strategy = {
+        "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": 3, "local_epochs": 1},
+        "planner": {"name": "identity"},
+        "aggregator": {"name": "weighted_mean"},
+    }
+    metrics = plugin / "flower" / "metrics.jsonl"
+    settings = ServerAppSettings(
+        strategy=strategy,
+        dataset=data,
+        model=model,
+        num_clients=3,
+        seed=0,
+        driver=DriverSettings(max_versions=3, min_nodes=3),
+        metrics_path=str(metrics),
+        tracking=TrackingConfig(tensorboard=True),
+    )
+    try:
+        summary = run_on_grid(grid, settings)
+    finally:
+        grid.close()
+    assert summary.version == 3 and summary.accuracy is not None and summary.accuracy > 0.6
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["train_loss"] > 0
+    assert list((metrics.parent / "tensorboard").glob("events.out.tfevents.*"))

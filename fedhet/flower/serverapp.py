@@ -51,6 +51,7 @@ from fedhet.runtime import (
 )
 from fedhet.runtime.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from fedhet.strategies import Strategy, UnknownTaskError
+from fedhet.tracking import TrackingConfig, flat_config, open_sinks
 from fedhet.types import ClientInfo, Task, Weights
 from fedhet.updates import UpdateError, check_update, meta_of
 
@@ -381,6 +382,8 @@ class ServerAppSettings:
             the global model on the dataset's test set.
         driver: stopping, evaluation, messaging.
         metrics_path: where ``metrics.jsonl`` goes ("" = no file).
+        tracking: TensorBoard / MLflow for the metrics too, as ``tracking.*`` of ``fedhet simulate`` and ``fedhet
+            server`` (TensorBoard files beside ``metrics_path``, which it needs).
         dp_compatible: the model's layers DP-SGD cannot train are replaced (``model.dp_compatible``); set it as the
             ClientApps do.
     """
@@ -392,7 +395,12 @@ class ServerAppSettings:
     seed: int = 0
     driver: DriverSettings = field(default_factory=DriverSettings)
     metrics_path: str = ""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dp_compatible: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.tracking.tensorboard or self.tracking.mlflow) and not self.metrics_path:
+            raise ValueError("tracking needs metrics_path (the run's directory is where metrics.jsonl goes)")
 
 
 def make_server_app(settings: ServerAppSettings, on_end: Callable[[RunSummary], None] | None = None) -> ServerApp:
@@ -415,7 +423,12 @@ def run_on_grid(grid: Grid, settings: ServerAppSettings) -> RunSummary:
     model = s.model if isinstance(s.model, ModelConfig) else ModelConfig(name=s.model)
     spec = RunSpec(s.dataset, model, s.strategy, s.num_clients, s.seed, s.dp_compatible)
     parts = assemble(spec)
-    metrics = MetricsWriter(Path(settings.metrics_path)) if settings.metrics_path else None
+    metrics = None
+    if settings.metrics_path:
+        path = Path(settings.metrics_path)
+        run = {"dataset": s.dataset, "model": model, "strategy": dict(s.strategy), "num_clients": s.num_clients}
+        params = flat_config({**run, "seed": s.seed})
+        metrics = MetricsWriter(path, open_sinks(s.tracking, path.parent, path.parent.name, params))
     try:
         return GridDriver(grid, parts.strategy, parts.initial, settings.driver, metrics, parts.evaluator).run()
     finally:
