@@ -25,10 +25,12 @@ GROUPS = ("dataset", "model", "strategy", "fleet")
 
 USAGE = """usage: fedhet simulate [KEY=VALUE ...]       run one simulation (Hydra overrides)
        fedhet simulate -m KEY=A,B [KEY=VALUE ...]  run a sweep (Hydra multirun)
+       fedhet simulate -m +experiment=NAME          run a paper's experiment (configs/experiment)
 
        fedhet server [KEY=VALUE ...]                  serve a federation over gRPC (configs/server.yaml)
        fedhet client [KEY=VALUE ...]                  join one as a device (configs/client.yaml)
-       fedhet report RUN_OR_SWEEP_DIR [--target ACC]  plot accuracy against time, tabulate time to target
+       fedhet report RUN_OR_SWEEP_DIR [--metric M] [--axis time|rounds] [--target ACC]
+                                                      tabulate progress to target with 95% CIs, plot it
 
 Config groups: dataset, model, strategy, fleet; main keys: num_clients, seed.
 Examples: fedhet simulate strategy=fedavg fleet=exponential num_clients=1000

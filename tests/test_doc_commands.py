@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "simulations").rglob("*.md"))]
 PLUGINS = {"hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper"}  # optional Hydra plugins
 
 
@@ -26,7 +26,8 @@ def commands() -> list[tuple[str, list[str]]]:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
             for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 words = shlex.split(line.split(" #")[0].rstrip(" &"))
-                if len(words) > 1 and words[0] in ("fedhet", ".venv/bin/fedhet"):
+                # (fedhet report reads runs a command before it made: test_report.py and test_experiments.py)
+                if len(words) > 1 and words[0] in ("fedhet", ".venv/bin/fedhet") and words[1] != "report":
                     found.append((f"{doc.name}: {line.strip()}", words[1:]))
     return found
 

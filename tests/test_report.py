@@ -100,7 +100,7 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_above_target() -> None:
-    records = [record(0.0, 0.1), record(4.5, 0.69), record(9.0, 0.7), record(13.5, 0.9), record(18.0, 0.6)]
+    records = [(0.0, 0.1), (4.5, 0.69), (9.0, 0.7), (13.5, 0.9), (18.0, 0.6)]
     assert time_to_target(records, 0.7) == 9.0  # equality counts
     assert time_to_target(records, 0.8) == 13.5
     assert time_to_target(records, 0.05) == 0.0
@@ -192,11 +192,44 @@ def test_report_table_numbers_and_files(sweep: Path, tmp_path: Path, capsys: pyt
         if "| synthetic" in line
     }
     cells = {key: [c.strip() for c in line.strip("|").split("|")[6:]] for key, line in rows.items()}
-    # seeds, target %, time to target (mean ± sample std, s), final accuracy (mean ± sample std, %), time / fedcompass
-    assert cells["normal", "30", "fedavg"] == ["3", "75.00", "23.33 ± 7.02", "76.00 ± 5.29", "2.12"]
-    assert cells["normal", "30", "fedcompass"] == ["2", "75.00", "11.00 ± 1.41", "81.00 ± 1.41", "1.00"]
-    assert cells["exponential", "30", "fedavg"] == ["2", "60.00", "25.00 ± 7.07", "62.50 ± 3.54", "3.57"]
-    assert cells["exponential", "30", "fedcompass"] == ["2", "60.00", "7.00 (1/2 reached)", "58.50 ± 4.95", "1.00"]
+    # seeds, target %, time to target (s), final accuracy (%), GB sent, time / fedcompass, bytes / fedavg; each
+    # mean ± the half-width of the 95% confidence interval: t(0.975, n - 1) * sample std / sqrt(n)
+    assert cells["normal", "30", "fedavg"] == [
+        "3",
+        "75.00",
+        "23.33 ± 17.45",
+        "76.00 ± 13.14",
+        "0 ± 0",
+        "2.12",
+        "—",
+    ]
+    assert cells["normal", "30", "fedcompass"] == [
+        "2",
+        "75.00",
+        "11.00 ± 12.71",
+        "81.00 ± 12.71",
+        "0 ± 0",
+        "1.00",
+        "—",
+    ]
+    assert cells["exponential", "30", "fedavg"] == [
+        "2",
+        "60.00",
+        "25.00 ± 63.53",
+        "62.50 ± 31.77",
+        "0 ± 0",
+        "3.57",
+        "—",
+    ]
+    assert cells["exponential", "30", "fedcompass"] == [
+        "2",
+        "60.00",
+        "7.00 (1/2 reached)",
+        "58.50 ± 44.47",
+        "0 ± 0",
+        "1.00",
+        "—",
+    ]
     assert stdout.splitlines()[0].startswith("| dataset | model | partition | fleet | clients | strategy |")
     report = (out / "report.md").read_text(encoding="utf-8")
     assert all(line in report for line in rows.values())
@@ -285,16 +318,17 @@ def test_runs_that_differ_in_any_key_are_separate_rows_named_by_that_key(
     write_run(tmp_path / "e", curve, config_text(0.05, seed=1))  # the same run twice: not a second seed
     assert main([str(tmp_path), "--target", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "separated by: client.lr, fleet.bitwidths" in out
-    rows = {line.split("|")[6].strip(): line.split("|")[7].strip() for line in out.splitlines() if "fedavg" in line}
-    assert rows == {
-        "fedavg (client.lr=0.05, fleet.bitwidths=[32])": "3 runs, 2 seeds",
-        "fedavg (client.lr=0.5, fleet.bitwidths=[32])": "1",
-        "fedavg (client.lr=0.5, fleet.bitwidths=[32, 8])": "1",
+    assert "separated by: client.lr\n" in out  # a fleet's bitwidths are part of its setting
+    rows = {
+        (cells[4].strip(), cells[6].strip()): cells[7].strip()
+        for cells in (line.split("|") for line in out.splitlines() if line.startswith("| fashion_mnist"))
     }
-    assert (
-        "labelled by the keys in which they differ: client.lr, fleet.bitwidths" in (tmp_path / "report.md").read_text()
-    )
+    assert rows == {
+        ("normal", "fedavg (client.lr=0.05)"): "3 runs, 2 seeds",
+        ("normal", "fedavg (client.lr=0.5)"): "1",
+        ("normal, 32/8 bits", "fedavg"): "1",
+    }
+    assert "labelled by the keys in which they differ: client.lr." in (tmp_path / "report.md").read_text()
 
 
 def test_a_server_runs_recorded_config_labels_it(tmp_path: Path) -> None:
@@ -313,3 +347,62 @@ def test_a_server_runs_recorded_config_labels_it(tmp_path: Path) -> None:
         4,
     )
     assert run.config == {"server.max_versions": "3"}  # the port is how it ran, not what
+
+
+def metrics_line(version: int, accuracy: float, **extra: object) -> str:
+    line = {
+        "version": version,
+        "virtual_time": 10.0 * version,
+        "wall_time": 0.0,
+        "accuracy": accuracy,
+        "loss": 1.0,
+        "bytes_up": 1_000_000_000 * version,
+        "bytes_down": 500_000_000 * version,
+        "updates_applied": version,
+        "updates_dropped": 0,
+    }
+    return json.dumps(line | extra)
+
+
+def test_metric_axis_bytes_and_epsilon_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ProWD's mean over bitwidths, FedP3's personalised accuracy, rounds as the axis, GB sent against FedAvg's, and
+    the largest epsilon of a private run."""
+    config = "dataset: {{name: d, partition: {{name: p}}}}\nmodel: {{name: m}}\nstrategy: {{name: {}}}\n"
+    config += "fleet: {{speed: normal, bitwidths: [4, 32], bitwidth_fractions: [0.5, 0.5]}}\nnum_clients: 4\n"
+    lines = {  # (strategy, seed): lines
+        ("fedavg", 0): [
+            metrics_line(0, 0.1, accuracy_by_bitwidth={"4": 0.1}, personal_accuracy=0.2),
+            metrics_line(1, 0.8, accuracy_by_bitwidth={"4": 0.4}, personal_accuracy=0.7),
+        ],
+        ("prowd", 0): [
+            metrics_line(0, 0.1, accuracy_by_bitwidth={"4": 0.1}, personal_accuracy=0.2, epsilon={"0": 0.5}),
+            metrics_line(1, 0.7, accuracy_by_bitwidth={"4": 0.7}, personal_accuracy=0.9, epsilon={"0": 1, "1": 3}),
+        ],
+    }
+    for (strategy, seed), text in lines.items():
+        run = tmp_path / "sweep" / strategy
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(config.format(strategy) + f"seed: {seed}\n")
+        (run / "metrics.jsonl").write_text("\n".join(text) + "\n")
+        if strategy == "prowd":  # a half-size run: a quarter of the bytes
+            (run / "metrics.jsonl").write_text("\n".join(text).replace("1000000000", "250000000") + "\n")
+    args = [str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--metric", "bitwidth_mean", "--axis", "rounds"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0]]
+    assert header[8:11] == ["rounds to target", "final bitwidth_mean (%)", "GB sent"]
+    assert header[11:] == ["epsilon", "rounds / fedcompass", "bytes / fedavg"]
+    rows = {cells[5].strip(): [c.strip() for c in cells[3:]] for cells in table[2:]}
+    # fedavg: (0.8 + 0.4) / 2 = 0.6 at round 1, the target; prowd: (0.7 + 0.7) / 2 = 0.7, also reached at round 1
+    assert rows["fedavg"][0] == "normal, 4/32 bits at 50/50%"
+    assert rows["fedavg"][4:] == ["60.00", "1.00", "60.00", "1.5", "—", "—", "1.00"]
+    assert rows["prowd"][4:] == ["60.00", "1.00", "70.00", "0.75", "3.00", "—", "0.50"]
+    assert (tmp_path / "out" / "bitwidth_mean_vs_rounds.png").stat().st_size > 10_000
+    assert main([*args, "--metric", "personal_accuracy"]) == 0
+    rows = {
+        c[5].strip(): c[9].strip()
+        for c in (line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines())
+        if c and c[0].strip() == "d"
+    }
+    assert rows == {"fedavg": "70.00", "prowd": "90.00"}
