@@ -52,6 +52,7 @@ class CompassClient:
         group: the group it belongs to; None during its first task, which is aggregated alone.
         busy: a task is out; False while it waits for its group's aggregation.
         overhead: seconds of a round trip that are not training (transfers, queueing), moving average.
+        samples: training samples it holds (sizes its bounds on Q when they are in epochs).
     """
 
     speed: float | None = None
@@ -61,6 +62,7 @@ class CompassClient:
     group: int | None = None
     busy: bool = False
     overhead: float = 0.0
+    samples: int = 0
 
 
 @dataclass
@@ -96,24 +98,39 @@ class FedCompassScheduler:
     holds anything), so a fleet whose every arrival is late keeps making progress; a client's first task (speed
     unknown) belongs to no group and its update is aggregated alone, without the late buffer.
 
+    Where two open groups offer a client the same number of steps, it joins the later one (the one formed last), as
+    APPFL's reference scheduler does.
+
     Args:
-        q_min: fewest local steps a task gets.
-        q_max: most local steps; every client's first task uses it.
+        q_min: fewest local steps a task gets (in ``unit``).
+        q_max: most local steps; every client's first task uses it (in ``unit``).
         speed_momentum: m, weight of the newest speed sample in the moving average, in (0, 1].
         latest_time_factor: lambda >= 1, deadline slack: a group's latest arrival is ``now + lambda * Q * speed``.
         weighting: ``uniform`` (``w_i = 1/N``) or ``samples`` (the client's share of all samples).
+        unit: ``steps`` (the paper's: q_min and q_max are minibatch steps, whole numbers) or ``epochs`` (passes
+            over the client's own data, so that local work means the same at any client count: client i's bounds
+            are ``round(q * ceil(n_i / batch_size))`` steps, at least 1).
+        batch_size: the clients' minibatch size, which turns epochs into steps (``unit=epochs`` only).
     """
 
     def __init__(
         self,
-        q_min: int = 20,
-        q_max: int = 100,
+        q_min: float = 20,
+        q_max: float = 100,
         speed_momentum: float = 0.9,
         latest_time_factor: float = 1.2,
         weighting: str = "uniform",
+        unit: str = "steps",
+        batch_size: int = 32,
     ) -> None:
-        if not 1 <= q_min <= q_max:
-            raise ValueError(f"need 1 <= q_min <= q_max, got q_min = {q_min}, q_max = {q_max}")
+        if unit not in ("steps", "epochs"):
+            raise ValueError(f"unit must be steps or epochs, got {unit!r}")
+        if not (math.isfinite(q_min) and math.isfinite(q_max) and 0 < q_min <= q_max):
+            raise ValueError(f"need 0 < q_min <= q_max, got q_min = {q_min}, q_max = {q_max}")
+        if unit == "steps" and not (q_min >= 1 and float(q_min).is_integer() and float(q_max).is_integer()):
+            raise ValueError(f"steps are whole numbers >= 1: got q_min = {q_min}, q_max = {q_max}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 < speed_momentum <= 1.0:
             raise ValueError(f"speed_momentum must be in (0, 1], got {speed_momentum}")
         if not (math.isfinite(latest_time_factor) and latest_time_factor >= 1.0):
@@ -122,6 +139,8 @@ class FedCompassScheduler:
             raise ValueError(f"weighting must be uniform or samples, got {weighting!r}")
         self.q_min = q_min
         self.q_max = q_max
+        self.unit = unit
+        self.batch_size = batch_size
         self.speed_momentum = speed_momentum
         self.latest_time_factor = latest_time_factor
         self.version = 0
@@ -149,6 +168,7 @@ class FedCompassScheduler:
         self._weights.observe(client)
         ready, expired = self._close_due(journal, now, inclusive=False)
         record = self._client(journal, client.client_id)
+        record.samples = client.num_samples
         assign = []
         if record.busy:  # it lost its task: its group no longer waits for it
             record.busy = False
@@ -173,6 +193,7 @@ class FedCompassScheduler:
         weight = self._weights.weight(client)
         ready, expired = self._close_due(journal, now, inclusive=False)
         record = self._client(journal, cid)
+        record.samples = client.num_samples
         self._update_speed(record, result, now)
         record.busy = False
         stage = StalenessBuffer()
@@ -230,7 +251,7 @@ class FedCompassScheduler:
 
     def _update_speed(self, record: CompassClient, result: Result, now: float) -> None:
         """Seconds per step from the client's own training time; elapsed time only if it reported none."""
-        steps = result.local_steps if result.local_steps > 0 else (record.local_steps or self.q_max)
+        steps = result.local_steps if result.local_steps > 0 else (record.local_steps or self._bounds(record)[1])
         seconds = result.train_seconds
         if not (math.isfinite(seconds) and seconds > 0):
             seconds = now - record.start
@@ -302,8 +323,8 @@ class FedCompassScheduler:
         record.version = self.version
         if record.speed is None:
             record.group = None
-            record.local_steps = self.q_max
-            return Assignment(cid, local_steps=self.q_max)
+            record.local_steps = self._bounds(record)[1]
+            return Assignment(cid, local_steps=record.local_steps)
         joined = self._join(record, now)
         if joined is None:
             steps = self._new_group_steps(record, now)
@@ -320,33 +341,45 @@ class FedCompassScheduler:
         record.local_steps = steps
         return Assignment(cid, local_steps=steps)
 
+    def _bounds(self, record: CompassClient) -> tuple[int, int]:
+        """A client's [q_min, q_max] in steps."""
+        if self.unit == "steps":
+            return int(self.q_min), int(self.q_max)
+        per_epoch = math.ceil(record.samples / self.batch_size)
+        low = max(1, round(self.q_min * per_epoch))
+        return low, max(low, round(self.q_max * per_epoch))
+
     def _join(self, record: CompassClient, now: float) -> tuple[int, int] | None:
-        """The open group this client can finish with in the most steps within [q_min, q_max], and those steps."""
+        """The open group this client can finish with in the most steps within its [q_min, q_max], and those
+        steps; of groups that offer as many, the later."""
         assert record.speed is not None
+        low, high = self._bounds(record)
         best: tuple[int, int] | None = None
         for gid in sorted(self.groups):
             group = self.groups[gid]
             if group.closed:
                 continue
             steps = math.floor((group.expected - now - record.overhead) / record.speed + _STEP_TOLERANCE)
-            if self.q_min <= steps <= self.q_max and (best is None or steps > best[1]):
+            if low <= steps <= high and (best is None or steps >= best[1]):
                 best = (gid, steps)
         return best
 
     def _new_group_steps(self, record: CompassClient, now: float) -> int:
         """Q of a new group: line it up with the next arrival of an open group's fastest member (who will be
-        reassigned at that group's deadline with at most q_max steps); q_max when no group qualifies."""
+        reassigned at that group's deadline with at most its q_max steps); q_max when no group qualifies."""
         assert record.speed is not None
+        low, high = self._bounds(record)
         best: int | None = None
         for group in self.groups.values():
             if group.closed or not now < group.latest:
                 continue
             fastest = min(group.members, key=self._speed)
-            next_arrival = group.latest + self.clients[fastest].overhead + self._speed(fastest) * self.q_max
+            fastest_high = self._bounds(self.clients[fastest])[1]
+            next_arrival = group.latest + self.clients[fastest].overhead + self._speed(fastest) * fastest_high
             steps = math.floor((next_arrival - now - record.overhead) / record.speed + _STEP_TOLERANCE)
-            if steps <= self.q_max and (best is None or steps > best):
+            if steps <= high and (best is None or steps > best):
                 best = steps
-        return self.q_max if best is None else max(best, self.q_min)
+        return high if best is None else max(best, low)
 
     def _speed(self, cid: int) -> float:
         speed = self.clients[cid].speed
@@ -383,6 +416,7 @@ class FedCompassScheduler:
                     "group": r.group,
                     "busy": r.busy,
                     "overhead": r.overhead,
+                    "samples": r.samples,
                 }
                 for cid, r in self.clients.items()
             },
@@ -423,7 +457,9 @@ class FedCompassScheduler:
 
 
 def _load_client(row: Mapping[str, Any]) -> CompassClient:
-    keys = {"speed", "local_steps", "start", "version", "group", "busy", "overhead"}
+    keys = {"speed", "local_steps", "start", "version", "group", "busy", "overhead", "samples"}
+    if set(row) == keys - {"samples"}:  # written before the bounds could be in epochs
+        row = {**row, "samples": 0}
     if set(row) != keys:
         raise StateError(f"fedcompass client state keys {sorted(row)} differ from {sorted(keys)}")
     speed = None if row["speed"] is None else float(row["speed"])
@@ -433,8 +469,18 @@ def _load_client(row: Mapping[str, Any]) -> CompassClient:
     overhead = float(row["overhead"])
     if not (math.isfinite(overhead) and overhead >= 0):
         raise StateError(f"fedcompass client overhead must be finite and >= 0 s, got {overhead}")
+    samples = int(row["samples"])
+    if samples < 0:
+        raise StateError(f"fedcompass client samples must be >= 0, got {samples}")
     return CompassClient(
-        speed, int(row["local_steps"]), float(row["start"]), int(row["version"]), group, bool(row["busy"]), overhead
+        speed,
+        int(row["local_steps"]),
+        float(row["start"]),
+        int(row["version"]),
+        group,
+        bool(row["busy"]),
+        overhead,
+        samples,
     )
 
 

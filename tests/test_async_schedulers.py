@@ -237,6 +237,27 @@ def test_fedbuff_flushes_every_k_updates_with_staleness_in_flushes() -> None:
     assert strategy.global_weights["w"].item() == pytest.approx(1 + 0.25 * 9 * 2**-0.5)
 
 
+def test_fedbuff_weights_by_samples_as_appfl() -> None:
+    """K = 2, server learning rate 0.5, weighting=samples: clients of 10, 30 and 20 samples (N = 3, 60 in all)
+    weigh (n_i / 60) * 3 / 2: c0 0.25, c1 0.75. Flush 1: c0 ends at 1 and c1 at 3, both from [0], tau 0:
+    theta1 = 0 + 0.5 * (0.25 * 1 + 0.75 * 3) = 1.25 (with 1/K it would be 1)."""
+    aggregator = StalenessWeighted(alpha=0.5, gradient_based=True)
+    strategy = Strategy(FedBuffScheduler(2, local_steps=5, weighting="samples"), IdentityPlanner(), aggregator)
+    strategy.start(scalar(0.0), 0.0)
+    t0, t1, _ = (strategy.on_available(client(i, num_samples=n), 0.0)[0] for i, n in enumerate((10, 30, 20)))
+    answer(strategy, t0, 1.0, 1.0, 0.2)
+    answer(strategy, t1, 2.0, 3.0, 0.2)
+    assert strategy.version == 1 and strategy.global_weights["w"].item() == pytest.approx(1.25)
+    state = strategy.scheduler.state_dict()
+    twin = FedBuffScheduler(2, local_steps=5, weighting="samples")
+    twin.load_state_dict(copy.deepcopy(state))
+    assert twin.state_dict() == state
+    old = {key: value for key, value in state.items() if key != "weights"}  # a checkpoint from before weighting
+    FedBuffScheduler(2, local_steps=5).load_state_dict(copy.deepcopy(old))
+    with pytest.raises(ValueError, match="weighting"):
+        FedBuffScheduler(weighting="uniform")
+
+
 def test_fedbuff_state_dict_validates() -> None:
     strategy = fedbuff(buffer_size=3)
     strategy.start(scalar(0.0), 0.0)

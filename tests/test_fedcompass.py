@@ -432,6 +432,38 @@ def test_speed_is_a_moving_average_with_the_newest_sample_weighted_m() -> None:
     assert strategy.scheduler.clients[0].speed == pytest.approx(1.9)  # type: ignore[attr-defined]
 
 
+def test_of_groups_offering_as_many_steps_a_client_joins_the_later_as_appfl() -> None:
+    """Two open groups both expected at t = 20: a client of 1 s/step at t = 10 could do 10 steps in either; it
+    joins group 1, the one formed last (APPFL's reference keeps the last group at least as good)."""
+    from fedhet.strategies.fedcompass import CompassClient, CompassGroup
+
+    sched = FedCompassScheduler(q_min=1, q_max=10)
+    sched.groups = {0: CompassGroup(20.0, 24.0), 1: CompassGroup(20.0, 24.0)}
+    assert sched._join(CompassClient(speed=1.0), 10.0) == (1, 10)
+    sched.groups[1] = CompassGroup(19.0, 24.0)  # one step fewer in group 1: group 0 offers more
+    assert sched._join(CompassClient(speed=1.0), 10.0) == (0, 10)
+
+
+def test_bounds_in_epochs_scale_with_each_clients_data() -> None:
+    """unit=epochs, q in [0.5, 2] epochs, batch 32: a client of 100 samples (4 steps an epoch) gets 8 steps on its
+    first task and bounds [2, 8]; one of 6 samples (1 step an epoch) gets 2, bounds [1, 2]; in steps, both get
+    q_max. Local work then means the same, two passes over a client's data, at any client count."""
+    sched = FedCompassScheduler(q_min=0.5, q_max=2, unit="epochs", batch_size=32)
+    [big] = sched.on_available(client(0, num_samples=100), 0.0).assign
+    [small] = sched.on_available(client(1, num_samples=6), 0.0).assign
+    assert (big.local_steps, small.local_steps) == (8, 2)
+    assert sched._bounds(sched.clients[0]) == (2, 8) and sched._bounds(sched.clients[1]) == (1, 2)
+    state = sched.state_dict()
+    twin = FedCompassScheduler(q_min=0.5, q_max=2, unit="epochs", batch_size=32)
+    twin.load_state_dict(copy.deepcopy(state))
+    assert twin.state_dict() == state
+    steps = FedCompassScheduler(q_min=20, q_max=100)
+    assert steps.on_available(client(0, num_samples=6), 0.0).assign[0].local_steps == 100
+    for bad in ({"q_min": 0.5, "q_max": 2}, {"unit": "rounds"}, {"unit": "epochs", "batch_size": 0}):
+        with pytest.raises(ValueError):
+            FedCompassScheduler(**bad)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- the reference code's defects
 
 
