@@ -364,7 +364,9 @@ class ProWD:
         lifted = {g.bitwidth: self._lift(dequantizer, g) for g in groups}
         floating = [k for k, v in global_weights.items() if v.is_floating_point()]
         deltas = {b: {k: w[k].double() - global_weights[k].double() for k in floating} for b, w in lifted.items()}
-        reference = self.reference
+        # the reference is this round's mean high-bitwidth update: one from an earlier round was taken from another
+        # global model, so without high groups this round nothing is masked
+        reference: dict[str, torch.Tensor] = {}
         if high:
             high_weight = sum(g.weight for g in high)
             mean_update = {k: torch.zeros_like(deltas[high[0].bitwidth][k]) for k in floating}
@@ -372,24 +374,29 @@ class ProWD:
                 for k in floating:
                     mean_update[k].add_(deltas[g.bitwidth][k], alpha=g.weight / high_weight)
             reference = {k: v.float() for k, v in mean_update.items()}
-        total = sum(g.weight for g in groups)
         out: dict[str, torch.Tensor] = {}
         masks: dict[int, float] = {}
         for name, current in global_weights.items():
             if not current.is_floating_point():
                 out[name] = _integer_mean(groups, name, current)
                 continue
-            new = current.double()
+            # each element is the weighted mean of the updates that keep it (a masked-out element does not count)
+            change = torch.zeros_like(current, dtype=torch.float64)
+            kept_weight = torch.zeros_like(change)
             for group in groups:
                 delta = deltas[group.bitwidth][name]
                 if self.selective and group.bitwidth < self.high_bitwidth and name in reference:
                     mask = selective_mask(
                         delta, reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
-                    )
-                    delta = delta * mask
+                    ).double()
                     masks[group.bitwidth] = masks.get(group.bitwidth, 0.0) + float(mask.sum())
-                new = new + delta * (group.weight / total)
-            out[name] = new.to(current.dtype)
+                    change.add_(delta * mask, alpha=group.weight)
+                    kept_weight.add_(mask, alpha=group.weight)
+                else:
+                    change.add_(delta, alpha=group.weight)
+                    kept_weight.add_(group.weight)
+            mean = torch.where(kept_weight > 0, change / kept_weight.clamp_min(1e-300), torch.zeros_like(change))
+            out[name] = (current.double() + mean).to(current.dtype)
         numel = sum(global_weights[k].numel() for k in floating)
         self.dequantizer, self.reference, self.lowest_seen = dequantizer, reference, lowest
         self.last_masks = {b: kept / numel for b, kept in masks.items()}

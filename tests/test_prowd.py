@@ -89,9 +89,15 @@ def test_selective_aggregation_masks_only_low_groups() -> None:
     out = prowd.aggregate(start, buffer({8: [low], 32: [high]}), 0)
     w = out["1.weight"].reshape(-1)
     assert torch.equal(w[0::2], torch.ones_like(w[0::2]))  # agreeing elements: mean of 1 and 1
-    assert torch.equal(w[1::2], torch.full_like(w[1::2], 0.5))  # disagreeing low elements dropped: (1 + 0) / 2
+    # disagreeing low elements dropped: each element is the mean of the updates that keep it, the high one's 1
+    # (not (1 + 0) / 2, which would shrink the step wherever a low group disagrees)
+    assert torch.equal(w[1::2], torch.ones_like(w[1::2]))
     assert prowd.last_masks[8] == pytest.approx(0.5, abs=0.05)
     assert int(out["steps"]) == 3
+    # a round with no high group has no reference of its own: the last round's, from another global model, is not
+    # used, and the low update is applied whole
+    out = prowd.aggregate(start, buffer({8: [low]}), 1)
+    assert torch.equal(out["1.weight"], low["1.weight"]) and prowd.last_masks == {}
 
 
 def test_untrained_dequantizer_is_the_identity() -> None:
