@@ -12,6 +12,14 @@ Round-trip error bound, per element of channel ``c``, in fp32 arithmetic::
 
 (half a quantization step, plus the fp32 rounding of ``w / s_c`` and of ``q * s_c``; :func:`error_bound`).
 
+**2 bits are ternary** (``qmax = 1``: values ``{-s_c, 0, s_c}``) with the scale and threshold of Ternary Weight
+Networks (Li & Liu, 2016), not the max-scaled grid: with ``s_c = max|w_c|`` every weight under half the largest
+rounds to zero, which zeroes most of a layer and leaves training at 2 bits unstable. TWN's threshold is
+``delta_c = 0.7 * mean|w_c|``: ``q = sign(w)`` where ``|w| > delta_c``, else 0, and ``s_c`` is the mean ``|w|`` of the
+elements above it (the least-squares scale for that support). Quantizing ternary values again gives the same values
+(the mean of ``|q s_c|`` is at most ``s_c``, so the threshold stays under ``s_c``). Error bound at 2 bits:
+``max(delta_c, s_c - delta_c, max|w_c| - s_c)`` plus the same fp32 rounding term.
+
 Bit packing: the integers of a tensor are stored offset by ``qmax`` (``u = q + qmax`` in ``[0, 2 qmax]``, so the
 all-ones pattern ``2**b - 1`` never occurs) in a little-endian bit stream, value ``i`` at bits ``[i b, (i + 1) b)``:
 ``ceil(n b / 8)`` bytes for ``n`` values, the unused high bits of the last byte zero. :func:`unpack` refuses a wrong
@@ -36,8 +44,10 @@ __all__ = [
     "BITWIDTHS",
     "FORMATS",
     "FULL_PRECISION",
+    "TERNARY_THRESHOLD",
     "PackedTensor",
     "QuantError",
+    "channel_scales",
     "check_bits",
     "dequantize",
     "error_bound",
@@ -64,6 +74,8 @@ BITWIDTHS: tuple[int, ...] = (2, 4, 6, 8, 12, 16)
 FULL_PRECISION = 32
 #: every format :func:`round_trip` accepts
 FORMATS: tuple[str, ...] = (*(f"int{b}" for b in BITWIDTHS), "bf16", "fp32")
+#: Ternary Weight Networks' threshold, as a multiple of a channel's mean |w| (2 bits)
+TERNARY_THRESHOLD = 0.7
 _MIN_SCALE = 2.0**-126  # smallest normal fp32: a scale never underflows to 0 or loses precision as a subnormal
 
 
@@ -109,6 +121,21 @@ def _scales(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     return (absmax / qmax(bits)).clamp_min_(_MIN_SCALE)
 
 
+def _ternary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(support, scales, thresholds)`` of TWN's ternary quantization of a (channels, elements) view: which
+    elements are non-zero (``|w| > delta_c``), the mean ``|w|`` over them, and ``delta_c``."""
+    magnitude = flat.abs()
+    if flat.shape[1] == 0:
+        zeros = torch.zeros(flat.shape[0], device=flat.device)
+        return magnitude > 0, zeros.clamp_min(_MIN_SCALE), zeros
+    threshold = magnitude.mean(dim=1) * TERNARY_THRESHOLD
+    support = magnitude > threshold[:, None]
+    kept = support.sum(dim=1)
+    # summed in float64, where k copies of one fp32 value sum exactly: ternary values quantize to themselves
+    scales = ((magnitude * support).sum(dim=1, dtype=torch.float64) / kept.clamp_min(1)).float()
+    return support, scales.clamp_min_(_MIN_SCALE), threshold
+
+
 def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales)``: integers of ``w``'s shape (int8 for bits <= 8, else int16) and fp32 scales, one per channel.
 
@@ -120,11 +147,23 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = _absmax(flat)
     if not bool(torch.isfinite(absmax).all()):
         raise QuantError("cannot quantize a tensor holding inf or NaN")
+    if bits == 2:
+        support, scales, _ = _ternary(flat)
+        q = (flat.sign() * support).to(_int_dtype(bits))
+        return q.reshape(w.shape), scales
     scales = _scales(absmax, bits)
     # multiplying by 1 / s (a few ulps from w / s, within the bound) is cheaper than dividing; the clamp keeps
     # values in range whatever the fp32 rounding did
     q = (flat * scales.reciprocal()[:, None]).round_().clamp_(-top, top).to(_int_dtype(bits))
     return q.reshape(w.shape), scales
+
+
+def channel_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The per-channel scales :func:`quantize` gives ``w`` at ``bits`` bits (the value of one integer step), as a
+    (channels, 1) tensor on ``w``'s device, without the integers."""
+    flat = _channel_view(w.detach().float())
+    scales = _ternary(flat)[1] if check_bits(bits) == 2 else _scales(_absmax(flat), bits)
+    return scales[:, None]
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -145,7 +184,12 @@ def error_bound(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Largest ``|w - fake_quantize(w, bits)|`` allowed per element, as a tensor of ``w``'s shape (see module)."""
     flat = _channel_view(w.detach().float())
     absmax = _absmax(flat)
-    bound = _scales(absmax, bits) / 2 + absmax * 2.0**-22
+    if check_bits(bits) == 2:
+        _, scales, threshold = _ternary(flat)
+        worst = torch.maximum(torch.maximum(threshold, scales - threshold), absmax - scales)
+    else:
+        worst = _scales(absmax, bits) / 2
+    bound = worst + absmax * 2.0**-22
     return bound[:, None].expand_as(flat).reshape(w.shape)
 
 

@@ -109,9 +109,10 @@ def build_strategy(spec: Mapping[str, Any], seed: int) -> Strategy:
         name = scheduler_spec.get("name")
         factory = SCHEDULERS.get(name) if isinstance(name, str) and name in SCHEDULERS else None
         if factory is not None and "keep_updates" not in inspect.signature(factory).parameters:
+            fold = " or strategy.aggregator.per_upload=false" if hasattr(aggregator, "per_upload") else ""
             raise ConfigError(
                 f"strategy.aggregator.name: {spec['aggregator']['name']} looks at every update of a round apart, "
-                f"which scheduler {name!r} does not keep; use strategy.scheduler.name=fedavg"
+                f"which scheduler {name!r} does not keep; use strategy.scheduler.name=fedavg{fold}"
             )
         scheduler_spec["keep_updates"] = True
     return Strategy(

@@ -5,25 +5,28 @@ Roles:
 
 - :class:`BitwidthPlanner` (``bitwidth``): each client receives the global weights re-quantized to its own bitwidth
   (:mod:`fedhet.quant`: symmetric, one scale per output channel). Shared by ProWD and both baselines.
-- :class:`ProWD` (``prowd``): per bitwidth group, the group's mean weights are re-quantized to the group's bitwidth
-  and lifted to full precision by the **progressive dequantizer** (a chain of :class:`DequantizerBlock`), giving an
-  update ``u_g`` against the global model; **selective aggregation** keeps, for groups below ``high_bitwidth``, only
-  the elements of ``u_g`` that agree with the high-bitwidth groups' mean update (:func:`selective_mask`); the new
-  global model is ``theta + sum_g (W_g / W) m_g * u_g``. The dequantizer is trained at every aggregation on
-  pairs built from the high-bitwidth groups' weights, with a reconstruction and a distillation loss on a server
-  buffer (:meth:`ProWD.attach`). With ``dequantizer`` and ``selective`` both off it is exactly the naive mean.
+- :class:`ProWD` (``prowd``): each low-bitwidth upload is lifted to full precision by the **progressive
+  dequantizer** (a chain of :class:`DequantizerBlock`), giving an update ``u_i`` against the global model;
+  **selective aggregation** keeps, for uploads below ``high_bitwidth``, only the elements of ``u_i`` that agree with
+  the high-bitwidth uploads' mean update of the same round (:func:`selective_mask`); each element of the new global
+  model is ``theta`` plus the weighted mean of ``u_i`` over the uploads that keep it. The dequantizer is trained at
+  every aggregation on pairs built from each high-bitwidth upload, with a reconstruction and a distillation loss on
+  a server buffer (:meth:`ProWD.attach`). With ``dequantizer`` and ``selective`` both off it is exactly the naive
+  mean.
 - :class:`GroupedMean` (``grouped_mean``): FedGroupedAvg, one model per bitwidth group averaged only within its
   group; the global (evaluated) model is the highest group's. The naive baseline is ``weighted_mean``.
 
-Grouping. Updates are folded per (start version, bitwidth) into one weighted sum
-(:class:`~fedhet.strategies.base.UpdateBuffer`; the bitwidth is the registered client's, set by the strategy core),
-and ProWD sums a group's buckets over start versions (:func:`group_updates`). Memory stays
-(distinct versions x bitwidths) x model, never (results) x model. Selection therefore masks a group's mean
-update, not each client's; with one client per group this is the paper's per-client mask.
+Per upload or per group. As in the paper, ProWD dequantizes, masks and learns from **each upload**
+(``per_upload``, the default): it asks the scheduler to keep the round's updates apart (``needs_updates``; memory
+(uploads in the round) x model, like the robust aggregators). With ``per_upload: false`` it works on each bitwidth
+group's mean instead (:func:`group_updates`: the buffer's running sums per (start version, bitwidth), memory
+(versions x bitwidths) x model), for schedulers that fold updates on arrival (FedCompass): a group's mean is
+re-quantized to its grid before it is lifted, and the group is masked and learnt from as one upload.
 
-Deviations named in config: ``chain`` (bitwidth levels of the dequantizer), ``hidden`` (block width),
-``high_bitwidth`` (which groups are the reference), ``dequantizer_steps``/``lr``, ``recon_weight``,
-``distill_weight``, ``temperature``, ``mask_steps``/``mask_lr``/``mask_init``/``mask_threshold``.
+Choices where the paper is silent, named in config: ``chain`` (bitwidth levels of the dequantizer), ``hidden``
+(block width), ``max_correction`` (none: a block's residual is unbounded, as the paper's), ``high_bitwidth`` (which
+uploads are the reference), ``dequantizer_steps``/``lr``, ``recon_weight``, ``distill_weight``, ``temperature``,
+``mask_steps``/``mask_lr``/``mask_init``/``mask_threshold``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "GroupedModels",
     "ProWD",
     "ProgressiveDequantizer",
+    "each_update",
     "group_updates",
     "selective_mask",
 ]
@@ -73,7 +77,7 @@ def _check_bitwidth(bits: int, who: str) -> int:
 
 @dataclass(frozen=True)
 class GroupUpdate:
-    """The updates of one bitwidth, averaged.
+    """Updates of one bitwidth, averaged (one upload, or a bitwidth group's mean).
 
     Attributes:
         bitwidth: bits per weight of the group's clients (32 = fp32).
@@ -103,6 +107,19 @@ def group_updates(updates: UpdateBuffer) -> list[GroupUpdate]:
         mean = {k: v / weight if v.is_floating_point() else v for k, v in acc.items()}
         groups.append(GroupUpdate(bits, mean, weight, count))
     return groups
+
+
+def each_update(updates: UpdateBuffer) -> list[GroupUpdate]:
+    """One :class:`GroupUpdate` per upload in ``updates`` (which must keep them apart), in increasing bitwidth
+    order and, within a bitwidth, in arrival order."""
+    if not updates.keep_updates:
+        raise ValueError("ProWD per upload needs every update apart, but the scheduler's buffer folds them together")
+    members = [
+        (bucket.bitwidth, GroupUpdate(bucket.bitwidth, dict(own), weight, 1))
+        for _, bucket in updates.items()
+        for own, weight in bucket.updates
+    ]
+    return [m for _, m in sorted(members, key=lambda pair: pair[0])]
 
 
 def _in_model_dtypes(group: GroupUpdate, global_weights: Weights) -> GroupUpdate:
@@ -160,16 +177,21 @@ class BitwidthPlanner:
 
 
 class DequantizerBlock(nn.Module):
-    """Lifts weights from ``low`` to ``high`` bits: ``w_high = w_low + (step / 2) * tanh(f(features))``.
+    """Lifts weights from ``low`` to ``high`` bits: ``w_high = w_low + step * f(features)``, the paper's residual.
 
-    ``step`` is the channel's quantization step at ``low`` bits, so a correction never leaves the quantization bin
-    the weight came from; ``f`` is a small element-wise MLP on (value / channel max, 1 for a bias-like tensor,
-    depth of the tensor in the model in [0, 1]). Its last layer starts at zero: an untrained block is the identity.
+    ``step`` is the channel's quantization step at ``low`` bits (:func:`fedhet.quant.channel_scales`), so ``f``
+    speaks in steps at any weight scale; ``f`` is a small element-wise MLP on (value / channel max, 1 for a
+    bias-like tensor, depth of the tensor in the model in [0, 1]). Its last layer starts at zero: an untrained block
+    is the identity. ``max_correction`` (in steps; none by default, as the paper) bounds the residual to
+    ``max_correction * tanh(f)`` steps: 0.5 keeps every weight inside the quantization bin it came from.
     """
 
-    def __init__(self, low: int, high: int, hidden: int = 8) -> None:
+    def __init__(self, low: int, high: int, hidden: int = 8, max_correction: float | None = None) -> None:
         super().__init__()
+        if max_correction is not None and not (math.isfinite(max_correction) and max_correction > 0):
+            raise ValueError(f"max_correction must be finite and > 0 (or null for none), got {max_correction}")
         self.low, self.high = quant.check_bits(low), high
+        self.max_correction = max_correction
         self.hidden = nn.Linear(3, hidden)
         self.out = nn.Linear(hidden, 1)
         nn.init.zeros_(self.out.weight)
@@ -181,13 +203,15 @@ class DequantizerBlock(nn.Module):
         if flat.numel() == 0:
             return w
         absmax = flat.detach().abs().amax(dim=1, keepdim=True).clamp_min(2.0**-126)
-        step = absmax / quant.qmax(self.low)
+        step = quant.channel_scales(flat, self.low)
         u = flat / absmax
         features = torch.stack(
             [u, torch.full_like(u, float(w.dim() <= 1)), torch.full_like(u, depth)], dim=-1
         )  # (channels, n, 3)
-        delta = torch.tanh(self.out(torch.tanh(self.hidden(features))).squeeze(-1)) * (step / 2)
-        return (flat + delta).reshape(w.shape)
+        residual = self.out(torch.tanh(self.hidden(features))).squeeze(-1)
+        if self.max_correction is not None:
+            residual = torch.tanh(residual) * self.max_correction
+        return (flat + residual * step).reshape(w.shape)
 
 
 class ProgressiveDequantizer(nn.Module):
@@ -196,7 +220,7 @@ class ProgressiveDequantizer(nn.Module):
     Weights at ``b`` bits enter at level ``b`` and pass through every later block; fp32 weights pass unchanged.
     """
 
-    def __init__(self, levels: Sequence[int], hidden: int = 8) -> None:
+    def __init__(self, levels: Sequence[int], hidden: int = 8, max_correction: float | None = None) -> None:
         super().__init__()
         levels = list(levels)
         if levels != sorted(set(levels)) or not levels or levels[-1] != FULL:
@@ -204,7 +228,7 @@ class ProgressiveDequantizer(nn.Module):
         for bits in levels[:-1]:
             quant.check_bits(bits)
         self.levels = levels
-        self.chain = [DequantizerBlock(lo, hi, hidden) for lo, hi in itertools.pairwise(levels)]
+        self.chain = [DequantizerBlock(lo, hi, hidden, max_correction) for lo, hi in itertools.pairwise(levels)]
         self.blocks = nn.ModuleList(self.chain)
 
     def block_index(self, low: int) -> int:
@@ -260,12 +284,15 @@ class ProWD:
     """ProWD aggregation (see the module docstring).
 
     Args:
-        dequantizer: lift low-bitwidth groups through the progressive dequantizer (ablation: off).
-        selective: mask low-bitwidth groups' updates by agreement with the high groups' (ablation: off).
+        dequantizer: lift low-bitwidth uploads through the progressive dequantizer (ablation: off).
+        selective: mask low-bitwidth uploads by agreement with the high uploads' mean update (ablation: off).
+        per_upload: dequantize, mask and learn from each upload, as the paper (the scheduler keeps the round's
+            updates apart); false: from each bitwidth group's mean (for schedulers that fold updates on arrival).
         chain: bitwidth levels of the dequantizer, increasing, ending at 32 (every client bitwidth must be one).
         hidden: width of each block's hidden layer.
-        high_bitwidth: groups at or above this bitwidth are the reference (mask all ones, dequantizer targets).
-        dequantizer_steps: Adam steps per block at every aggregation.
+        max_correction: bound on a block's residual, in quantization steps (None: unbounded, as the paper).
+        high_bitwidth: uploads at or above this bitwidth are the reference (mask all ones, dequantizer targets).
+        dequantizer_steps: Adam steps per block at every aggregation, cycling over the round's high uploads.
         lr: the dequantizer's Adam learning rate.
         recon_weight: weight of the reconstruction loss (relative MSE between lifted and target weights).
         distill_weight: weight of the distillation loss (KL between the model's outputs on the server buffer with
@@ -280,10 +307,12 @@ class ProWD:
         self,
         dequantizer: bool = True,
         selective: bool = True,
+        per_upload: bool = True,
         chain: Sequence[int] = (2, 4, 6, 8, 12, 16, 32),
         hidden: int = 8,
+        max_correction: float | None = None,
         high_bitwidth: int = 16,
-        dequantizer_steps: int = 5,
+        dequantizer_steps: int = 20,
         lr: float = 1e-2,
         recon_weight: float = 1.0,
         distill_weight: float = 1.0,
@@ -312,7 +341,8 @@ class ProWD:
         _check_bitwidth(high_bitwidth, "high_bitwidth")
         self.use_dequantizer = dequantizer
         self.selective = selective
-        self.dequantizer = ProgressiveDequantizer(list(chain), hidden)
+        self.per_upload = per_upload
+        self.dequantizer = ProgressiveDequantizer(list(chain), hidden, max_correction)
         self.high_bitwidth = high_bitwidth
         self.dequantizer_steps = dequantizer_steps
         self.lr = lr
@@ -330,6 +360,11 @@ class ProWD:
         self.reference: dict[str, torch.Tensor] = {}  # the latest high-bitwidth mean update
         self.lowest_seen = FULL  # lowest client bitwidth aggregated so far: blocks below it are never used
         self.last_masks: dict[int, float] = {}  # bitwidth -> fraction of elements kept at the latest aggregation
+
+    @property
+    def needs_updates(self) -> bool:
+        """Whether the scheduler must keep the round's updates apart (the strategy builder reads it)."""
+        return self.per_upload
 
     @property
     def server_samples(self) -> int:
@@ -351,31 +386,35 @@ class ProWD:
         """The next global model. Nothing of this aggregator changes until it returns (the dequantizer trains as a
         copy that replaces it at the end), so one that raises is left as it was."""
         self._place(next(iter(global_weights.values())).device)
-        groups = [_in_model_dtypes(g, global_weights) for g in group_updates(updates)]
+        members = each_update(updates) if self.per_upload else group_updates(updates)
+        groups = [_in_model_dtypes(m, global_weights) for m in members]
         if not groups:
             return dict(global_weights)
         high = [g for g in groups if g.bitwidth >= self.high_bitwidth]
         lows = [g.bitwidth for g in groups if g.bitwidth < FULL]
         lowest = min([self.lowest_seen, *lows])
         dequantizer = self.dequantizer
-        if self.use_dequantizer:  # trained whenever high groups report, so it is ready when low ones return
+        if self.use_dequantizer:  # trained whenever high uploads arrive, so it is ready when low ones do
             dequantizer = copy.deepcopy(dequantizer).to(next(iter(global_weights.values())).device)
             self._train_dequantizer(dequantizer, high, lowest, version)
-        lifted = {g.bitwidth: self._lift(dequantizer, g) for g in groups}
         floating = [k for k, v in global_weights.items() if v.is_floating_point()]
-        deltas = {b: {k: w[k].double() - global_weights[k].double() for k in floating} for b, w in lifted.items()}
+        deltas = []
+        for group in groups:
+            lifted = self._lift(dequantizer, group)
+            deltas.append({k: lifted[k].double() - global_weights[k].double() for k in floating})
         # the reference is this round's mean high-bitwidth update: one from an earlier round was taken from another
-        # global model, so without high groups this round nothing is masked
+        # global model, so without high uploads this round nothing is masked
         reference: dict[str, torch.Tensor] = {}
         if high:
             high_weight = sum(g.weight for g in high)
-            mean_update = {k: torch.zeros_like(deltas[high[0].bitwidth][k]) for k in floating}
-            for g in high:
-                for k in floating:
-                    mean_update[k].add_(deltas[g.bitwidth][k], alpha=g.weight / high_weight)
+            mean_update = {k: torch.zeros_like(deltas[0][k]) for k in floating}
+            for group, delta in zip(groups, deltas, strict=True):
+                if group.bitwidth >= self.high_bitwidth:
+                    for k in floating:
+                        mean_update[k].add_(delta[k], alpha=group.weight / high_weight)
             reference = {k: v.float() for k, v in mean_update.items()}
         out: dict[str, torch.Tensor] = {}
-        masks: dict[int, float] = {}
+        kept: dict[int, float] = {}
         for name, current in global_weights.items():
             if not current.is_floating_point():
                 out[name] = _integer_mean(groups, name, current)
@@ -383,27 +422,28 @@ class ProWD:
             # each element is the weighted mean of the updates that keep it (a masked-out element does not count)
             change = torch.zeros_like(current, dtype=torch.float64)
             kept_weight = torch.zeros_like(change)
-            for group in groups:
-                delta = deltas[group.bitwidth][name]
+            for group, delta in zip(groups, deltas, strict=True):
                 if self.selective and group.bitwidth < self.high_bitwidth and name in reference:
                     mask = selective_mask(
-                        delta, reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
+                        delta[name], reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
                     ).double()
-                    masks[group.bitwidth] = masks.get(group.bitwidth, 0.0) + float(mask.sum())
-                    change.add_(delta * mask, alpha=group.weight)
+                    kept[group.bitwidth] = kept.get(group.bitwidth, 0.0) + float(mask.sum())
+                    change.add_(delta[name] * mask, alpha=group.weight)
                     kept_weight.add_(mask, alpha=group.weight)
                 else:
-                    change.add_(delta, alpha=group.weight)
+                    change.add_(delta[name], alpha=group.weight)
                     kept_weight.add_(group.weight)
             mean = torch.where(kept_weight > 0, change / kept_weight.clamp_min(1e-300), torch.zeros_like(change))
             out[name] = (current.double() + mean).to(current.dtype)
         numel = sum(global_weights[k].numel() for k in floating)
+        uploads = {b: sum(1 for g in groups if g.bitwidth == b) for b in kept}
         self.dequantizer, self.reference, self.lowest_seen = dequantizer, reference, lowest
-        self.last_masks = {b: kept / numel for b, kept in masks.items()}
+        self.last_masks = {b: total / (numel * uploads[b]) for b, total in kept.items()}
         return out
 
     def _lift(self, dequantizer: ProgressiveDequantizer, group: GroupUpdate) -> dict[str, torch.Tensor]:
-        """A group's mean at full precision: re-quantized to the group's grid, then through ``dequantizer``."""
+        """Low-bitwidth weights at full precision: on the group's grid (an upload already is; a group's mean is
+        re-quantized to it), then through ``dequantizer``."""
         if not self.use_dequantizer or group.bitwidth == FULL:
             return group.mean
         with torch.no_grad():
@@ -422,8 +462,8 @@ class ProWD:
         self, dequantizer: ProgressiveDequantizer, high: Sequence[GroupUpdate], lowest: int, version: int
     ) -> None:
         """Train every block of ``dequantizer`` that some client's weights pass through (from ``lowest``, the lowest
-        bitwidth seen) and that has a target: pairs from the high groups' weights (bitwidth >= the block's higher
-        one)."""
+        bitwidth seen) and that has a target: one pair from each high upload (bitwidth >= the block's higher one),
+        the steps cycling over them."""
         if self.dequantizer_steps == 0 or not high or lowest == FULL:
             return
         if self.distill_weight > 0 and (self.model is None or self.server_inputs is None):
@@ -440,11 +480,9 @@ class ProWD:
             if not sources:
                 continue  # nothing holds weights at this block's higher bitwidth yet: it stays as trained so far
             optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
-            pairs = [
-                (quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)) for g in sources
-            ]
             for step in range(self.dequantizer_steps):
-                low, target = pairs[step % len(pairs)]
+                weights = sources[step % len(sources)].mean  # the pair is made when used: memory two models
+                low, target = quant.quantize_weights(weights, block.low), quant.quantize_weights(weights, block.high)
                 lifted = dequantizer.lift(low, block.low, first=index)
                 loss = self.recon_weight * _relative_mse(lifted, target)
                 if self.distill_weight > 0:

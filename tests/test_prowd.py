@@ -39,9 +39,10 @@ def weights(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return out
 
 
-def buffer(groups: dict[int, list[Weights]]) -> UpdateBuffer:
-    """Updates of several bitwidths, all from version 0: the buffer keys its buckets by (version, bitwidth)."""
-    buf = UpdateBuffer()
+def buffer(groups: dict[int, list[Weights]], keep: bool = True) -> UpdateBuffer:
+    """Updates of several bitwidths, all from version 0: the buffer keys its buckets by (version, bitwidth), and
+    keeps each update apart (as the strategy builder has ProWD's scheduler do) unless ``keep`` is false."""
+    buf = UpdateBuffer(keep_updates=keep)
     task = 0
     for bits, members in groups.items():
         for w in members:
@@ -112,13 +113,55 @@ def test_untrained_dequantizer_is_the_identity() -> None:
         ProgressiveDequantizer([8, 4, 32])
 
 
-def test_block_corrections_stay_inside_the_quantization_bin() -> None:
-    block = DequantizerBlock(4, 8)
-    for p in block.parameters():
-        nn.init.normal_(p, std=5.0)
+def test_block_corrections_are_unbounded_unless_capped() -> None:
+    """The paper's residual is unbounded; max_correction = 0.5 keeps each weight inside its quantization bin."""
     w = quant.fake_quantize(torch.randn(6, 20), 4)
     step = w.abs().amax(dim=1, keepdim=True) / quant.qmax(4)
-    assert bool(((block(w, 0.5) - w).abs() <= step / 2 + 1e-6).all())
+    free, capped = DequantizerBlock(4, 8), DequantizerBlock(4, 8, max_correction=0.5)
+    torch.manual_seed(3)
+    for p in free.parameters():
+        nn.init.normal_(p, std=5.0)
+    capped.load_state_dict(free.state_dict())
+    assert float(((free(w, 0.5) - w).abs() / step).max().detach()) > 1.0
+    assert bool(((capped(w, 0.5) - w).abs() <= step / 2 + 1e-6).all())
+    with pytest.raises(ValueError, match="max_correction"):
+        DequantizerBlock(4, 8, max_correction=0.0)
+
+
+def test_each_upload_is_lifted_and_masked_apart() -> None:
+    """Per upload (the paper): a low upload agreeing with the high update on every other element only loses those
+    elements, another agreeing everywhere is kept whole, so every element moves by 1. On their group's mean
+    (per_upload false) the odd elements average to 0 and drag the step down to 1/3 there."""
+    start = {k: torch.zeros_like(v) for k, v in weights(0).items()}
+    high = {k: torch.ones_like(v) for k, v in start.items()}
+    half = {k: torch.where(torch.arange(v.numel()).reshape(v.shape) % 2 == 0, 1.0, -1.0) for k, v in start.items()}
+    agree = {k: torch.ones_like(v) for k, v in start.items()}
+    for w in (high, half, agree):
+        w["steps"] = torch.tensor(3)
+    uploads = {8: [half, agree], 32: [high]}
+    each = ProWD(dequantizer=False, selective=True)
+    w = each.aggregate(start, buffer(uploads), 0)["1.weight"].reshape(-1)
+    torch.testing.assert_close(w, torch.ones_like(w))
+    assert each.last_masks[8] == pytest.approx(0.75, abs=0.03)  # half of one upload and all of the other
+    grouped = ProWD(dequantizer=False, selective=True, per_upload=False)
+    assert not grouped.needs_updates and each.needs_updates
+    w = grouped.aggregate(start, buffer(uploads, keep=False), 0)["1.weight"].reshape(-1)
+    torch.testing.assert_close(w[1::2], torch.full_like(w[1::2], 1 / 3))
+    with pytest.raises(ValueError, match="apart"):
+        each.aggregate(start, buffer(uploads, keep=False), 0)
+
+
+def test_dequantizer_learns_from_every_high_upload() -> None:
+    """Each high upload is a training pair: the steps cycle over both, so the block differs from one trained on the
+    first alone."""
+    uploads = [{"w": torch.randn(16, 32, generator=torch.Generator().manual_seed(s)) * 0.1} for s in (1, 2)]
+    trained = []
+    for members in (uploads, uploads[:1]):
+        prowd = ProWD(chain=[4, 32], distill_weight=0.0, dequantizer_steps=4, selective=False)
+        prowd.lowest_seen = 4
+        prowd.aggregate({"w": torch.zeros(16, 32)}, buffer({32: members}), 0)
+        trained.append(torch.cat([p.detach().reshape(-1) for p in prowd.dequantizer.parameters()]))
+    assert not torch.equal(trained[0], trained[1])
 
 
 def test_reconstruction_training_reduces_the_error() -> None:
@@ -215,4 +258,6 @@ def test_shipped_configs_build(path: Path) -> None:
     assert isinstance(spec, dict)
     strategy = build_strategy({str(k): v for k, v in spec.items()}, seed=0)
     assert isinstance(strategy.planner, BitwidthPlanner)
+    if getattr(strategy.aggregator, "needs_updates", False):  # ProWD per upload: the round's updates kept apart
+        assert strategy.scheduler.keep_updates  # type: ignore[attr-defined]
     assert "bitwidth" in PLANNERS and {"prowd", "grouped_mean"} <= set(AGGREGATORS.names())

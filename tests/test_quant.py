@@ -40,7 +40,7 @@ def test_round_trip_error_within_documented_bound(w: torch.Tensor, bits: int) ->
     assert bool((error <= quant.error_bound(w, bits)).all())
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits", [b for b in BITS if b > 2])
 def test_bound_is_half_a_step_on_ordinary_weights(bits: int) -> None:
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(bits))
     step = w.abs().amax(dim=1, keepdim=True) / quant.qmax(bits)
@@ -49,6 +49,23 @@ def test_bound_is_half_a_step_on_ordinary_weights(bits: int) -> None:
     error = (w - quant.fake_quantize(w, bits)).abs()
     assert bool((error <= bound).all())
     assert float(error.max()) > float(step.min()) / 4  # the bound is tight, not vacuous
+
+
+def test_two_bits_are_ternary_weight_networks() -> None:
+    """TWN: threshold 0.7 mean|w| per channel, scale the mean |w| above it; far nearer than a max-scaled grid, which
+    rounds every weight under half the largest to zero."""
+    w = torch.randn(32, 300, generator=torch.Generator().manual_seed(2))
+    q, scales = quant.quantize(w, 2)
+    threshold = w.abs().mean(dim=1, keepdim=True) * 0.7
+    assert torch.equal(q.float(), torch.where(w.abs() > threshold, w.sign(), torch.zeros_like(w)))
+    expected = (w.abs() * (q != 0)).sum(dim=1) / (q != 0).sum(dim=1)
+    torch.testing.assert_close(scales, expected)
+    torch.testing.assert_close(quant.channel_scales(w, 2).squeeze(1), scales)
+    error = (w - quant.fake_quantize(w, 2)).pow(2).mean()
+    absmax = w.abs().amax(dim=1, keepdim=True)
+    max_scaled = (w / absmax).round().clamp(-1, 1) * absmax
+    assert float(error) < 0.5 * float((w - max_scaled).pow(2).mean())
+    assert 0.4 < float((q != 0).float().mean()) < 0.7  # about half the weights survive, not an eighth
 
 
 @pytest.mark.parametrize("bits", BITS)

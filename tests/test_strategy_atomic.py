@@ -71,7 +71,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "compass_prowd": {
         "scheduler": {"name": "fedcompass", "q_min": 2, "q_max": 6},
         "planner": {"name": "bitwidth"},
-        "aggregator": PROWD,
+        "aggregator": {**PROWD, "per_upload": False},
     },
     "fedp3": {
         "scheduler": {**FEDAVG, "weighting": "layers"},
