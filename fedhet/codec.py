@@ -13,7 +13,9 @@ payload sizes all go through these functions. Encodings:
 - ``sparse-<float encoding>`` (:data:`SPARSE_ENCODINGS`, pruned tensors): a bitmask of the nonzero positions
   (``ceil(numel / 8)`` bytes, little-endian bit order, padding bits zero) followed by the ``nnz`` nonzero values in
   order at the float encoding. At FedP3's default keep ratio of 0.9 an fp32 tensor takes 3.73 bytes per value
-  instead of 4. In a packed payload (``int<b>``) pruned tensors are packed like the others, which is smaller.
+  instead of 4. In a packed payload (``int<b>``) pruned tensors are packed like the others, which is smaller. A
+  float payload may send its pruned tensors packed instead (``sparse_bits`` below 32: FedP3's frozen layers at
+  int8, 1 byte per value, zeros included).
 
 **File format.** An 8-byte little-endian header length, a UTF-8 JSON header listing every tensor (name, shape, dtype
 of the model, encoding, byte length; an integer tensor lists the payload's encoding and travels raw), then the
@@ -167,15 +169,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def tensor_format(name: str, tensor: torch.Tensor, encoding: str, sparse: bool = False) -> TensorFormat:
+def tensor_format(
+    name: str, tensor: torch.Tensor, encoding: str, sparse: bool = False, sparse_bits: int = quant.FULL_PRECISION
+) -> TensorFormat:
     """The format ``tensor`` takes in a payload at ``encoding`` (a float or packed encoding): integer and bool
-    tensors travel raw, and a pruned (``sparse``) floating-point tensor of a float-encoded payload travels sparse."""
+    tensors travel raw, and a pruned (``sparse``) floating-point tensor of a float-encoded payload travels sparse,
+    or packed at ``sparse_bits`` when that is below 32."""
     if encoding not in ALL_ENCODINGS:
         raise CodecError(f"unknown encoding {encoding!r}; choose one of {sorted(ALL_ENCODINGS)}")
     shape = tuple(tensor.shape)
     if not tensor.is_floating_point():
         return TensorFormat(name, shape, tensor.dtype, RAW)
     if sparse and encoding in ENCODINGS:
+        if sparse_bits != quant.FULL_PRECISION:
+            return TensorFormat(name, shape, tensor.dtype, f"int{quant.check_bits(sparse_bits)}")
         return TensorFormat(name, shape, tensor.dtype, f"sparse-{encoding}", int(torch.count_nonzero(tensor)))
     return TensorFormat(name, shape, tensor.dtype, encoding)
 
@@ -290,11 +297,11 @@ class _Entry:
     nbytes: int
 
 
-def _formats(weights: Weights, encoding: str, sparse: frozenset[str]) -> list[TensorFormat]:
+def _formats(weights: Weights, encoding: str, sparse: frozenset[str], sparse_bits: int) -> list[TensorFormat]:
     unknown = sparse - set(weights)
     if unknown:
         raise CodecError(f"sparse names tensors the payload does not hold: {sorted(unknown)}")
-    return [tensor_format(name, tensor, encoding, name in sparse) for name, tensor in weights.items()]
+    return [tensor_format(name, tensor, encoding, name in sparse, sparse_bits) for name, tensor in weights.items()]
 
 
 def _header_bytes(formats: list[TensorFormat], encoding: str) -> bytes:
@@ -306,17 +313,28 @@ def _header_bytes(formats: list[TensorFormat], encoding: str) -> bytes:
     return json.dumps(rows, separators=(",", ":")).encode()
 
 
-def encoded_size(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> int:
-    """Bytes that ``encode(weights, encoding, sparse)`` produces, without encoding anything."""
-    formats = _formats(weights, encoding, sparse)
+def encoded_size(
+    weights: Weights,
+    encoding: str = "fp32",
+    sparse: frozenset[str] = frozenset(),
+    sparse_bits: int = quant.FULL_PRECISION,
+) -> int:
+    """Bytes that ``encode(weights, encoding, sparse, sparse_bits)`` produces, without encoding anything."""
+    formats = _formats(weights, encoding, sparse, sparse_bits)
     return _LEN.size + len(_header_bytes(formats, encoding)) + sum(f.nbytes for f in formats)
 
 
-def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> bytes:
+def encode(
+    weights: Weights,
+    encoding: str = "fp32",
+    sparse: frozenset[str] = frozenset(),
+    sparse_bits: int = quant.FULL_PRECISION,
+) -> bytes:
     """Serialise ``weights``; floating-point tensors are cast to ``encoding`` (fp32, fp16, bf16) or quantized and
-    packed (int2 ... int16), and the tensors named in ``sparse`` travel as a bitmask and their nonzero values.
-    Raises :class:`CodecError` for an unknown encoding or, when packing, inf/NaN values."""
-    formats = _formats(weights, encoding, sparse)
+    packed (int2 ... int16), and the tensors named in ``sparse`` travel as a bitmask and their nonzero values (or,
+    with ``sparse_bits`` below 32 in a float payload, packed at that many bits). Raises :class:`CodecError` for an
+    unknown encoding or, when packing, inf/NaN values."""
+    formats = _formats(weights, encoding, sparse, sparse_bits)
     header = _header_bytes(formats, encoding)
     body = [encode_tensor(f, t) for f, t in zip(formats, weights.values(), strict=True)]
     return b"".join([_LEN.pack(len(header)), header, *body])

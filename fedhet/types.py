@@ -105,6 +105,8 @@ class Task:
         sparse: names of ``weights`` that are pruned; they travel in the codec's sparse encoding.
         proximal_mu: FedProx's mu: the client adds ``mu/2 * ||w - w_start||^2`` to its loss over the tensors it
             trains (0 = plain local SGD).
+        sparse_bits: bits the ``sparse`` tensors travel at in a float payload: 32 (the default) is the sparse
+            encoding, a packed bitwidth packs them (FedP3's frozen layers at int8).
     """
 
     task_id: int
@@ -116,10 +118,15 @@ class Task:
     train: frozenset[str] = frozenset()
     sparse: frozenset[str] = frozenset()
     proximal_mu: float = 0.0
+    sparse_bits: int = 32
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"task {self.task_id}: proximal_mu must be finite and >= 0, got {self.proximal_mu}")
+        if self.sparse_bits not in (2, 4, 6, 8, 12, 16, 32):
+            raise ValueError(
+                f"task {self.task_id}: sparse_bits must be 2, 4, 6, 8, 12, 16 or 32, got {self.sparse_bits}"
+            )
         if (self.local_steps > 0) == (self.local_epochs > 0):
             raise ValueError(
                 f"task {self.task_id}: exactly one of local_steps ({self.local_steps}) "

@@ -61,11 +61,14 @@ class Plan:
         weights: the tensors sent (the full global model, a re-quantized copy, or a sub-model).
         train: names the client trains and sends back; empty means every tensor of ``weights``.
         sparse: names of ``weights`` that are pruned (mostly zeros); they travel in the codec's sparse encoding.
+        sparse_bits: bits those travel at in a float payload (32: sparse encoding; else packed; see
+            :class:`~fedhet.types.Task`).
     """
 
     weights: Weights
     train: frozenset[str] = frozenset()
     sparse: frozenset[str] = frozenset()
+    sparse_bits: int = 32
 
     def __post_init__(self) -> None:
         extra = (self.train | self.sparse) - set(self.weights)
@@ -266,6 +269,7 @@ class Strategy:
             train=plan.train,
             sparse=plan.sparse,
             proximal_mu=assignment.proximal_mu,
+            sparse_bits=plan.sparse_bits,
         )
         self._next_task_id += 1
         self._outstanding[task.task_id] = (client.client_id, self.version)

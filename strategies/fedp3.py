@@ -17,7 +17,9 @@ The assigned layers travel dense; the other shared layers are pruned per layer, 
 1-dimensional tensors travel dense): ``magnitude`` keeps the ``keep_ratio`` largest magnitudes of each weight tensor,
 ``ordered_dropout`` keeps the first ``ceil(keep_ratio * rows)`` output units' weights (uniformly over layers; their
 biases travel dense like every bias). Pruned tensors
-are listed in the plan's ``sparse`` set and travel in the codec's sparse encoding. A client sends back only its
+are listed in the plan's ``sparse`` set and travel in the codec's sparse encoding, or packed at ``frozen_bits``
+(8: int8, a quarter of fp32's bytes, with the quantization error of int8 on layers the client only runs forward;
+the plan's ``sparse_bits``). A client sends back only its
 assigned layers; :class:`~fedhet.strategies.aggregators.WeightedMean` then averages every shared tensor over the
 clients that sent it (plain mean with ``strategy.scheduler.weighting=uniform``; layer-count weighting, normalised
 per layer, with ``weighting=layers``).
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhet import quant
 from fedhet.strategies.base import Plan
 from fedhet.strategies.layers import layer_names, layer_of
 from fedhet.types import ClientInfo, Weights
@@ -89,10 +92,17 @@ class FedP3Planner:
         keep_ratio: share of each pruned weight tensor kept, in (0, 1] (the released code's default: 0.9).
         pruning: ``magnitude`` (unstructured, per layer) or ``ordered_dropout``.
         head_layers: how many trailing layers are personal (1: the classifier).
+        frozen_bits: bits the pruned (frozen) shared layers travel at: 32 sparse floats, 8 int8 (any packed
+            bitwidth of :mod:`fedhet.quant`).
     """
 
     def __init__(
-        self, variant: str = "opu2", keep_ratio: float = 0.9, pruning: str = "magnitude", head_layers: int = 1
+        self,
+        variant: str = "opu2",
+        keep_ratio: float = 0.9,
+        pruning: str = "magnitude",
+        head_layers: int = 1,
+        frozen_bits: int = 32,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -102,6 +112,10 @@ class FedP3Planner:
             raise ValueError(f"pruning must be one of {', '.join(PRUNINGS)}, got {pruning!r}")
         if head_layers < 1:
             raise ValueError(f"head_layers must be >= 1, got {head_layers}")
+        if frozen_bits != quant.FULL_PRECISION and frozen_bits not in quant.BITWIDTHS:
+            choices = ", ".join(map(str, quant.BITWIDTHS))
+            raise ValueError(f"frozen_bits must be 32 or one of {choices}, got {frozen_bits}")
+        self.frozen_bits = frozen_bits
         self.variant = variant
         self.keep_ratio = keep_ratio
         self.pruning = pruning
@@ -167,7 +181,8 @@ class FedP3Planner:
             self._pruned[keep] = pruned
         train = frozenset(n for layer in assigned for n in layout.tensors[layer])
         sent = {n: weights[n] if n in train else pruned.get(n, weights[n]) for n in _shared_names(layout)}
-        return Plan(sent, train=train, sparse=frozenset(n for n in sent if n not in train and n in pruned))
+        sparse = frozenset(n for n in sent if n not in train and n in pruned)
+        return Plan(sent, train=train, sparse=sparse, sparse_bits=self.frozen_bits)
 
 
 def _shared_names(layout: _Layout) -> list[str]:

@@ -10,7 +10,8 @@ A tensor travels as one Flower :class:`~flwr.app.Array`:
   dtype and shape in the Array's own fields. Decoding goes through :func:`fedhet.codec.decode`, so a packed 4-bit
   update arrives at the server exactly as it would over fedhet's gRPC wire, at a 4-bit update's size;
 - a pruned tensor (a task's ``sparse`` names: FedP3's unassigned shared layers) as stype
-  ``fedhet.codec/sparse-<float encoding>`` (``sparse-fp32`` when the payload is packed): the codec's bitmask and
+  ``fedhet.codec/sparse-<float encoding>`` (``sparse-fp32`` when the payload is packed; ``int<b>`` when the task's
+  ``sparse_bits`` packs them): the codec's bitmask and
   nonzero values, so it arrives bit for bit, at its pruned size.
 
 Message layout (keys of the :class:`~flwr.app.RecordDict`):
@@ -75,38 +76,45 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def sparse_encoding(encoding: str) -> str:
-    """The per-tensor encoding of a pruned tensor in a payload of ``encoding`` (the codec's rule)."""
+def sparse_encoding(encoding: str, sparse_bits: int = 32) -> str:
+    """The per-tensor encoding of a pruned tensor in a payload of ``encoding`` (the codec's rule): packed at
+    ``sparse_bits`` in a float payload when that is below 32."""
+    if encoding in codec.ENCODINGS and sparse_bits != 32:
+        return f"int{sparse_bits}"
     return f"sparse-{encoding if encoding in codec.ENCODINGS else 'fp32'}"
 
 
-def _to_array(name: str, tensor: torch.Tensor, encoding: str, sparse: bool) -> Array:
+def _to_array(name: str, tensor: torch.Tensor, encoding: str, sparse: bool, sparse_bits: int) -> Array:
     tensor = tensor.detach().to("cpu")
     floating = tensor.is_floating_point()
     if sparse and floating:
-        stype = sparse_encoding(encoding)
+        stype = sparse_encoding(encoding, sparse_bits)
     elif not floating or (tensor.dtype == torch.float32 and encoding == "fp32"):
         return Array(tensor.contiguous().numpy())
     else:
         stype = encoding
     try:
-        data = codec.encode({name: tensor}, encoding, frozenset({name}) if sparse else frozenset())
+        data = codec.encode({name: tensor}, encoding, frozenset({name}) if sparse else frozenset(), sparse_bits)
     except codec.CodecError as error:
         raise RecordError(f"tensor {name!r}: {error}") from None
     return Array(_dtype_name(tensor.dtype), tuple(tensor.shape), CODEC_STYPE_PREFIX + stype, data)
 
 
-def to_array_record(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> ArrayRecord:
+def to_array_record(
+    weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset(), sparse_bits: int = 32
+) -> ArrayRecord:
     """``weights`` as an ArrayRecord (state-dict order), floating-point tensors at ``encoding`` (any of
-    :data:`fedhet.codec.ALL_ENCODINGS`) and those named in ``sparse`` in the codec's sparse encoding;
-    :func:`from_array_record` returns what ``codec.decode(codec.encode(weights, encoding, sparse))`` would, bit for
-    bit."""
+    :data:`fedhet.codec.ALL_ENCODINGS`) and those named in ``sparse`` in the codec's sparse encoding (packed at
+    ``sparse_bits`` below 32); :func:`from_array_record` returns what
+    ``codec.decode(codec.encode(weights, encoding, sparse, sparse_bits))`` would, bit for bit."""
     if encoding not in codec.ALL_ENCODINGS:
         raise RecordError(f"unknown encoding {encoding!r}; choose one of {sorted(codec.ALL_ENCODINGS)}")
     unknown = sparse - set(weights)
     if unknown:
         raise RecordError(f"sparse names tensors the weights do not hold: {sorted(unknown)}")
-    return ArrayRecord({name: _to_array(name, tensor, encoding, name in sparse) for name, tensor in weights.items()})
+    return ArrayRecord(
+        {name: _to_array(name, tensor, encoding, name in sparse, sparse_bits) for name, tensor in weights.items()}
+    )
 
 
 def sparse_names(record: ArrayRecord) -> frozenset[str]:
@@ -241,7 +249,7 @@ def task_content(task: Task, encoding: str) -> RecordDict:
     ``train`` and ``sparse`` name lists."""
     return RecordDict(
         {
-            ARRAYS: to_array_record(task.weights, encoding, task.sparse),
+            ARRAYS: to_array_record(task.weights, encoding, task.sparse, task.sparse_bits),
             CONFIG: ConfigRecord(
                 {
                     "task-id": task.task_id,

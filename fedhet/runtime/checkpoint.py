@@ -200,17 +200,20 @@ def task_state(task: Task) -> list[Any]:
         sorted(task.train),
         sorted(task.sparse),
         task.proximal_mu,
+        task.sparse_bits,
     ]
 
 
 def task_from_state(row: Sequence[Any]) -> Task:
     """The task of :func:`task_state`'s row; raises ValueError (or TypeError) for a malformed one."""
-    tid, cid, version, steps, epochs, weights, train, sparse, *rest = row  # rows before FedProx have no mu
-    if len(rest) > 1:
-        raise ValueError(f"a task row has {len(row)} entries, at most 9")
+    # rows before FedProx have no mu, rows before FedP3's packed frozen layers no sparse_bits
+    tid, cid, version, steps, epochs, weights, train, sparse, *rest = row
+    if len(rest) > 2:
+        raise ValueError(f"a task row has {len(row)} entries, at most 10")
     names = (frozenset(map(str, train)), frozenset(map(str, sparse)))
     mu = float(rest[0]) if rest else 0.0
-    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names, mu)
+    bits = int(rest[1]) if len(rest) > 1 else 32
+    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names, mu, bits)
 
 
 def result_state(result: Result) -> list[Any]:

@@ -35,7 +35,7 @@ from fedhet.server.validation import (
     check_result_fields,
     check_update_manifest,
 )
-from fedhet.types import ClientInfo, ClientProfile, Result, Weights
+from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
 from fedhet.updates import UpdateError, check_update
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import service_pb2_grpc
@@ -90,7 +90,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         self.max_upload_bytes = max_upload_bytes
         self.poll_timeout = poll_timeout
         self.heartbeat_seconds = heartbeat_seconds
-        self._encoded: OrderedDict[tuple[int, str], tuple[Weights, tpb.Manifest, bytes]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[int, str, int], tuple[Weights, tpb.Manifest, bytes]] = OrderedDict()
         # received payloads are checked in a pool of one thread per core: more threads than cores only contend
         # for the GIL with the event loop (measured in benchmarks/grpc_ingest.py: 256 uploads, 2 cores, ~20% faster
         # than asyncio's default pool of cores + 4)
@@ -125,14 +125,16 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
         """The bitwidth ``client_id`` registered: its tasks travel, and its packed updates must arrive, at it."""
         return self.coord.clients[client_id].info.profile.bitwidth
 
-    def _encode(self, weights: Weights, sparse: frozenset[str], encoding: str) -> tuple[tpb.Manifest, bytes]:
-        """Encode task weights at ``encoding`` once per weights object (every client of a version and bitwidth
-        shares the global model's payload); the tensors named in ``sparse`` (pruned) travel sparse."""
-        key = (id(weights), encoding)
+    def _encode(self, task: Task, encoding: str) -> tuple[tpb.Manifest, bytes]:
+        """Encode a task's weights at ``encoding`` once per weights object (every client of a version and bitwidth
+        shares the global model's payload); the tensors it names ``sparse`` (pruned) travel sparse, or packed at
+        its ``sparse_bits``."""
+        weights = task.weights
+        key = (id(weights), encoding, task.sparse_bits)
         hit = self._encoded.get(key)
         if hit is not None and hit[0] is weights:
             return hit[1], hit[2]
-        manifest, payload = encode(weights, encoding, sparse)
+        manifest, payload = encode(weights, encoding, task.sparse, task.sparse_bits)
         self._encoded[key] = (weights, manifest, payload)  # holding ``weights`` keeps its id from being reused
         while len(self._encoded) > 4:
             self._encoded.popitem(last=False)
@@ -202,7 +204,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
             return
         task = outcome
         encoding = encoding_for_bitwidth(self._bitwidth(client_id), self.encoding)
-        manifest, payload = self._encode(task.weights, task.sparse, encoding)
+        manifest, payload = self._encode(task, encoding)
         sent = False
         try:
             yield spb.TaskMessage(

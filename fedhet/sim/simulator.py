@@ -229,7 +229,9 @@ class Simulator:
             client = self.clients[task.client_id]
             encoding = self._encoding(client)
             size = (
-                encoded_size(task.weights, encoding, task.sparse) if task.sparse else self._size(task.weights, encoding)
+                encoded_size(task.weights, encoding, task.sparse, task.sparse_bits)
+                if task.sparse
+                else self._size(task.weights, encoding)
             )
             self.bytes_down += size
             upload = size

@@ -129,17 +129,22 @@ def _spec(fmt: TensorFormat) -> pb.TensorSpec:
     return spec
 
 
-def encode(weights: Weights, encoding: str = "fp32", sparse: frozenset[str] = frozenset()) -> tuple[pb.Manifest, bytes]:
+def encode(
+    weights: Weights,
+    encoding: str = "fp32",
+    sparse: frozenset[str] = frozenset(),
+    sparse_bits: int = quant.FULL_PRECISION,
+) -> tuple[pb.Manifest, bytes]:
     """The manifest and payload of ``weights``: floating-point tensors travel at ``encoding`` (fp32, fp16, bf16
     cast; int2 ... int16 packed as ``ENCODING_PACKED_INT``), others exactly (``ENCODING_RAW``); at a float encoding
     the floating-point tensors named in ``sparse`` (pruned) travel as ``ENCODING_SPARSE``: a bitmap of their nonzero
-    positions, then those values. Raises :class:`ManifestError` for an unknown encoding or dtype, or inf/NaN values
-    to pack."""
+    positions, then those values (with ``sparse_bits`` below 32: ``ENCODING_PACKED_INT`` at that many bits).
+    Raises :class:`ManifestError` for an unknown encoding or dtype, or inf/NaN values to pack."""
     manifest = pb.Manifest()
     parts: list[bytes] = []
     try:
         for name, tensor in weights.items():
-            fmt = tensor_format(name, tensor, encoding, name in sparse)
+            fmt = tensor_format(name, tensor, encoding, name in sparse, sparse_bits)
             parts.append(encode_tensor(fmt, tensor))
             manifest.tensors.append(_spec(fmt))
     except CodecError as error:
