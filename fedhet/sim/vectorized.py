@@ -12,6 +12,9 @@ Tasks whose weights fit the trainer's model train together, up to ``batch_size``
 * minibatches are padded to the step's longest with zero loss weight, so padding adds no gradient; tasks are
   sorted by local steps, so the clients still training at a step are a prefix of the chunk and clients with fewer
   steps (FedCompass) simply stop early; clients with different start versions are stacked from the first step;
+* each client steps at its own task's learning rate (``lr * lr_decay ** version``,
+  :meth:`~fedhet.clients.trainer.TrainConfig.lr_at`): one number when the chunk's tasks share it, else a
+  per-client column multiplied into the update (the low-rank path needs the shared one);
 * the minibatch order is the sequential trainer's (same seed, same task id), and the backward pass is written out
   layer by layer, so in fp32 the results equal :class:`~fedhet.sim.executor.SequentialExecutor`'s up to float
   rounding. ``precision="bf16"`` computes products in bfloat16 (fp32 master weights, loss and updates).
@@ -247,7 +250,8 @@ class VectorizedExecutor:
     def _train_chunk(self, plans: list[_Plan]) -> list[tuple[_Plan, Result]]:
         begin = time.perf_counter()
         plans = sorted(plans, key=lambda p: -p.steps)  # the clients training at a step are a prefix
-        master = self._start_weights(plans)
+        lr = self._chunk_lr(plans)
+        master = self._start_weights(plans, lr)
         prox = _Proximal.of(plans, master, self.device)
         momentum: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros(len(plans), dtype=torch.float64, device=self.device)
@@ -275,7 +279,7 @@ class VectorizedExecutor:
                 grad, grads = layer.backward(grad, params[i], saved[i], active, need_dx=i > first)
                 saved[i] = ()
                 for key, g in zip(layer.keys, grads, strict=True):
-                    master[key] = self._step(key, master[key], g, active, momentum, prox)
+                    master[key] = self._step(key, master[key], g, active, lr, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
@@ -296,9 +300,18 @@ class VectorizedExecutor:
             for c, plan in enumerate(plans)
         ]
 
-    def _start_weights(self, plans: list[_Plan]) -> dict[str, Param]:
+    def _chunk_lr(self, plans: Sequence[_Plan]) -> float | torch.Tensor:
+        """Each client's learning rate, that of its task's start version: one number when every task of the chunk
+        has the same (always without ``lr_decay``), else a ``(clients,)`` fp32 tensor."""
+        lrs: list[float] = [self.config.lr_at(p.task.version) for p in plans]
+        if all(lr == lrs[0] for lr in lrs):
+            return lrs[0]
+        return torch.tensor(lrs, dtype=torch.float32, device=self.device)
+
+    def _start_weights(self, plans: list[_Plan], lr: float | torch.Tensor) -> dict[str, Param]:
         """The chunk's parameters before the first step: shared when every client starts from the same weights
-        (linear weights as a rank-0 :class:`LowRank` under plain SGD), else stacked per client."""
+        (linear weights as a rank-0 :class:`LowRank` under plain SGD at one learning rate ``lr``), else stacked
+        per client."""
         first = plans[0].task.weights
         if not all(p.task.weights[k] is v for p in plans for k, v in first.items()):
             return {k: torch.stack([p.task.weights[k] for p in plans]).to(self.device, torch.float32) for k in first}
@@ -306,11 +319,12 @@ class VectorizedExecutor:
         for key, value in first.items():
             base = value.to(self.device, torch.float32)
             proximal = any(p.task.proximal_mu > 0 for p in plans)  # its pull makes every change full rank
-            if key in self.low_rank_keys and not (self.config.momentum or self.config.weight_decay or proximal):
+            full_rank = self.config.momentum or self.config.weight_decay or proximal
+            if key in self.low_rank_keys and not isinstance(lr, torch.Tensor) and not full_rank:
                 out, inp = base.shape
                 u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
                 v = base.new_empty((len(plans), 0, inp), dtype=self.dtype)
-                master[key] = LowRank(base, u, v, self.config.lr, base.to(self.dtype))
+                master[key] = LowRank(base, u, v, lr, base.to(self.dtype))
             else:
                 master[key] = base
         return master
@@ -344,17 +358,19 @@ class VectorizedExecutor:
         param: Param,
         grad: Grad,
         active: int,
+        lr: float | torch.Tensor,
         momentum: dict[str, torch.Tensor],
         prox: _Proximal | None,
     ) -> Param:
-        """One optimiser step of parameter ``key`` for the first ``active`` clients."""
+        """One optimiser step of parameter ``key`` for the first ``active`` clients at learning rate ``lr`` (one
+        number, or one per client of the chunk)."""
         if isinstance(param, LowRank):
             if isinstance(grad, OuterGrad) and param.rank + grad.dy.shape[1] <= min(param.base.shape) // 2:
                 param.extend(grad)
                 return param
             param = param.dense()  # the factors would outgrow the weights
         dense = grad.dense() if isinstance(grad, OuterGrad) else grad
-        return self._sgd(key, param, dense, active, momentum, prox)
+        return self._sgd(key, param, dense, active, lr, momentum, prox)
 
     def _sgd(
         self,
@@ -362,11 +378,12 @@ class VectorizedExecutor:
         param: torch.Tensor,
         grad: torch.Tensor,
         active: int,
+        lr: float | torch.Tensor,
         momentum: dict[str, torch.Tensor],
         prox: _Proximal | None,
     ) -> torch.Tensor:
         """torch.optim.SGD's step (weight decay and FedProx's pull, then momentum without dampening) for the first
-        ``active`` clients; a shared parameter becomes a stacked one."""
+        ``active`` clients, at ``lr`` (one number, or one per client); a shared parameter becomes a stacked one."""
         cfg = self.config
         shared = param.dim() == len(self.signature[key][0])
         current = param if shared else param[:active]
@@ -381,9 +398,15 @@ class VectorizedExecutor:
             else:
                 momentum[key][:active].mul_(cfg.momentum).add_(grad)
             grad = momentum[key][:active]
+        if isinstance(lr, torch.Tensor):  # per client: a fused multiply-subtract with the lr column
+            column = lr[:active].view(-1, *[1] * (grad.dim() - 1))
+            if shared:
+                return torch.addcmul(param, grad, column, value=-1)
+            current.addcmul_(grad, column, value=-1)
+            return param
         if shared:
-            return torch.sub(param, grad, alpha=cfg.lr)
-        current.sub_(grad, alpha=cfg.lr)
+            return torch.sub(param, grad, alpha=lr)
+        current.sub_(grad, alpha=lr)
         return param
 
 
