@@ -254,11 +254,13 @@ class NetworkClient:
                 frozenset(header.train),
                 sparse,
                 header.proximal_mu,
+                train_all=header.train_all,
             )
         except ValueError as error:
             log.warning("task %d: bad task (%s); asking again", header.task_id, error)
             return None
         prox = f", FedProx mu {task.proximal_mu:g}" if task.proximal_mu else ""
+        prox += ", trains every received layer" if task.train_all else ""
         log.info("task %d received (version %d%s)", header.task_id, header.version, prox)
         return task
 

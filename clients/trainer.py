@@ -266,7 +266,7 @@ class LocalTrainer:
             raise ValueError(f"task {task.task_id}: client {task.client_id} has no values for {sorted(missing)}")
         self.model.load_state_dict({**task.weights, **own})
         self.model.train()
-        trained = task.trained | set(own)
+        trained = task.optimized | set(own)
         params = []
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in trained)

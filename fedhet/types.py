@@ -107,6 +107,8 @@ class Task:
             trains (0 = plain local SGD).
         sparse_bits: bits the ``sparse`` tensors travel at in a float payload: 32 (the default) is the sparse
             encoding, a packed bitwidth packs them (FedP3's frozen layers at int8).
+        train_all: the client trains every floating-point tensor it receives, not only ``train`` (FedP3's released
+            code), and still sends back only ``train``.
     """
 
     task_id: int
@@ -119,6 +121,7 @@ class Task:
     sparse: frozenset[str] = frozenset()
     proximal_mu: float = 0.0
     sparse_bits: int = 32
+    train_all: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
@@ -138,8 +141,16 @@ class Task:
 
     @property
     def trained(self) -> frozenset[str]:
-        """Names the client trains and sends back."""
+        """Names the client sends back (and trains)."""
         return self.train or frozenset(self.weights)
+
+    @property
+    def optimized(self) -> frozenset[str]:
+        """Names of the received tensors the client's optimiser updates: :attr:`trained`, or with ``train_all``
+        every floating-point one."""
+        if not self.train_all:
+            return self.trained
+        return frozenset(k for k, v in self.weights.items() if v.is_floating_point())
 
     def steps_for(self, num_samples: int, batch_size: int) -> int:
         """Local minibatch steps this task takes on a shard of ``num_samples`` with ``batch_size``."""

@@ -63,12 +63,14 @@ class Plan:
         sparse: names of ``weights`` that are pruned (mostly zeros); they travel in the codec's sparse encoding.
         sparse_bits: bits those travel at in a float payload (32: sparse encoding; else packed; see
             :class:`~fedhet.types.Task`).
+        train_all: the client trains every received tensor, and sends back only ``train``.
     """
 
     weights: Weights
     train: frozenset[str] = frozenset()
     sparse: frozenset[str] = frozenset()
     sparse_bits: int = 32
+    train_all: bool = False
 
     def __post_init__(self) -> None:
         extra = (self.train | self.sparse) - set(self.weights)
@@ -270,6 +272,7 @@ class Strategy:
             sparse=plan.sparse,
             proximal_mu=assignment.proximal_mu,
             sparse_bits=plan.sparse_bits,
+            train_all=plan.train_all,
         )
         self._next_task_id += 1
         self._outstanding[task.task_id] = (client.client_id, self.version)

@@ -94,6 +94,8 @@ class FedP3Planner:
         head_layers: how many trailing layers are personal (1: the classifier).
         frozen_bits: bits the pruned (frozen) shared layers travel at: 32 sparse floats, 8 int8 (any packed
             bitwidth of :mod:`fedhet.quant`).
+        train_all: the client trains every layer it receives, as the released code does, and sends back only its
+            assigned ones; false (the paper's description) freezes the unassigned layers.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class FedP3Planner:
         pruning: str = "magnitude",
         head_layers: int = 1,
         frozen_bits: int = 32,
+        train_all: bool = False,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -116,6 +119,7 @@ class FedP3Planner:
             choices = ", ".join(map(str, quant.BITWIDTHS))
             raise ValueError(f"frozen_bits must be 32 or one of {choices}, got {frozen_bits}")
         self.frozen_bits = frozen_bits
+        self.train_all = train_all
         self.variant = variant
         self.keep_ratio = keep_ratio
         self.pruning = pruning
@@ -182,7 +186,7 @@ class FedP3Planner:
         train = frozenset(n for layer in assigned for n in layout.tensors[layer])
         sent = {n: weights[n] if n in train else pruned.get(n, weights[n]) for n in _shared_names(layout)}
         sparse = frozenset(n for n in sent if n not in train and n in pruned)
-        return Plan(sent, train=train, sparse=sparse, sparse_bits=self.frozen_bits)
+        return Plan(sent, train=train, sparse=sparse, sparse_bits=self.frozen_bits, train_all=self.train_all)
 
 
 def _shared_names(layout: _Layout) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,26 @@ def test_fedp3_simulation_with_int8_frozen_layers_sends_fewer_bytes(tmp_path: Pa
     # half the clients freeze fc1 (784 x 200), half fc2 (200 x 200): their downloads shrink by 3.7x
     assert int(int8[-1]["bytes_down"]) < 0.7 * int(sparse[-1]["bytes_down"])  # type: ignore[call-overload]
     assert int(int8[-1]["bytes_up"]) == int(sparse[-1]["bytes_up"])  # type: ignore[call-overload]
+
+
+def test_train_all_trains_every_received_layer_and_sends_back_only_its_own() -> None:
+    """train_all (the released code): the client's frozen layers train too, but only its assigned layer goes back;
+    the flag travels in Flower records and checkpoints (the gRPC header: the deployed DP test)."""
+    from fedhet.flower.records import parse_task, task_content
+    from fedhet.runtime.checkpoint import task_from_state, task_state
+
+    w = fedp3_weights()
+    plan = FedP3Planner("lowerb", train_all=True).plan(info(2), w, 0)
+    assert plan.train_all and plan.train == {"7.weight", "7.bias"}
+    task = Task(0, 2, 0, dict(plan.weights), local_epochs=1, train=plan.train, sparse=plan.sparse, train_all=True)
+    assert task.optimized == frozenset(plan.weights) and task.trained == plan.train
+    model = build_model("fedp3_cnn", (1, 28, 28), 10, seed=0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    out = LocalTrainer(model, TrainConfig(lr=0.1, batch_size=8)).train(
+        task, x, y, seed=0, state=ClientStates(w).get(2, task)
+    )
+    assert set(out.weights) == {"7.weight", "7.bias"}
+    assert not torch.equal(model.state_dict()["9.weight"], plan.weights["9.weight"])  # the frozen layer trained
+    assert parse_task(task_content(task, "fp32"), client_id=2).task.train_all
+    assert not parse_task(task_content(replace(task, train_all=False), "fp32"), client_id=2).task.train_all
+    assert task_from_state(task_state(task)).train_all

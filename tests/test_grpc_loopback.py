@@ -152,7 +152,8 @@ def test_fedcompass_runs_unchanged_over_grpc(tmp_path: Path) -> None:
 def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path) -> None:
     """FedP3 (LowerB) with DP-SGD clients: each client sends back only its layer, keeps its head in its state file,
     and the epsilon the server computes from the reported steps equals the client's own accountant's. Its frozen
-    layer travels packed at int8 (frozen_bits=8): the server sends exactly those bytes."""
+    layer travels packed at int8 (frozen_bits=8): the server sends exactly those bytes; every task asks the client to
+    train all the layers it receives (train_all)."""
     from fedhet.clients.config import compose_client, local_partition
     from fedhet.clients.trainer import ClientState
     from fedhet.models import build_model
@@ -161,7 +162,7 @@ def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path
     from fedhet.v1.wire import encode
 
     server = ["model=2nn", "strategy=fedp3", "strategy.planner.variant=lowerb", "strategy.scheduler.local_epochs=1"]
-    server.append("strategy.planner.frozen_bits=8")
+    server += ["strategy.planner.frozen_bits=8", "strategy.planner.train_all=true"]
     state_dir = tmp_path / "client_state"
     client = ["model=2nn", "privacy.enabled=true", "privacy.noise_multiplier=1.0", f"state_dir={state_dir}"]
     run_loopback(tmp_path, server, client)
@@ -174,7 +175,9 @@ def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path
     planner = FedP3Planner("lowerb", frozen_bits=8)
     plans = [planner.plan(ClientInfo(c, ClientProfile(1.0, 1e6), 10), model, c) for c in range(4)]
     sizes = [encode(p.weights, "fp32", p.sparse, p.sparse_bits)[0].total_bytes for p in plans]  # values don't matter
-    received = [len(re.findall(r"task \d+ received", (tmp_path / f"client{c}.log").read_text())) for c in range(4)]
+    logs = [(tmp_path / f"client{c}.log").read_text() for c in range(4)]
+    received = [len(re.findall(r"task \d+ received", log)) for log in logs]
+    assert all(n == log.count("trains every received layer") for n, log in zip(received, logs, strict=True))
     assert final.bytes_down == sum(n * size for n, size in zip(received, sizes, strict=True))  # clients join late
     assert final.epsilon is not None and sorted(final.epsilon, key=int) == ["0", "1", "2", "3"]
     for cid, epsilon in final.epsilon.items():

@@ -175,6 +175,13 @@ def _float(record: ConfigRecord | MetricRecord, key: str, where: str) -> float:
     return float(value)
 
 
+def _bool(record: ConfigRecord, key: str, where: str) -> bool:
+    value = record.get(key)
+    if not isinstance(value, bool):
+        raise RecordError(f"{where}[{key!r}] must be a bool, got {value!r}")
+    return value
+
+
 def _str(record: ConfigRecord, key: str, where: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):
@@ -246,7 +253,7 @@ def parse_profile(content: RecordDict) -> tuple[ClientProfile, int, int]:
 
 def task_content(task: Task, encoding: str) -> RecordDict:
     """A train message's content for ``task``, its weights at ``encoding`` (its ``sparse`` names pruned), with its
-    ``train`` and ``sparse`` name lists."""
+    ``train`` and ``sparse`` name lists and ``train-all``."""
     return RecordDict(
         {
             ARRAYS: to_array_record(task.weights, encoding, task.sparse, task.sparse_bits),
@@ -261,6 +268,7 @@ def task_content(task: Task, encoding: str) -> RecordDict:
                     "train": [n for n in task.weights if n in task.train],
                     "sparse": [n for n in task.weights if n in task.sparse],
                     "proximal-mu": task.proximal_mu,
+                    "train-all": task.train_all,
                 }
             ),
         }
@@ -305,8 +313,9 @@ def parse_task(content: RecordDict, client_id: int, default_local_epochs: int = 
         raise RecordError(f"{CONFIG}['encoding']: unknown encoding {encoding!r}")
     # FedProx's mu, under the key Flower's own FedProx strategy sends too
     mu = _float(config, "proximal-mu", CONFIG) if "proximal-mu" in config else 0.0
+    train_all = _bool(config, "train-all", CONFIG) if "train-all" in config else False
     try:
-        task = Task(task_id, client_id, version, weights, steps, epochs, train, sparse, mu)
+        task = Task(task_id, client_id, version, weights, steps, epochs, train, sparse, mu, train_all=train_all)
     except ValueError as error:
         raise RecordError(str(error)) from None
     return TaskSpec(task, encoding, fedhet_task)

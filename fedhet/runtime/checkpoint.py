@@ -201,19 +201,21 @@ def task_state(task: Task) -> list[Any]:
         sorted(task.sparse),
         task.proximal_mu,
         task.sparse_bits,
+        task.train_all,
     ]
 
 
 def task_from_state(row: Sequence[Any]) -> Task:
     """The task of :func:`task_state`'s row; raises ValueError (or TypeError) for a malformed one."""
-    # rows before FedProx have no mu, rows before FedP3's packed frozen layers no sparse_bits
+    # rows before FedProx have no mu, rows before FedP3's packed frozen layers no sparse_bits nor train_all
     tid, cid, version, steps, epochs, weights, train, sparse, *rest = row
-    if len(rest) > 2:
-        raise ValueError(f"a task row has {len(row)} entries, at most 10")
+    if len(rest) > 3:
+        raise ValueError(f"a task row has {len(row)} entries, at most 11")
     names = (frozenset(map(str, train)), frozenset(map(str, sparse)))
     mu = float(rest[0]) if rest else 0.0
     bits = int(rest[1]) if len(rest) > 1 else 32
-    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names, mu, bits)
+    train_all = bool(rest[2]) if len(rest) > 2 else False
+    return Task(int(tid), int(cid), int(version), dict(weights), int(steps), int(epochs), *names, mu, bits, train_all)
 
 
 def result_state(result: Result) -> list[Any]:

@@ -216,6 +216,7 @@ class FederatedLearningServicer(service_pb2_grpc.FederatedLearningServicer):
                     local_epochs=task.local_epochs,
                     manifest=manifest,
                     train=sorted(task.train),
+                    train_all=task.train_all,
                     proximal_mu=task.proximal_mu,
                 )
             )

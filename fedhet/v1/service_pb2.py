@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedhet.v1 import tensor_pb2 as fedhet_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64het/v1/service.proto\x12\tfedhet.v1\x1a\x16\x66\x65\x64het/v1/tensor.proto\"f\n\rClientProfile\x12\x1a\n\x12seconds_per_sample\x18\x01 \x01(\x01\x12\x11\n\tbandwidth\x18\x02 \x01(\x01\x12\x10\n\x08\x62itwidth\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"d\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12)\n\x07profile\x18\x02 \x01(\x0b\x32\x18.fedhet.v1.ClientProfile\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\"\x9f\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x05 \x01(\x04\x12\x19\n\x11heartbeat_seconds\x18\x06 \x01(\x01\x12\x10\n\x08run_over\x18\x07 \x01(\x08\"#\n\x0eGetTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"\xb7\x01\n\nTaskHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0blocal_steps\x18\x04 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x05 \x01(\x03\x12%\n\x08manifest\x18\x06 \x01(\x0b\x32\x13.fedhet.v1.Manifest\x12\r\n\x05train\x18\x07 \x03(\t\x12\x13\n\x0bproximal_mu\x18\x08 \x01(\x01\"4\n\x04Idle\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\"*\n\x07RunOver\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xaa\x01\n\x0bTaskMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedhet.v1.TaskHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedhet.v1.ChunkH\x00\x12\x1f\n\x04idle\x18\x03 \x01(\x0b\x32\x0f.fedhet.v1.IdleH\x00\x12&\n\x08run_over\x18\x04 \x01(\x0b\x32\x12.fedhet.v1.RunOverH\x00\x42\x06\n\x04kind\"\x90\x02\n\x0cResultHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x13\n\x0blocal_steps\x18\x05 \x01(\x03\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12%\n\x08manifest\x18\x08 \x01(\x0b\x32\x13.fedhet.v1.Manifest\x12\x1f\n\x02\x64p\x18\t \x01(\x0b\x32\x13.fedhet.v1.DPReport\x12\x1e\n\x11personal_accuracy\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_personal_accuracy\"H\n\x08\x44PReport\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x03\"e\n\rResultMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedhet.v1.ResultHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedhet.v1.ChunkH\x00\x42\x06\n\x04kind\"e\n\x0bUploadReply\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x10\n\x08run_over\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"G\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\"B\n\x0eHeartbeatReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08run_over\x18\x02 \x01(\x08\x12\r\n\x05known\x18\x03 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"\x1d\n\nLeaveReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x32\xd7\x02\n\x11\x46\x65\x64\x65ratedLearning\x12@\n\x08Register\x12\x1a.fedhet.v1.RegisterRequest\x1a\x18.fedhet.v1.RegisterReply\x12>\n\x07GetTask\x12\x19.fedhet.v1.GetTaskRequest\x1a\x16.fedhet.v1.TaskMessage0\x01\x12\x42\n\x0cUploadResult\x12\x18.fedhet.v1.ResultMessage\x1a\x16.fedhet.v1.UploadReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedhet.v1.HeartbeatRequest\x1a\x19.fedhet.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.fedhet.v1.LeaveRequest\x1a\x15.fedhet.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64het/v1/service.proto\x12\tfedhet.v1\x1a\x16\x66\x65\x64het/v1/tensor.proto\"f\n\rClientProfile\x12\x1a\n\x12seconds_per_sample\x18\x01 \x01(\x01\x12\x11\n\tbandwidth\x18\x02 \x01(\x01\x12\x10\n\x08\x62itwidth\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"d\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12)\n\x07profile\x18\x02 \x01(\x0b\x32\x18.fedhet.v1.ClientProfile\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\"\x9f\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x05 \x01(\x04\x12\x19\n\x11heartbeat_seconds\x18\x06 \x01(\x01\x12\x10\n\x08run_over\x18\x07 \x01(\x08\"#\n\x0eGetTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"\xca\x01\n\nTaskHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0blocal_steps\x18\x04 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x05 \x01(\x03\x12%\n\x08manifest\x18\x06 \x01(\x0b\x32\x13.fedhet.v1.Manifest\x12\r\n\x05train\x18\x07 \x03(\t\x12\x13\n\x0bproximal_mu\x18\x08 \x01(\x01\x12\x11\n\ttrain_all\x18\t \x01(\x08\"4\n\x04Idle\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\"*\n\x07RunOver\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xaa\x01\n\x0bTaskMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedhet.v1.TaskHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedhet.v1.ChunkH\x00\x12\x1f\n\x04idle\x18\x03 \x01(\x0b\x32\x0f.fedhet.v1.IdleH\x00\x12&\n\x08run_over\x18\x04 \x01(\x0b\x32\x12.fedhet.v1.RunOverH\x00\x42\x06\n\x04kind\"\x90\x02\n\x0cResultHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x13\n\x0blocal_steps\x18\x05 \x01(\x03\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12%\n\x08manifest\x18\x08 \x01(\x0b\x32\x13.fedhet.v1.Manifest\x12\x1f\n\x02\x64p\x18\t \x01(\x0b\x32\x13.fedhet.v1.DPReport\x12\x1e\n\x11personal_accuracy\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_personal_accuracy\"H\n\x08\x44PReport\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x03\"e\n\rResultMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedhet.v1.ResultHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedhet.v1.ChunkH\x00\x42\x06\n\x04kind\"e\n\x0bUploadReply\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x10\n\x08run_over\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"G\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\"B\n\x0eHeartbeatReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08run_over\x18\x02 \x01(\x08\x12\r\n\x05known\x18\x03 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"\x1d\n\nLeaveReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x32\xd7\x02\n\x11\x46\x65\x64\x65ratedLearning\x12@\n\x08Register\x12\x1a.fedhet.v1.RegisterRequest\x1a\x18.fedhet.v1.RegisterReply\x12>\n\x07GetTask\x12\x19.fedhet.v1.GetTaskRequest\x1a\x16.fedhet.v1.TaskMessage0\x01\x12\x42\n\x0cUploadResult\x12\x18.fedhet.v1.ResultMessage\x1a\x16.fedhet.v1.UploadReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedhet.v1.HeartbeatRequest\x1a\x19.fedhet.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.fedhet.v1.LeaveRequest\x1a\x15.fedhet.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTASKREQUEST']._serialized_start=430
   _globals['_GETTASKREQUEST']._serialized_end=465
   _globals['_TASKHEADER']._serialized_start=468
-  _globals['_TASKHEADER']._serialized_end=651
-  _globals['_IDLE']._serialized_start=653
-  _globals['_IDLE']._serialized_end=705
-  _globals['_RUNOVER']._serialized_start=707
-  _globals['_RUNOVER']._serialized_end=749
-  _globals['_TASKMESSAGE']._serialized_start=752
-  _globals['_TASKMESSAGE']._serialized_end=922
-  _globals['_RESULTHEADER']._serialized_start=925
-  _globals['_RESULTHEADER']._serialized_end=1197
-  _globals['_DPREPORT']._serialized_start=1199
-  _globals['_DPREPORT']._serialized_end=1271
-  _globals['_RESULTMESSAGE']._serialized_start=1273
-  _globals['_RESULTMESSAGE']._serialized_end=1374
-  _globals['_UPLOADREPLY']._serialized_start=1376
-  _globals['_UPLOADREPLY']._serialized_end=1477
-  _globals['_HEARTBEATREQUEST']._serialized_start=1479
-  _globals['_HEARTBEATREQUEST']._serialized_end=1550
-  _globals['_HEARTBEATREPLY']._serialized_start=1552
-  _globals['_HEARTBEATREPLY']._serialized_end=1618
-  _globals['_LEAVEREQUEST']._serialized_start=1620
-  _globals['_LEAVEREQUEST']._serialized_end=1653
-  _globals['_LEAVEREPLY']._serialized_start=1655
-  _globals['_LEAVEREPLY']._serialized_end=1684
-  _globals['_FEDERATEDLEARNING']._serialized_start=1687
-  _globals['_FEDERATEDLEARNING']._serialized_end=2030
+  _globals['_TASKHEADER']._serialized_end=670
+  _globals['_IDLE']._serialized_start=672
+  _globals['_IDLE']._serialized_end=724
+  _globals['_RUNOVER']._serialized_start=726
+  _globals['_RUNOVER']._serialized_end=768
+  _globals['_TASKMESSAGE']._serialized_start=771
+  _globals['_TASKMESSAGE']._serialized_end=941
+  _globals['_RESULTHEADER']._serialized_start=944
+  _globals['_RESULTHEADER']._serialized_end=1216
+  _globals['_DPREPORT']._serialized_start=1218
+  _globals['_DPREPORT']._serialized_end=1290
+  _globals['_RESULTMESSAGE']._serialized_start=1292
+  _globals['_RESULTMESSAGE']._serialized_end=1393
+  _globals['_UPLOADREPLY']._serialized_start=1395
+  _globals['_UPLOADREPLY']._serialized_end=1496
+  _globals['_HEARTBEATREQUEST']._serialized_start=1498
+  _globals['_HEARTBEATREQUEST']._serialized_end=1569
+  _globals['_HEARTBEATREPLY']._serialized_start=1571
+  _globals['_HEARTBEATREPLY']._serialized_end=1637
+  _globals['_LEAVEREQUEST']._serialized_start=1639
+  _globals['_LEAVEREQUEST']._serialized_end=1672
+  _globals['_LEAVEREPLY']._serialized_start=1674
+  _globals['_LEAVEREPLY']._serialized_end=1703
+  _globals['_FEDERATEDLEARNING']._serialized_start=1706
+  _globals['_FEDERATEDLEARNING']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)

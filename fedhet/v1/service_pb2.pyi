@@ -54,7 +54,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("client_id", "task_id", "version", "local_steps", "local_epochs", "manifest", "train", "proximal_mu")
+    __slots__ = ("client_id", "task_id", "version", "local_steps", "local_epochs", "manifest", "train", "proximal_mu", "train_all")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class TaskHeader(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ALL_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     task_id: int
     version: int
@@ -71,7 +72,8 @@ class TaskHeader(_message.Message):
     manifest: _tensor_pb2.Manifest
     train: _containers.RepeatedScalarFieldContainer[str]
     proximal_mu: float
-    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., train: _Optional[_Iterable[str]] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    train_all: bool
+    def __init__(self, client_id: _Optional[int] = ..., task_id: _Optional[int] = ..., version: _Optional[int] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.Manifest, _Mapping]] = ..., train: _Optional[_Iterable[str]] = ..., proximal_mu: _Optional[float] = ..., train_all: _Optional[bool] = ...) -> None: ...
 
 class Idle(_message.Message):
     __slots__ = ("retry_after_seconds", "version")
