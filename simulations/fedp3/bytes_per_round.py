@@ -29,7 +29,7 @@ def main() -> None:
     weights = {k: v.detach() for k, v in build_model("fedp3_cnn", (1, 28, 28), 10, seed=0).state_dict().items()}
     full = encoded_size(weights, "fp32")
     baseline = 2 * CLIENTS * full
-    print(f"| variant | MB down / round | MB up / round | bytes / FedAvg | fewer than FedAvg |\n|---|---|---|---|---|")
+    print("| variant | MB down / round | MB up / round | bytes / FedAvg | fewer than FedAvg |\n|---|---|---|---|---|")
     print(f"| fedavg | {CLIENTS * full / 1e6:.2f} | {CLIENTS * full / 1e6:.2f} | 1.000 | 0.0% |")
     for name, planner in VARIANTS.items():
         down = up = 0
