@@ -19,18 +19,9 @@ from fedhet.clients.trainer import ClientState, LocalTrainer, PrivacyConfig, Tra
 from fedhet.errors import ConfigError
 from fedhet.sim.runner import validate
 from fedhet.types import Result, Task, Weights
+from tests.test_client_trainer import data, model
 
 LR = 0.1
-
-
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
 
 
 def start() -> Weights:
