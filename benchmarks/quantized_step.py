@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.quantized import choose_path, layer_paths, quantize_model, set_bitwidth
+from fedhet.clients.quantized import choose_path, int8_gemms_pay, layer_paths, quantize_model, set_bitwidth
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.models import build_model
 
@@ -174,6 +174,7 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"torch {torch.__version__}, device {device} ({where}), {torch.get_num_threads()} CPU threads")
+    print(f"integer GEMMs pay here (the int8 path is the default): {int8_gemms_pay(device)}")
     for name in ("cnn", "2nn"):
         step_times(name, args.rounds, device)
     for name in ("cnn", "2nn"):

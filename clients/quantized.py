@@ -6,17 +6,18 @@ estimator) to an fp32 **master copy** of the weights, which the optimizer update
 
 Paths, chosen per layer (:func:`choose_path`):
 
-- ``int8`` (b <= 8, Linear and Conv2d): weights as int8 integers at ``b`` bits, activations quantized to int8 on the
-  fly (one scale per row for Linear, per tensor for Conv2d), and ``torch._int_mm`` with int32 accumulation
-  (oneDNN's AMX/VNNI kernels on CPU, int8 tensor cores on CUDA); Conv2d through a channels-last im2col. Backward
-  follows SwitchBack (Wortsman et al., 2023): the input gradient of a Linear layer is an int8 GEMM of the row-quantized
-  output gradient with the int8 weights; weight gradients, which reduce over the batch, are bf16 GEMMs with fp32
-  accumulation (a Conv2d layer's whole backward is one oneDNN bf16 convolution backward).
-- ``fake`` (b > 8, or a layer too small for the int8 path to win): fp32 GEMM with the weights rounded to ``b`` bits
-  (activations stay fp32). Integers of more than 8 bits do not fit an int8 GEMM; for tiny layers (the classifier
-  512 -> 10) the dozen quantization kernels of the int8 path cost more than the whole fp32 GEMM they replace, so
-  layers with fewer than ``int8_min_macs`` multiply-accumulates per forward take this path (see
-  ``benchmarks/quantized_step.py`` for the per-layer timings behind the default).
+- ``int8`` (b <= 8, Linear and Conv2d, where integer GEMMs pay: :func:`int8_gemms_pay`): weights as int8 integers
+  at ``b`` bits, activations quantized to int8 on the fly (one scale per row for Linear, per tensor for Conv2d), and
+  ``torch._int_mm`` with int32 accumulation (oneDNN's AMX/VNNI kernels); Conv2d through a channels-last im2col.
+  Backward follows SwitchBack (Wortsman et al., 2023): the input gradient of a Linear layer is an int8 GEMM of the
+  row-quantized output gradient with the int8 weights; weight gradients, which reduce over the batch, are bf16 GEMMs
+  with fp32 accumulation (a Conv2d layer's whole backward is one oneDNN bf16 convolution backward); fp32 where the
+  CPU has no bf16 instructions.
+- ``fake`` (b > 8, a layer too small for the int8 path to win, or hardware where integer GEMMs do not pay): fp32
+  GEMM with the weights rounded to ``b`` bits (activations stay fp32). Integers of more than 8 bits do not fit an
+  int8 GEMM; for tiny layers (the classifier 512 -> 10) the dozen quantization kernels of the int8 path cost more
+  than the whole fp32 GEMM they replace, so layers with fewer than ``int8_min_macs`` multiply-accumulates per
+  forward take this path (see ``benchmarks/quantized_step.py`` for the per-layer timings behind the default).
 - ``fp32`` (b = 32): the plain layer.
 
 Memory. Between tasks the client holds its weights packed at ``b`` bits (:attr:`QuantizedTrainer.stored`: b/32 of
@@ -30,6 +31,7 @@ most of them. Activations saved for backward on the int8 path are int8 (1 byte i
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -43,11 +45,14 @@ from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig
 from fedhet.types import Result, Task
 
 __all__ = [
+    "INT8_NEVER",
     "PATHS",
     "QuantConv2d",
     "QuantLinear",
     "QuantizedTrainer",
     "choose_path",
+    "default_int8_min_macs",
+    "int8_gemms_pay",
     "layer_paths",
     "quantize_model",
     "set_bitwidth",
@@ -57,17 +62,56 @@ PATHS = ("int8", "fake", "fp32")
 _ACT_QMAX = 127  # activations and gradients on the int8 path: 8-bit symmetric
 _MIN_SCALE = 2.0**-126
 DEFAULT_INT8_MIN_MACS = 1 << 21
+INT8_NEVER = 1 << 62  # an ``int8_min_macs`` no layer reaches: every layer below 32 bits takes the fake path
 # a GEMM reducing over fewer values (the first convolution: 1 channel x 5 x 5 = 25) is bound by memory, not
 # arithmetic: int8 gains nothing there and its im2col of single-byte channels costs more than the fp32 convolution
 _INT8_MIN_REDUCTION = 64
 
 
-def choose_path(layer: nn.Module, bits: int, macs: int, int8_min_macs: int = DEFAULT_INT8_MIN_MACS) -> str:
+@functools.cache
+def int8_gemms_pay(device: torch.device) -> bool:
+    """Whether integer GEMMs beat fp32 ones on ``device`` at client-training shapes (minibatch 32 to 256).
+
+    On a CPU only with VNNI or AMX int8 instructions: without them oneDNN has no fast int8 kernel and
+    ``torch._int_mm`` of 512x3136 by 3136x512 took 6.9 s against 70 ms in fp32 (AVX2-only AMD EPYC, one thread,
+    torch 2.13). Not on CUDA: there ``torch._int_mm`` is 0.23-0.82x an fp32 GEMM at these shapes on an H200, and a
+    step is bound by kernel launches, not arithmetic (issue 17)."""
+    if device.type != "cpu":
+        return False
+    return _cpu_has("_is_vnni_supported") or _cpu_has("_is_amx_tile_supported")
+
+
+def _cpu_has(feature: str) -> bool:
+    probe = getattr(torch.cpu, feature, None)  # private probes of torch's cpuinfo; absent means unknown: no
+    return bool(probe()) if callable(probe) else False
+
+
+def _grad_dtype(device: torch.device) -> torch.dtype:
+    """bf16 for the int8 path's batch-reducing backward GEMMs where the hardware multiplies bf16 natively, else
+    fp32 (emulated bf16 on an AVX2 CPU is ~100x slower than fp32)."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    native = _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+    return torch.bfloat16 if native else torch.float32
+
+
+def default_int8_min_macs(device: torch.device) -> int:
+    """The default ``int8_min_macs`` on ``device``: :data:`DEFAULT_INT8_MIN_MACS` where integer GEMMs pay
+    (:func:`int8_gemms_pay`), else :data:`INT8_NEVER` (0 forces the int8 path on any device, as tests do)."""
+    return DEFAULT_INT8_MIN_MACS if int8_gemms_pay(device) else INT8_NEVER
+
+
+def choose_path(layer: nn.Module, bits: int, macs: int, int8_min_macs: int | None = None) -> str:
     """The path (``int8``, ``fake`` or ``fp32``) a Linear or Conv2d ``layer`` takes at ``bits`` bits for a forward
-    pass of ``macs`` multiply-accumulates (see the module docstring for why)."""
+    pass of ``macs`` multiply-accumulates (see the module docstring for why); ``int8_min_macs`` None is the default
+    for the layer's device (:func:`default_int8_min_macs`)."""
     if bits == quant.FULL_PRECISION:
         return "fp32"
     quant.check_bits(bits)
+    if int8_min_macs is None:
+        weight = getattr(layer, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        int8_min_macs = default_int8_min_macs(device)
     if bits > 8 or macs < int8_min_macs:
         return "fake"
     if isinstance(layer, nn.Conv2d):
@@ -132,7 +176,8 @@ class _Int8Linear(torch.autograd.Function):
             gq, gs = _quantize_rows(grad * ws)
             grad_x = torch._int_mm(gq, wq).float().mul_(gs[:, None])
         if ctx.needs_input_grad[1]:  # dL/dW = (g * s_x)^T @ xq: reduces over the batch, so bf16 with fp32 sums
-            grad_w = (grad * xs[:, None]).t().to(torch.bfloat16).mm(xq.to(torch.bfloat16)).float()
+            dtype = _grad_dtype(grad.device)
+            grad_w = (grad * xs[:, None]).t().to(dtype).mm(xq.to(dtype)).float()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -178,9 +223,10 @@ class _Int8Conv2d(torch.autograd.Function):
         stride, padding, height, width = ctx.geometry
         ph, pw = padding
         channels_last = torch.channels_last
-        x = padded[:, ph : ph + height, pw : pw + width, :].permute(0, 3, 1, 2).to(torch.bfloat16).mul_(xs)
-        w = (wq.to(torch.bfloat16) * ws.to(torch.bfloat16).view(-1, 1, 1, 1)).contiguous(memory_format=channels_last)
-        g = grad.to(torch.bfloat16).contiguous(memory_format=channels_last)
+        dtype = _grad_dtype(grad.device)
+        x = padded[:, ph : ph + height, pw : pw + width, :].permute(0, 3, 1, 2).to(dtype).mul_(xs)
+        w = (wq.to(dtype) * ws.to(dtype).view(-1, 1, 1, 1)).contiguous(memory_format=channels_last)
+        g = grad.to(dtype).contiguous(memory_format=channels_last)
         need_x, need_w = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             g, x.contiguous(memory_format=channels_last), w, None, list(stride), list(padding), [1, 1], False,
@@ -214,7 +260,7 @@ class _Quantized:
     """Bitwidth and path choice shared by :class:`QuantLinear` and :class:`QuantConv2d`."""
 
     bits: int = quant.FULL_PRECISION
-    int8_min_macs: int = DEFAULT_INT8_MIN_MACS
+    int8_min_macs: int | None = None  # None: the default for the layer's device
     last_path: str = ""
 
     def path_for(self, macs: int, rows: int, reduction: int, columns: int) -> str:
@@ -293,8 +339,9 @@ def _swap_layers(module: nn.Module) -> None:
             setattr(module, name, new)
 
 
-def set_bitwidth(model: nn.Module, bits: int, int8_min_macs: int = DEFAULT_INT8_MIN_MACS) -> None:
-    """Train every quantizable layer of ``model`` (from :func:`quantize_model`) at ``bits`` bits (32 = fp32)."""
+def set_bitwidth(model: nn.Module, bits: int, int8_min_macs: int | None = None) -> None:
+    """Train every quantizable layer of ``model`` (from :func:`quantize_model`) at ``bits`` bits (32 = fp32), with
+    ``int8_min_macs`` (None: :func:`default_int8_min_macs` of the layer's device)."""
     if bits != quant.FULL_PRECISION:
         quant.check_bits(bits)
     for module in model.modules():
@@ -322,7 +369,8 @@ class QuantizedTrainer:
         model: the float model; a quantizable copy is made (the argument is not modified).
         config: local optimiser settings.
         device: where training runs.
-        int8_min_macs: layers with fewer multiply-accumulates per forward pass take the ``fake`` path.
+        int8_min_macs: layers with fewer multiply-accumulates per forward pass take the ``fake`` path; None is
+            :func:`default_int8_min_macs` of ``device`` (:data:`INT8_NEVER` where integer GEMMs do not pay).
     """
 
     def __init__(
@@ -330,13 +378,13 @@ class QuantizedTrainer:
         model: nn.Module,
         config: TrainConfig,
         device: str | torch.device = "cpu",
-        int8_min_macs: int = DEFAULT_INT8_MIN_MACS,
+        int8_min_macs: int | None = None,
     ) -> None:
-        if int8_min_macs < 0:
+        if int8_min_macs is not None and int8_min_macs < 0:
             raise ValueError(f"int8_min_macs must be >= 0, got {int8_min_macs}")
         self.model = quantize_model(model)
-        self.int8_min_macs = int8_min_macs
         self._trainer = LocalTrainer(self.model, config, device)
+        self.int8_min_macs = default_int8_min_macs(self._trainer.device) if int8_min_macs is None else int8_min_macs
         self._shapes = {k: (v.shape, v.dtype) for k, v in self.model.state_dict().items()}
         self.stored: dict[str, quant.PackedTensor | torch.Tensor] = {}
         self._release()

@@ -9,10 +9,14 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.clients.quantized import (
+    DEFAULT_INT8_MIN_MACS,
+    INT8_NEVER,
     QuantConv2d,
     QuantizedTrainer,
     QuantLinear,
     choose_path,
+    default_int8_min_macs,
+    int8_gemms_pay,
     layer_paths,
     quantize_model,
     set_bitwidth,
@@ -84,15 +88,31 @@ def test_fake_path_is_exact_straight_through() -> None:
 def test_path_choice() -> None:
     conv1, conv2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
     fc1, fc2 = nn.Linear(3136, 512), nn.Linear(512, 10)
-    assert choose_path(conv1, 8, 20_000_000) == "fake"  # reduction of 25: memory-bound, no int8 gain
-    assert choose_path(conv2, 8, 321_000_000) == "int8"
-    assert choose_path(fc1, 4, 51_000_000) == "int8"
-    assert choose_path(fc2, 8, 164_000) == "fake"  # too small for a dozen quantization kernels to pay
-    assert choose_path(fc1, 12, 51_000_000) == "fake"  # 12-bit integers do not fit an int8 GEMM
-    assert choose_path(fc1, 32, 51_000_000) == "fp32"
-    assert choose_path(nn.Conv2d(32, 64, 3, groups=2), 8, 10**9) == "fake"
+    macs = DEFAULT_INT8_MIN_MACS  # the rule where integer GEMMs pay
+    assert choose_path(conv1, 8, 20_000_000, macs) == "fake"  # reduction of 25: memory-bound, no int8 gain
+    assert choose_path(conv2, 8, 321_000_000, macs) == "int8"
+    assert choose_path(fc1, 4, 51_000_000, macs) == "int8"
+    assert choose_path(fc2, 8, 164_000, macs) == "fake"  # too small for a dozen quantization kernels to pay
+    assert choose_path(fc1, 12, 51_000_000, macs) == "fake"  # 12-bit integers do not fit an int8 GEMM
+    assert choose_path(fc1, 32, 51_000_000, macs) == "fp32"
+    assert choose_path(nn.Conv2d(32, 64, 3, groups=2), 8, 10**9, macs) == "fake"
+    assert choose_path(conv2, 8, 321_000_000, INT8_NEVER) == "fake"
     with pytest.raises(quant.QuantError):
         choose_path(fc1, 5, 1)
+
+
+def test_int8_path_only_where_integer_gemms_pay() -> None:
+    cpu = torch.device("cpu")
+    fast = bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+    assert int8_gemms_pay(cpu) == fast
+    assert not int8_gemms_pay(torch.device("cuda"))  # launch-bound at these shapes; _int_mm below fp32 there
+    assert default_int8_min_macs(cpu) == (DEFAULT_INT8_MIN_MACS if fast else INT8_NEVER)
+    # the default follows the hardware; a trainer and its layers take it unless told otherwise
+    fc1 = nn.Linear(3136, 512)
+    assert choose_path(fc1, 8, 51_000_000) == ("int8" if fast else "fake")
+    trainer = QuantizedTrainer(build_model("2nn", (1, 28, 28), 10, seed=0), TrainConfig(lr=0.1, batch_size=32))
+    assert trainer.int8_min_macs == default_int8_min_macs(cpu)
+    assert QuantizedTrainer(trainer.model, TrainConfig(), int8_min_macs=0).int8_min_macs == 0
 
 
 def test_quantize_model_keeps_keys_and_leaves_the_original() -> None:
@@ -146,4 +166,5 @@ def test_quantized_training_learns() -> None:
         result = trainer.train(task, x, y, seed=0, bitwidth=4)
         weights, losses = result.weights, [*losses, result.loss]
     assert losses[-1] < losses[0]
-    assert layer_paths(trainer.model) == {"0": "fake", "3": "int8", "7": "int8", "9": "fake"}
+    big = "int8" if int8_gemms_pay(torch.device("cpu")) else "fake"  # the hardware's default
+    assert layer_paths(trainer.model) == {"0": "fake", "3": big, "7": big, "9": "fake"}
