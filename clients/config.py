@@ -186,7 +186,9 @@ def privacy_of(cfg: ClientRunConfig) -> PrivacyConfig | None:
     if not p.enabled:
         return None
     try:
-        return PrivacyConfig(p.max_grad_norm, p.noise_multiplier, p.target_epsilon, p.delta, p.planned_tasks)
+        return PrivacyConfig(
+            p.max_grad_norm, p.noise_multiplier, p.target_epsilon, p.delta, p.planned_tasks, p.max_layer_params
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -34,7 +34,15 @@ from fedhet.clients.config import (
 from fedhet.clients.personal import FineTune, PersonalProbe
 from fedhet.clients.probe import detect_memory_bytes, measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientState, ClientStates, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.clients.trainer import (
+    ClientState,
+    ClientStates,
+    ClientTrainer,
+    LocalTrainer,
+    PrivacyConfig,
+    TrainConfig,
+    check_max_layer_params,
+)
 from fedhet.codec import CodecError, encoding_for_bitwidth
 from fedhet.commandline import compose_command
 from fedhet.errors import ConfigError, DataError
@@ -452,6 +460,10 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
             f"privacy.enabled: model {cfg.model.label} has layers DP-SGD cannot train ({incompatible}); set "
             "model.dp_compatible=true on this client and on the server (Opacus replaces them by GroupNorm)"
         )
+    try:
+        check_max_layer_params(model, cfg.privacy.max_layer_params if cfg.privacy.enabled else 0)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version 0: own tensors start here
     prof = cfg.profile
     config = TrainConfig(**asdict(cfg.train))

@@ -15,6 +15,14 @@ client, the hooks move when the next task trains other layers). Each client's RD
 deployed client keeps its state in a file across restarts, and reports each task's steps to the server, whose
 ledger keeps every client's epsilon in its checkpoint). Uploaded weights come from the unwrapped model (no
 ``_module.`` prefixes, no hooks).
+
+The noise's norm grows with the square root of the number of trained parameters ``d`` (per step about
+``noise_multiplier * max_grad_norm * sqrt(d) / batch_size`` against a clipped mean gradient of norm at most
+``max_grad_norm``), so ``PrivacyConfig.max_layer_params`` can keep DP-SGD to the small layers: a layer (the
+parameters of one module) larger than it does not train, and stays at the value it came with (a task's tensor, which
+the server sent, or the client's own tensor as it was). Everything a DP client uploads is then the DP-SGD output of
+its small layers or a tensor the server sent; its own tensors (FedP3's head) train inside the same DP-SGD steps
+(clipped and noised with the shared ones), or not at all, never beside them without noise.
 """
 
 from __future__ import annotations
@@ -38,7 +46,17 @@ if TYPE_CHECKING:  # Opacus is imported when DP is used: it adds seconds to ever
 
     from fedhet.clients.quantized import QuantizedTrainer  # which imports this module
 
-__all__ = ["ClientState", "ClientStates", "ClientTrainer", "LocalTrainer", "PrivacyConfig", "TrainConfig"]
+__all__ = [
+    "ClientState",
+    "ClientStates",
+    "ClientTrainer",
+    "LocalTrainer",
+    "PrivacyConfig",
+    "TrainConfig",
+    "check_max_layer_params",
+    "layer_sizes",
+    "private_names",
+]
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,9 @@ class PrivacyConfig:
         target_epsilon: the epsilon a client may reach after ``planned_tasks`` tasks (used when sigma is 0).
         delta: the delta of every client's (epsilon, delta) guarantee, in (0, 1).
         planned_tasks: tasks per client the target epsilon is spread over (with full participation: the rounds).
+        max_layer_params: a layer (the parameters of one module) with more parameters than this does not train under
+            DP-SGD: it keeps the value it came with, so the noise has at most the small layers' dimension
+            (:func:`private_names`). 0: every layer a task trains does.
     """
 
     max_grad_norm: float = 1.0
@@ -97,6 +118,7 @@ class PrivacyConfig:
     target_epsilon: float = 0.0
     delta: float = 1e-5
     planned_tasks: int = 0
+    max_layer_params: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -112,6 +134,12 @@ class PrivacyConfig:
             )
         if self.target_epsilon > 0 and self.planned_tasks < 1:
             raise ValueError("privacy.target_epsilon needs privacy.planned_tasks >= 1 (tasks per client)")
+        if isinstance(self.max_layer_params, bool) or not isinstance(self.max_layer_params, int):
+            raise ValueError(f"privacy.max_layer_params must be an integer, got {self.max_layer_params!r}")
+        if self.max_layer_params < 0:
+            raise ValueError(
+                f"privacy.max_layer_params must be >= 0 parameters (0 = no limit), got {self.max_layer_params}"
+            )
 
     @staticmethod
     def sample_rate(batch_size: int, num_samples: int) -> float:
@@ -267,6 +295,14 @@ class LocalTrainer:
         self.model.load_state_dict({**task.weights, **own})
         self.model.train()
         trained = task.optimized | set(own)
+        if self.privacy is not None and self.privacy.max_layer_params:
+            trained = private_names(self.model, trained, self.privacy.max_layer_params)
+            if not trained:
+                raise ValueError(
+                    f"task {task.task_id}: privacy.max_layer_params={self.privacy.max_layer_params} leaves client "
+                    f"{task.client_id} no layer to train (the model's layers have parameters "
+                    f"{layer_sizes(self.model)}): raise it to at least the size of the personal head"
+                )
         params = []
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in trained)
@@ -440,6 +476,41 @@ class ClientTrainer:
         assert self.quantized is not None  # checked
         result: Result = self.quantized.train(task, x, y, seed, bitwidth, state)
         return replace(result, bitwidth=bitwidth)
+
+
+def layer_sizes(model: nn.Module) -> dict[str, int]:
+    """The parameters (count) of each layer of ``model``: a module's own parameters, by module path."""
+    return {
+        path: sum(p.numel() for p in module.parameters(recurse=False))
+        for path, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    }
+
+
+def check_max_layer_params(model: nn.Module, max_layer_params: int, head_trains: bool = False) -> None:
+    """Raise ValueError when ``max_layer_params`` (0: no limit) leaves ``model`` no layer to train under DP-SGD, or,
+    with ``head_trains`` (FedP3, where a client may be given only large layers besides its head), freezes the head
+    (the last layer)."""
+    if not max_layer_params:
+        return
+    sizes = layer_sizes(model)
+    head, head_size = list(sizes.items())[-1]
+    if min(sizes.values()) > max_layer_params or (head_trains and head_size > max_layer_params):
+        raise ValueError(
+            f"privacy.max_layer_params={max_layer_params} freezes layers a client must train (parameters per "
+            f"layer: {sizes}); set it to at least {head_size}, the head {head!r}'s size, or 0 for no limit"
+        )
+
+
+def private_names(model: nn.Module, trained: Iterable[str], max_layer_params: int) -> frozenset[str]:
+    """The parameters of ``model`` among ``trained`` that DP-SGD trains when a layer of more than
+    ``max_layer_params`` parameters may not train (0: every one of ``trained``)."""
+    if max_layer_params == 0:
+        return frozenset(trained)
+    sizes, wanted = layer_sizes(model), set(trained)
+    return frozenset(
+        n for n, _ in model.named_parameters() if n in wanted and sizes[n.rpartition(".")[0]] <= max_layer_params
+    )
 
 
 def task_seed(seed: int, task_id: int) -> int:

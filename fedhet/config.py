@@ -119,6 +119,9 @@ class PrivacySettings:
         planned_tasks: tasks per client the target epsilon covers; 0 = ``sim.max_versions``, which bounds a client's
             tasks under the fedavg, fedasync and fedcompass schedulers (one task per global version at most); fedbuff
             hands a fast client several tasks per version, so it needs an explicit value.
+        max_layer_params: a layer (one module's parameters) larger than this does not train under DP-SGD and keeps
+            the value it came with, so the noise's dimension stays small (DP-FedP3: the convolutions and the head
+            train, the 1024-wide layers do not); 0 = every layer a task trains does.
     """
 
     enabled: bool = False
@@ -127,6 +130,7 @@ class PrivacySettings:
     target_epsilon: float = 0.0
     delta: float = 1e-5
     planned_tasks: int = 0
+    max_layer_params: int = 0
 
 
 SPEED_DISTRIBUTIONS = ("homogeneous", "normal", "exponential")

@@ -39,7 +39,15 @@ from fedhet import codec, quant
 from fedhet.clients.personal import FineTune, personal_accuracy
 from fedhet.clients.probe import measure_seconds_per_sample
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientState, ClientTrainer, LocalTrainer, PrivacyConfig, TrainConfig, task_seed
+from fedhet.clients.trainer import (
+    ClientState,
+    ClientTrainer,
+    LocalTrainer,
+    PrivacyConfig,
+    TrainConfig,
+    check_max_layer_params,
+    task_seed,
+)
 from fedhet.config import DatasetConfig, ModelConfig
 from fedhet.data import client_splits, load_configured
 from fedhet.flower.records import (
@@ -178,6 +186,7 @@ class FedhetClient:
                         f"privacy: the model has layers DP-SGD cannot train ({incompatible}); set "
                         "dp_compatible=True in the ClientApp's and the ServerApp's settings"
                     )
+                check_max_layer_params(initial, s.privacy.max_layer_params if s.privacy is not None else 0)
                 self._initial = {k: v.detach().clone() for k, v in initial.state_dict().items()}
                 self._data = data
 

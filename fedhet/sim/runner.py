@@ -16,7 +16,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from fedhet.clients.quantized import QuantizedTrainer
-from fedhet.clients.trainer import ClientState, ClientStates, LocalTrainer, PrivacyConfig, TrainConfig
+from fedhet.clients.trainer import (
+    ClientState,
+    ClientStates,
+    LocalTrainer,
+    PrivacyConfig,
+    TrainConfig,
+    check_max_layer_params,
+)
 from fedhet.codec import ENCODINGS
 from fedhet.config import RunConfig, plain
 from fedhet.errors import ConfigError
@@ -129,6 +136,7 @@ def privacy_config(cfg: RunConfig) -> PrivacyConfig | None:
             target_epsilon=p.target_epsilon,
             delta=p.delta,
             planned_tasks=p.planned_tasks or cfg.sim.max_versions,
+            max_layer_params=p.max_layer_params,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -183,6 +191,11 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     model = parts.new_model()
     device = parts.device
     privacy = privacy_config(cfg)
+    if privacy is not None:
+        try:
+            check_max_layer_params(model, privacy.max_layer_params, cfg.strategy.planner.get("name") == "fedp3")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     states = ClientStates(model.state_dict())  # FedP3's heads start from the initial model's
     trainer = LocalTrainer(model, TrainConfig(**asdict(cfg.client)), device, privacy)
     executor = make_executor(
