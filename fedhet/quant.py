@@ -52,6 +52,7 @@ __all__ = [
     "dequantize",
     "error_bound",
     "fake_quantize",
+    "fake_quantize_stacked",
     "format_bits",
     "num_channels",
     "pack",
@@ -142,20 +143,23 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     Works on any device; the integer path of quantized training calls it once per step for each weight. Raises
     :class:`QuantError` for a tensor holding inf or NaN.
     """
-    top = qmax(bits)
-    flat = _channel_view(w.detach().float())
+    q, scales = _quantize_channels(_channel_view(w.detach().float()), bits)
+    return q.reshape(w.shape), scales
+
+
+def _quantize_channels(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of a (channels, elements) view: the integers in that view's shape, and the scales."""
     absmax = _absmax(flat)
     if not bool(torch.isfinite(absmax).all()):
         raise QuantError("cannot quantize a tensor holding inf or NaN")
     if bits == 2:
         support, scales, _ = _ternary(flat)
-        q = (flat.sign() * support).to(_int_dtype(bits))
-        return q.reshape(w.shape), scales
+        return (flat.sign() * support).to(_int_dtype(bits)), scales
     scales = _scales(absmax, bits)
     # multiplying by 1 / s (a few ulps from w / s, within the bound) is cheaper than dividing; the clamp keeps
     # values in range whatever the fp32 rounding did
-    q = (flat * scales.reciprocal()[:, None]).round_().clamp_(-top, top).to(_int_dtype(bits))
-    return q.reshape(w.shape), scales
+    top = qmax(bits)
+    return (flat * scales.reciprocal()[:, None]).round_().clamp_(-top, top).to(_int_dtype(bits)), scales
 
 
 def channel_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -178,6 +182,18 @@ def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
         return w
     q, scales = quantize(w, bits)
     return dequantize(q, scales).to(w.dtype)
+
+
+def fake_quantize_stacked(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each ``w[i]`` of a stack of tensors (one per client) rounded to ``bits`` bits and back, exactly as
+    :func:`fake_quantize` rounds it alone (its own per-channel scales), in one pass over the stack."""
+    if bits == FULL_PRECISION:
+        return w
+    check_bits(bits)
+    rows = w.shape[0] * num_channels(w.shape[1:])
+    flat = w.detach().float().reshape(rows, w.numel() // rows if rows else 0)
+    q, scales = _quantize_channels(flat, bits)
+    return (q.float() * scales[:, None]).reshape(w.shape).to(w.dtype)
 
 
 def error_bound(w: torch.Tensor, bits: int) -> torch.Tensor:

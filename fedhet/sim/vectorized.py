@@ -19,10 +19,17 @@ Tasks whose weights fit the trainer's model train together, up to ``batch_size``
   layer by layer, so in fp32 the results equal :class:`~fedhet.sim.executor.SequentialExecutor`'s up to float
   rounding. ``precision="bf16"`` computes products in bfloat16 (fp32 master weights, loss and updates).
 
+Clients below 32 bits train quantization-aware as :class:`~fedhet.clients.quantized.QuantizedTrainer` does on its
+``fake`` path: a chunk holds clients of one bitwidth ``b``; they start from the task's weights rounded to ``b`` bits,
+every step's forward pass uses each client's Linear and Conv2d weights rounded to ``b`` bits (per client and output
+channel, once per step), the gradient updates the fp32 weights straight through, and the results are rounded to
+``b`` bits. Where the quantized trainer would take its integer-GEMM path (a CPU with VNNI or AMX, layers large
+enough), a client of <= 8 bits trains sequentially instead, so that both executors give one result.
+
 Supported models are ``nn.Sequential`` stacks of ``Conv2d`` (groups 1, zero padding), ``Linear``, ``ReLU``,
 ``MaxPool2d`` and ``Flatten`` without buffers: the FedAvg CNN, the 2NN and logistic regression. Anything else, and
-any task whose weights do not fit the model (a pruned or quantized plan), falls back to the sequential trainer;
-the fallback is logged once per reason and counted in ``fallback_tasks``.
+any task whose weights do not fit the model (a pruned plan), falls back to the sequential trainer; the fallback is
+logged once per reason and counted in ``fallback_tasks``.
 
 Results' weights stay on the executor's device, as rows of their chunk's stacked weights
 (:class:`~fedhet.types.StackedRow`): the update buffer folds a whole chunk's rows with one matrix-vector product
@@ -38,20 +45,18 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
+from fedhet import quant
+from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer
 from fedhet.clients.trainer import ClientStates, LocalTrainer, task_seed
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
 from fedhet.types import Result, StackedRow, Task
-
-if TYPE_CHECKING:
-    from fedhet.clients.quantized import QuantizedTrainer
 
 __all__ = ["PRECISIONS", "VectorizedExecutor", "reuse_freed_memory"]
 
@@ -93,6 +98,7 @@ class _Plan:
     task: Task
     num_samples: int
     indices: npt.NDArray[np.int64]
+    bits: int  # the client's bitwidth (32: fp32 training)
 
     @property
     def steps(self) -> int:
@@ -113,8 +119,9 @@ class VectorizedExecutor:
             (clients per chunk) from the model size, the minibatch size and the activations, so memory does not
             grow with the number of clients.
         batch_size: clients per chunk; 0 derives it from ``memory_bytes`` (at most 128 on a CPU).
-        quantized, bitwidths: clients below 32 bits (``bitwidths``) train with quantization-aware training on the
-            sequential path (``quantized``), as :class:`~fedhet.sim.executor.SequentialExecutor` describes.
+        quantized, bitwidths: clients below 32 bits (``bitwidths``) train quantization-aware (see the module
+            docstring); ``quantized`` trains those that fall back, and its ``int8_min_macs`` says which would take
+            integer GEMMs (:class:`~fedhet.sim.executor.SequentialExecutor`).
     """
 
     def __init__(
@@ -138,7 +145,8 @@ class VectorizedExecutor:
         self.sequential = SequentialExecutor(
             trainer, x, y, shards, seed, quantized=quantized, bitwidths=bitwidths, states=states
         )
-        self.low_bit = {c: b for c, b in (bitwidths or {}).items() if b < 32}
+        self.low_bit = {c: b for c, b in (bitwidths or {}).items() if b < quant.FULL_PRECISION}
+        self.int8_min_macs: int = quantized.int8_min_macs if quantized is not None else 0
         self.config = trainer.config
         self.device = trainer.device
         self.dtype = _DTYPES[precision]
@@ -154,6 +162,9 @@ class VectorizedExecutor:
         self._fits: Mapping[str, torch.Tensor] | None = None  # the latest task weights that fit the model
         self._generator = torch.Generator()  # reseeded per task (cheaper than a new one)
         self.low_rank_keys = {layer.keys[0] for layer in self.layers if isinstance(layer, BatchedLinear)}
+        # what quantization-aware training rounds in the forward pass (quantize_model's layers)
+        self.quantized_keys = {f"{n}.weight" for n, m in model.named_children() if isinstance(m, nn.Linear | nn.Conv2d)}
+        self._rounded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # start weights at a bitwidth, per run
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
             self._warned.add(self.unsupported)  # said once, here
@@ -201,14 +212,20 @@ class VectorizedExecutor:
         for i, result in zip(fallback, self.sequential.run([tasks[i] for i in fallback]), strict=True):
             results[i] = replace(result, weights={k: v.to(self.device) for k, v in result.weights.items()})
         self.fallback_tasks += len(fallback)
-        # tasks sharing start weights go together, so a chunk's first step can run with shared weights
-        groups: dict[tuple[int, ...], int] = {}
-        plans.sort(key=lambda p: groups.setdefault(tuple(map(id, p.task.weights.values())), len(groups)))
-        chunks = -(-len(plans) // self.batch_size)
-        size = -(-len(plans) // chunks) if plans else 1  # chunks of equal sizes: the same shapes, no small last one
-        for start in range(0, len(plans), size):
-            for plan, result in self._train_chunk(plans[start : start + size]):
-                results[plan.position] = result
+        # a chunk holds one bitwidth; tasks sharing start weights go together, so a chunk's first step can run with
+        # shared weights
+        by_bits: dict[int, list[_Plan]] = {}
+        for plan in plans:
+            by_bits.setdefault(plan.bits, []).append(plan)
+        for same_bits in by_bits.values():
+            groups: dict[tuple[int, ...], int] = {}
+            same_bits.sort(key=lambda p: groups.setdefault(tuple(map(id, p.task.weights.values())), len(groups)))
+            chunks = -(-len(same_bits) // self.batch_size)
+            size = -(-len(same_bits) // chunks)  # chunks of equal sizes: the same shapes, no small last one
+            for start in range(0, len(same_bits), size):
+                for plan, result in self._train_chunk(same_bits[start : start + size]):
+                    results[plan.position] = result
+        self._rounded.clear()
         self.vectorized_tasks += len(plans)
         return [r for r in results if r is not None]
 
@@ -228,9 +245,14 @@ class VectorizedExecutor:
             return "its client trains with DP-SGD (per-sample gradients through Opacus)"
         if task.client_id not in self.shards or len(self.shards[task.client_id]) == 0:
             return f"client {task.client_id} has no training samples"
-        if task.client_id in self.low_bit:
-            return "its client trains at fewer than 32 bits (quantization-aware training)"
+        if self.low_bit.get(task.client_id, quant.FULL_PRECISION) <= 8 and self._takes_int8():
+            return "its client's large layers train on integer GEMMs (int8 kernels pay on this hardware)"
         return ""
+
+    def _takes_int8(self) -> bool:
+        """Whether the quantized trainer may run a layer of a <= 8-bit client on integer GEMMs, whose activation
+        rounding this executor does not reproduce (:func:`~fedhet.clients.quantized.choose_path`)."""
+        return bool(self.int8_min_macs < INT8_NEVER)
 
     def _plan(self, position: int, task: Task) -> _Plan:
         """The minibatches of :func:`~fedhet.clients.trainer.minibatches` (fresh permutations epoch after epoch,
@@ -245,13 +267,15 @@ class VectorizedExecutor:
         samples = np.full((epochs, per_epoch * width), -1, dtype=np.int64)  # every epoch's last minibatch padded
         for epoch in range(epochs):  # numpy from here: a task's few small operations cost less there
             samples[epoch, :size] = shard[torch.randperm(size, generator=generator).numpy()]
-        return _Plan(position, task, size, samples.reshape(-1, width)[:steps])
+        bits = self.low_bit.get(task.client_id, quant.FULL_PRECISION)
+        return _Plan(position, task, size, samples.reshape(-1, width)[:steps], bits)
 
     def _train_chunk(self, plans: list[_Plan]) -> list[tuple[_Plan, Result]]:
         begin = time.perf_counter()
         plans = sorted(plans, key=lambda p: -p.steps)  # the clients training at a step are a prefix
+        bits = plans[0].bits
         lr = self._chunk_lr(plans)
-        master = self._start_weights(plans, lr)
+        master = self._start_weights(plans, lr, bits)
         prox = _Proximal.of(plans, master, self.device)
         momentum: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros(len(plans), dtype=torch.float64, device=self.device)
@@ -263,7 +287,7 @@ class VectorizedExecutor:
             idx, weight = self._step_batch(indices[:active, step])
             h = torch.index_select(self.x, 0, idx.view(-1))  # faster than indexing; keeps channels-last
             params = [
-                layer.prepare([self._view(k, master[k], active) for k in layer.keys], self.dtype)
+                layer.prepare([self._view(k, master[k], active, bits) for k in layer.keys], self.dtype)
                 for layer in self.layers
             ]
             saved = []
@@ -281,6 +305,8 @@ class VectorizedExecutor:
                 for key, g in zip(layer.keys, grads, strict=True):
                     master[key] = self._step(key, master[key], g, active, lr, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
+        if bits < quant.FULL_PRECISION:  # the results on the grid, as the quantized trainer returns them
+            weights = {k: quant.fake_quantize_stacked(v, bits) for k, v in weights.items()}
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
@@ -295,6 +321,7 @@ class VectorizedExecutor:
                     local_steps=plan.steps,
                     train_seconds=seconds,
                     loss=losses[c] / plan.steps,
+                    bitwidth=bits,
                 ),
             )
             for c, plan in enumerate(plans)
@@ -308,18 +335,20 @@ class VectorizedExecutor:
             return lrs[0]
         return torch.tensor(lrs, dtype=torch.float32, device=self.device)
 
-    def _start_weights(self, plans: list[_Plan], lr: float | torch.Tensor) -> dict[str, Param]:
-        """The chunk's parameters before the first step: shared when every client starts from the same weights
-        (linear weights as a rank-0 :class:`LowRank` under plain SGD at one learning rate ``lr``), else stacked
-        per client."""
-        first = plans[0].task.weights
-        if not all(p.task.weights[k] is v for p in plans for k, v in first.items()):
-            return {k: torch.stack([p.task.weights[k] for p in plans]).to(self.device, torch.float32) for k in first}
+    def _start_weights(self, plans: list[_Plan], lr: float | torch.Tensor, bits: int) -> dict[str, Param]:
+        """The chunk's parameters before the first step, its tasks' weights rounded to ``bits`` bits: shared when
+        every client starts from the same weights (linear weights as a rank-0 :class:`LowRank` under plain SGD at
+        one learning rate ``lr`` and 32 bits), else stacked per client."""
+        starts = [self._rounded_start(p.task, bits) for p in plans]
+        first = starts[0]
+        if not all(start[k] is v for start in starts for k, v in first.items()):
+            return {k: torch.stack([start[k] for start in starts]).to(self.device, torch.float32) for k in first}
         master: dict[str, Param] = {}
         for key, value in first.items():
             base = value.to(self.device, torch.float32)
             proximal = any(p.task.proximal_mu > 0 for p in plans)  # its pull makes every change full rank
-            full_rank = self.config.momentum or self.config.weight_decay or proximal
+            # rounding a client's weights every step needs them dense
+            full_rank = self.config.momentum or self.config.weight_decay or proximal or bits < quant.FULL_PRECISION
             if key in self.low_rank_keys and not isinstance(lr, torch.Tensor) and not full_rank:
                 out, inp = base.shape
                 u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
@@ -329,11 +358,27 @@ class VectorizedExecutor:
                 master[key] = base
         return master
 
-    def _view(self, key: str, param: Param, active: int) -> Param:
-        """``param`` for the first ``active`` clients."""
+    def _rounded_start(self, task: Task, bits: int) -> Mapping[str, torch.Tensor]:
+        """``task``'s weights rounded to ``bits`` bits (as the quantized trainer starts), once per weights mapping
+        and bitwidth in a :meth:`run`, so that tasks of one round still share their start."""
+        if bits == quant.FULL_PRECISION:
+            return task.weights
+        key = (id(task.weights), bits)
+        if key not in self._rounded:
+            self._rounded[key] = quant.quantize_weights(task.weights, bits)
+        return self._rounded[key]
+
+    def _view(self, key: str, param: Param, active: int, bits: int) -> Param:
+        """``param`` for the first ``active`` clients, as the forward pass uses it: a Linear or Conv2d weight
+        rounded to ``bits`` bits per client (quantization-aware training; the gradient passes straight through to
+        the fp32 weights)."""
         if isinstance(param, LowRank):
             return param.prefix(active)
-        return param if param.dim() == len(self.signature[key][0]) else param[:active]
+        shared = param.dim() == len(self.signature[key][0])
+        view = param if shared else param[:active]
+        if bits == quant.FULL_PRECISION or key not in self.quantized_keys:
+            return view
+        return quant.fake_quantize(view, bits) if shared else quant.fake_quantize_stacked(view, bits)
 
     def _chunk_indices(self, plans: list[_Plan]) -> torch.Tensor:
         """Every plan's minibatch indices, ``(clients, steps, batch)``, -1 where there is no sample."""
