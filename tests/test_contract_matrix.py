@@ -1,19 +1,22 @@
 """The contract matrix: every registered strategy config x every client kind x every runtime runs a few versions on
 small data and does what it claims, or is refused at start with one line that says why.
 
-A new strategy joins the matrix by shipping its ``configs/strategy/<name>.yaml``. Kinds are what a client is: its
-bitwidth (fp32, int8, int4, a mixed fleet of 32, 8 and 4 bits) and whether it trains with DP-SGD; under the FedP3
-strategy an fp32 client trains a pruned sub-model (FedP3) and a DP client is DP-FedP3.
+A new strategy joins the matrix by shipping its ``configs/strategy/<name>.yaml``; an option that changes what
+travels or trains joins as a row of its own (FedP3's int8 frozen layers and train_all: ``FEDP3_OPTIONS``). Kinds are
+what a client is: its bitwidth (fp32, int8, int4, a mixed fleet of 32, 8 and 4 bits) and whether it trains with
+DP-SGD; under the FedP3 strategy an fp32 client trains a pruned sub-model (FedP3) and a DP client is DP-FedP3.
 
 Every run asserts real outcomes: versions advance to the target, evaluations are recorded, each update travelled
 at its client's declared bitwidth (bytes), the accuracy of each low bitwidth's model is reported, and DP runs report
-every client's epsilon.
+every client's epsilon. Rows whose every round waits for all its clients (FedP3's options) must compute in the
+deployed processes and in Flower exactly the model the simulator computes from the same config.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +24,29 @@ import pytest
 
 from fedhet.cli import compose
 from fedhet.codec import encoded_size, encoding_for_bitwidth
-from fedhet.config import CONFIG_DIR, plain
+from fedhet.config import CONFIG_DIR, RunConfig, plain
 from fedhet.errors import ConfigError
 from fedhet.models import build_model
 from fedhet.server.testing import Process, spawn, wait_for_file
 from fedhet.sim.runner import simulate, validate
+from fedhet.strategies import build_strategy
+from fedhet.types import ClientInfo, ClientProfile, Weights
 from fedhet.v1.wire import encode
 
 STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
+# FedP3's plan options (DESIGN.md: a plan's sparse_bits and train_all), a row each beside the shipped configs. They
+# run LowerB: it trains one of the 2NN's two shared layers and leaves the other frozen for them to act on (OPU2 trains
+# both); and every round waits for three clients, so that every runtime trains the same tasks.
+FEDP3_OPTIONS = {
+    "fedp3_int8": "strategy.planner.frozen_bits=8",
+    "fedp3_train_all": "strategy.planner.train_all=true",
+}
+ROWS = STRATEGIES + sorted(FEDP3_OPTIONS)
+# rows where the simulator does not compute what the deployed clients and Flower do, and why
+SIMULATOR_GAPS = {
+    "fedp3_int8": "the simulator's clients train from the planned fp32 values of the frozen layers (fedhet/sim/"
+    "simulator.py hands each task's weights to the executor as planned), not from the int8 values that travel",
+}
 VERSIONS = 2
 CLIENTS = 6
 SMALL = ["dataset=synthetic", "model=2nn", f"num_clients={CLIENTS}", "seed=0", "sim.progress=false", "sim.threads=1"]
@@ -69,9 +87,43 @@ def refusal(strategy: str, kind_name: str) -> str | None:
     return None
 
 
+def is_fedp3(row: str) -> bool:
+    """Whether a row runs FedP3: its shipped config or one of its options."""
+    return row == "fedp3" or row in FEDP3_OPTIONS
+
+
+def strategy_overrides(row: str) -> list[str]:
+    """The strategy a row runs: its shipped config, or FedP3's LowerB with one of its options."""
+    if row not in FEDP3_OPTIONS:
+        return [f"strategy={row}"]
+    lowerb = ["strategy.planner.variant=lowerb", "strategy.scheduler.min_clients=3"]
+    return ["strategy=fedp3", *lowerb, FEDP3_OPTIONS[row]]
+
+
 def sim_overrides(strategy: str, kind: Kind) -> list[str]:
-    personal = ["sim.personal_eval=true"] if strategy == "fedp3" else []  # a personalised method's own metric
-    return [*SMALL, f"strategy={strategy}", f"sim.max_versions={VERSIONS}", *kind.overrides(), *personal]
+    personal = ["sim.personal_eval=true"] if is_fedp3(strategy) else []  # a personalised method's own metric
+    return [*SMALL, *strategy_overrides(strategy), f"sim.max_versions={VERSIONS}", *kind.overrides(), *personal]
+
+
+def planned_bytes(cfg: RunConfig, encoding: str, size: Callable[[Weights, str, frozenset[str], int], int]) -> list[int]:
+    """Bytes of each client's task under ``cfg``'s planner at ``encoding``, as ``size`` (a runtime's count of a
+    payload of weights, encoding, sparse names and sparse bits) counts them. Planned from the initial 2NN: with
+    FedP3's frozen layers packed, every tensor's bytes depend on its shape alone, so later versions' tasks take these
+    bytes too."""
+    planner = build_strategy(plain(cfg.strategy), cfg.seed).planner
+    model = build_model("2nn", (60,), 10, 0).state_dict()
+    plans = [planner.plan(ClientInfo(c, ClientProfile(1.0, 1.0), 1), model, 0) for c in range(cfg.num_clients)]
+    return [size(p.weights, encoding, p.sparse, p.sparse_bits) for p in plans]
+
+
+def assert_simulated(strategy: str, final: Mapping[str, object], tmp_path: Path) -> None:
+    """``final``, the last record of a run of three fp32 clients, is what the simulator computes from its config."""
+    expected = simulate(compose([*sim_overrides(strategy, KINDS["fp32"]), "num_clients=3"]), tmp_path / "sim").final
+    same = (final["accuracy"], final["loss"]) == (expected.accuracy, expected.loss)
+    if strategy in SIMULATOR_GAPS:
+        assert not same, f"the simulator now computes {strategy} as deployed: remove it from SIMULATOR_GAPS"
+        pytest.xfail(SIMULATOR_GAPS[strategy])
+    assert same, (final, expected)
 
 
 def test_every_shipped_strategy_config_is_in_the_matrix() -> None:
@@ -79,7 +131,7 @@ def test_every_shipped_strategy_config_is_in_the_matrix() -> None:
 
 
 @pytest.mark.parametrize("kind_name", sorted(KINDS))
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ROWS)
 def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
     kind = KINDS[kind_name]
     cfg = compose(sim_overrides(strategy, kind))
@@ -95,24 +147,29 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
     assert len(records) >= 2 and records[0]["version"] == 0 and records[-1]["version"] == VERSIONS
     low = sorted(b for b in kind.bitwidths if b < 32)
     assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
-    if strategy == "fedp3":
+    if is_fedp3(strategy):
         assert 0.0 <= records[-1]["personal_accuracy"] <= 1.0
     if kind.private:
         epsilon = records[-1]["epsilon"]  # of every client that trained so far
         assert epsilon and set(epsilon) <= {str(c) for c in range(CLIENTS)} and all(e > 0 for e in epsilon.values())
-    if len(kind.bitwidths) == 1 and strategy != "fedp3":
+    if len(kind.bitwidths) == 1 and not is_fedp3(strategy):
         # every upload is the whole model at the kind's bitwidth: bytes up are a whole number of such payloads
         model = build_model("2nn", (60,), 10, 0).state_dict()
         size = encoded_size(model, encoding_for_bitwidth(kind.bitwidths[0], cfg.sim.encoding))
         uploads = summary.final.updates_applied + summary.final.updates_dropped
         assert summary.final.bytes_up == uploads * size
+    if len(kind.bitwidths) == 1 and strategy == "fedp3_int8":  # every client's task of every round, frozen at int8
+        sizes = planned_bytes(cfg, encoding_for_bitwidth(kind.bitwidths[0], cfg.sim.encoding), encoded_size)
+        assert summary.final.bytes_down == VERSIONS * sum(sizes)
 
 
 # ---------------------------------------------------------------------------------------------- fedhet server
 # Real `fedhet server` and `fedhet client` processes on 127.0.0.1. One run per strategy covers three client kinds
 # at once (a fleet of a 32-, an 8- and a 4-bit client); FedP3 runs with fp32 clients (FedP3 pruned) and with DP
-# clients (DP-FedP3). Each run is a few seconds of process start-up: the matrix stays inside CI's time this way.
+# clients (DP-FedP3), and each of its options with fp32 clients. Each run is a few seconds of process start-up: the
+# matrix stays inside CI's time this way.
 DEPLOYED = [(s, "mixed") for s in STRATEGIES if s != "fedp3"] + [("fedp3", "fp32"), ("fedp3", "dp")]
+DEPLOYED += [(row, "fp32") for row in sorted(FEDP3_OPTIONS)]
 DEPLOY_COMMON = ["dataset=synthetic", "model=2nn", "num_clients=3", "seed=0"]
 
 
@@ -122,7 +179,7 @@ def deploy(tmp_path: Path, strategy: str, kind: Kind) -> tuple[list[str], list[d
     bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
     server_args = [
         *DEPLOY_COMMON,
-        f"strategy={strategy}",
+        *strategy_overrides(strategy),
         "server.port=0",
         f"server.port_file={tmp_path / 'port'}",
         f"server.state_dir={tmp_path / 'state'}",
@@ -175,13 +232,13 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
         encoding = encoding_for_bitwidth(bits, "fp32")
         uploads = re.findall(r"uploaded at (\w+), (\d+) bytes", log)
         assert all(e == encoding for e, _ in uploads), (bits, uploads)
-        if strategy != "fedp3":  # FedP3 clients send back only their assigned layers
+        if not is_fedp3(strategy):  # FedP3 clients send back only their assigned layers
             assert {int(n) for _, n in uploads} <= {encode(model, encoding)[0].total_bytes}
         uploaded += len(uploads)
     assert uploaded >= records[-1]["updates_applied"] >= VERSIONS
     low = sorted({b for b in bitwidths if b < 32})
     assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
-    if strategy == "fedp3":  # as the clients measured it on their own held-out samples, with their own heads
+    if is_fedp3(strategy):  # as the clients measured it on their own held-out samples, with their own heads
         reported = [float(a) for log in logs for a in re.findall(r"personal accuracy ([0-9.]+)", log)]
         assert reported and 0.0 <= records[-1]["personal_accuracy"] <= 1.0
         assert min(reported) <= records[-1]["personal_accuracy"] <= max(reported)
@@ -191,6 +248,13 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
     if strategy == "fedprox":  # every task carried the strategy's mu over the wire
         received = [m for log in logs for m in re.findall(r"task \d+ received \(version \d+(.*)\)", log)]
         assert received and set(received) == {", FedProx mu 0.01"}, received
+    if strategy == "fedp3_int8":  # the server sent each client's tasks with their frozen layers at int8
+        cfg = compose([*DEPLOY_COMMON, *strategy_overrides(strategy)])
+        sizes = planned_bytes(cfg, "fp32", lambda *payload: encode(*payload)[0].total_bytes)
+        tasks = [len(re.findall(r"task \d+ received", log)) for log in logs]
+        assert records[-1]["bytes_down"] == sum(n * size for n, size in zip(tasks, sizes, strict=True))
+    if strategy in FEDP3_OPTIONS:
+        assert_simulated(strategy, records[-1], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- Flower
@@ -215,7 +279,7 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
 
     kind = KINDS[kind_name]
     bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
-    cfg = compose([*SMALL, f"strategy={strategy}", "num_clients=3"])
+    cfg = compose([*SMALL, *strategy_overrides(strategy), "num_clients=3"])
     privacy = PrivacyConfig(noise_multiplier=1.0) if kind.private else None
     client = ClientAppSettings(
         dataset=cfg.dataset, model="2nn", num_clients=3, seed=0, bitwidths=bitwidths, privacy=privacy, threads=1
@@ -239,11 +303,16 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
     assert len(records) >= 2 and records[-1]["version"] == VERSIONS
     low = sorted({b for b in bitwidths if b < 32})
     assert sorted(map(int, records[-1].get("accuracy_by_bitwidth", {}))) == low
-    if strategy != "fedp3":  # every reply carried the whole model at its client's bitwidth
+    if not is_fedp3(strategy):  # every reply carried the whole model at its client's bitwidth
         model = build_model("2nn", (60,), 10, 0).state_dict()
         size = {b: array_record_nbytes(to_array_record(model, encoding_for_bitwidth(b, "fp32"))) for b in bitwidths}
         assert summary.uploads and all(set(n) == {size[bitwidths[c]]} for c, n in summary.uploads.items())
-    if strategy == "fedp3":  # as the ClientApps measured it, with their own heads
+    if is_fedp3(strategy):  # as the ClientApps measured it, with their own heads
         assert 0.0 <= records[-1]["personal_accuracy"] <= 1.0
     if kind.private:
         assert summary.epsilon and all(e > 0 for eps in summary.epsilon.values() for e in eps)
+    if strategy == "fedp3_int8":  # each task went with its frozen layers at int8
+        sizes = planned_bytes(cfg, "fp32", lambda *payload: array_record_nbytes(to_array_record(*payload)))
+        assert summary.bytes_down == sum(sizes[a.client_id] for a in summary.assignments)
+    if strategy in FEDP3_OPTIONS:
+        assert_simulated(strategy, records[-1], tmp_path)
