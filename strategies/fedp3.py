@@ -19,7 +19,9 @@ The assigned layers travel dense; the other shared layers are pruned per layer, 
 biases travel dense like every bias). Pruned tensors
 are listed in the plan's ``sparse`` set and travel in the codec's sparse encoding, or packed at ``frozen_bits``
 (8: int8, a quarter of fp32's bytes, with the quantization error of int8 on layers the client only runs forward;
-the plan's ``sparse_bits``). A client sends back only its
+the plan's ``sparse_bits``). Packed, the plan holds them already rounded to that grid (per output channel, as the
+codec rounds them; rounding them again is exact), so every runtime, the simulator included, trains on the values
+that travel. A client sends back only its
 assigned layers; :class:`~fedhet.strategies.aggregators.WeightedMean` then averages every shared tensor over the
 clients that sent it (plain mean with ``strategy.scheduler.weighting=uniform``; layer-count weighting, normalised
 per layer, with ``weighting=layers``).
@@ -93,7 +95,7 @@ class FedP3Planner:
         pruning: ``magnitude`` (unstructured, per layer) or ``ordered_dropout``.
         head_layers: how many trailing layers are personal (1: the classifier).
         frozen_bits: bits the pruned (frozen) shared layers travel at: 32 sparse floats, 8 int8 (any packed
-            bitwidth of :mod:`fedhet.quant`).
+            bitwidth of :mod:`fedhet.quant`); below 32 the plan holds them rounded to that many bits.
         train_all: the client trains every layer it receives, as the released code does, and sends back only its
             assigned ones; false (the paper's description) freezes the unassigned layers.
     """
@@ -175,9 +177,9 @@ class FedP3Planner:
         if weights is not self._source or version != self._version:
             self._source, self._version, self._pruned = weights, version, {}
         pruned = self._pruned.get(keep)
-        if pruned is None:  # every client of a version and keep ratio shares one pruned copy
+        if pruned is None:  # every client of a version and keep ratio shares one pruned (and rounded) copy
             pruned = {
-                n: prune(weights[n], keep, self.pruning)
+                n: quant.fake_quantize(prune(weights[n], keep, self.pruning), self.frozen_bits)
                 for layer in layout.shared
                 for n in layout.tensors[layer]
                 if _prunable(weights[n])

@@ -43,10 +43,7 @@ FEDP3_OPTIONS = {
 }
 ROWS = STRATEGIES + sorted(FEDP3_OPTIONS)
 # rows where the simulator does not compute what the deployed clients and Flower do, and why
-SIMULATOR_GAPS = {
-    "fedp3_int8": "the simulator's clients train from the planned fp32 values of the frozen layers (fedhet/sim/"
-    "simulator.py hands each task's weights to the executor as planned), not from the int8 values that travel",
-}
+SIMULATOR_GAPS: dict[str, str] = {}
 VERSIONS = 2
 CLIENTS = 6
 SMALL = ["dataset=synthetic", "model=2nn", f"num_clients={CLIENTS}", "seed=0", "sim.progress=false", "sim.threads=1"]

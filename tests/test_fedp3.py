@@ -395,9 +395,9 @@ def test_packed_payloads_keep_pruned_tensors_packed() -> None:
 
 def test_frozen_layers_travel_as_int8_everywhere() -> None:
     """frozen_bits=8: the pruned shared layers travel packed at int8, a quarter of their sparse-fp32 bytes (plus a
-    scale per output channel), on the codec, the gRPC wire and Flower records alike, and the client receives them
-    on the int8 grid; the assigned layers stay exact fp32. Checkpoints keep the task's sparse_bits."""
-    from fedhet import quant
+    scale per output channel), on the codec, the gRPC wire and Flower records alike, and the client receives the
+    planned tensors bit for bit (the frozen ones planned on the int8 grid); the assigned layers stay exact fp32.
+    Checkpoints keep the task's sparse_bits."""
     from fedhet.flower.records import from_array_record, parse_task, task_content, to_array_record
     from fedhet.runtime.checkpoint import task_from_state, task_state
     from fedhet.v1 import wire
@@ -421,8 +421,7 @@ def test_frozen_layers_travel_as_int8_everywhere() -> None:
         parse_task(task_content(task, "fp32"), client_id=0).task.weights,
     ):
         for name, tensor in plan.weights.items():
-            want = quant.fake_quantize(tensor, 8) if name in plan.sparse else tensor
-            assert torch.equal(got[name], want), name
+            assert torch.equal(got[name], tensor), name
     manifest, _ = wire.encode(plan.weights, "fp32", plan.sparse, 8)
     packed = {s.name for s in manifest.tensors if s.quant.bits == 8}
     assert packed == set(plan.sparse)
@@ -432,6 +431,40 @@ def test_frozen_layers_travel_as_int8_everywhere() -> None:
         FedP3Planner("opu2", frozen_bits=3)
     with pytest.raises(ValueError, match="sparse_bits"):
         Task(0, 0, 0, {}, local_epochs=1, sparse_bits=5)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_frozen_layers_are_planned_on_the_grid_they_travel_at(bits: int) -> None:
+    """Issue 18: the plan holds its frozen tensors already rounded to ``frozen_bits`` (per output channel, as the
+    codec rounds them), once per version for every client, so the simulator's clients train on the values that the
+    deployed and Flower clients decode; the codec's rounding of them again is exact."""
+    from fedhet import quant
+    from fedhet.flower.records import from_array_record, to_array_record
+    from fedhet.v1 import wire
+
+    w = fedp3_weights()
+    planner = FedP3Planner("lowerb", frozen_bits=bits)
+    plans = [planner.plan(info(c), w, 0) for c in range(4)]
+    for plan in plans:
+        assert plan.sparse and plan.sparse_bits == bits
+        for name in plan.sparse:
+            frozen = plan.weights[name]
+            assert torch.equal(frozen, quant.fake_quantize(prune(w[name], 0.9), bits)), name
+            assert torch.equal(quant.fake_quantize(frozen, bits), frozen), name  # on the grid
+        for name in plan.train:
+            assert plan.weights[name] is w[name]  # the assigned layers stay the global fp32 tensors
+        for got in (
+            decode(encode(plan.weights, "fp32", plan.sparse, bits)),
+            wire.decode(*wire.encode(plan.weights, "fp32", plan.sparse, bits)),
+            from_array_record(to_array_record(plan.weights, "fp32", plan.sparse, bits)),
+        ):
+            assert got.keys() == plan.weights.keys()
+            for name, tensor in plan.weights.items():
+                assert torch.equal(got[name], tensor), name
+    # one rounded copy per version: clients freezing the same tensor share it
+    assert plans[0].weights["3.weight"] is plans[2].weights["3.weight"]
+    # fp32 frozen layers (the sparse encoding) stay the pruned values themselves
+    assert torch.equal(FedP3Planner("lowerb").plan(info(0), w, 0).weights["3.weight"], prune(w["3.weight"], 0.9))
 
 
 def test_fedp3_simulation_with_int8_frozen_layers_sends_fewer_bytes(tmp_path: Path) -> None:
