@@ -5,7 +5,9 @@ update) in fp32, under bf16 autocast, and with quantization-aware training at 8 
 (:class:`fedhet.clients.quantized.QuantizedTrainer`'s model), interleaving the variants round by round so that
 load from other processes hits all alike; it prints the minimum and median step time of each and its ratio to fp32.
 It then prints, per quantizable layer, the int8 and fake-quant paths' forward+backward times (the per-layer choice),
-the bytes a client stores between tasks, and the bytes of one uploaded update, each as a fraction of fp32.
+the bytes a client stores between tasks, the bytes of one uploaded update, and the peak memory of one training step
+(weights, gradients, activations and temporaries, from ``torch.distributed._tools.mem_tracker.MemTracker``) for
+fp32, quantization-aware training and low-bit weights (``client.low_bit_weights``), each as a fraction of fp32.
 
     python benchmarks/quantized_step.py [--rounds 40] [--threads N] [--device cpu|cuda]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import platform
 import statistics
 import time
@@ -24,9 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
+from fedhet.clients.lowbit import LowBitTrainer
 from fedhet.clients.quantized import choose_path, int8_gemms_pay, layer_paths, quantize_model, set_bitwidth
+from fedhet.clients.trainer import TrainConfig
 from fedhet.codec import encoded_size, encoding_for_bitwidth
 from fedhet.models import build_model
+from fedhet.types import Task
 
 SHAPE = (1, 28, 28)
 BATCH = 32
@@ -159,6 +165,44 @@ def memory_and_upload(name: str) -> None:
     )
 
 
+def peak_memory(name: str, device: torch.device) -> None:
+    """Peak tensor memory of one training step (minibatch 32), after the task's weights are loaded."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = build_model(name, SHAPE, 10, seed=0).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *SHAPE, generator=g).to(device)
+    y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+
+    def measure(module: nn.Module, step: Callable[[], object]) -> dict[str, float]:
+        """(Plain SGD keeps no optimiser state: the module's tensors and the step's are all there is.)"""
+        tracker = MemTracker()
+        tracker.track_external(module)
+        with tracker:
+            step()
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        return {str(kind).rsplit(".", 1)[-1]: value for kind, value in peak.items()}
+
+    rows: dict[str, dict[str, float]] = {}
+    for label, bits in (("fp32", 32), ("int8 QAT", 8), ("int4 QAT", 4)):
+        qmodel = quantize_model(model)
+        set_bitwidth(qmodel, bits)
+        step = make_step(qmodel, x, y, autocast=False)
+        rows[label] = measure(qmodel, step)
+    for bits in (8, 4):
+        trainer = LowBitTrainer(model, TrainConfig(lr=0.05, batch_size=BATCH, low_bit_weights=True), device)
+        task = Task(0, 0, 0, model.state_dict(), local_steps=1)
+        optimizer = trainer.begin(task, task.weights, task.optimized, bits, seed=0)
+        rows[f"int{bits} low-bit"] = measure(trainer.model, functools.partial(trainer.step, optimizer, x, y))
+    base = rows["fp32"]["Total"]
+    print(f"\n{name}: peak memory of one training step, minibatch {BATCH} (MiB)")
+    kinds = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP")
+    print(f"  {'variant':<15} " + " ".join(f"{k.lower():>7}" for k in kinds) + f" {'total':>7} {'of fp32':>8}")
+    for label, row in rows.items():
+        cells = " ".join(f"{row.get(k, 0.0) / 2**20:7.2f}" for k in kinds)
+        print(f"  {label:<15} {cells} {row['Total'] / 2**20:7.2f} {row['Total'] / base:8.2f}x")
+
+
 def _packed_bytes(weights: dict[str, torch.Tensor], bits: int) -> int:
     return sum(v.nbytes for v in quant.pack_weights(weights, bits).values())
 
@@ -181,6 +225,8 @@ def main() -> None:
         layer_choice(name, max(10, args.rounds // 2), device)
     for name in ("cnn", "2nn"):
         memory_and_upload(name)
+    for name in ("cnn", "2nn"):
+        peak_memory(name, device)
 
 
 if __name__ == "__main__":

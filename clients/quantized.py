@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
+from fedhet.clients.lowbit import LowBitTrainer
 from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig
 from fedhet.types import Result, Task
 
@@ -384,6 +385,7 @@ class QuantizedTrainer:
             raise ValueError(f"int8_min_macs must be >= 0, got {int8_min_macs}")
         self.model = quantize_model(model)
         self._trainer = LocalTrainer(self.model, config, device)
+        self._low_bit = LowBitTrainer(model, config, device) if config.low_bit_weights else None
         self.int8_min_macs = default_int8_min_macs(self._trainer.device) if int8_min_macs is None else int8_min_macs
         self._shapes = {k: (v.shape, v.dtype) for k, v in self.model.state_dict().items()}
         self.stored: dict[str, quant.PackedTensor | torch.Tensor] = {}
@@ -394,13 +396,16 @@ class QuantizedTrainer:
     ) -> Result:
         """Run ``task`` at ``bitwidth`` bits (32 = plain fp32 training) on samples ``(x, y)``; ``state`` is the
         client's :class:`~fedhet.clients.trainer.ClientState` (its own tensors train in fp32, QAT-rounded in use)."""
-        set_bitwidth(self.model, bitwidth, self.int8_min_macs)
-        self._materialise()
-        try:
-            start = quant.quantize_weights(task.weights, bitwidth)
-            result = self._trainer.train(replace(task, weights=start), x, y, seed, state)
-        finally:
-            self._release()
+        if self._low_bit is not None:
+            result = self._low_bit.train(task, x, y, seed, bitwidth, state)
+        else:
+            set_bitwidth(self.model, bitwidth, self.int8_min_macs)
+            self._materialise()
+            try:
+                start = quant.quantize_weights(task.weights, bitwidth)
+                result = self._trainer.train(replace(task, weights=start), x, y, seed, state)
+            finally:
+                self._release()
         weights = quant.quantize_weights(result.weights, bitwidth)
         self.stored = dict(weights) if bitwidth == quant.FULL_PRECISION else quant.pack_weights(weights, bitwidth)
         return replace(result, weights=weights)

@@ -72,6 +72,9 @@ class TrainConfig:
         batch_size: samples per minibatch.
         momentum: SGD momentum in [0, 1).
         weight_decay: L2 penalty (>= 0).
+        low_bit_weights: a client below 32 bits holds its weights at its bitwidth while it trains, with stochastic
+            rounding and no fp32 master copy (:mod:`fedhet.clients.lowbit`; needs momentum 0), instead of
+            quantization-aware training on an fp32 master copy.
     """
 
     lr: float = 0.05
@@ -79,6 +82,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     lr_decay: float = 1.0
+    low_bit_weights: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -91,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.low_bit_weights and self.momentum:
+            raise ValueError(
+                f"client.low_bit_weights=true keeps no fp32 state per weight, which momentum needs (got momentum "
+                f"{self.momentum}): set momentum to 0 or low_bit_weights to false"
+            )
 
     def lr_at(self, version: int) -> float:
         """The learning rate of a task that starts from global version ``version``: ``lr * lr_decay ** version``."""

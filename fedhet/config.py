@@ -59,6 +59,7 @@ class ClientConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     lr_decay: float = 1.0
+    low_bit_weights: bool = False  # clients below 32 bits hold their weights at their bitwidth while training
 
 
 @dataclass

@@ -301,11 +301,15 @@ def assert_same_on_grid(expected: list[Result], actual: list[Result]) -> None:
 
 
 def quantized_run(
-    model_name: str, bits: dict[int, int], int8_min_macs: int | None = None, momentum: float = 0.0
+    model_name: str,
+    bits: dict[int, int],
+    int8_min_macs: int | None = None,
+    momentum: float = 0.0,
+    low_bit_weights: bool = False,
 ) -> tuple[list[Result], list[Result], VectorizedExecutor]:
     """The sequential and the vectorized executor's results for clients at ``bits`` (32 where not named)."""
     x, y, shards = data(len(bits))
-    config = TrainConfig(lr=0.05, batch_size=8, momentum=momentum)
+    config = TrainConfig(lr=0.05, batch_size=8, momentum=momentum, low_bit_weights=low_bit_weights)
     model = build_model(model_name, SHAPE, 10, seed=0)
     tasks = tasks_for(model, len(bits))
     quantized = QuantizedTrainer(model, config, int8_min_macs=int8_min_macs)

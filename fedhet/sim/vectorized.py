@@ -245,6 +245,8 @@ class VectorizedExecutor:
             return "its client trains with DP-SGD (per-sample gradients through Opacus)"
         if task.client_id not in self.shards or len(self.shards[task.client_id]) == 0:
             return f"client {task.client_id} has no training samples"
+        if task.client_id in self.low_bit and self.config.low_bit_weights:
+            return "its client holds its weights at its bitwidth while training (stochastic rounding)"
         if self.low_bit.get(task.client_id, quant.FULL_PRECISION) <= 8 and self._takes_int8():
             return "its client's large layers train on integer GEMMs (int8 kernels pay on this hardware)"
         return ""
