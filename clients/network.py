@@ -445,6 +445,12 @@ def personal_probe(cfg: ClientRunConfig, data: LocalData) -> PersonalProbe | Non
         return None
 
 
+def _training_mode(config: TrainConfig) -> str:
+    if config.low_bit_weights:
+        return ", weights held at that bitwidth while training (stochastic rounding)"
+    return ", quantization-aware training on an fp32 master copy"
+
+
 def build_client(cfg: ClientRunConfig) -> NetworkClient:
     """Load the local partition, build the model and trainer, measure the profile, open the channel."""
     use_threads(cfg.threads, "threads")
@@ -478,13 +484,14 @@ def build_client(cfg: ClientRunConfig) -> NetworkClient:
         memory_bytes=prof.memory_bytes or detect_memory_bytes(device),
     )
     log.info(
-        "client %d: partition %d (%d samples), %.3g s/sample, %d bits (uploads at %s)",
+        "client %d: partition %d (%d samples), %.3g s/sample, %d bits (uploads at %s)%s",
         cfg.network.client_id,
         cfg.partition_id,
         len(x),
         profile.seconds_per_sample,
         profile.bitwidth,
         encoding_for_bitwidth(profile.bitwidth, cfg.network.encoding),
+        _training_mode(config) if quantized is not None else "",
     )
     try:
         return NetworkClient(

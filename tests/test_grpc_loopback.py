@@ -186,17 +186,20 @@ def test_fedp3_with_dp_over_grpc_keeps_heads_and_accounts_privacy(tmp_path: Path
         assert epsilon == pytest.approx(state.epsilon(1e-5), rel=1e-6) and epsilon > 0
 
 
-def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path: Path) -> None:
+@pytest.mark.parametrize("low_bit_weights", [False, True], ids=["qat", "low-bit-weights"])
+def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path: Path, low_bit_weights: bool) -> None:
     """One fp32, one 8-bit and one 4-bit `fedhet client` under FedAvg: the low-bit clients upload packed int8 and
     int4 updates (a quarter and an eighth of fp32's bytes, plus scales) and receive their tasks packed alike; the
-    server counts exactly those bytes, and the model still learns."""
+    server counts exactly those bytes, and the model still learns; with quantization-aware training and with weights
+    held at the client's bitwidth (train.low_bit_weights)."""
     from fedhet.clients.config import compose_client, local_partition
     from fedhet.models import build_model
     from fedhet.v1.wire import encode
 
     bitwidths = (32, 8, 4)
     fedavg = ["strategy.scheduler.fraction=1.0", f"strategy.scheduler.min_clients={len(bitwidths)}"]
-    run_loopback(tmp_path, fedavg, [], [[f"profile.bitwidth={b}"] for b in bitwidths], slowdown=1.0)
+    mode = [f"train.low_bit_weights={str(low_bit_weights).lower()}"]
+    run_loopback(tmp_path, fedavg, mode, [[f"profile.bitwidth={b}"] for b in bitwidths], slowdown=1.0)
 
     data = local_partition(compose_client(COMMON))
     model = build_model("logreg", data.input_shape, data.num_classes, seed=0).state_dict()
@@ -205,6 +208,8 @@ def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path:
     for i, bits in enumerate(bitwidths):  # each client's uploads, as it logged them
         uploads = re.findall(r"uploaded at (\w+), (\d+) bytes", (tmp_path / f"client{i}.log").read_text())
         assert uploads == [("fp32" if bits == 32 else f"int{bits}", str(size[bits]))] * VERSIONS, (bits, uploads)
+        held = "weights held at that bitwidth" in (tmp_path / f"client{i}.log").read_text()
+        assert held == (low_bit_weights and bits < 32)
 
     records = read_metrics(tmp_path / "state" / "metrics.jsonl")
     final = records[-1]
