@@ -56,6 +56,13 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool
     return step
 
 
+def low_bit_trainer(model: nn.Module, bits: int, device: torch.device) -> tuple[LowBitTrainer, torch.optim.Optimizer]:
+    """A low-bit trainer with ``model``'s weights loaded at ``bits`` (a task's first step about to run)."""
+    trainer = LowBitTrainer(model, TrainConfig(lr=0.05, batch_size=BATCH, low_bit_weights=True), device)
+    task = Task(0, 0, 0, model.state_dict(), local_steps=1)
+    return trainer, trainer.begin(task, task.weights, task.optimized, bits, seed=0)
+
+
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds per call of each function, timed round-robin (``rounds`` calls each after 3 warm-up calls)."""
     for fn in fns.values():
@@ -92,6 +99,9 @@ def step_times(name: str, rounds: int, device: torch.device) -> None:
         variants[f"int{bits} QAT"] = make_step(qmodel, x, y, autocast=False)
         variants[f"int{bits} QAT"]()
         paths[bits] = layer_paths(qmodel)
+    for bits in (8, 4):
+        trainer, optimizer = low_bit_trainer(model, bits, device)
+        variants[f"int{bits} low-bit"] = functools.partial(trainer.step, optimizer, x, y)
     times = interleaved(variants, rounds, device)
     base_min, base_med = min(times["fp32"]), statistics.median(times["fp32"])
     print(f"\n{name}: one SGD step, minibatch {BATCH}, {rounds} interleaved rounds")
@@ -161,7 +171,8 @@ def memory_and_upload(name: str) -> None:
         print(f"  {fmt:<8} {stored:13d} {stored / fp32:8.2%} {upload:13d} {upload / up32:8.2%}")
     print(
         f"  during a task (any bitwidth <= 8): fp32 master {fp32} B + fp32 grads {fp32} B + transient int8 weights "
-        f"{params} B = {(2 * fp32 + params) / fp32:.2f}x fp32 weights (fp32 training: 2.00x)"
+        f"{params} B = {(2 * fp32 + params) / fp32:.2f}x fp32 weights (fp32 training: 2.00x); low-bit weights: "
+        f"{params} B of integers, no gradient (peak step memory below)"
     )
 
 
@@ -190,9 +201,7 @@ def peak_memory(name: str, device: torch.device) -> None:
         step = make_step(qmodel, x, y, autocast=False)
         rows[label] = measure(qmodel, step)
     for bits in (8, 4):
-        trainer = LowBitTrainer(model, TrainConfig(lr=0.05, batch_size=BATCH, low_bit_weights=True), device)
-        task = Task(0, 0, 0, model.state_dict(), local_steps=1)
-        optimizer = trainer.begin(task, task.weights, task.optimized, bits, seed=0)
+        trainer, optimizer = low_bit_trainer(model, bits, device)
         rows[f"int{bits} low-bit"] = measure(trainer.model, functools.partial(trainer.step, optimizer, x, y))
     base = rows["fp32"]["Total"]
     print(f"\n{name}: peak memory of one training step, minibatch {BATCH} (MiB)")
