@@ -14,7 +14,7 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.cli import compose
-from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer
+from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_native
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
 from fedhet.metrics import read_metrics
@@ -353,3 +353,12 @@ def test_stacked_rounding_equals_rounding_each_tensor() -> None:
         for bits in (2, 4, 8, 12):
             expected = torch.stack([quant.fake_quantize(w, bits) for w in stack])
             assert torch.equal(quant.fake_quantize_stacked(stack, bits), expected)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_it_is_slower(caplog: pytest.LogCaptureFixture) -> None:
+    x, y, shards = data(2)
+    trainer = LocalTrainer(build_model("2nn", SHAPE, 10, seed=0), TrainConfig())
+    with caplog.at_level(logging.WARNING, logger="fedhet.sim.vectorized"):
+        VectorizedExecutor(trainer, x, y, shards, seed=5, precision="bf16")
+    warned = "emulated and slower than fp32" in caplog.text
+    assert warned == (not bf16_is_native(torch.device("cpu")))

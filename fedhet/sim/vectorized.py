@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer
+from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_native
 from fedhet.clients.trainer import ClientStates, LocalTrainer, task_seed
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
@@ -150,6 +150,11 @@ class VectorizedExecutor:
         self.config = trainer.config
         self.device = trainer.device
         self.dtype = _DTYPES[precision]
+        if precision == "bf16" and not bf16_is_native(trainer.device):
+            log.warning(
+                "vectorized executor: precision bf16 on a CPU without bf16 instructions (no AVX-512 BF16 or AMX) is "
+                "emulated and slower than fp32; sim.precision=fp32 is faster here"
+            )
         self.precision = precision
         self.shards = {c: np.asarray(s, dtype=np.int64) for c, s in shards.items()}
         self.seed = seed
