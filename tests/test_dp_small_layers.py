@@ -197,3 +197,43 @@ def test_fedhet_client_carries_the_bound() -> None:
     assert config is not None and config.max_layer_params == 16384
     with pytest.raises(ConfigError, match="privacy.max_layer_params must be >= 0 parameters.*got -1"):
         compose_client([*base, "privacy.max_layer_params=-1"])
+
+
+def test_a_flower_client_app_trains_only_the_small_layers_and_refuses_a_bound_that_freezes_all() -> None:
+    pytest.importorskip("flwr")
+    from fedhet.clients.trainer import TrainConfig
+    from fedhet.config import DatasetConfig, PartitionConfig
+    from fedhet.flower import ClientAppSettings, DriverSettings, GridDriver, LocalGrid, make_client_app
+    from fedhet.flower.clientapp import FedhetClient, load_state
+    from fedhet.models import build_model
+    from fedhet.strategies import build_strategy
+
+    torch.set_num_threads(1)
+    data = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
+    common: dict[str, object] = {"dataset": data, "model": "2nn", "num_clients": 4, "seed": 0}
+    common["train"] = TrainConfig(lr=0.05, batch_size=16)
+    # the 2nn on Synthetic: layers 1 (12,200), 3 (40,200) and the head 5 (2,010); LowerB gives odd clients layer 3
+    privacy = PrivacyConfig(noise_multiplier=1.0, max_layer_params=20000)
+    settings = ClientAppSettings(**common, privacy=privacy)  # type: ignore[arg-type]
+    fedp3 = {
+        "scheduler": {"name": "fedavg", "fraction": 1.0, "min_clients": 4, "local_epochs": 1},
+        "planner": {"name": "fedp3", "variant": "lowerb"},
+        "aggregator": {"name": "weighted_mean"},
+    }
+    initial = {k: v.detach().clone() for k, v in build_model("2nn", (60,), 10, 0).state_dict().items()}
+    strategy = build_strategy(fedp3, 0)
+    grid = LocalGrid(make_client_app(settings), 4)
+    try:
+        summary = GridDriver(grid, strategy, initial, DriverSettings(max_versions=2, min_nodes=4, max_seconds=60)).run()
+    finally:
+        grid.close()
+    assert summary.version == 2 and summary.failed == summary.refused == 0
+    final = strategy.global_weights
+    assert torch.equal(final["3.weight"], initial["3.weight"]) and torch.equal(final["3.bias"], initial["3.bias"])
+    assert not torch.equal(final["1.weight"], initial["1.weight"])
+    for partition, node in enumerate(grid.node_ids):
+        state = load_state(grid.contexts[node], partition, privacy)
+        assert state is not None and not torch.equal(state.tensors["5.weight"], initial["5.weight"])
+    frozen_all = ClientAppSettings(**common, privacy=PrivacyConfig(noise_multiplier=1.0, max_layer_params=100))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="privacy.max_layer_params=100 freezes layers"):
+        FedhetClient(frozen_all)._load()
