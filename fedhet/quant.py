@@ -64,6 +64,7 @@ __all__ = [
     "quantize_weights",
     "round_trip",
     "sample_bitwidths",
+    "stochastic_round",
     "unpack",
     "unpack_tensor",
     "unpack_weights",
@@ -182,6 +183,26 @@ def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
         return w
     q, scales = quantize(w, bits)
     return dequantize(q, scales).to(w.dtype)
+
+
+def stochastic_round(w: torch.Tensor, bits: int, generator: torch.Generator) -> torch.Tensor:
+    """``w`` on :func:`fake_quantize`'s ``bits``-bit grid (its per-channel scales), each value rounded up or down at
+    random with the probabilities that make the result unbiased (``E = w`` inside the range): stochastic rounding.
+    A channel's largest magnitude stays on its end of the range, so the scales are kept and :func:`fake_quantize`
+    (the codec's packing) maps the result to itself. At 2 bits values above TWN's scale clamp to it (biased).
+    ``generator`` lives on ``w``'s device."""
+    if bits == FULL_PRECISION:
+        return w
+    flat = _channel_view(w.detach().float())
+    absmax = _absmax(flat)
+    if not bool(torch.isfinite(absmax).all()):
+        raise QuantError("cannot quantize a tensor holding inf or NaN")
+    scales = _ternary(flat)[1] if check_bits(bits) == 2 else _scales(absmax, bits)
+    top = qmax(bits)
+    steps = flat * scales.reciprocal()[:, None]
+    noise = torch.rand(steps.shape, generator=generator, device=steps.device)
+    q = torch.where(flat.abs() == absmax[:, None], steps.round(), steps + noise).floor_().clamp_(-top, top)
+    return (q * scales[:, None]).reshape(w.shape).to(w.dtype)
 
 
 def fake_quantize_stacked(w: torch.Tensor, bits: int) -> torch.Tensor:

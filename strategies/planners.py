@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
+from fedhet import quant
 from fedhet.strategies.base import Plan
 from fedhet.types import ClientInfo, Weights
 
-__all__ = ["IdentityPlanner"]
+__all__ = ["ROUNDINGS", "IdentityPlanner"]
+
+ROUNDINGS = ("nearest", "stochastic")
 
 
 class IdentityPlanner:
-    """Every client receives the full global model as it is (shared, never copied: clients must not mutate it)."""
+    """Every client receives the full global model.
+
+    Args:
+        rounding: how a client below 32 bits receives it. ``nearest`` (the default): as it is, shared and never
+            copied (clients must not mutate it), to be rounded to the nearest value of the client's grid (by the
+            codec on the wire, by the trainer in simulation). ``stochastic``: a copy rounded to the client's bitwidth
+            with stochastic rounding (:func:`fedhet.quant.stochastic_round`), unbiased, so that a round's progress
+            smaller than half a quantization step survives in expectation instead of being rounded away; the random
+            draw comes from ``(seed, version, client id)``, so every runtime sends the same values. It costs one copy
+            of the model per low-bit task.
+        seed: the run seed.
+    """
+
+    def __init__(self, rounding: str = "nearest", seed: int = 0) -> None:
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+        self.rounding = rounding
+        self.seed = seed
 
     def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
-        return Plan(weights)
+        bits = client.profile.bitwidth
+        if self.rounding == "nearest" or bits == quant.FULL_PRECISION:
+            return Plan(weights)
+        draw = int(np.random.SeedSequence([self.seed, version, client.client_id]).generate_state(1, np.uint64)[0])
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def rounded(tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.is_floating_point():
+                return tensor
+            if tensor.device not in generators:
+                generators[tensor.device] = torch.Generator(tensor.device).manual_seed(draw)
+            return quant.stochastic_round(tensor, bits, generators[tensor.device])
+
+        return Plan({name: rounded(tensor) for name, tensor in weights.items()})
