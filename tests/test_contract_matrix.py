@@ -2,14 +2,15 @@
 small data and does what it claims, or is refused at start with one line that says why.
 
 A new strategy joins the matrix by shipping its ``configs/strategy/<name>.yaml``; an option that changes what
-travels or trains joins as a row of its own (FedP3's int8 frozen layers and train_all: ``FEDP3_OPTIONS``). Kinds are
+travels or trains joins as a row of its own (FedP3's int8 frozen layers and train_all, stochastically rounded tasks
+for low-bit clients: ``OPTIONS``). Kinds are
 what a client is: its bitwidth (fp32, int8, int4, a mixed fleet of 32, 8 and 4 bits) and whether it trains with
 DP-SGD; under the FedP3 strategy an fp32 client trains a pruned sub-model (FedP3) and a DP client is DP-FedP3.
 
 Every run asserts real outcomes: versions advance to the target, evaluations are recorded, each update travelled
 at its client's declared bitwidth (bytes), the accuracy of each low bitwidth's model is reported, and DP runs report
-every client's epsilon. Rows whose every round waits for all its clients (FedP3's options) must compute in the
-deployed processes and in Flower exactly the model the simulator computes from the same config.
+every client's epsilon. Option rows, whose every round waits for all its clients, must compute in the deployed
+processes and in Flower exactly the model the simulator computes from the same config.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ from fedhet.types import ClientInfo, ClientProfile, Weights
 from fedhet.v1.wire import encode
 
 STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
-# FedP3's plan options (DESIGN.md: a plan's sparse_bits and train_all), a row each beside the shipped configs. They
+# Options that change what travels or trains, a row each beside the shipped configs (the strategy each runs, and the
+# client kind its deployed and Flower runs use). FedP3's plan options (DESIGN.md: a plan's sparse_bits and train_all)
 # run LowerB: it trains one of the 2NN's two shared layers and leaves the other frozen for them to act on (OPU2 trains
-# both); and every round waits for three clients, so that every runtime trains the same tasks.
-FEDP3_OPTIONS = {
-    "fedp3_int8": "strategy.planner.frozen_bits=8",
-    "fedp3_train_all": "strategy.planner.train_all=true",
+# both); stochastic rounding acts on low-bit clients only. Every round waits for three clients, so that every runtime
+# trains the same tasks.
+_FEDAVG_ALL = ["strategy=fedavg", "strategy.scheduler.fraction=1.0", "strategy.scheduler.min_clients=3"]
+_LOWERB = ["strategy=fedp3", "strategy.planner.variant=lowerb", "strategy.scheduler.min_clients=3"]
+OPTIONS = {
+    "fedp3_int8": ([*_LOWERB, "strategy.planner.frozen_bits=8"], "fp32"),
+    "fedp3_train_all": ([*_LOWERB, "strategy.planner.train_all=true"], "fp32"),
+    "fedavg_stochastic": ([*_FEDAVG_ALL, "+strategy.planner.rounding=stochastic"], "int4"),
 }
-ROWS = STRATEGIES + sorted(FEDP3_OPTIONS)
+ROWS = STRATEGIES + sorted(OPTIONS)
 # rows where the simulator does not compute what the deployed clients and Flower do, and why
 SIMULATOR_GAPS: dict[str, str] = {}
 VERSIONS = 2
@@ -86,15 +92,12 @@ def refusal(strategy: str, kind_name: str) -> str | None:
 
 def is_fedp3(row: str) -> bool:
     """Whether a row runs FedP3: its shipped config or one of its options."""
-    return row == "fedp3" or row in FEDP3_OPTIONS
+    return row == "fedp3" or row.startswith("fedp3_")
 
 
 def strategy_overrides(row: str) -> list[str]:
-    """The strategy a row runs: its shipped config, or FedP3's LowerB with one of its options."""
-    if row not in FEDP3_OPTIONS:
-        return [f"strategy={row}"]
-    lowerb = ["strategy.planner.variant=lowerb", "strategy.scheduler.min_clients=3"]
-    return ["strategy=fedp3", *lowerb, FEDP3_OPTIONS[row]]
+    """The strategy a row runs: its shipped config, or an option's."""
+    return OPTIONS[row][0] if row in OPTIONS else [f"strategy={row}"]
 
 
 def sim_overrides(strategy: str, kind: Kind) -> list[str]:
@@ -113,9 +116,10 @@ def planned_bytes(cfg: RunConfig, encoding: str, size: Callable[[Weights, str, f
     return [size(p.weights, encoding, p.sparse, p.sparse_bits) for p in plans]
 
 
-def assert_simulated(strategy: str, final: Mapping[str, object], tmp_path: Path) -> None:
-    """``final``, the last record of a run of three fp32 clients, is what the simulator computes from its config."""
-    expected = simulate(compose([*sim_overrides(strategy, KINDS["fp32"]), "num_clients=3"]), tmp_path / "sim").final
+def assert_simulated(strategy: str, kind: Kind, final: Mapping[str, object], tmp_path: Path) -> None:
+    """``final``, the last record of a run of three clients of ``kind`` (one bitwidth), is what the simulator
+    computes from its config."""
+    expected = simulate(compose([*sim_overrides(strategy, kind), "num_clients=3"]), tmp_path / "sim").final
     same = (final["accuracy"], final["loss"]) == (expected.accuracy, expected.loss)
     if strategy in SIMULATOR_GAPS:
         assert not same, f"the simulator now computes {strategy} as deployed: remove it from SIMULATOR_GAPS"
@@ -166,7 +170,7 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
 # clients (DP-FedP3), and each of its options with fp32 clients. Each run is a few seconds of process start-up: the
 # matrix stays inside CI's time this way.
 DEPLOYED = [(s, "mixed") for s in STRATEGIES if s != "fedp3"] + [("fedp3", "fp32"), ("fedp3", "dp")]
-DEPLOYED += [(row, "fp32") for row in sorted(FEDP3_OPTIONS)]
+DEPLOYED += [(row, kind) for row, (_, kind) in sorted(OPTIONS.items())]
 DEPLOY_COMMON = ["dataset=synthetic", "model=2nn", "num_clients=3", "seed=0"]
 
 
@@ -250,8 +254,8 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
         sizes = planned_bytes(cfg, "fp32", lambda *payload: encode(*payload)[0].total_bytes)
         tasks = [len(re.findall(r"task \d+ received", log)) for log in logs]
         assert records[-1]["bytes_down"] == sum(n * size for n, size in zip(tasks, sizes, strict=True))
-    if strategy in FEDP3_OPTIONS:
-        assert_simulated(strategy, records[-1], tmp_path)
+    if strategy in OPTIONS:
+        assert_simulated(strategy, kind, records[-1], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- Flower
@@ -311,5 +315,5 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
     if strategy == "fedp3_int8":  # each task went with its frozen layers at int8
         sizes = planned_bytes(cfg, "fp32", lambda *payload: array_record_nbytes(to_array_record(*payload)))
         assert summary.bytes_down == sum(sizes[a.client_id] for a in summary.assignments)
-    if strategy in FEDP3_OPTIONS:
-        assert_simulated(strategy, records[-1], tmp_path)
+    if strategy in OPTIONS:
+        assert_simulated(strategy, kind, records[-1], tmp_path)
