@@ -3,9 +3,10 @@ small data and does what it claims, or is refused at start with one line that sa
 
 A new strategy joins the matrix by shipping its ``configs/strategy/<name>.yaml``; an option that changes what
 travels or trains joins as a row of its own (FedP3's int8 frozen layers and train_all, stochastically rounded tasks
-for low-bit clients: ``OPTIONS``). Kinds are
-what a client is: its bitwidth (fp32, int8, int4, a mixed fleet of 32, 8 and 4 bits) and whether it trains with
-DP-SGD; under the FedP3 strategy an fp32 client trains a pruned sub-model (FedP3) and a DP client is DP-FedP3.
+for low-bit clients: ``OPTIONS``). Kinds are what a client is: its bitwidth (fp32, int8, int4, a mixed fleet of 32,
+8 and 4 bits), whether it trains with DP-SGD, and whether a low-bit client holds its weights at its bitwidth while
+training (``client.low_bit_weights``); under the FedP3 strategy an fp32 client trains a pruned sub-model (FedP3) and
+a DP client is DP-FedP3.
 
 Every run asserts real outcomes: versions advance to the target, evaluations are recorded, each update travelled
 at its client's declared bitwidth (bytes), the accuracy of each low bitwidth's model is reported, and DP runs report
@@ -61,6 +62,7 @@ class Kind:
 
     bitwidths: tuple[int, ...]
     private: bool = False
+    low_bit_weights: bool = False  # below 32 bits: weights held at the bitwidth while training (client.low_bit_weights)
 
     def overrides(self) -> list[str]:
         if len(self.bitwidths) == 1:
@@ -70,13 +72,15 @@ class Kind:
             fractions = [share] * (len(self.bitwidths) - 1) + [round(1 - share * (len(self.bitwidths) - 1), 6)]
             fleet = [f"fleet.bitwidths=[{','.join(map(str, self.bitwidths))}]", f"fleet.bitwidth_fractions={fractions}"]
         privacy = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if self.private else []
-        return [*fleet, *privacy]
+        low_bit = ["client.low_bit_weights=true"] if self.low_bit_weights else []
+        return [*fleet, *privacy, *low_bit]
 
 
 KINDS = {
     "fp32": Kind((32,)),
     "int8": Kind((8,)),
     "int4": Kind((4,)),
+    "int4_low_bit_weights": Kind((4,), low_bit_weights=True),
     "mixed": Kind((32, 8, 4)),
     "dp": Kind((32,), private=True),
     "dp_int8": Kind((8,), private=True),
@@ -171,6 +175,7 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
 # matrix stays inside CI's time this way.
 DEPLOYED = [(s, "mixed") for s in STRATEGIES if s != "fedp3"] + [("fedp3", "fp32"), ("fedp3", "dp")]
 DEPLOYED += [(row, kind) for row, (_, kind) in sorted(OPTIONS.items())]
+DEPLOYED += [("fedavg_stochastic", "int4_low_bit_weights")]  # the training mode stochastic rounding is for
 DEPLOY_COMMON = ["dataset=synthetic", "model=2nn", "num_clients=3", "seed=0"]
 
 
@@ -208,6 +213,7 @@ def deploy(tmp_path: Path, strategy: str, kind: Kind) -> tuple[list[str], list[d
                 "network.max_seconds=90",
                 "threads=1",
                 *(["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if kind.private else []),
+                *(["train.low_bit_weights=true"] if kind.low_bit_weights else []),
             ]
             clients.append(spawn("fedhet.clients.network", args, tmp_path / f"client{i}.log", tmp_path))
         codes = [c.wait(timeout=120) for c in clients]
@@ -246,6 +252,8 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
     if kind.private:
         epsilon = records[-1]["epsilon"]
         assert epsilon and all(e > 0 for e in epsilon.values())
+    held = ["weights held at that bitwidth" in log for log, bits in zip(logs, bitwidths, strict=True) if bits < 32]
+    assert held == [kind.low_bit_weights] * len(held)  # each low-bit client trained the way its kind says
     if strategy == "fedprox":  # every task carried the strategy's mu over the wire
         received = [m for log in logs for m in re.findall(r"task \d+ received \(version \d+(.*)\)", log)]
         assert received and set(received) == {", FedProx mu 0.01"}, received
@@ -267,7 +275,7 @@ def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
 def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
     flwr = pytest.importorskip("flwr")
     assert flwr
-    from fedhet.clients.trainer import PrivacyConfig
+    from fedhet.clients.trainer import PrivacyConfig, TrainConfig
     from fedhet.flower import (
         ClientAppSettings,
         DriverSettings,
@@ -283,7 +291,14 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
     cfg = compose([*SMALL, *strategy_overrides(strategy), "num_clients=3"])
     privacy = PrivacyConfig(noise_multiplier=1.0) if kind.private else None
     client = ClientAppSettings(
-        dataset=cfg.dataset, model="2nn", num_clients=3, seed=0, bitwidths=bitwidths, privacy=privacy, threads=1
+        dataset=cfg.dataset,
+        model="2nn",
+        num_clients=3,
+        seed=0,
+        train=TrainConfig(low_bit_weights=kind.low_bit_weights),
+        bitwidths=bitwidths,
+        privacy=privacy,
+        threads=1,
     )
     server = ServerAppSettings(
         strategy=plain(cfg.strategy),
