@@ -36,6 +36,7 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.clients.trainer import ClientState, TrainConfig, add_proximal_term, minibatches, task_seed
+from fedhet.seeding import mix_seed
 from fedhet.types import Result, Task
 
 __all__ = ["BLOCK_ROWS", "LowBitConv2d", "LowBitLinear", "LowBitTrainer", "low_bit_model"]
@@ -278,7 +279,8 @@ class LowBitTrainer:
         tensors; the low-bit weights step with the task's learning rate and random stream."""
         cfg = self.config
         lr = cfg.lr_at(task.version)
-        generator = torch.Generator(self.device).manual_seed(task_seed(seed, task.task_id) ^ 0x5EED)
+        # a stream of its own, apart from the minibatch order's (task_seed)
+        generator = torch.Generator(self.device).manual_seed(mix_seed(seed, task.task_id, 1))
         for name, weight in self.low_bit.items():
             weight.load(values[name].to(self.device), bitwidth)
             if name in trained:

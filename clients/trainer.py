@@ -34,11 +34,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedhet import quant
+from fedhet.seeding import mix_seed
 from fedhet.types import Result, Task, Weights
 
 if TYPE_CHECKING:  # Opacus is imported when DP is used: it adds seconds to every client's start-up
@@ -523,8 +523,8 @@ def private_names(model: nn.Module, trained: Iterable[str], max_layer_params: in
 
 
 def task_seed(seed: int, task_id: int) -> int:
-    """A 64-bit seed mixing both numbers (torch's CPU generator would ignore high bits of a plain combination)."""
-    return int(np.random.SeedSequence([seed, task_id]).generate_state(1, np.uint64)[0])
+    """The seed of a task's minibatch order: the run seed and the task id mixed (:func:`fedhet.seeding.mix_seed`)."""
+    return mix_seed(seed, task_id)
 
 
 def minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fedhet import quant
+from fedhet.seeding import mix_seed
 from fedhet.strategies.base import Plan
 from fedhet.types import ClientInfo, Weights
 
@@ -38,7 +38,7 @@ class IdentityPlanner:
         bits = client.profile.bitwidth
         if self.rounding == "nearest" or bits == quant.FULL_PRECISION:
             return Plan(weights)
-        draw = int(np.random.SeedSequence([self.seed, version, client.client_id]).generate_state(1, np.uint64)[0])
+        draw = mix_seed(self.seed, version, client.client_id)
         generators: dict[torch.device, torch.Generator] = {}
 
         def rounded(tensor: torch.Tensor) -> torch.Tensor:
