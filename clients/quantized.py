@@ -25,7 +25,10 @@ fp32 plus one fp32 scale per output channel) and no fp32 weights. During a task 
 materialised from the task's weights: 4 bytes per parameter, plus 4 for its gradient (SGD with momentum: 4 more),
 plus, on the int8 path, a transient int8 copy of each layer's weights (1 byte per parameter, rebuilt every step).
 A master copy at lower precision would lose SGD updates smaller than half a quantization step, which at 4 bits is
-most of them. Activations saved for backward on the int8 path are int8 (1 byte instead of 4).
+most of them. Activations saved for backward on the int8 path are int8 (1 byte instead of 4). On a GPU with
+``cuda_graphs`` (the default) the master copy stays allocated between tasks: the captured training step
+(:mod:`fedhet.clients.graphed`) holds its storage. A GPU client that must hold only ``b`` bits between tasks trains
+with ``low_bit_weights``.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def _quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scales = quant.quantize(weight, bits)
+    q, scales = quant.quantize(weight, bits, check_finite=False)  # as _FakeQuantSTE: the result is checked
     return q, scales.to(weight.device)
 
 
@@ -155,7 +158,9 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, bits: int) -> torch.Tensor:
-        return quant.fake_quantize(weight, bits)
+        # no finiteness check: it reads a value back to the host (no CUDA graph can hold that); the task's result
+        # is checked when the trainer rounds it for upload
+        return quant.fake_quantize(weight, bits, check_finite=False)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -407,6 +412,7 @@ class QuantizedTrainer:
             result = self._low_bit.train(task, x, y, seed, bitwidth, state)
         else:
             set_bitwidth(self.model, bitwidth, self.int8_min_macs)
+            self._trainer.kernel_key = (bitwidth, self.int8_min_macs)  # the layers' kernels: a change recaptures
             self._materialise()
             try:
                 start = quant.quantize_weights(task.weights, bitwidth)
@@ -422,14 +428,23 @@ class QuantizedTrainer:
         """Bytes of weights the client holds between tasks (packed values and scales; fp32 at 32 bits)."""
         return sum(v.nbytes for v in self.stored.values())
 
+    @property
+    def _keeps_master(self) -> bool:
+        """Whether the fp32 master copy stays allocated between tasks: where steps replay a CUDA graph, which holds
+        the parameters' storage (freeing it would recapture every task)."""
+        return self._trainer.device.type == "cuda" and self._trainer.config.cuda_graphs
+
     def _materialise(self) -> None:
-        """Allocate the fp32 master copy (filled by the task's weights)."""
+        """Allocate the fp32 master copy (filled by the task's weights), unless it is kept."""
         for name, tensor in _tensors(self.model).items():
             shape, dtype = self._shapes[name]
-            tensor.data = torch.empty(shape, dtype=dtype, device=self._trainer.device)
+            if tensor.shape != shape:
+                tensor.data = torch.empty(shape, dtype=dtype, device=self._trainer.device)
 
     def _release(self) -> None:
-        """Free the fp32 master copy between tasks; only :attr:`stored` remains."""
+        """Free the fp32 master copy between tasks, so that only :attr:`stored` remains (where it is not kept)."""
+        if self._keeps_master:
+            return
         for tensor in _tensors(self.model).values():
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             tensor.grad = None

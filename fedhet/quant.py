@@ -138,20 +138,23 @@ def _ternary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return support, scales.clamp_min_(_MIN_SCALE), threshold
 
 
-def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, bits: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales)``: integers of ``w``'s shape (int8 for bits <= 8, else int16) and fp32 scales, one per channel.
 
     Works on any device; the integer path of quantized training calls it once per step for each weight. Raises
-    :class:`QuantError` for a tensor holding inf or NaN.
+    :class:`QuantError` for a tensor holding inf or NaN, unless ``check_finite`` is false: the check reads a value
+    back to the host, which a training step on a GPU must not do (a CUDA graph cannot capture it; eagerly it stalls
+    the launch queue once per layer). Training forwards skip it: a NaN weight makes the loss NaN, and the task's
+    result is checked when it is rounded for upload.
     """
-    q, scales = _quantize_channels(_channel_view(w.detach().float()), bits)
+    q, scales = _quantize_channels(_channel_view(w.detach().float()), bits, check_finite)
     return q.reshape(w.shape), scales
 
 
-def _quantize_channels(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_channels(flat: torch.Tensor, bits: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` of a (channels, elements) view: the integers in that view's shape, and the scales."""
     absmax = _absmax(flat)
-    if not bool(torch.isfinite(absmax).all()):
+    if check_finite and not bool(torch.isfinite(absmax).all()):
         raise QuantError("cannot quantize a tensor holding inf or NaN")
     if bits == 2:
         support, scales, _ = _ternary(flat)
@@ -177,11 +180,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (flat * scales.float()[:, None]).reshape(q.shape)
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``w`` rounded to ``bits`` bits and back, in ``w``'s dtype; ``bits == 32`` returns ``w`` itself."""
+def fake_quantize(w: torch.Tensor, bits: int, check_finite: bool = True) -> torch.Tensor:
+    """``w`` rounded to ``bits`` bits and back, in ``w``'s dtype; ``bits == 32`` returns ``w`` itself
+    (``check_finite`` as for :func:`quantize`)."""
     if bits == FULL_PRECISION:
         return w
-    q, scales = quantize(w, bits)
+    q, scales = quantize(w, bits, check_finite)
     return dequantize(q, scales).to(w.dtype)
 
 
@@ -205,15 +209,16 @@ def stochastic_round(w: torch.Tensor, bits: int, generator: torch.Generator) -> 
     return (q * scales[:, None]).reshape(w.shape).to(w.dtype)
 
 
-def fake_quantize_stacked(w: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_stacked(w: torch.Tensor, bits: int, check_finite: bool = True) -> torch.Tensor:
     """Each ``w[i]`` of a stack of tensors (one per client) rounded to ``bits`` bits and back, exactly as
-    :func:`fake_quantize` rounds it alone (its own per-channel scales), in one pass over the stack."""
+    :func:`fake_quantize` rounds it alone (its own per-channel scales), in one pass over the stack
+    (``check_finite`` as for :func:`quantize`)."""
     if bits == FULL_PRECISION:
         return w
     check_bits(bits)
     rows = w.shape[0] * num_channels(w.shape[1:])
     flat = w.detach().float().reshape(rows, w.numel() // rows if rows else 0)
-    q, scales = _quantize_channels(flat, bits)
+    q, scales = _quantize_channels(flat, bits, check_finite)
     return (q.float() * scales[:, None]).reshape(w.shape).to(w.dtype)
 
 

@@ -385,7 +385,9 @@ class VectorizedExecutor:
         view = param if shared else param[:active]
         if bits == quant.FULL_PRECISION or key not in self.quantized_keys:
             return view
-        return quant.fake_quantize(view, bits) if shared else quant.fake_quantize_stacked(view, bits)
+        if shared:  # no finiteness check in a training forward (a host read per layer): the results are checked
+            return quant.fake_quantize(view, bits, check_finite=False)
+        return quant.fake_quantize_stacked(view, bits, check_finite=False)
 
     def _chunk_indices(self, plans: list[_Plan]) -> torch.Tensor:
         """Every plan's minibatch indices, ``(clients, steps, batch)``, -1 where there is no sample."""
