@@ -15,16 +15,21 @@ added to ``g`` (FedProx keeps the start's integers, ``b`` bits more per weight).
 weight, which is what this mode removes, so it is refused. The random numbers come from the task's seed, so a
 result depends only on (start weights, data, task, seed, bitwidth), as every trainer's does.
 
-A Linear weight is dequantized and updated in blocks of output rows (:data:`BLOCK_ROWS`): no fp32 copy of a whole
-weight or of its gradient ever exists. A Conv2d weight (small next to its activations) is dequantized whole for its
-forward and backward and updated at once. Biases and other tensors (a few per layer) train in fp32 with
-``torch.optim.SGD``. Integers live in int8 (int16 above 8 bits) containers: a 4-bit client holds one byte per
-weight while it trains, and packs to half a byte between tasks (:attr:`QuantizedTrainer.stored`).
+A Linear weight is dequantized and updated in :data:`BLOCKS` blocks of output rows: no fp32 copy of a whole weight
+or of its gradient ever exists, and a block's update holds two fp32 temporaries of its size (its gradient, then
+the stepped values, and the random numbers), so the temporaries are at most a quarter of the fp32 weight. A
+Conv2d weight (small next to its activations) is dequantized whole for its forward and backward and updated at
+once. ReLU and max pooling save one byte per value for backward (:func:`low_bit_model`): with the weights at ``b``
+bits, the activations saved for backward are what remains of a step's memory. Biases and other tensors (a few per
+layer) train in fp32 with ``torch.optim.SGD``. Integers live in int8 (int16 above 8 bits) containers: a 4-bit
+client holds one byte per weight while it trains, and packs to half a byte between tasks
+(:attr:`QuantizedTrainer.stored`).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
@@ -39,9 +44,9 @@ from fedhet.clients.trainer import ClientState, TrainConfig, add_proximal_term, 
 from fedhet.seeding import mix_seed
 from fedhet.types import Result, Task
 
-__all__ = ["BLOCK_ROWS", "LowBitConv2d", "LowBitLinear", "LowBitTrainer", "low_bit_model"]
+__all__ = ["BLOCKS", "LeanMaxPool2d", "LeanReLU", "LowBitConv2d", "LowBitLinear", "LowBitTrainer", "low_bit_model"]
 
-BLOCK_ROWS = 64  # output rows of a Linear weight dequantized at a time: 64 x 3136 fp32 = 0.8 MB for the CNN's fc1
+BLOCKS = 8  # blocks of output rows a Linear weight is dequantized and updated in (the CNN's fc1: 64 x 3136 each)
 
 
 @dataclass
@@ -88,18 +93,25 @@ class _LowBitWeight(nn.Module):
     def dense(self) -> torch.Tensor:
         return self.rows(0, self.shape[0])
 
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the :data:`BLOCKS` blocks of output rows (fewer when there are fewer rows)."""
+        rows = self.shape[0]
+        size = -(-rows // BLOCKS)
+        return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
     def update(self, start: int, stop: int, grad: torch.Tensor) -> None:
-        """One SGD step of rows ``start:stop`` with their gradient ``grad``, stochastically rounded."""
+        """One SGD step of rows ``start:stop`` with their gradient ``grad`` (a temporary: overwritten),
+        stochastically rounded."""
         step = self.step
         if step is None:
             return
         codes = self.codes[start:stop]
         scales = self.scales[start:stop].view(-1, *[1] * (codes.dim() - 1))
         if step.weight_decay:
-            grad = grad + step.weight_decay * codes.float() * scales
+            grad.add_(codes * scales, alpha=step.weight_decay)
         if step.start is not None:
-            grad = grad + step.mu * (codes.float() - step.start[start:stop].float()) * scales
-        moved = codes.float().sub_(grad.div_(scales).mul_(step.lr))
+            grad.add_((codes - step.start[start:stop]) * scales, alpha=step.mu)
+        moved = grad.div_(scales).mul_(-step.lr).add_(codes)  # in the gradient's block: codes - lr * g / s
         noise = torch.rand(moved.shape, generator=step.generator, device=moved.device)
         top = quant.qmax(self.bits)
         codes.copy_(moved.add_(noise).floor_().clamp_(-top, top))
@@ -111,8 +123,7 @@ class _LowBitLinearFn(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, token: torch.Tensor, weight: _LowBitWeight
     ) -> torch.Tensor:
         out = x.new_empty(x.shape[0], weight.shape[0])
-        for start in range(0, weight.shape[0], BLOCK_ROWS):
-            stop = min(start + BLOCK_ROWS, weight.shape[0])
+        for start, stop in weight.blocks():
             torch.mm(x, weight.rows(start, stop).t(), out=out[:, start:stop])
         if bias is not None:
             out.add_(bias)
@@ -126,8 +137,7 @@ class _LowBitLinearFn(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         weight: _LowBitWeight = ctx.weight
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        for start in range(0, weight.shape[0], BLOCK_ROWS):
-            stop = min(start + BLOCK_ROWS, weight.shape[0])
+        for start, stop in weight.blocks():
             g = grad[:, start:stop]
             if grad_x is not None:  # with the rows as they were in the forward pass, before their update
                 grad_x.addmm_(g, weight.rows(start, stop))
@@ -202,17 +212,113 @@ class LowBitConv2d(nn.Module):
         return out
 
 
+class _LeanReLUFn(torch.autograd.Function):
+    """ReLU that keeps for backward which outputs are positive (one byte each), not the fp32 outputs: its
+    gradient is exactly ReLU's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out > 0)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (positive,) = ctx.saved_tensors
+        return grad.masked_fill(positive.logical_not(), 0)
+
+
+class LeanReLU(nn.Module):
+    """nn.ReLU saving a one-byte mask for its backward instead of its fp32 output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _LeanReLUFn.apply(x)  # type: ignore[no-untyped-call]
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+class _LeanMaxPool2dFn(torch.autograd.Function):
+    """Max pooling over non-overlapping ``kh x kw`` windows that keeps for backward, per output, where in its
+    window the maximum was (one byte), not torch's int64 indices: the same gradient (torch's choice among tied
+    maxima, the first) at an eighth of the bytes, with no temporary larger than the output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+        kh, kw = kernel
+        out = F.max_pool2d(x, kernel, kernel)
+        out_h, out_w = out.shape[-2:]
+        where = torch.full(out.shape, kh * kw - 1, dtype=torch.int8, device=x.device)
+        for p in reversed(range(kh * kw - 1)):  # the first position holding the maximum, as torch picks among ties
+            i, j = divmod(p, kw)
+            where.masked_fill_(x[:, :, i : out_h * kh : kh, j : out_w * kw : kw] == out, p)
+        ctx.save_for_backward(where)
+        ctx.geometry = (x.shape, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (where,) = ctx.saved_tensors
+        shape, (kh, kw) = ctx.geometry
+        out_h, out_w = grad.shape[-2:]
+        grad_x = grad.new_zeros(shape)  # rows and columns past the last whole window get no gradient
+        for p in range(kh * kw):
+            i, j = divmod(p, kw)
+            grad_x[:, :, i : out_h * kh : kh, j : out_w * kw : kw] = grad.masked_fill(where != p, 0)
+        return grad_x, None
+
+
+class LeanMaxPool2d(nn.Module):
+    """nn.MaxPool2d over non-overlapping windows (kernel = stride, no padding, dilation 1, floor mode) saving
+    one byte per output for its backward."""
+
+    def __init__(self, kernel: tuple[int, int]) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _LeanMaxPool2dFn.apply(x, self.kernel)  # type: ignore[no-untyped-call]
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+def _lean_pool(pool: nn.MaxPool2d) -> LeanMaxPool2d | None:
+    """The lean counterpart of ``pool`` where its windows do not overlap, else None."""
+    kernel, stride = nn.modules.utils._pair(pool.kernel_size), nn.modules.utils._pair(pool.stride)
+    plain = pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+    return LeanMaxPool2d(kernel) if plain and kernel == stride and not pool.return_indices else None
+
+
 def low_bit_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every Linear and Conv2d replaced by its low-bit counterpart; names are unchanged
-    (``<layer>.weight`` is the low-bit weight, ``<layer>.bias`` a parameter)."""
+    (``<layer>.weight`` is the low-bit weight, ``<layer>.bias`` a parameter). ReLU and max pooling over
+    non-overlapping windows become their lean counterparts (:class:`LeanReLU`, :class:`LeanMaxPool2d`): the same
+    values and gradients, with a byte per value saved for backward instead of fp32 activations and int64 indices;
+    in a Sequential, ReLU then such pooling runs as pooling then ReLU (:func:`_pool_before_relu`)."""
     if type(model) is nn.Linear:
         return LowBitLinear(model)
     if type(model) is nn.Conv2d:
         return LowBitConv2d(model)
+    if type(model) is nn.ReLU:
+        return LeanReLU()
+    if type(model) is nn.MaxPool2d:
+        return _lean_pool(model) or copy.deepcopy(model)
     out = copy.deepcopy(model)
     for name, child in list(out.named_children()):
         setattr(out, name, low_bit_model(child))
+    if isinstance(out, nn.Sequential):
+        _pool_before_relu(out)
     return out
+
+
+def _pool_before_relu(sequence: nn.Sequential) -> None:
+    """Swap each lean ReLU that a lean max pooling follows: ``pool(relu(x)) = relu(pool(x))`` (ReLU is monotone),
+    with the same gradient (a window whose maximum is not positive passes none either way), and the ReLU then sees
+    a ``kh * kw``-th of the values: its mask and output are that much smaller."""
+    names = list(sequence._modules)
+    for first, second in itertools.pairwise(names):
+        relu, pool = sequence._modules[first], sequence._modules[second]
+        if isinstance(relu, LeanReLU) and isinstance(pool, LeanMaxPool2d):
+            sequence._modules[first], sequence._modules[second] = pool, relu
 
 
 class LowBitTrainer:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.lowbit import BLOCK_ROWS, LowBitTrainer
+from fedhet.clients.lowbit import BLOCKS, LeanMaxPool2d, LeanReLU, LowBitTrainer, low_bit_model
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import TrainConfig
 from fedhet.errors import ConfigError
@@ -33,7 +33,7 @@ def loaded(layer: nn.Module, bits: int, lr: float) -> nn.Module:
 
 @pytest.mark.parametrize(
     "layer",
-    [nn.Linear(150, 2 * BLOCK_ROWS + 7), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 6, (3, 5), stride=2, bias=False)],
+    [nn.Linear(150, 2 * BLOCKS + 7), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 6, (3, 5), stride=2, bias=False)],
     ids=["linear-in-blocks", "conv", "conv-strided"],
 )
 def test_layers_compute_the_float_layer_on_the_rounded_weights(layer: nn.Module) -> None:
@@ -137,3 +137,34 @@ def test_the_vectorized_executor_leaves_low_bit_weights_to_the_sequential_traine
     expected, actual, executor = quantized_run("2nn", bits, low_bit_weights=True)
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (1, 2)
     assert_same_on_grid(expected, actual)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel"),
+    [((4, 3, 28, 28), (2, 2)), ((2, 5, 7, 9), (2, 2)), ((2, 2, 9, 9), (3, 3)), ((2, 2, 8, 8), (2, 4))],
+)
+def test_lean_relu_and_pooling_equal_torch_in_values_and_gradients(
+    shape: tuple[int, ...], kernel: tuple[int, int]
+) -> None:
+    """Ties (torch takes the first maximum of a window), windows of zeros after ReLU, rows past the last window, and
+    the pooling-before-ReLU order the low-bit model uses."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :2] = 5.0
+    x[0, 0, 2:4, 2:4] = -1.0
+    inputs = [x.clone().requires_grad_() for _ in range(3)]
+    outs = [
+        F.max_pool2d(F.relu(inputs[0]), kernel, kernel),
+        LeanMaxPool2d(kernel)(LeanReLU()(inputs[1])),
+        LeanReLU()(LeanMaxPool2d(kernel)(inputs[2])),
+    ]
+    grad = torch.randn_like(outs[0])
+    for out, xin in zip(outs, inputs, strict=True):
+        out.backward(grad)
+        assert torch.equal(out, outs[0])
+        assert xin.grad is not None and inputs[0].grad is not None
+        assert torch.equal(xin.grad, inputs[0].grad)
+
+
+def test_low_bit_model_pools_before_relu_and_keeps_overlapping_pools() -> None:
+    model = low_bit_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(3, 1)))
+    assert [type(m).__name__ for m in model] == ["LowBitConv2d", "LeanMaxPool2d", "LeanReLU", "LeanReLU", "MaxPool2d"]
