@@ -53,7 +53,8 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_native
-from fedhet.clients.trainer import ClientStates, LocalTrainer, task_seed
+from fedhet.clients.trainer import ClientStates, LocalTrainer
+from fedhet.seeding import mix_seeds
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
 from fedhet.types import Result, StackedRow, Task
@@ -91,18 +92,14 @@ def reuse_freed_memory() -> bool:
 
 @dataclass
 class _Plan:
-    """One task's minibatches as global sample indices ``(steps, batch)``, -1 past a short minibatch's end, and
-    where its result goes."""
+    """One task's samples in the order it visits them, and where its result goes."""
 
     position: int
     task: Task
     num_samples: int
-    indices: npt.NDArray[np.int64]
+    steps: int  # minibatches
+    order: npt.NDArray[np.int64]  # global sample indices: a permutation of the shard per epoch, epoch after epoch
     bits: int  # the client's bitwidth (32: fp32 training)
-
-    @property
-    def steps(self) -> int:
-        return int(self.indices.shape[0])
 
 
 class VectorizedExecutor:
@@ -203,7 +200,7 @@ class VectorizedExecutor:
     def run(self, tasks: Sequence[Task]) -> list[Result]:
         """Results of ``tasks``, in their order."""
         results: list[Result | None] = [None] * len(tasks)
-        plans: list[_Plan] = []
+        vectorized: list[int] = []
         fallback: list[int] = []
         for i, task in enumerate(tasks):
             reason = self._reason_to_fall_back(task)
@@ -213,7 +210,8 @@ class VectorizedExecutor:
                     self._warned.add(reason)
                     log.warning("vectorized executor: task %d runs sequentially: %s", task.task_id, reason)
             else:
-                plans.append(self._plan(i, task))
+                vectorized.append(i)
+        plans = self._plans(tasks, vectorized)
         for i, result in zip(fallback, self.sequential.run([tasks[i] for i in fallback]), strict=True):
             results[i] = replace(result, weights={k: v.to(self.device) for k, v in result.weights.items()})
         self.fallback_tasks += len(fallback)
@@ -261,21 +259,26 @@ class VectorizedExecutor:
         rounding this executor does not reproduce (:func:`~fedhet.clients.quantized.choose_path`)."""
         return bool(self.int8_min_macs < INT8_NEVER)
 
-    def _plan(self, position: int, task: Task) -> _Plan:
-        """The minibatches of :func:`~fedhet.clients.trainer.minibatches` (fresh permutations epoch after epoch,
-        the last minibatch of an epoch short), drawn the same way but laid out in one padded tensor."""
+    def _plans(self, tasks: Sequence[Task], positions: Sequence[int]) -> list[_Plan]:
+        """The plans of ``tasks[positions]``, their minibatch orders seeded as the sequential trainer's
+        (:func:`~fedhet.clients.trainer.task_seed`, drawn for every task at once)."""
+        if not positions:
+            return []
+        seeds = mix_seeds([(self.seed, tasks[i].task_id) for i in positions]).tolist()
+        return [self._plan(i, tasks[i], seed) for i, seed in zip(positions, seeds, strict=True)]
+
+    def _plan(self, position: int, task: Task, seed: int) -> _Plan:
+        """The permutations of :func:`~fedhet.clients.trainer.minibatches` (a fresh one each epoch), drawn the same
+        way from ``seed``."""
         shard = self.shards[task.client_id]
-        generator = self._generator.manual_seed(task_seed(self.seed, task.task_id))
+        generator = self._generator.manual_seed(seed)
         size, batch = len(shard), self.config.batch_size
         steps = task.steps_for(size, batch)
-        per_epoch = -(-size // batch)
-        width = min(batch, size)
-        epochs = -(-steps // per_epoch)
-        samples = np.full((epochs, per_epoch * width), -1, dtype=np.int64)  # every epoch's last minibatch padded
-        for epoch in range(epochs):  # numpy from here: a task's few small operations cost less there
-            samples[epoch, :size] = shard[torch.randperm(size, generator=generator).numpy()]
-        bits = self.low_bit.get(task.client_id, quant.FULL_PRECISION)
-        return _Plan(position, task, size, samples.reshape(-1, width)[:steps], bits)
+        epochs = -(-steps // -(-size // batch))  # steps over minibatches per epoch, rounded up
+        # numpy from here: a task's few small operations cost less there
+        orders = [shard[torch.randperm(size, generator=generator).numpy()] for _ in range(epochs)]
+        order = orders[0] if epochs == 1 else np.concatenate(orders)
+        return _Plan(position, task, size, steps, order, self.low_bit.get(task.client_id, quant.FULL_PRECISION))
 
     def _train_chunk(self, plans: list[_Plan]) -> list[tuple[_Plan, Result]]:
         begin = time.perf_counter()
@@ -289,8 +292,10 @@ class VectorizedExecutor:
         indices = self._chunk_indices(plans)
         # no input gradient below the first layer with parameters (the 2NN starts with Flatten)
         first = next((i for i, layer in enumerate(self.layers) if layer.keys), len(self.layers))
+        active = len(plans)
         for step in range(plans[0].steps):
-            active = sum(1 for p in plans if p.steps > step)
+            while plans[active - 1].steps <= step:  # the clients that have finished are a suffix
+                active -= 1
             idx, weight = self._step_batch(indices[:active, step])
             h = torch.index_select(self.x, 0, idx.view(-1))  # faster than indexing; keeps channels-last
             params = [
@@ -348,14 +353,15 @@ class VectorizedExecutor:
         one learning rate ``lr`` and 32 bits), else stacked per client."""
         starts = [self._rounded_start(p.task, bits) for p in plans]
         first = starts[0]
-        if not all(start[k] is v for start in starts for k, v in first.items()):
+        shared = all(start is first for start in starts)  # a round's tasks share one mapping: no look at its tensors
+        if not (shared or all(start[k] is v for start in starts for k, v in first.items())):
             return {k: torch.stack([start[k] for start in starts]).to(self.device, torch.float32) for k in first}
+        proximal = any(p.task.proximal_mu > 0 for p in plans)  # its pull makes every change full rank
+        # rounding a client's weights every step needs them dense
+        full_rank = self.config.momentum or self.config.weight_decay or proximal or bits < quant.FULL_PRECISION
         master: dict[str, Param] = {}
         for key, value in first.items():
             base = value.to(self.device, torch.float32)
-            proximal = any(p.task.proximal_mu > 0 for p in plans)  # its pull makes every change full rank
-            # rounding a client's weights every step needs them dense
-            full_rank = self.config.momentum or self.config.weight_decay or proximal or bits < quant.FULL_PRECISION
             if key in self.low_rank_keys and not isinstance(lr, torch.Tensor) and not full_rank:
                 out, inp = base.shape
                 u = base.new_empty((len(plans), 0, out), dtype=self.dtype)
@@ -390,11 +396,20 @@ class VectorizedExecutor:
         return quant.fake_quantize_stacked(view, bits, check_finite=False)
 
     def _chunk_indices(self, plans: list[_Plan]) -> torch.Tensor:
-        """Every plan's minibatch indices, ``(clients, steps, batch)``, -1 where there is no sample."""
-        width = max(p.indices.shape[1] for p in plans)
-        out = np.full((len(plans), plans[0].steps, width), -1, dtype=np.int64)
+        """Every plan's minibatches as global sample indices, ``(clients, steps, batch)``, -1 where there is no
+        sample: each epoch's permutation cut into minibatches of the batch size, the last one short."""
+        batch = self.config.batch_size
+        out = np.full((len(plans), plans[0].steps, min(batch, max(p.num_samples for p in plans))), -1, dtype=np.int64)
         for c, plan in enumerate(plans):
-            out[c, : plan.steps, : plan.indices.shape[1]] = plan.indices
+            size, steps = plan.num_samples, plan.steps
+            width = min(batch, size)
+            if size % width:  # an epoch's last minibatch is short: pad every epoch to whole minibatches
+                per_epoch = -(-size // width)
+                padded = np.full((len(plan.order) // size, per_epoch * width), -1, dtype=np.int64)
+                padded[:, :size] = plan.order.reshape(-1, size)
+                out[c, :steps, :width] = padded.reshape(-1, width)[:steps]
+            else:
+                out[c, :steps, :width] = plan.order.reshape(-1, width)[:steps]
         return torch.from_numpy(out)
 
     def _step_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
