@@ -45,7 +45,7 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.clients.lowbit import LowBitTrainer
-from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig
+from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig, result_seed
 from fedhet.types import Result, Task
 
 __all__ = [
@@ -373,7 +373,8 @@ def layer_paths(model: nn.Module) -> dict[str, str]:
 
 class QuantizedTrainer:
     """Local SGD at a client's bitwidth: receives weights rounded to ``b`` bits, trains with QAT, returns weights
-    rounded to ``b`` bits (so the ``int<b>`` codec encodes them exactly) and keeps them packed between tasks.
+    rounded to ``b`` bits (to nearest, or stochastically: ``TrainConfig.result_rounding``; so the ``int<b>`` codec
+    encodes them exactly) and keeps them packed between tasks.
 
     One trainer serves clients of any bitwidth in turn (``train(..., bitwidth=b)``), like :class:`LocalTrainer`:
     the result depends only on (start weights, data, task, seed, bitwidth).
@@ -419,7 +420,10 @@ class QuantizedTrainer:
                 result = self._trainer.train(replace(task, weights=start), x, y, seed, state)
             finally:
                 self._release()
-        weights = quant.quantize_weights(result.weights, bitwidth)
+        if self._trainer.config.result_rounding == "stochastic" and self._low_bit is None:
+            weights = quant.stochastic_round_weights(result.weights, bitwidth, result_seed(seed, task.task_id))
+        else:
+            weights = quant.quantize_weights(result.weights, bitwidth)
         self.stored = dict(weights) if bitwidth == quant.FULL_PRECISION else quant.pack_weights(weights, bitwidth)
         return replace(result, weights=weights)
 

@@ -57,6 +57,7 @@ __all__ = [
     "check_max_layer_params",
     "layer_sizes",
     "private_names",
+    "result_seed",
 ]
 
 
@@ -76,6 +77,10 @@ class TrainConfig:
         low_bit_weights: a client below 32 bits holds its weights at its bitwidth while it trains, with stochastic
             rounding and no fp32 master copy (:mod:`fedhet.clients.lowbit`; needs momentum 0), instead of
             quantization-aware training on an fp32 master copy.
+        result_rounding: how a quantization-aware client below 32 bits rounds its result to its grid: ``nearest``
+            or ``stochastic`` (unbiased, drawn from the run seed and the task id, :func:`result_seed`), so that a
+            task's movement smaller than half a quantization step survives on average over the clients instead of
+            being rounded away (at 4 bits most of a task's movement is). Low-bit weights are on the grid already.
         cuda_graphs: on a CUDA device, each full minibatch's SGD step (fp32 or quantization-aware) replays a
             captured CUDA graph (:mod:`fedhet.clients.graphed`): one launch instead of hundreds of kernels. False
             runs every step eagerly. No effect on a CPU, under DP-SGD or with FedProx, which always run eagerly.
@@ -87,6 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_decay: float = 1.0
     low_bit_weights: bool = False
+    result_rounding: str = "nearest"
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -100,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.result_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"client.result_rounding must be nearest or stochastic, got {self.result_rounding!r}")
         if self.low_bit_weights and self.momentum:
             raise ValueError(
                 f"client.low_bit_weights=true keeps no fp32 state per weight, which momentum needs (got momentum "
@@ -548,6 +556,12 @@ def private_names(model: nn.Module, trained: Iterable[str], max_layer_params: in
 def task_seed(seed: int, task_id: int) -> int:
     """The seed of a task's minibatch order: the run seed and the task id mixed (:func:`fedhet.seeding.mix_seed`)."""
     return mix_seed(seed, task_id)
+
+
+def result_seed(seed: int, task_id: int) -> int:
+    """The seed of a task's stochastically rounded result (``TrainConfig.result_rounding``): the run seed and the
+    task id mixed, apart from the minibatch order's (:func:`task_seed`)."""
+    return mix_seed(seed, task_id, 2)
 
 
 def minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -60,6 +60,7 @@ class ClientConfig:
     weight_decay: float = 0.0
     lr_decay: float = 1.0
     low_bit_weights: bool = False  # clients below 32 bits hold their weights at their bitwidth while training
+    result_rounding: str = "nearest"  # a quantization-aware client's result to its grid: nearest or stochastic
     cuda_graphs: bool = True  # on a GPU, full minibatch SGD steps replay a captured CUDA graph (clients/graphed.py)
 
 

@@ -32,12 +32,14 @@ format (:func:`round_trip`), not a bitwidth: ``ClientProfile.bitwidth == 16`` me
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedhet.seeding import mix_seed
 from fedhet.types import Weights
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "round_trip",
     "sample_bitwidths",
     "stochastic_round",
+    "stochastic_round_weights",
     "unpack",
     "unpack_tensor",
     "unpack_weights",
@@ -252,6 +255,25 @@ def round_trip(w: torch.Tensor, fmt: str) -> torch.Tensor:
         return w.to(torch.bfloat16).to(w.dtype)
     bits = format_bits(fmt)
     return fake_quantize(w, bits)
+
+
+def stochastic_round_weights(weights: Weights, bits: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``weights`` rounded stochastically to ``bits`` bits
+    (:func:`stochastic_round`: unbiased, on :func:`fake_quantize`'s grid); integer tensors unchanged; ``bits == 32``
+    returns the tensors as they are. Each tensor's random draw comes from ``seed`` and its name, so its values do not
+    depend on the mapping's order or on which other tensors it holds (a simulator's stacked results and a deployed
+    client's dictionary round alike); a generator on the tensor's device draws it."""
+    if bits == FULL_PRECISION:
+        return dict(weights)
+    check_bits(bits)
+
+    def rounded(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        draw = mix_seed(seed, zlib.crc32(name.encode()))
+        return stochastic_round(tensor, bits, torch.Generator(tensor.device).manual_seed(draw))
+
+    return {name: rounded(name, tensor) for name, tensor in weights.items()}
 
 
 def quantize_weights(weights: Weights, bits: int) -> dict[str, torch.Tensor]:

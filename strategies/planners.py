@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from fedhet import quant
 from fedhet.seeding import mix_seed
 from fedhet.strategies.base import Plan
@@ -21,9 +19,10 @@ class IdentityPlanner:
         rounding: how a client below 32 bits receives it. ``nearest`` (the default): as it is, shared and never
             copied (clients must not mutate it), to be rounded to the nearest value of the client's grid (by the
             codec on the wire, by the trainer in simulation). ``stochastic``: a copy rounded to the client's bitwidth
-            with stochastic rounding (:func:`fedhet.quant.stochastic_round`), unbiased, so that a round's progress
-            smaller than half a quantization step survives in expectation instead of being rounded away; the random
-            draw comes from ``(seed, version, client id)``, so every runtime sends the same values. It costs one copy
+            with stochastic rounding (:func:`fedhet.quant.stochastic_round_weights`), unbiased, so that a round's
+            progress smaller than half a quantization step survives in expectation instead of being rounded away; the
+            random draw comes from ``(seed, version, client id)`` (and each tensor's name), so every runtime sends the
+            same values. It costs one copy
             of the model per low-bit task.
         seed: the run seed.
     """
@@ -38,14 +37,4 @@ class IdentityPlanner:
         bits = client.profile.bitwidth
         if self.rounding == "nearest" or bits == quant.FULL_PRECISION:
             return Plan(weights)
-        draw = mix_seed(self.seed, version, client.client_id)
-        generators: dict[torch.device, torch.Generator] = {}
-
-        def rounded(tensor: torch.Tensor) -> torch.Tensor:
-            if not tensor.is_floating_point():
-                return tensor
-            if tensor.device not in generators:
-                generators[tensor.device] = torch.Generator(tensor.device).manual_seed(draw)
-            return quant.stochastic_round(tensor, bits, generators[tensor.device])
-
-        return Plan({name: rounded(tensor) for name, tensor in weights.items()})
+        return Plan(quant.stochastic_round_weights(weights, bits, mix_seed(self.seed, version, client.client_id)))

@@ -63,6 +63,7 @@ class Kind:
     bitwidths: tuple[int, ...]
     private: bool = False
     low_bit_weights: bool = False  # below 32 bits: weights held at the bitwidth while training (client.low_bit_weights)
+    result_rounding: str = "nearest"  # below 32 bits, quantization-aware: how results are rounded to the grid
 
     def overrides(self) -> list[str]:
         if len(self.bitwidths) == 1:
@@ -73,7 +74,7 @@ class Kind:
             fleet = [f"fleet.bitwidths=[{','.join(map(str, self.bitwidths))}]", f"fleet.bitwidth_fractions={fractions}"]
         privacy = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if self.private else []
         low_bit = ["client.low_bit_weights=true"] if self.low_bit_weights else []
-        return [*fleet, *privacy, *low_bit]
+        return [*fleet, *privacy, *low_bit, f"client.result_rounding={self.result_rounding}"]
 
 
 KINDS = {
@@ -85,6 +86,8 @@ KINDS = {
     "dp": Kind((32,), private=True),
     "dp_int8": Kind((8,), private=True),
 }
+# kinds checked on one row only, through every runtime (an option of one training mode, not a client of its own)
+ROW_KINDS = {"int4_stochastic_results": Kind((4,), result_rounding="stochastic")}
 
 
 def refusal(strategy: str, kind_name: str) -> str | None:
@@ -176,6 +179,7 @@ def test_simulation(strategy: str, kind_name: str, tmp_path: Path) -> None:
 DEPLOYED = [(s, "mixed") for s in STRATEGIES if s != "fedp3"] + [("fedp3", "fp32"), ("fedp3", "dp")]
 DEPLOYED += [(row, kind) for row, (_, kind) in sorted(OPTIONS.items())]
 DEPLOYED += [("fedavg_stochastic", "int4_low_bit_weights")]  # the training mode stochastic rounding is for
+DEPLOYED += [("fedavg_stochastic", "int4_stochastic_results")]  # and quantization-aware clients rounding theirs
 DEPLOY_COMMON = ["dataset=synthetic", "model=2nn", "num_clients=3", "seed=0"]
 
 
@@ -214,6 +218,7 @@ def deploy(tmp_path: Path, strategy: str, kind: Kind) -> tuple[list[str], list[d
                 "threads=1",
                 *(["privacy.enabled=true", "privacy.noise_multiplier=1.0"] if kind.private else []),
                 *(["train.low_bit_weights=true"] if kind.low_bit_weights else []),
+                f"train.result_rounding={kind.result_rounding}",
             ]
             clients.append(spawn("fedhet.clients.network", args, tmp_path / f"client{i}.log", tmp_path))
         codes = [c.wait(timeout=120) for c in clients]
@@ -229,7 +234,7 @@ def deploy(tmp_path: Path, strategy: str, kind: Kind) -> tuple[list[str], list[d
 
 @pytest.mark.parametrize(("strategy", "kind_name"), DEPLOYED)
 def test_deployed(strategy: str, kind_name: str, tmp_path: Path) -> None:
-    kind = KINDS[kind_name]
+    kind = {**KINDS, **ROW_KINDS}[kind_name]
     logs, records = deploy(tmp_path, strategy, kind)
     assert len(records) >= 2 and records[0]["version"] == 0 and records[-1]["version"] == VERSIONS
     bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
@@ -286,7 +291,7 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
     )
     from fedhet.flower.records import array_record_nbytes, to_array_record
 
-    kind = KINDS[kind_name]
+    kind = {**KINDS, **ROW_KINDS}[kind_name]
     bitwidths = kind.bitwidths if len(kind.bitwidths) == 3 else kind.bitwidths * 3
     cfg = compose([*SMALL, *strategy_overrides(strategy), "num_clients=3"])
     privacy = PrivacyConfig(noise_multiplier=1.0) if kind.private else None
@@ -295,7 +300,7 @@ def test_flower(strategy: str, kind_name: str, tmp_path: Path) -> None:
         model="2nn",
         num_clients=3,
         seed=0,
-        train=TrainConfig(low_bit_weights=kind.low_bit_weights),
+        train=TrainConfig(low_bit_weights=kind.low_bit_weights, result_rounding=kind.result_rounding),
         bitwidths=bitwidths,
         privacy=privacy,
         threads=1,

@@ -1,5 +1,6 @@
 """Stochastic rounding of the model a low-bit client receives (``strategy.planner.rounding=stochastic``): on the
-client's grid, exact through the codec, unbiased, drawn the same way on every runtime, and only below 32 bits."""
+client's grid, exact through the codec, unbiased, drawn the same way on every runtime, and only below 32 bits; and
+of a quantization-aware client's result (``client.result_rounding=stochastic``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import pytest
 import torch
 
 from fedhet import quant
+from fedhet.clients.quantized import INT8_NEVER
+from fedhet.clients.trainer import TrainConfig
 from fedhet.codec import decode, encode, encoding_for_bitwidth
 from fedhet.errors import ConfigError
 from fedhet.models import build_model
 from fedhet.strategies import build_strategy
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.types import ClientInfo, ClientProfile
+from tests.test_vectorized import assert_same_on_grid, quantized_run
 
 
 def at_bits(client_id: int, bits: int) -> ClientInfo:
@@ -59,3 +63,35 @@ def test_an_unknown_rounding_is_refused_by_name() -> None:
     }
     with pytest.raises(ConfigError, match="strategy.planner .identity.: rounding must be one of nearest, stochastic"):
         build_strategy(spec, seed=0)
+
+
+def test_stochastic_results_are_on_the_grid_unbiased_and_equal_on_both_executors() -> None:
+    """``client.result_rounding=stochastic``: a quantization-aware client's result, rounded client by client from
+    its task's seed, is the same on the vectorized executor as on the sequential quantized trainer, on the grid,
+    and differs from rounding to nearest."""
+    bits = dict(enumerate([4, 2, 8, 32, 4]))
+    nearest, _, _ = quantized_run("2nn", bits, int8_min_macs=INT8_NEVER)
+    expected, actual, executor = quantized_run("2nn", bits, int8_min_macs=INT8_NEVER, result_rounding="stochastic")
+    assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(bits), 0)
+    assert_same_on_grid(expected, actual)
+    for stochastic, near in zip(expected, nearest, strict=True):
+        if stochastic.bitwidth == quant.FULL_PRECISION:
+            continue
+        for key, value in stochastic.weights.items():
+            assert torch.equal(quant.fake_quantize(value, stochastic.bitwidth), value), key
+        moved = sum(int((stochastic.weights[k] != near.weights[k]).sum()) for k in near.weights)
+        assert moved > 0, f"task {stochastic.task_id}: stochastic rounding gave the nearest values"
+
+
+def test_stochastic_weights_do_not_depend_on_order_or_company() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 32, generator=g), torch.randn(4, 16, generator=g)
+    both = quant.stochastic_round_weights({"a": a, "b": b}, 4, seed=9)
+    assert torch.equal(quant.stochastic_round_weights({"b": b}, 4, seed=9)["b"], both["b"])
+    assert torch.equal(quant.stochastic_round_weights({"b": b, "a": a}, 4, seed=9)["a"], both["a"])
+    assert not torch.equal(quant.stochastic_round_weights({"a": a}, 4, seed=10)["a"], both["a"])
+
+
+def test_bad_result_rounding_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="client.result_rounding"):
+        TrainConfig(result_rounding="up")

@@ -306,10 +306,13 @@ def quantized_run(
     int8_min_macs: int | None = None,
     momentum: float = 0.0,
     low_bit_weights: bool = False,
+    result_rounding: str = "nearest",
 ) -> tuple[list[Result], list[Result], VectorizedExecutor]:
     """The sequential and the vectorized executor's results for clients at ``bits`` (32 where not named)."""
     x, y, shards = data(len(bits))
-    config = TrainConfig(lr=0.05, batch_size=8, momentum=momentum, low_bit_weights=low_bit_weights)
+    config = TrainConfig(
+        lr=0.05, batch_size=8, momentum=momentum, low_bit_weights=low_bit_weights, result_rounding=result_rounding
+    )
     model = build_model(model_name, SHAPE, 10, seed=0)
     tasks = tasks_for(model, len(bits))
     quantized = QuantizedTrainer(model, config, int8_min_macs=int8_min_macs)

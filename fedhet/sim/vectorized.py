@@ -53,7 +53,7 @@ from torch import nn
 
 from fedhet import quant
 from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_native
-from fedhet.clients.trainer import ClientStates, LocalTrainer
+from fedhet.clients.trainer import ClientStates, LocalTrainer, result_seed
 from fedhet.seeding import mix_seeds
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
@@ -318,7 +318,7 @@ class VectorizedExecutor:
                     master[key] = self._step(key, master[key], g, active, lr, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
         if bits < quant.FULL_PRECISION:  # the results on the grid, as the quantized trainer returns them
-            weights = {k: quant.fake_quantize_stacked(v, bits) for k, v in weights.items()}
+            weights = self._on_grid(weights, plans, bits)
         losses = loss_sum.tolist()
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
@@ -380,6 +380,19 @@ class VectorizedExecutor:
         if key not in self._rounded:
             self._rounded[key] = quant.quantize_weights(task.weights, bits)
         return self._rounded[key]
+
+    def _on_grid(self, weights: dict[str, torch.Tensor], plans: list[_Plan], bits: int) -> dict[str, torch.Tensor]:
+        """A chunk's stacked results rounded to ``bits`` bits as :class:`~fedhet.clients.quantized.QuantizedTrainer`
+        rounds each: to nearest in one pass, or stochastically client by client from its task's seed."""
+        if self.config.result_rounding == "nearest":
+            return {k: quant.fake_quantize_stacked(v, bits) for k, v in weights.items()}
+        for c, plan in enumerate(plans):
+            rows = quant.stochastic_round_weights(
+                {k: v[c] for k, v in weights.items()}, bits, result_seed(self.seed, plan.task.task_id)
+            )
+            for key, row in rows.items():
+                weights[key][c] = row
+        return weights
 
     def _view(self, key: str, param: Param, active: int, bits: int) -> Param:
         """``param`` for the first ``active`` clients, as the forward pass uses it: a Linear or Conv2d weight
