@@ -135,9 +135,10 @@ class Task:
                 f"task {self.task_id}: exactly one of local_steps ({self.local_steps}) "
                 f"and local_epochs ({self.local_epochs}) must be > 0"
             )
-        extra = (self.train | self.sparse) - set(self.weights)
-        if extra:
-            raise ValueError(f"task {self.task_id}: names tensors it does not carry: {sorted(extra)}")
+        if self.train or self.sparse:  # (most tasks name none: no set of the weights' names for them)
+            extra = (self.train | self.sparse) - set(self.weights)
+            if extra:
+                raise ValueError(f"task {self.task_id}: names tensors it does not carry: {sorted(extra)}")
 
     @property
     def trained(self) -> frozenset[str]:

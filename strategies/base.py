@@ -73,9 +73,10 @@ class Plan:
     train_all: bool = False
 
     def __post_init__(self) -> None:
-        extra = (self.train | self.sparse) - set(self.weights)
-        if extra:
-            raise ValueError(f"plan names tensors it does not send: {sorted(extra)}")
+        if self.train or self.sparse:  # (most plans name none: no set of the weights' names for them)
+            extra = (self.train | self.sparse) - set(self.weights)
+            if extra:
+                raise ValueError(f"plan names tensors it does not send: {sorted(extra)}")
 
 
 @dataclass

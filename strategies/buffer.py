@@ -258,12 +258,8 @@ class UpdateBuffer:
         suffice.
         """
         buckets, pending = self._buckets.copy(), self._pending.copy()
-        fields = []
-        for bucket in buckets.values():
-            fields.append((bucket, vars(bucket).copy(), len(bucket.task_ids), len(bucket.updates)))
-        rows = []
-        for chunk in pending.values():
-            rows.append((chunk, len(chunk.rows)))
+        fields = [(b, vars(b).copy(), len(b.task_ids), len(b.updates)) for b in buckets.values()]
+        rows = [(chunk, len(chunk.rows)) for chunk in pending.values()]
         return partial(self._restore, vars(self).copy(), buckets, pending, fields, rows)
 
     def _restore(

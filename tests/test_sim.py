@@ -47,6 +47,20 @@ def test_events_pop_in_time_order_and_ties_in_push_order() -> None:
         queue.push(1.0, EventKind.TICK)
 
 
+def test_event_queue_state_round_trips_and_refuses_a_repeated_sequence_number() -> None:
+    queue = EventQueue()
+    queue.push(1.0, EventKind.ARRIVAL, client_id=3, task_id=1)
+    queue.push(1.0, EventKind.AVAILABLE, client_id=7)
+    queue.push(0.5, EventKind.TICK)
+    state = queue.state_dict()
+    again = EventQueue()
+    again.load_state_dict(state)
+    assert [again.pop() for _ in range(3)] == [queue.pop() for _ in range(3)]
+    state["events"][1][1] = state["events"][0][1]  # two events with one sequence number could not be ordered
+    with pytest.raises(ValueError, match="repeats a sequence number"):
+        EventQueue().load_state_dict(state)
+
+
 def test_task_duration_is_download_compute_upload() -> None:
     c = client(0, num_samples=95, seconds_per_sample=0.02, bandwidth=1000.0)
     task = Task(0, 0, 0, weights(0.0), local_epochs=2)

@@ -136,13 +136,12 @@ class RunDriver:
     def result(self, result: Result, now: float) -> Outcome:
         """``result`` arrived at ``now``. Nothing is applied when it raises: :class:`UnknownTaskError` for a task
         that is not outstanding, :class:`ResultFailed` when the strategy failed on it (the run goes on)."""
-        what = f"the result of task {result.task_id}"
         try:
             outcome = self._event(now, self.strategy.on_result, result, now)
         except UnknownTaskError:
             raise
         except Exception as error:  # the strategy took the event back: a refusal, not the end of the run
-            raise ResultFailed(strategy_failure(what, error)) from error
+            raise ResultFailed(strategy_failure(f"the result of task {result.task_id}", error)) from error
         if math.isfinite(result.loss) and result.num_samples > 0:
             total, samples = self.trained
             self.trained = (total + result.loss * result.num_samples, samples + result.num_samples)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Event", "EventKind", "EventQueue"]
 
@@ -17,22 +16,23 @@ class EventKind(Enum):
     TICK = "tick"  # a deadline the strategy asked for
 
 
-@dataclass(order=True, frozen=True)
-class Event:
-    """Something that happens at virtual ``time`` (seconds). Ties keep insertion order (``seq``)."""
+class Event(NamedTuple):
+    """Something that happens at virtual ``time`` (seconds). Ties keep insertion order (``seq``, unique in a
+    queue, so events order by ``(time, seq)`` alone). A tuple, made and compared in C: a simulation makes one or
+    more per task."""
 
     time: float
     seq: int
-    kind: EventKind = field(compare=False)
-    client_id: int = field(compare=False, default=-1)
-    task_id: int = field(compare=False, default=-1)
+    kind: EventKind
+    client_id: int = -1
+    task_id: int = -1
 
 
 class EventQueue:
     """Events popped in time order; equal times in the order they were pushed."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Event]] = []  # tuples: compared in C, not by the dataclass's __lt__
+        self._heap: list[Event] = []
         self._seq = 0
         self.now = 0.0
 
@@ -41,11 +41,11 @@ class EventQueue:
             raise ValueError(f"cannot schedule {kind.value} at {time} s, before the current time {self.now} s")
         event = Event(time, self._seq, kind, client_id, task_id)
         self._seq += 1
-        heapq.heappush(self._heap, (time, event.seq, event))
+        heapq.heappush(self._heap, event)
         return event
 
     def pop(self) -> Event:
-        event = heapq.heappop(self._heap)[2]
+        event = heapq.heappop(self._heap)
         self.now = event.time
         return event
 
@@ -54,7 +54,7 @@ class EventQueue:
 
     def state_dict(self) -> dict[str, Any]:
         """The pending events and the clock, for a checkpoint."""
-        events = [[e.time, e.seq, e.kind.value, e.client_id, e.task_id] for _, _, e in sorted(self._heap)]
+        events = [[e.time, e.seq, e.kind.value, e.client_id, e.task_id] for e in sorted(self._heap)]
         return {"now": self.now, "next_seq": self._seq, "events": events}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -66,6 +66,8 @@ class EventQueue:
             raise ValueError(f"event queue state is malformed: {error}") from None
         if any(t < now or q >= next_seq for t, q, *_ in rows):
             raise ValueError("event queue state holds an event before its clock or after its sequence")
-        self._heap = [(t, q, Event(t, q, k, c, i)) for t, q, k, c, i in rows]
+        if len({q for _, q, *_ in rows}) != len(rows):
+            raise ValueError("event queue state repeats a sequence number")
+        self._heap = [Event(t, q, k, c, i) for t, q, k, c, i in rows]
         heapq.heapify(self._heap)
         self.now, self._seq = now, next_seq

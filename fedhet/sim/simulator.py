@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,16 @@ def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes
     return compute + (payload_bytes + upload) / client.profile.bandwidth
 
 
+def _with_train_seconds(result: Result, seconds: float) -> Result:
+    """``dataclasses.replace(result, train_seconds=seconds)`` without its walk over the fields (a fifth of the time;
+    a simulation makes one per task): the frozen result's attributes copied, then the one field set on the copy,
+    which nothing else holds yet."""
+    out = object.__new__(type(result))
+    vars(out).update(vars(result))
+    object.__setattr__(out, "train_seconds", seconds)
+    return out
+
+
 class Simulator:
     """Runs one strategy over simulated clients on a virtual clock."""
 
@@ -104,8 +115,8 @@ class Simulator:
         self.extra_metrics = extra_metrics
         self.clients = {c.client_id: c for c in clients}
         self.config = config
-        for client in clients:  # a bitwidth without a wire encoding fails here, not mid-run
-            self._encoding(client)
+        # each client's wire encoding, both ways: a bitwidth without one fails here, not mid-run
+        self._encodings = {c.client_id: encoding_for_bitwidth(c.profile.bitwidth, config.encoding) for c in clients}
         self.executor = executor
         self.recorder = Recorder(evaluate, metrics, progress)
         self.driver = RunDriver(strategy, config.stop, config.cadence)
@@ -122,6 +133,7 @@ class Simulator:
         self._events = 0  # events handled so far
         self._refused = 0  # results the strategy failed on (dropped updates the strategy does not count)
         self._sizes: dict[tuple[object, ...], int] = {}  # dense payload sizes by (encoding, names, shapes, dtypes)
+        self._latest_size: dict[str, tuple[Weights, int]] = {}  # by encoding: the latest weights sized, and its size
 
     def run(self, initial_weights: Weights, resume: Mapping[str, Any] | None = None) -> RunSummary:
         """Run from ``initial_weights`` (or from ``resume``, a :meth:`state_dict` of an earlier run of the same
@@ -227,7 +239,7 @@ class Simulator:
     def _dispatch(self, tasks: list[Task], now: float) -> None:
         for task in tasks:
             client = self.clients[task.client_id]
-            encoding = self._encoding(client)
+            encoding = self._encodings[task.client_id]
             size = (
                 encoded_size(task.weights, encoding, task.sparse, task.sparse_bits)
                 if task.sparse
@@ -255,29 +267,30 @@ class Simulator:
         if task_id not in self._computed:
             # compute this task together with other tasks in flight (oldest first), up to the executor's batch
             batch = [self._in_flight.pop(task_id)]
-            batch += [self._in_flight.pop(t) for t in list(self._in_flight)[: self.executor.batch_size - 1]]
+            batch += [self._in_flight.pop(t) for t in list(islice(self._in_flight, self.executor.batch_size - 1))]
             for result in self.executor.run(batch):
                 self._computed[result.task_id] = result
         result = self._computed.pop(task_id)
         # the client reports its training time on the virtual clock, as a real client reports its own
         client = self.clients[result.client_id]
         compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
-        result = replace(result, train_seconds=compute)
+        result = _with_train_seconds(result, compute)
         self.bytes_up += self._upload.pop(task_id)  # what the client sends back: its trained tensors, dense
         return result
 
     def _size(self, weights: Weights, encoding: str) -> int:
         """``encoded_size`` of dense ``weights``, which depends only on their names, shapes and dtypes: computed once
-        per layout (a round of a thousand results would otherwise build a thousand headers)."""
+        per layout (a round of a thousand results would otherwise build a thousand headers), and looked up once per
+        weights mapping (the tasks of a round share one)."""
+        latest = self._latest_size.get(encoding)
+        if latest is not None and latest[0] is weights:
+            return latest[1]
         key = (encoding, *((k, v.shape, v.dtype) for k, v in weights.items()))
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = encoded_size(weights, encoding)
+        self._latest_size[encoding] = (weights, size)
         return size
-
-    def _encoding(self, client: ClientInfo) -> str:
-        """The wire encoding of ``client``'s payloads, both ways."""
-        return encoding_for_bitwidth(client.profile.bitwidth, self.config.encoding)
 
     def _schedule_tick(self) -> None:
         deadline = self.strategy.next_deadline()
