@@ -102,7 +102,7 @@ class _Autocast(nn.Module):
 def graphed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> Callable[[], object]:
     """The step as clients run it on CUDA: :class:`GraphedSteps`, full minibatches replayed from a CUDA graph."""
     steps = GraphedSteps(_Autocast(model) if autocast else model, F.cross_entropy)
-    steps.begin(list(model.parameters()), lr=0.05, momentum=0.0, weight_decay=0.0)
+    steps.begin(list(model.parameters()), lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=len(x))
     return functools.partial(steps.step, x, y)
 
 

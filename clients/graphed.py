@@ -60,14 +60,23 @@ class GraphedSteps:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
         self._side_stream: torch.cuda.Stream | None = None
+        self._batch_size = 0
 
     def begin(
-        self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, extra: Hashable = None
+        self,
+        params: list[nn.Parameter],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        batch_size: int,
+        extra: Hashable = None,
     ) -> torch.optim.SGD:
-        """Start a task that trains ``params`` with these SGD settings; ``extra`` is anything else the step's
-        kernels depend on. Returns the task's optimiser: the graph's own, momentum zeroed, when nothing in the key
-        changed; a fresh one (and a recapture to come) otherwise."""
-        key = (tuple((p.data_ptr(), p.shape) for p in params), lr, momentum, weight_decay, extra)
+        """Start a task that trains ``params`` with these SGD settings on minibatches of ``batch_size`` samples (the
+        shape captured; a smaller last minibatch runs eagerly); ``extra`` is anything else the step's kernels depend
+        on. Returns the task's optimiser: the graph's own, momentum zeroed, when nothing in the key changed; a fresh
+        one (and a recapture to come) otherwise."""
+        key = (tuple((p.data_ptr(), p.shape) for p in params), lr, momentum, weight_decay, batch_size, extra)
+        self._batch_size = batch_size
         if key != self._key or self.optimizer is None:
             self._key = key
             self._graph = self._static = None  # frees the old graph's memory pool
@@ -99,13 +108,13 @@ class GraphedSteps:
         return self._eager(x, y)
 
     def _can_capture(self, x: torch.Tensor) -> bool:
-        return self.capture and x.is_cuda
+        return self.capture and x.is_cuda and len(x) == self._batch_size
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One eager step; before the first capture on a side stream (capture's warm-up), after it on the current
         stream, accumulating into the graph's gradient tensors (zeroed in place, never replaced)."""
         assert self.optimizer is not None
-        warming = self._can_capture(x) and self._static is None and self._graph is None
+        warming = self.capture and x.is_cuda and self._static is None
         stream = self._warmup_stream() if warming else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())

@@ -342,7 +342,7 @@ class LocalTrainer:
         lr = cfg.lr_at(task.version)
         try:
             if self.privacy is None and task.proximal_mu == 0:
-                self.steps.begin(params, lr, cfg.momentum, cfg.weight_decay, self.kernel_key)
+                self.steps.begin(params, lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, self.kernel_key)
                 total_loss = self._graphed_sgd(minibatches(len(x), cfg.batch_size, steps, generator), x, y)
             else:  # FedProx's step pre-hook reads this task's start weights, and DP-SGD wraps the optimiser: eager
                 optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

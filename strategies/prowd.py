@@ -480,9 +480,12 @@ class ProWD:
             if not sources:
                 continue  # nothing holds weights at this block's higher bitwidth yet: it stays as trained so far
             optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
+            # each upload's pair, rounded once for the block's steps (memory: two models per upload of the round)
+            pairs = [
+                (quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)) for g in sources
+            ]
             for step in range(self.dequantizer_steps):
-                weights = sources[step % len(sources)].mean  # the pair is made when used: memory two models
-                low, target = quant.quantize_weights(weights, block.low), quant.quantize_weights(weights, block.high)
+                low, target = pairs[step % len(pairs)]
                 lifted = dequantizer.lift(low, block.low, first=index)
                 loss = self.recon_weight * _relative_mse(lifted, target)
                 if self.distill_weight > 0:

@@ -66,12 +66,14 @@ def test_a_new_learning_rate_or_kernel_key_or_trained_set_starts_a_new_optimiser
     model = cnn()
     steps = GraphedSteps(model, nn.functional.cross_entropy)
     params = list(model.parameters())
-    first = steps.begin(params, 0.1, 0.9, 0.0)
-    assert steps.begin(params, 0.1, 0.9, 0.0) is first
-    assert steps.begin(params, 0.05, 0.9, 0.0) is not first  # lr_decay's next version: another lr
+    first = steps.begin(params, 0.1, 0.9, 0.0, 32)
+    assert steps.begin(params, 0.1, 0.9, 0.0, 32) is first
+    assert steps.begin(params, 0.05, 0.9, 0.0, 32) is not first  # lr_decay's next version: another lr
     second = steps.optimizer
-    assert steps.begin(params, 0.05, 0.9, 0.0, extra=(4, 0)) is not second  # another bitwidth
-    assert steps.begin(params[-2:], 0.05, 0.9, 0.0, extra=(4, 0)) is not steps.begin(params, 0.05, 0.9, 0.0)
+    assert steps.begin(params, 0.05, 0.9, 0.0, 32, extra=(4, 0)) is not second  # another bitwidth
+    third = steps.optimizer
+    assert steps.begin(params, 0.05, 0.9, 0.0, 16, extra=(4, 0)) is not third  # another minibatch size
+    assert steps.begin(params[-2:], 0.05, 0.9, 0.0, 16, (4, 0)) is not steps.begin(params, 0.05, 0.9, 0.0, 16)
 
 
 def test_step_before_begin_and_zero_warmup_are_refused() -> None:
@@ -95,7 +97,8 @@ def test_no_capture_off_cuda() -> None:
 @pytest.mark.parametrize("bits", [32, 8, 4])
 def test_captured_steps_equal_eager_steps(bits: int) -> None:
     """Two tasks (the second reuses the graph), 100 samples at batch 32: three full minibatches an epoch replayed
-    and the 4-sample remainder run eagerly, against every step eager (cuda_graphs false)."""
+    and the 4-sample remainder run eagerly (never captured, though it comes right after the warm-up), against every
+    step eager (cuda_graphs false)."""
     x, y = data()
     weights = start()
     results = {}
