@@ -303,7 +303,7 @@ class LocalTrainer:
         self.privacy = privacy
         self.loss_fn = nn.CrossEntropyLoss()
         self._per_sample: Any = None  # DP: Opacus's GradSampleModule, attached at the first DP task
-        self.steps = GraphedSteps(self.model, self.loss_fn, capture=config.cuda_graphs)
+        self.graphed = GraphedSteps(self.model, self.loss_fn, capture=config.cuda_graphs)
         self._hooked_for: frozenset[str] = frozenset()  # the trained names its hooks were added for
 
     def train(
@@ -342,7 +342,7 @@ class LocalTrainer:
         lr = cfg.lr_at(task.version)
         try:
             if self.privacy is None and task.proximal_mu == 0:
-                self.steps.begin(params, lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, self.kernel_key)
+                self.graphed.begin(params, lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, self.kernel_key)
                 total_loss = self._graphed_sgd(minibatches(len(x), cfg.batch_size, steps, generator), x, y)
             else:  # FedProx's step pre-hook reads this task's start weights, and DP-SGD wraps the optimiser: eager
                 optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -374,12 +374,12 @@ class LocalTrainer:
         )
 
     def _graphed_sgd(self, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
-        """Steps over ``batches`` through :attr:`steps` (begun for the task); the summed minibatch loss."""
+        """Steps over ``batches`` through :attr:`graphed` (begun for the task); the summed minibatch loss."""
         total_loss = torch.zeros((), device=self.device)
         for idx in batches:
             xb = x[idx].to(self.device, non_blocking=True)
             yb = y[idx].to(self.device, non_blocking=True)
-            total_loss += self.steps.step(xb, yb)  # read before the next step: a replayed loss is overwritten
+            total_loss += self.graphed.step(xb, yb)  # read before the next step: a replayed loss is overwritten
         return float(total_loss)
 
     def _sgd(

@@ -55,9 +55,9 @@ def test_an_optimiser_reused_across_tasks_computes_what_a_fresh_one_does() -> No
     weights = start()
     shared = LocalTrainer(cnn(), CONFIG)
     shared.train(task(weights, 1), x, y, seed=0)  # leaves momentum in the buffers
-    optimizer = shared.steps.optimizer
+    optimizer = shared.graphed.optimizer
     second = shared.train(task(weights, 2), x, y, seed=0)
-    assert shared.steps.optimizer is optimizer  # reused, not rebuilt
+    assert shared.graphed.optimizer is optimizer  # reused, not rebuilt
     fresh = LocalTrainer(cnn(), CONFIG).train(task(weights, 2), x, y, seed=0)
     assert_close(second, fresh)
 
@@ -87,7 +87,7 @@ def test_no_capture_off_cuda() -> None:
     x, y = data()
     trainer = LocalTrainer(cnn(), CONFIG)
     trainer.train(task(start()), x, y, seed=0)
-    assert trainer.steps.captures == 0 and trainer.steps.replays == 0
+    assert trainer.graphed.captures == 0 and trainer.graphed.replays == 0
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -107,7 +107,7 @@ def test_captured_steps_equal_eager_steps(bits: int) -> None:
         trainer = QuantizedTrainer(cnn(), config, "cuda") if bits < 32 else LocalTrainer(cnn(), config, "cuda")
         train = trainer.train if isinstance(trainer, LocalTrainer) else _at(trainer, bits)
         results[graphs] = [train(task(weights, i, steps=9), x, y, 0) for i in (1, 2)]
-        steps = trainer._trainer.steps if isinstance(trainer, QuantizedTrainer) else trainer.steps
+        steps = trainer._trainer.graphed if isinstance(trainer, QuantizedTrainer) else trainer.graphed
         if graphs:
             assert steps.captures == 1  # one capture serves both tasks
             assert steps.replays == 2 * 9 - 3 - 2 * 2  # 9 steps a task: 3 eager warm-ups, 2 remainders a task eager
@@ -128,9 +128,9 @@ def test_a_new_version_with_lr_decay_recaptures() -> None:
     weights = start()
     trainer.train(task(weights, 1, version=0), x, y, seed=0)
     trainer.train(task(weights, 2, version=0), x, y, seed=0)
-    assert trainer.steps.captures == 1
+    assert trainer.graphed.captures == 1
     trainer.train(task(weights, 3, version=1), x, y, seed=0)
-    assert trainer.steps.captures == 2
+    assert trainer.graphed.captures == 2
 
 
 class _Syncing(nn.Module):
@@ -155,6 +155,6 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_one_warning(caplog: py
         with caplog.at_level(logging.WARNING, logger="fedhet.clients.graphed"):
             results.append(trainer.train(task(weights, steps=9), x, y, seed=0))
             trainer.train(task(weights, 2, steps=9), x, y, seed=0)
-        assert trainer.steps.captures == 0
+        assert trainer.graphed.captures == 0
     assert sum("capture of the training step failed" in r.message for r in caplog.records) == 1
     assert_close(results[0], results[1], atol=1e-6)
