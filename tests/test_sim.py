@@ -6,7 +6,9 @@ import itertools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.staleness import StalenessWeighted
-from fedhet.types import Task, Weights
+from fedhet.types import Result, Task, Weights
 from tests.helpers import EchoExecutor, client, weights
 
 
@@ -218,3 +220,63 @@ def test_a_result_the_strategy_fails_on_is_a_dropped_update_and_the_simulation_f
     )
     assert strategy.state_dict()["outstanding"].keys().isdisjoint({"4"})  # its client asked again: the task is gone
     assert sim.state_dict()["refused"] == 1  # a resumed run goes on counting it
+
+
+SPEEDS = [0.05, 0.01, 0.09, 0.03, 0.07, 0.02, 0.10, 0.04, 0.08, 0.06]  # seconds a sample: unrelated to client ids
+
+
+class BatchesExecutor(EchoExecutor):
+    """The echo executor, taking ``batch_size`` tasks at a time and recording each batch's client ids."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.batches: list[list[int]] = []
+
+    def run(self, tasks: Sequence[Task]) -> list[Result]:
+        self.batches.append([t.client_id for t in tasks])
+        return super().run(tasks)
+
+
+def test_a_batch_holds_the_tasks_that_arrive_soonest_in_arrival_order(tmp_path: Path) -> None:
+    """Clients of unequal speeds, in an order unrelated to their ids: each batch is the next results to arrive, so
+    the vectorized executor's chunks are delivered (and folded by the update buffer) whole."""
+    clients = [client(i, seconds_per_sample=s) for i, s in enumerate(SPEEDS)]
+    strategy = Strategy(
+        SyncScheduler(fraction=1.0, min_clients=1, local_steps=3, local_epochs=0), IdentityPlanner(), WeightedMean()
+    )
+    executor = BatchesExecutor(4)
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        evaluate = lambda w, bits: Evaluation(0.0, 0.0)  # noqa: E731
+        Simulator(strategy, clients, executor, evaluate, metrics, SimConfig(StopRules(2)), seed=0).run(weights(0.0))
+    by_arrival = sorted(range(len(SPEEDS)), key=SPEEDS.__getitem__)
+    round_batches = [by_arrival[:4], by_arrival[4:8], by_arrival[8:]]
+    assert executor.batches == round_batches * 2
+
+
+def test_a_resumed_simulation_computes_the_same_batches(tmp_path: Path) -> None:
+    """The tasks in flight at a checkpoint, some computed and some not, are batched after a resume as they are
+    without one (FedAsync: tasks are in flight across every version)."""
+    states: list[tuple[int, dict[str, Any]]] = []  # (batches computed so far, simulator state)
+
+    def run(executor: BatchesExecutor, resume: dict[str, Any] | None) -> None:
+        with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+            sim = Simulator(
+                Strategy(FedAsyncScheduler(local_steps=3), IdentityPlanner(), StalenessWeighted(alpha=0.5)),
+                [client(i, seconds_per_sample=s) for i, s in enumerate(SPEEDS)],
+                executor,
+                lambda w, bits: Evaluation(0.0, 0.0),
+                metrics,
+                SimConfig(StopRules(20), checkpoint_every=5),
+                seed=0,
+                checkpoint=lambda state: states.append((len(executor.batches), dict(state))),
+            )
+            sim.run(weights(0.0), resume)
+
+    whole = BatchesExecutor(3)
+    run(whole, None)
+    done, state = states[0]
+    assert len(state["in_flight"]) > 3 and state["computed"]
+    resumed = BatchesExecutor(3)
+    run(resumed, state)
+    assert resumed.batches == whole.batches[done:]

@@ -17,14 +17,20 @@ from fedhet.cli import compose
 from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_native
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
 from fedhet.errors import ConfigError
-from fedhet.metrics import read_metrics
+from fedhet.metrics import MetricsWriter, read_metrics
 from fedhet.models import build_model
+from fedhet.runtime import Evaluation, StopRules
 from fedhet.sim import layers
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import LowRank, compile_model
 from fedhet.sim.runner import simulate, validate
+from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.sim.vectorized import VectorizedExecutor
-from fedhet.types import Result, Task, Weights
+from fedhet.strategies import Strategy, buffer
+from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.fedavg import SyncScheduler
+from fedhet.strategies.planners import IdentityPlanner
+from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
 
 SHAPE = (1, 12, 12)
 
@@ -264,6 +270,34 @@ def test_a_simulation_with_the_vectorized_executor_matches_the_sequential_one(tm
     assert [r.version for r in vectorized] == [r.version for r in sequential]
     assert [r.virtual_time for r in vectorized] == pytest.approx([r.virtual_time for r in sequential])
     assert [r.accuracy for r in vectorized] == pytest.approx([r.accuracy for r in sequential], abs=1e-3)
+
+
+def test_chunks_of_unequal_clients_arrive_together_and_are_folded_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients of unequal speeds: each chunk is computed from the tasks that arrive next, so the update buffer folds
+    every chunk once, whole (not a part of it at each result while later chunks wait)."""
+    folds: list[bool] = []  # whether each chunk folded held all its rows
+    fold_into = buffer._Chunk.fold_into
+
+    def recorded(chunk: buffer._Chunk, bucket: buffer.Bucket) -> None:
+        folds.append(chunk.complete())
+        fold_into(chunk, bucket)
+
+    monkeypatch.setattr(buffer._Chunk, "fold_into", recorded)
+    x, y, shards = data()
+    config = TrainConfig(lr=0.05, batch_size=8)
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    executor = VectorizedExecutor(LocalTrainer(model, config), x, y, shards, 5, batch_size=2)
+    # the larger a client's shard the faster it is: clients arrive in the reverse of their ids
+    clients = [ClientInfo(c, ClientProfile(1.0 / (c + 1) ** 2, 1e12), len(s)) for c, s in shards.items()]
+    strategy = Strategy(SyncScheduler(fraction=1.0, min_clients=1), IdentityPlanner(), WeightedMean())
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        evaluate = lambda w, bits: Evaluation(0.0, 0.0)  # noqa: E731
+        Simulator(strategy, clients, executor, evaluate, metrics, SimConfig(StopRules(2), batch_size=8), 0).run(initial)
+    assert strategy.updates_applied == 2 * len(clients)
+    assert folds == [True] * 8  # 2 rounds of chunks of 2, 2, 2 and 1 clients
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,10 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def pending(self, kind: EventKind) -> list[Event]:
+        """The events of ``kind`` still to pop, in no particular order."""
+        return [e for e in self._heap if e.kind is kind]
+
     def state_dict(self) -> dict[str, Any]:
         """The pending events and the clock, for a checkpoint."""
         events = [[e.time, e.seq, e.kind.value, e.client_id, e.task_id] for e in sorted(self._heap)]

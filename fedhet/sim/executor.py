@@ -20,7 +20,8 @@ __all__ = ["Executor", "SequentialExecutor"]
 class Executor(Protocol):
     """Computes results for tasks. ``batch_size`` is how many tasks it prefers to receive at once; ``device`` is
     where its results' weights live (the simulator keeps the global model there, so aggregation never copies a
-    result between devices)."""
+    result between devices). The simulator hands tasks over soonest arrival first: an executor that computes them in
+    groups groups consecutive tasks, so that a group's results are delivered together."""
 
     batch_size: int
     device: torch.device

@@ -2,9 +2,10 @@
 
 Each worker is a Ray actor holding the training data (shipped once through Ray's object store), a copy of the
 model and a :class:`~fedhet.sim.vectorized.VectorizedExecutor` (which itself falls back to the sequential trainer
-for what it cannot batch). :meth:`RayExecutor.run` splits the tasks it receives evenly over the workers and
-returns their results in task order; a result depends only on (start weights, client data, task, seed), so it
-does not matter which worker computes it.
+for what it cannot batch). :meth:`RayExecutor.run` splits the tasks it receives into even runs of consecutive
+tasks, one per worker, and returns their results in task order; a result depends only on (start weights, client
+data, task, seed), so it does not matter which worker computes it. The simulator hands tasks over soonest arrival
+first, so each worker's chunk holds results that arrive together.
 
 With ``address=""`` a local cluster is started on this machine (and shut down by :meth:`RayExecutor.close`).
 To use several machines, start Ray on them first (``ray start --head`` on one, ``ray start --address=HEAD:6379``

@@ -4,8 +4,11 @@ A task handed to client c at time t arrives at ``t + download + compute + upload
 ``compute = steps * batch_size * seconds_per_sample`` and ``download``/``upload`` are the encoded payload bytes
 divided by the client's bandwidth. Payloads travel in the client's encoding: ``int<b>`` for a client of ``b`` bits,
 the run's float encoding for an fp32 client (:func:`fedhet.codec.encoding_for_bitwidth`), so a 4-bit client moves
-about an eighth of an fp32 client's bytes. Results are computed lazily, when their arrival is the next event (in batches
-of the executor's ``batch_size``), so at most a batch of results is ever held.
+about an eighth of an fp32 client's bytes. Results are computed lazily, when their arrival is the next event, in
+batches of the executor's ``batch_size``: the tasks in flight that arrive soonest (ties by task id), handed to the
+executor in that order. So a batch's results are delivered one after another, whatever the clients' speeds: the
+vectorized executor's chunks are folded whole by the update buffer and freed, and results are held about a batch at
+a time.
 
 A result the strategy fails on (:class:`~fedhet.runtime.ResultFailed`: the strategy took the event back) is a
 dropped update: logged once with its reason, counted in the metrics' ``updates_dropped``, and its client asks for
@@ -14,11 +17,11 @@ work again at once (which loses its task), as a client whose update a server ref
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -128,6 +131,9 @@ class Simulator:
         self._in_flight: dict[int, Task] = {}
         self._upload: dict[int, int] = {}  # encoded bytes of each in-flight task's result
         self._computed: dict[int, Result] = {}
+        # (arrival time, task id) of the tasks in flight, a heap: the next batch to compute is its front (entries of
+        # tasks computed out of that order are dropped when they reach the front)
+        self._soonest: list[tuple[float, int]] = []
         self._ticks: set[float] = set()
         self._wall_start = 0.0
         self._events = 0  # events handled so far
@@ -232,6 +238,9 @@ class Simulator:
         unknown = {t.client_id for t in self._in_flight.values()} - set(self.clients)
         if unknown or set(self._upload) != set(self._in_flight) | set(self._computed):
             raise ValueError("simulation state names tasks or clients this simulation does not have")
+        arrivals = self.queue.pending(EventKind.ARRIVAL)
+        self._soonest = [(e.time, e.task_id) for e in arrivals if e.task_id in self._in_flight]
+        heapq.heapify(self._soonest)
         device = self.executor.device
         if device.type != "cpu":  # the global model lives where the results are computed
             self.strategy.global_weights = {k: v.to(device) for k, v in self.strategy.global_weights.items()}
@@ -253,7 +262,9 @@ class Simulator:
             if self._comes_back(task, client):
                 self._in_flight[task.task_id] = task
                 self._upload[task.task_id] = upload
-                self.queue.push(now + duration, EventKind.ARRIVAL, client_id=client.client_id, task_id=task.task_id)
+                arrival = now + duration
+                self.queue.push(arrival, EventKind.ARRIVAL, client_id=client.client_id, task_id=task.task_id)
+                heapq.heappush(self._soonest, (arrival, task.task_id))
             else:  # the client drops out; it asks for work again when it would have finished
                 self.queue.push(now + duration, EventKind.AVAILABLE, client_id=client.client_id)
 
@@ -265,9 +276,9 @@ class Simulator:
 
     def _result(self, task_id: int) -> Result:
         if task_id not in self._computed:
-            # compute this task together with other tasks in flight (oldest first), up to the executor's batch
+            # this task arrives now, so no task in flight arrives sooner: the batch is it and the next to arrive
             batch = [self._in_flight.pop(task_id)]
-            batch += [self._in_flight.pop(t) for t in list(islice(self._in_flight, self.executor.batch_size - 1))]
+            batch += self._pop_soonest(self.executor.batch_size - 1)
             for result in self.executor.run(batch):
                 self._computed[result.task_id] = result
         result = self._computed.pop(task_id)
@@ -277,6 +288,16 @@ class Simulator:
         result = _with_train_seconds(result, compute)
         self.bytes_up += self._upload.pop(task_id)  # what the client sends back: its trained tensors, dense
         return result
+
+    def _pop_soonest(self, count: int) -> list[Task]:
+        """Take up to ``count`` tasks out of flight, soonest arrival first (ties by task id): O(count log n)."""
+        heap, in_flight = self._soonest, self._in_flight
+        tasks: list[Task] = []
+        while heap and (len(tasks) < count or heap[0][1] not in in_flight):  # past ``count``, only drop stale ones
+            task = in_flight.pop(heapq.heappop(heap)[1], None)
+            if task is not None:
+                tasks.append(task)
+        return tasks
 
     def _size(self, weights: Weights, encoding: str) -> int:
         """``encoded_size`` of dense ``weights``, which depends only on their names, shapes and dtypes: computed once

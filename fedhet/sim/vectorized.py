@@ -1,6 +1,8 @@
 """The vectorized executor: the local SGD of many clients as a few large tensor operations.
 
-Tasks whose weights fit the trainer's model train together, up to ``batch_size`` clients at a time (a *chunk*):
+Tasks whose weights fit the trainer's model train together, up to ``batch_size`` clients at a time (a *chunk*, of
+consecutive tasks in the order :meth:`VectorizedExecutor.run` receives them: the simulator's, soonest arrival first,
+so a chunk's results arrive together and the update buffer folds the chunk whole):
 
 * while every client of the chunk still holds the same start weights (the first step of a synchronous round) a
   layer runs as one ordinary operation over all the clients' samples, and only weight gradients are per client;
@@ -198,7 +200,7 @@ class VectorizedExecutor:
         return int(max(1, min(most, memory_bytes // per_client)))
 
     def run(self, tasks: Sequence[Task]) -> list[Result]:
-        """Results of ``tasks``, in their order."""
+        """Results of ``tasks``, in their order; chunks are runs of consecutive tasks of one bitwidth."""
         results: list[Result | None] = [None] * len(tasks)
         vectorized: list[int] = []
         fallback: list[int] = []
@@ -215,14 +217,12 @@ class VectorizedExecutor:
         for i, result in zip(fallback, self.sequential.run([tasks[i] for i in fallback]), strict=True):
             results[i] = replace(result, weights={k: v.to(self.device) for k, v in result.weights.items()})
         self.fallback_tasks += len(fallback)
-        # a chunk holds one bitwidth; tasks sharing start weights go together, so a chunk's first step can run with
-        # shared weights
+        # a chunk holds one bitwidth and consecutive tasks of it in the order given (soonest arrival first from the
+        # simulator), so its results arrive together
         by_bits: dict[int, list[_Plan]] = {}
         for plan in plans:
             by_bits.setdefault(plan.bits, []).append(plan)
         for same_bits in by_bits.values():
-            groups: dict[tuple[int, ...], int] = {}
-            same_bits.sort(key=lambda p: groups.setdefault(tuple(map(id, p.task.weights.values())), len(groups)))
             chunks = -(-len(same_bits) // self.batch_size)
             size = -(-len(same_bits) // chunks)  # chunks of equal sizes: the same shapes, no small last one
             for start in range(0, len(same_bits), size):
