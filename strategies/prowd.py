@@ -32,7 +32,6 @@ uploads are the reference), ``dequantizer_steps``/``lr``, ``recon_weight``, ``di
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torch.func import functional_call
 from fedhet import quant
 from fedhet.strategies.base import Plan
 from fedhet.strategies.buffer import UpdateBuffer
+from fedhet.strategies.dequantizer import DequantizerBlock, ProgressiveDequantizer, relative_mse
 from fedhet.strategies.errors import StateError
 from fedhet.types import ClientInfo, Weights
 
@@ -171,84 +171,6 @@ class BitwidthPlanner:
             planned = Plan(quant.quantize_weights(source, bits))
             self._cache[bits] = planned
         return planned
-
-
-# ---------------------------------------------------------------------------------------------- dequantizer
-
-
-class DequantizerBlock(nn.Module):
-    """Lifts weights from ``low`` to ``high`` bits: ``w_high = w_low + step * f(features)``, the paper's residual.
-
-    ``step`` is the channel's quantization step at ``low`` bits (:func:`fedhet.quant.channel_scales`), so ``f``
-    speaks in steps at any weight scale; ``f`` is a small element-wise MLP on (value / channel max, 1 for a
-    bias-like tensor, depth of the tensor in the model in [0, 1]). Its last layer starts at zero: an untrained block
-    is the identity. ``max_correction`` (in steps; none by default, as the paper) bounds the residual to
-    ``max_correction * tanh(f)`` steps: 0.5 keeps every weight inside the quantization bin it came from.
-    """
-
-    def __init__(self, low: int, high: int, hidden: int = 8, max_correction: float | None = None) -> None:
-        super().__init__()
-        if max_correction is not None and not (math.isfinite(max_correction) and max_correction > 0):
-            raise ValueError(f"max_correction must be finite and > 0 (or null for none), got {max_correction}")
-        self.low, self.high = quant.check_bits(low), high
-        self.max_correction = max_correction
-        self.hidden = nn.Linear(3, hidden)
-        self.out = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, w: torch.Tensor, depth: float) -> torch.Tensor:
-        channels = quant.num_channels(w.shape)
-        flat = w.reshape(channels, w.numel() // channels if channels else 0)
-        if flat.numel() == 0:
-            return w
-        absmax = flat.detach().abs().amax(dim=1, keepdim=True).clamp_min(2.0**-126)
-        step = quant.channel_scales(flat, self.low)
-        u = flat / absmax
-        features = torch.stack(
-            [u, torch.full_like(u, float(w.dim() <= 1)), torch.full_like(u, depth)], dim=-1
-        )  # (channels, n, 3)
-        residual = self.out(torch.tanh(self.hidden(features))).squeeze(-1)
-        if self.max_correction is not None:
-            residual = torch.tanh(residual) * self.max_correction
-        return (flat + residual * step).reshape(w.shape)
-
-
-class ProgressiveDequantizer(nn.Module):
-    """A chain of :class:`DequantizerBlock`, one per consecutive pair of ``levels`` (e.g. 6 -> 8 -> 12 -> 16 -> 32).
-
-    Weights at ``b`` bits enter at level ``b`` and pass through every later block; fp32 weights pass unchanged.
-    """
-
-    def __init__(self, levels: Sequence[int], hidden: int = 8, max_correction: float | None = None) -> None:
-        super().__init__()
-        levels = list(levels)
-        if levels != sorted(set(levels)) or not levels or levels[-1] != FULL:
-            raise ValueError(f"chain must be increasing bitwidths ending at {FULL}, got {levels}")
-        for bits in levels[:-1]:
-            quant.check_bits(bits)
-        self.levels = levels
-        self.chain = [DequantizerBlock(lo, hi, hidden, max_correction) for lo, hi in itertools.pairwise(levels)]
-        self.blocks = nn.ModuleList(self.chain)
-
-    def block_index(self, low: int) -> int:
-        if low not in self.levels[:-1]:
-            raise ValueError(f"bitwidth {low} is not a level of the dequantizer chain {self.levels}")
-        return self.levels.index(low)
-
-    def lift(self, weights: Mapping[str, torch.Tensor], bits: int, first: int | None = None) -> dict[str, torch.Tensor]:
-        """``weights`` at ``bits`` bits through the blocks from level ``bits`` to the end (or only block ``first``
-        when given). Integer tensors pass unchanged."""
-        if bits == FULL:
-            return dict(weights)
-        start = self.block_index(bits)
-        blocks = [self.chain[start]] if first is not None else self.chain[start:]
-        floating = [k for k, v in weights.items() if v.is_floating_point()]
-        out = dict(weights)
-        for block in blocks:
-            for i, name in enumerate(floating):
-                out[name] = block(out[name], i / max(1, len(floating) - 1))
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -480,14 +402,15 @@ class ProWD:
             if not sources:
                 continue  # nothing holds weights at this block's higher bitwidth yet: it stays as trained so far
             optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
-            # each upload's pair, rounded once for the block's steps (memory: two models per upload of the round)
+            # each upload's pair, rounded and positioned once for the block's steps (memory: a few models per upload)
             pairs = [
                 (quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)) for g in sources
             ]
+            positions = [dequantizer.block_positions(index, low) for low, _ in pairs]
             for step in range(self.dequantizer_steps):
                 low, target = pairs[step % len(pairs)]
-                lifted = dequantizer.lift(low, block.low, first=index)
-                loss = self.recon_weight * _relative_mse(lifted, target)
+                lifted = dequantizer.lift_block(index, low, positions[step % len(pairs)])
+                loss = self.recon_weight * relative_mse(lifted, target)
                 if self.distill_weight > 0:
                     loss = loss + self.distill_weight * self._distill(lifted, target, generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -534,16 +457,6 @@ class ProWD:
             raise StateError("prowd reference update must map names to tensors")
         self.reference = dict(reference)
         self.lowest_seen = lowest
-
-
-def _relative_mse(lifted: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over floating tensors of ``|lifted - target|^2 / |target|^2``."""
-    terms = [
-        (lifted[k] - v).pow(2).sum() / v.pow(2).sum().clamp_min(1e-30)
-        for k, v in target.items()
-        if v.is_floating_point() and v.numel()
-    ]
-    return torch.stack(terms).mean()
 
 
 # ---------------------------------------------------------------------------------------------- grouped

@@ -113,6 +113,27 @@ def test_untrained_dequantizer_is_the_identity() -> None:
         ProgressiveDequantizer([8, 4, 32])
 
 
+def test_block_evaluates_each_distinct_value_once_with_the_per_weight_result() -> None:
+    """A block's MLP runs on the distinct values of weight / channel max and gathers: the residuals equal those of
+    evaluating it on every weight, on a grid (few values) and off it (every value distinct)."""
+    torch.manual_seed(4)
+    block = DequantizerBlock(4, 8, hidden=8)
+    for p in block.parameters():
+        nn.init.normal_(p, std=1.0)
+    for w in (quant.fake_quantize(torch.randn(16, 3, 5, 5), 4), torch.randn(16, 3, 5, 5), torch.randn(7)):
+        flat = w.reshape(len(w), -1) if w.dim() > 1 else w.reshape(1, -1)
+        u = flat / flat.abs().amax(dim=1, keepdim=True)
+        features = torch.stack([u, torch.full_like(u, float(w.dim() <= 1)), torch.full_like(u, 0.25)], dim=-1)
+        residual = block.out(torch.tanh(block.hidden(features))).squeeze(-1)
+        expected = (flat + residual * quant.channel_scales(flat, 4)).reshape(w.shape)
+        torch.testing.assert_close(block(w, 0.25), expected, rtol=1e-6, atol=1e-7)
+    on_grid = block.positions(quant.fake_quantize(torch.randn(64, 300), 4))
+    assert on_grid.values.numel() <= 8 * (2 * quant.qmax(4) + 1)  # 15 grid points, each a few ulps apart
+    lifted = block(torch.randn(8, 4), 0.5)
+    lifted.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
 def test_block_corrections_are_unbounded_unless_capped() -> None:
     """The paper's residual is unbounded; max_correction = 0.5 keeps each weight inside its quantization bin."""
     w = quant.fake_quantize(torch.randn(6, 20), 4)
