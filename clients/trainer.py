@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +106,7 @@ class TrainConfig:
             raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.result_rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"client.result_rounding must be nearest or stochastic, got {self.result_rounding!r}")
+        quant.check_rounding(self.result_rounding, "client.result_rounding")
         if self.low_bit_weights and self.momentum:
             raise ValueError(
                 f"client.low_bit_weights=true keeps no fp32 state per weight, which momentum needs (got momentum "
@@ -343,7 +342,8 @@ class LocalTrainer:
         try:
             if self.privacy is None and task.proximal_mu == 0:
                 self.graphed.begin(params, lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, self.kernel_key)
-                total_loss = self._graphed_sgd(minibatches(len(x), cfg.batch_size, steps, generator), x, y)
+                batches = minibatches(len(x), cfg.batch_size, steps, generator)
+                total_loss = run_minibatches(self.graphed.step, batches, x, y, self.device)
             else:  # FedProx's step pre-hook reads this task's start weights, and DP-SGD wraps the optimiser: eager
                 optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                 if task.proximal_mu > 0:
@@ -373,15 +373,6 @@ class LocalTrainer:
             loss=total_loss / steps,
         )
 
-    def _graphed_sgd(self, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
-        """Steps over ``batches`` through :attr:`graphed` (begun for the task); the summed minibatch loss."""
-        total_loss = torch.zeros((), device=self.device)
-        for idx in batches:
-            xb = x[idx].to(self.device, non_blocking=True)
-            yb = y[idx].to(self.device, non_blocking=True)
-            total_loss += self.graphed.step(xb, yb)  # read before the next step: a replayed loss is overwritten
-        return float(total_loss)
-
     def _sgd(
         self,
         model: nn.Module,
@@ -390,18 +381,16 @@ class LocalTrainer:
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> float:
-        """Steps over ``batches``; the summed minibatch loss."""
-        total_loss = torch.zeros((), device=self.device)
-        for idx in batches:
-            xb = x[idx].to(self.device, non_blocking=True)
-            yb = y[idx].to(self.device, non_blocking=True)
+        """Eager steps over ``batches``; the summed minibatch loss."""
+
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(model(xb), yb)
             loss.backward()
             optimizer.step()
-            if len(idx):  # an empty Poisson batch has a NaN mean loss and contributes noise only
-                total_loss += loss.detach()
-        return float(total_loss)
+            return loss.detach()
+
+        return run_minibatches(step, batches, x, y, self.device)
 
     def per_sample_module(self, trained: frozenset[str]) -> Any:
         """Opacus's ``GradSampleModule`` around the model, hooked on the layers that train now (the model's
@@ -562,6 +551,25 @@ def result_seed(seed: int, task_id: int) -> int:
     """The seed of a task's stochastically rounded result (``TrainConfig.result_rounding``): the run seed and the
     task id mixed, apart from the minibatch order's (:func:`task_seed`)."""
     return mix_seed(seed, task_id, 2)
+
+
+def run_minibatches(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+) -> float:
+    """``step`` (one minibatch's update, returning its loss) over ``batches`` of ``(x, y)``, each moved to
+    ``device``; the summed minibatch loss, read back once at the end. Each loss is added before the next step (a
+    replayed CUDA graph's loss is overwritten by the next replay); an empty (Poisson) minibatch's NaN mean loss is
+    left out: it contributes noise only."""
+    total = torch.zeros((), device=device)
+    for idx in batches:
+        loss = step(x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
+        if len(idx):
+            total += loss
+    return float(total)
 
 
 def minibatches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

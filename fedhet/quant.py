@@ -46,11 +46,13 @@ __all__ = [
     "BITWIDTHS",
     "FORMATS",
     "FULL_PRECISION",
+    "ROUNDINGS",
     "TERNARY_THRESHOLD",
     "PackedTensor",
     "QuantError",
     "channel_scales",
     "check_bits",
+    "check_rounding",
     "dequantize",
     "error_bound",
     "fake_quantize",
@@ -255,6 +257,16 @@ def round_trip(w: torch.Tensor, fmt: str) -> torch.Tensor:
         return w.to(torch.bfloat16).to(w.dtype)
     bits = format_bits(fmt)
     return fake_quantize(w, bits)
+
+
+ROUNDINGS = ("nearest", "stochastic")  # how weights go onto a grid: to the nearest value, or stochastic_round
+
+
+def check_rounding(rounding: str, key: str) -> str:
+    """``rounding`` if it names one of :data:`ROUNDINGS`; else a ValueError naming ``key`` (the config key)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{key} must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return rounding
 
 
 def stochastic_round_weights(weights: Weights, bits: int, seed: int) -> dict[str, torch.Tensor]:

@@ -7,9 +7,7 @@ from fedhet.seeding import mix_seed
 from fedhet.strategies.base import Plan
 from fedhet.types import ClientInfo, Weights
 
-__all__ = ["ROUNDINGS", "IdentityPlanner"]
-
-ROUNDINGS = ("nearest", "stochastic")
+__all__ = ["IdentityPlanner"]
 
 
 class IdentityPlanner:
@@ -28,9 +26,7 @@ class IdentityPlanner:
     """
 
     def __init__(self, rounding: str = "nearest", seed: int = 0) -> None:
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-        self.rounding = rounding
+        self.rounding = quant.check_rounding(rounding, "rounding")
         self.seed = seed
 
     def plan(self, client: ClientInfo, weights: Weights, version: int) -> Plan:
