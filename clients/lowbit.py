@@ -29,6 +29,7 @@ client holds one byte per weight while it trains, and packs to half a byte betwe
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import time
 from collections.abc import Mapping, Set
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.trainer import ClientState, TrainConfig, add_proximal_term, minibatches, task_seed
+from fedhet.clients.trainer import ClientState, TrainConfig, add_proximal_term, minibatches, run_minibatches, task_seed
 from fedhet.seeding import mix_seed
 from fedhet.types import Result, Task
 
@@ -357,10 +358,9 @@ class LowBitTrainer:
         optimizer = self.begin(task, values, task.optimized | set(own), bitwidth, seed)
         steps = task.steps_for(len(x), self.config.batch_size)
         order = torch.Generator().manual_seed(task_seed(seed, task.task_id))
-        total = torch.zeros((), device=self.device)
         try:
-            for idx in minibatches(len(x), self.config.batch_size, steps, order):
-                total += self.step(optimizer, x[idx], y[idx])
+            batches = minibatches(len(x), self.config.batch_size, steps, order)
+            total = run_minibatches(functools.partial(self.step, optimizer), batches, x, y, self.device)
             weights = self._weights()
         finally:
             for weight in self.low_bit.values():
@@ -375,7 +375,7 @@ class LowBitTrainer:
             num_samples=len(x),
             local_steps=steps,
             train_seconds=time.perf_counter() - began,
-            loss=float(total) / steps,
+            loss=total / steps,
         )
 
     def begin(
