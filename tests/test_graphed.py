@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedhet import quant
 from fedhet.clients.graphed import GraphedSteps
 from fedhet.clients.quantized import QuantizedTrainer
 from fedhet.clients.trainer import LocalTrainer, TrainConfig
@@ -114,7 +115,25 @@ def test_captured_steps_equal_eager_steps(bits: int) -> None:
         else:
             assert steps.captures == 0
     for captured, eager in zip(results[True], results[False], strict=True):
-        assert_close(captured, eager, atol=1e-6)
+        if bits == 32:
+            assert_close(captured, eager, atol=1e-6)
+        else:
+            assert_on_grid_close(captured, eager, bits)
+
+
+def assert_on_grid_close(a: Result, b: Result, bits: int) -> None:
+    """Results on a ``bits``-bit grid whose fp32 masters differ by float rounding (a captured graph's kernels need not
+    sum in eager's order): equal, except where a master weight sat on a rounding boundary and went the other way,
+    which moves it by one step of its channel; such flips are rare (at most 0.1% of a tensor's weights)."""
+    assert a.weights.keys() == b.weights.keys()
+    for key, value in a.weights.items():
+        other = b.weights[key]
+        step = quant.channel_scales(other, bits)
+        gap = (value - other).reshape(step.shape[0], -1).abs()
+        flipped = gap > 1e-6
+        assert bool((gap[flipped.any(dim=1)] <= step[flipped.any(dim=1)] * 1.001 + 1e-6).all()), (key, float(gap.max()))
+        assert int(flipped.sum()) <= max(1, value.numel() // 1000), (key, int(flipped.sum()), value.numel())
+    assert abs(a.loss - b.loss) <= 1e-4
 
 
 def _at(trainer: QuantizedTrainer, bits: int):  # type: ignore[no-untyped-def]
