@@ -6,7 +6,9 @@ model. It times the aggregation of that round by the naive weighted mean (the ba
 ablations (dequantizer only, selective aggregation only), with the configs' parameters, and prints each one's
 seconds (minimum and median over ``--rounds``) and its ratio to the naive mean.
 
-    python benchmarks/prowd_round.py [--device cpu|cuda] [--rounds 3] [--threads 1] [--low 2]
+    python benchmarks/prowd_round.py [--device cpu|cuda] [--rounds 3] [--threads 1] [--low 2] [--profile]
+
+``--profile`` then profiles one more ProWD aggregation (torch.profiler) and prints its 25 costliest operations.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -46,13 +49,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--low", type=int, default=2, help="the low clients' bitwidth")
+    parser.add_argument("--profile", action="store_true", help="profile one more ProWD aggregation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model("cnn", (1, 28, 28), 10, seed=0).to(device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     server_inputs = torch.randn(SERVER_BUFFER, 1, 28, 28, device=device)
-    methods = {
+    methods: dict[str, Callable[[], WeightedMean | ProWD]] = {
         "naive mean": lambda: WeightedMean(),
         "ProWD": lambda: ProWD(seed=0),
         "dequantizer only": lambda: ProWD(selective=False, seed=0),
@@ -79,6 +83,27 @@ def main() -> None:
     print(f"{'aggregation':<18} {'min s':>8} {'median s':>9} {'vs naive':>9}")
     for name, ts in times.items():
         print(f"{name:<18} {min(ts):>8.3f} {statistics.median(ts):>9.3f} {min(ts) / base:>8.0f}x")
+    if args.profile:
+        profile(model, start, server_inputs, args.low, device)
+
+
+def profile(model: torch.nn.Module, start: Weights, inputs: torch.Tensor, low: int, device: torch.device) -> None:
+    """One ProWD aggregation under torch.profiler: its costliest operations, by self time on the device (CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    aggregator = ProWD(seed=0)
+    aggregator.attach(model, inputs)
+    aggregator.lowest_seen = low
+    buf = round_buffer(start, low, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        aggregator.aggregate(start, buf, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
