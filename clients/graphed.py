@@ -130,13 +130,13 @@ class GraphedSteps:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=not keep_grads)
         loss = self.loss_fn(self.model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         return loss.detach()
 
     def _warmup_stream(self) -> torch.cuda.Stream:
         if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream()
+            self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         return self._side_stream
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
@@ -149,7 +149,7 @@ class GraphedSteps:
         try:
             with torch.cuda.graph(graph):
                 static_loss = self.loss_fn(self.model(static_x), static_y)
-                static_loss.backward()
+                static_loss.backward()  # type: ignore[no-untyped-call]
                 self.optimizer.step()
         except RuntimeError as error:  # e.g. a host synchronisation in the model's forward
             log.warning("CUDA graph capture of the training step failed (%s); every step runs eagerly", error)

@@ -388,7 +388,8 @@ class LocalTrainer:
             loss = self.loss_fn(model(xb), yb)
             loss.backward()
             optimizer.step()
-            return loss.detach()
+            detached: torch.Tensor = loss.detach()
+            return detached
 
         return run_minibatches(step, batches, x, y, self.device)
 

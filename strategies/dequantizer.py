@@ -63,7 +63,7 @@ class DequantizerBlock(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def positions(self, w: torch.Tensor) -> Positions:
-        """``w`` as this block sees it (computed once, applied by :meth:`apply` as often as needed)."""
+        """``w`` as this block sees it (computed once, lifted by :meth:`lift` as often as needed)."""
         w = w.detach()
         channels = quant.num_channels(w.shape)
         flat = w.reshape(channels, w.numel() // channels if channels else 0)
@@ -74,19 +74,19 @@ class DequantizerBlock(nn.Module):
         values, index = torch.unique(flat / absmax, return_inverse=True)
         return Positions(flat, values, index, quant.channel_scales(flat, self.low), w.dim() <= 1)
 
-    def apply(self, where: Positions, depth: float) -> torch.Tensor:
+    def lift(self, where: Positions, depth: float) -> torch.Tensor:
         """The lifted weights, shaped like ``where.flat``."""
         if where.flat.numel() == 0:
             return where.flat
         u = where.values
         features = torch.stack([u, torch.full_like(u, float(where.bias_like)), torch.full_like(u, depth)], dim=-1)
-        residual = self.out(torch.tanh(self.hidden(features))).squeeze(-1)
+        residual: torch.Tensor = self.out(torch.tanh(self.hidden(features))).squeeze(-1)
         if self.max_correction is not None:
             residual = torch.tanh(residual) * self.max_correction
         return where.flat + residual[where.index] * where.step
 
     def forward(self, w: torch.Tensor, depth: float) -> torch.Tensor:
-        return self.apply(self.positions(w), depth).reshape(w.shape)
+        return self.lift(self.positions(w), depth).reshape(w.shape)
 
 
 class ProgressiveDequantizer(nn.Module):
@@ -141,7 +141,7 @@ class ProgressiveDequantizer(nn.Module):
         block, depths = self.chain[index], self.depths(weights)
         out = dict(weights)
         for name, where in positions.items():
-            out[name] = block.apply(where, depths[name]).reshape(weights[name].shape)
+            out[name] = block.lift(where, depths[name]).reshape(weights[name].shape)
         return out
 
 
