@@ -5,7 +5,7 @@
 # .carry/numpy_wheel and .carry/scipy only where the machine lacks numpy or SciPy. Make them here with
 #   pip download --no-deps -d .carry/wheels hydra-core omegaconf antlr4-python3-runtime==4.9.3 tqdm PyYAML \
 #     hydra-joblib-launcher joblib cloudpickle opacus opt_einsum
-# and, to run tests there (pyproject's addopts take -n auto), pytest pluggy iniconfig packaging pytest-xdist execnet
+# and, to run tests there, pytest pluggy iniconfig packaging
 set -euo pipefail
 python3 -c 'import numpy' 2>/dev/null || python3 -m pip install -q --no-index --no-deps .carry/numpy_wheel/*.whl
 python3 -c 'import scipy' 2>/dev/null || python3 -m pip install -q --no-index --no-deps .carry/scipy/*.whl
