@@ -183,20 +183,42 @@ def selective_mask(
     lr: float = 0.5,
     init: float = 2.0,
     threshold: float = 0.5,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Binary mask of the elements of ``update`` to keep: scores ``s`` (all ``init``) are trained for ``steps``
-    Adam steps to maximise ``cos(sigmoid(s) * update, reference)``, then ``sigmoid(s) > threshold``."""
-    if update.numel() == 0 or float(reference.norm()) == 0.0 or float(update.norm()) == 0.0:
+    Adam steps to maximise ``cos(sigmoid(s) * update, reference)``, then ``sigmoid(s) > threshold``.
+
+    ``update`` is one update shaped like ``reference`` or a stack of them (uploads x ``reference.shape``), and
+    ``sizes`` splits the flattened ``reference`` into consecutive segments (a model's tensors; default: one). Each
+    (upload, segment) is its own problem, as if masked alone: the loss is the sum of their cosines and Adam works
+    element by element, so one optimisation serves them all. A segment whose update or reference is zero is kept
+    whole."""
+    r = reference.detach().reshape(-1).float()
+    if r.numel() == 0:
         return torch.ones_like(update, dtype=torch.bool)
-    u, r = update.detach().reshape(-1).float(), reference.detach().reshape(-1).float()
-    scores = torch.full_like(u, init, requires_grad=True)
+    rows = update.detach().reshape(-1, r.numel()).float()
+    segments = list(sizes) if sizes is not None else [r.numel()]
+    if sum(segments) != r.numel():
+        raise ValueError(f"segment sizes {segments} do not add up to the reference's {r.numel()} elements")
+
+    def segment_sums(x: torch.Tensor) -> torch.Tensor:  # (..., elements) -> (..., segments)
+        return torch.stack([chunk.sum(-1) for chunk in torch.split(x, segments, dim=-1)], dim=-1)
+
+    eps = 1e-8  # F.cosine_similarity's
+    r_norm = segment_sums(r * r).sqrt()
+    whole = (segment_sums(rows * rows) == 0) | (r_norm == 0)
+    scores = torch.full_like(rows, init, requires_grad=True)
     optimizer = torch.optim.Adam([scores], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = -F.cosine_similarity(torch.sigmoid(scores) * u, r, dim=0)
-        loss.backward()  # type: ignore[no-untyped-call]
+        masked = torch.sigmoid(scores) * rows
+        norms = segment_sums(masked * masked).sqrt().clamp_min(eps) * r_norm.clamp_min(eps)
+        cosine = segment_sums(masked * r) / norms
+        (-cosine.sum()).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-    return (torch.sigmoid(scores.detach()) > threshold).reshape(update.shape)
+    repeats = torch.tensor(segments, device=r.device)
+    keep = (torch.sigmoid(scores.detach()) > threshold) | whole.repeat_interleave(repeats, dim=-1)
+    return keep.reshape(update.shape)
 
 
 # ---------------------------------------------------------------------------------------------- ProWD
@@ -335,6 +357,7 @@ class ProWD:
                     for k in floating:
                         mean_update[k].add_(delta[k], alpha=group.weight / high_weight)
             reference = {k: v.float() for k, v in mean_update.items()}
+        masks = self._masks(groups, deltas, reference, floating)
         out: dict[str, torch.Tensor] = {}
         kept: dict[int, float] = {}
         for name, current in global_weights.items():
@@ -344,11 +367,9 @@ class ProWD:
             # each element is the weighted mean of the updates that keep it (a masked-out element does not count)
             change = torch.zeros_like(current, dtype=torch.float64)
             kept_weight = torch.zeros_like(change)
-            for group, delta in zip(groups, deltas, strict=True):
-                if self.selective and group.bitwidth < self.high_bitwidth and name in reference:
-                    mask = selective_mask(
-                        delta[name], reference[name], self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold
-                    ).double()
+            for number, (group, delta) in enumerate(zip(groups, deltas, strict=True)):
+                if number in masks:
+                    mask = masks[number][name].double()
                     kept[group.bitwidth] = kept.get(group.bitwidth, 0.0) + float(mask.sum())
                     change.add_(delta[name] * mask, alpha=group.weight)
                     kept_weight.add_(mask, alpha=group.weight)
@@ -362,6 +383,29 @@ class ProWD:
         self.dequantizer, self.reference, self.lowest_seen = dequantizer, reference, lowest
         self.last_masks = {b: total / (numel * uploads[b]) for b, total in kept.items()}
         return out
+
+    def _masks(
+        self,
+        groups: Sequence[GroupUpdate],
+        deltas: Sequence[Mapping[str, torch.Tensor]],
+        reference: Mapping[str, torch.Tensor],
+        floating: Sequence[str],
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """The selective-aggregation masks of the low uploads (by their number in ``groups``), each a mask per
+        floating tensor, all found in one optimisation (:func:`selective_mask`); none without a reference."""
+        low = [i for i, g in enumerate(groups) if g.bitwidth < self.high_bitwidth]
+        if not self.selective or not reference or not low:
+            return {}
+        sizes = [reference[k].numel() for k in floating]
+        stacked = torch.stack([torch.cat([deltas[i][k].reshape(-1).float() for k in floating]) for i in low])
+        flat_reference = torch.cat([reference[k].reshape(-1) for k in floating])
+        keep = selective_mask(
+            stacked, flat_reference, self.mask_steps, self.mask_lr, self.mask_init, self.mask_threshold, sizes
+        )
+        return {
+            i: {k: m.reshape(reference[k].shape) for k, m in zip(floating, row.split(sizes), strict=True)}
+            for i, row in zip(low, keep, strict=True)
+        }
 
     def _lift(self, dequantizer: ProgressiveDequantizer, group: GroupUpdate) -> dict[str, torch.Tensor]:
         """Low-bitwidth weights at full precision: on the group's grid (an upload already is; a group's mean is
@@ -403,16 +447,18 @@ class ProWD:
                 continue  # nothing holds weights at this block's higher bitwidth yet: it stays as trained so far
             optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
             # each upload's pair, rounded and positioned once for the block's steps (memory: a few models per upload)
-            pairs = [
-                (quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)) for g in sources
-            ]
-            positions = [dequantizer.block_positions(index, low) for low, _ in pairs]
+            pairs = []
+            for g in sources:
+                low, target = quant.quantize_weights(g.mean, block.low), quant.quantize_weights(g.mean, block.high)
+                where = dequantizer.block_positions(index, low)
+                pairs.append((where, where.flatten(target), low, target))
             for step in range(self.dequantizer_steps):
-                low, target = pairs[step % len(pairs)]
-                lifted = dequantizer.lift_block(index, low, positions[step % len(pairs)])
-                loss = self.recon_weight * relative_mse(lifted, target)
+                where, target_flat, low, target = pairs[step % len(pairs)]
+                lifted = dequantizer.lift_block(index, where)
+                loss = self.recon_weight * relative_mse(lifted, target_flat, where)
                 if self.distill_weight > 0:
-                    loss = loss + self.distill_weight * self._distill(lifted, target, generator)
+                    student = {**low, **where.unflatten(lifted)}
+                    loss = loss + self.distill_weight * self._distill(student, target, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()

@@ -81,6 +81,23 @@ def test_selective_mask_drops_disagreeing_elements() -> None:
     assert bool(selective_mask(update, torch.zeros(6)).all())  # no reference: keep everything
 
 
+def test_selective_mask_of_a_stack_of_models_is_each_tensor_masked_alone() -> None:
+    """One optimisation over uploads x a model's tensors gives the masks of masking each tensor of each upload
+    apart; a zero segment (tensor) is kept whole."""
+    torch.manual_seed(7)
+    sizes = [50, 3, 0, 200, 20]
+    reference = torch.randn(sum(sizes))
+    updates = reference + 1.5 * torch.randn(4, sum(sizes))
+    updates[1, 53:253] = 0.0
+    together = selective_mask(updates, reference, sizes=sizes)
+    for row, update in zip(together, updates, strict=True):
+        for part, u, r in zip(row.split(sizes), update.split(sizes), reference.split(sizes), strict=True):
+            assert torch.equal(part, selective_mask(u, r))
+    assert bool(together[1, 53:253].all()) and not bool(together.all())
+    with pytest.raises(ValueError, match="add up"):
+        selective_mask(updates, reference, sizes=[3])
+
+
 def test_selective_aggregation_masks_only_low_groups() -> None:
     start = {k: torch.zeros_like(v) for k, v in weights(0).items()}
     high = {k: torch.ones_like(v) for k, v in start.items()}
@@ -127,8 +144,16 @@ def test_block_evaluates_each_distinct_value_once_with_the_per_weight_result() -
         residual = block.out(torch.tanh(block.hidden(features))).squeeze(-1)
         expected = (flat + residual * quant.channel_scales(flat, 4)).reshape(w.shape)
         torch.testing.assert_close(block(w, 0.25), expected, rtol=1e-6, atol=1e-7)
-    on_grid = block.positions(quant.fake_quantize(torch.randn(64, 300), 4))
+    on_grid = block.positions({"w": quant.fake_quantize(torch.randn(64, 300), 4)}, {"w": 0.5})
     assert on_grid.values.numel() <= 8 * (2 * quant.qmax(4) + 1)  # 15 grid points, each a few ulps apart
+    # a whole model in one pass: tensors sharing values (here the same tensor twice) keep their own depth and kind
+    grid = quant.fake_quantize(torch.randn(16, 3, 5, 5), 4)
+    model = {"conv": grid, "same": grid.clone(), "bias": torch.randn(16), "off": torch.randn(5, 9)}
+    depths = {"conv": 0.0, "same": 0.4, "bias": 0.6, "off": 1.0}
+    together = block.lift(block.positions(model, depths))
+    for name, w in model.items():
+        torch.testing.assert_close(together[name], block(w, depths[name]), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(together["conv"], together["same"])
     lifted = block(torch.randn(8, 4), 0.5)
     lifted.sum().backward()
     assert all(p.grad is not None for p in block.parameters())
