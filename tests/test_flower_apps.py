@@ -47,8 +47,9 @@ COMPASS = {
     "planner": {"name": "identity"},
     "aggregator": {"name": "staleness_weighted"},
 }
-# ten clients, 10x apart from fastest to slowest: 0.2 ms to 2 ms per sample (6 to 64 ms per step of 32)
-SPEEDS = tuple(0.0002 * (1 + i) for i in range(N))
+# ten clients, 10x apart from fastest to slowest: 0.5 ms to 5 ms per sample (8 to 80 ms per step of 16), slow enough
+# that the imposed pace, not the threads' compute (slower when other processes load the machine), sets the speeds
+SPEEDS = tuple(0.0005 * (1 + i) for i in range(N))
 
 
 @pytest.fixture(autouse=True)
