@@ -136,7 +136,7 @@ def test_the_vectorized_executor_leaves_low_bit_weights_to_the_sequential_traine
     bits = {0: 32, 1: 8, 2: 4}
     expected, actual, executor = quantized_run("2nn", bits, low_bit_weights=True)
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (1, 2)
-    assert_same_on_grid(expected, actual)
+    assert_same_on_grid(expected, actual, "2nn")
 
 
 @pytest.mark.parametrize(

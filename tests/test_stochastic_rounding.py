@@ -73,7 +73,7 @@ def test_stochastic_results_are_on_the_grid_unbiased_and_equal_on_both_executors
     nearest, _, _ = quantized_run("2nn", bits, int8_min_macs=INT8_NEVER)
     expected, actual, executor = quantized_run("2nn", bits, int8_min_macs=INT8_NEVER, result_rounding="stochastic")
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(bits), 0)
-    assert_same_on_grid(expected, actual)
+    assert_same_on_grid(expected, actual, "2nn")
     for stochastic, near in zip(expected, nearest, strict=True):
         if stochastic.bitwidth == quant.FULL_PRECISION:
             continue

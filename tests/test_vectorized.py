@@ -313,25 +313,33 @@ def test_executor_settings_are_checked_before_the_run(overrides: list[str], mess
         validate(compose(overrides))
 
 
-def assert_same_on_grid(expected: list[Result], actual: list[Result]) -> None:
-    """Low-bit results equal up to fp32 summation order, which can tip a weight lying on a rounding boundary to the
-    neighbouring grid point: every weight within one step of its channel, and nearly all (99.9%) equal."""
+def assert_same_on_grid(expected: list[Result], actual: list[Result], model_name: str) -> None:
+    """Low-bit results (of :func:`quantized_run`'s tasks for ``model_name``) equal up to fp32 summation order, which
+    quantized training amplifies: a weight on a rounding boundary tips to the neighbouring grid point, the next steps
+    see another model, and over a task's steps the trajectories part. (On an AVX-512 CPU, starting the sequential
+    trainer from weights perturbed by 1e-7 moves a CNN task's update by 11%, while every weight of some tasks stays
+    within a step on another CPU.) So a low-bit result is compared by its update from the task's start: it differs
+    from the reference's by at most 20% of the reference's norm (a 10% change of the learning rate moves a task's
+    update by 13-46% at 4 and 8 bits), and the losses agree; fp32 results are compared weight by weight."""
     assert [(r.task_id, r.bitwidth, r.local_steps) for r in actual] == [
         (r.task_id, r.bitwidth, r.local_steps) for r in expected
     ]
-    tipped = total = 0
+    starts = tasks_for(build_model(model_name, SHAPE, 10, seed=0), len(expected))
+
+    def flat(weights: Weights) -> torch.Tensor:
+        return torch.cat([v.reshape(-1).double() for v in weights.values()])
+
     for e, a in zip(expected, actual, strict=True):
         if e.bitwidth == quant.FULL_PRECISION:
             assert_same([e], [a])
             continue
-        for key, want in e.weights.items():
-            step = quant.channel_scales(want, e.bitwidth).reshape(-1, *[1] * (want.dim() - 1))
-            diff = (a.weights[key] - want).abs()
-            assert bool((diff <= step * 1.001 + 1e-5).all()), f"task {e.task_id} {key}: off by more than a step"
-            tipped += int((diff > 1e-5).sum())
-            total += want.numel()
+        start = flat(starts[e.task_id].weights)
+        want, got = flat(e.weights) - start, flat(a.weights) - start
+        apart = float((got - want).norm())
+        assert apart <= 0.2 * float(want.norm()) + 1e-6, (
+            f"task {e.task_id}: update off by {apart / float(want.norm()):.0%}"
+        )
         assert a.loss == pytest.approx(e.loss, rel=1e-3)
-    assert tipped <= total // 1000, f"{tipped} of {total} weights on another grid point"
 
 
 def quantized_run(
@@ -366,7 +374,7 @@ def test_low_bit_clients_train_quantization_aware_vectorized(model_name: str, mo
     expected, actual, executor = quantized_run(model_name, bits, int8_min_macs=INT8_NEVER, momentum=momentum)
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(bits), 0)
     assert [r.bitwidth for r in actual] == list(bits.values())
-    assert_same_on_grid(expected, actual)
+    assert_same_on_grid(expected, actual, model_name)
     start = build_model(model_name, SHAPE, 10, seed=0).state_dict()
     for result in actual:
         for key, value in result.weights.items():
@@ -380,7 +388,7 @@ def test_clients_on_integer_gemms_train_sequentially() -> None:
     expected, actual, executor = quantized_run("2nn", bits, int8_min_macs=0)
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (2, 2)
     assert [r.bitwidth for r in actual] == [32, 8, 12, 4]
-    assert_same_on_grid(expected, actual)
+    assert_same_on_grid(expected, actual, "2nn")
 
 
 def test_stacked_rounding_equals_rounding_each_tensor() -> None:

@@ -34,6 +34,7 @@ train      server -> client: ``arrays`` (the task's weights) and ``config`` (Con
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -123,11 +124,18 @@ def sparse_names(record: ArrayRecord) -> frozenset[str]:
     return frozenset(name for name, array in record.items() if array.stype.startswith(prefix))
 
 
+# Flower's Array.numpy() is np.load, which parses the header with ast; CPython 3.11's compile() is not safe in
+# threads that run it at once (a spurious "AST constructor recursion depth mismatch" SystemError, python/cpython
+# gh-106905), which threaded ClientApps and a ServerApp in one process (LocalGrid) do. One at a time here.
+_NUMPY_LOAD = threading.Lock()
+
+
 def _from_array(name: str, array: Array) -> torch.Tensor:
     shape = tuple(int(d) for d in array.shape)
     if array.stype == NUMPY_STYPE:
         try:
-            values = array.numpy()
+            with _NUMPY_LOAD:
+                values = array.numpy()
         except (ValueError, TypeError) as error:
             raise RecordError(f"tensor {name!r}: unreadable numpy payload: {error}") from None
         if values.dtype == np.object_ or tuple(values.shape) != shape:
