@@ -12,6 +12,9 @@ step of each variant against fp32 eager, interleaved round by round (the same ti
   leaves convolutions in fp32), eager and, with ``--compile``, under ``torch.compile``;
 - ``fp32 compiled`` (with ``--compile``): the fp32 model under ``torch.compile``, the compiler's own gain.
 
+It starts with the GEMMs themselves at the CNN's shapes: fp32, bf16 and ``torch._int_mm`` (int8 in, int32 out), the
+margin any int8 step can draw on.
+
 torchao is not one of fedhet's dependencies (it lost here; see docs/scale.md): ``pip install torchao`` to run its rows.
 
     python benchmarks/quantized_peers.py [--rounds 30] [--threads 1] [--device cpu|cuda] [--compile]
@@ -24,6 +27,7 @@ import copy
 import importlib.util
 import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from quantized_step import SHAPE, interleaved, make_step
@@ -54,6 +58,34 @@ def torchao_variants(model: nn.Module, compile_too: bool) -> dict[str, nn.Module
         if compile_too:
             out[f"{label} compiled"] = torch.compile(copy.deepcopy(quantized))
     return out
+
+
+#: (rows, reduction, columns, what) of the CNN's GEMMs: its second convolution as an im2col GEMM, its first Linear
+GEMM_SHAPES = (
+    (50176, 800, 64, "cnn conv2 forward, minibatch 256"),
+    (6272, 800, 64, "cnn conv2 forward, minibatch 32"),
+    (256, 3136, 512, "cnn fc1 forward, minibatch 256"),
+    (32, 3136, 512, "cnn fc1 forward, minibatch 32"),
+)
+
+
+def gemm_margins(rounds: int, device: torch.device) -> None:
+    """fp32, bf16 and int8 GEMMs at :data:`GEMM_SHAPES`, timed interleaved; ratios to fp32 and to bf16."""
+    print(f"\nGEMMs at the CNN's shapes, min of {rounds} interleaved rounds")
+    for rows, reduction, columns, what in GEMM_SHAPES:
+        a, b = torch.randn(rows, reduction, device=device), torch.randn(reduction, columns, device=device)
+        ai = torch.randint(-127, 128, (rows, reduction), dtype=torch.int8, device=device)
+        bi = torch.randint(-127, 128, (reduction, columns), dtype=torch.int8, device=device)
+        ab, bb = a.bfloat16(), b.bfloat16()
+        gemms = {
+            "fp32": partial(torch.mm, a, b),
+            "bf16": partial(torch.mm, ab, bb),
+            "int8": partial(torch._int_mm, ai, bi),
+        }
+        times = interleaved(gemms, rounds, device)
+        fp32, bf16, int8 = (min(times[k]) * 1e3 for k in ("fp32", "bf16", "int8"))
+        print(f"  {what:34s} fp32 {fp32:7.2f} ms  bf16 {bf16:7.2f} ({fp32 / bf16:.2f}x)  int8 {int8:7.2f} "
+              f"({fp32 / int8:.2f}x fp32, {bf16 / int8:.2f}x bf16)")  # fmt: skip
 
 
 def compare(name: str, batch: int, rounds: int, device: torch.device, compile_too: bool) -> None:
@@ -90,6 +122,7 @@ def main() -> None:
     installed = importlib.util.find_spec("torchao") is not None
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, torchao "
           f"{'installed' if installed else 'not installed (pip install torchao for its rows)'}")  # fmt: skip
+    gemm_margins(min(args.rounds, 10), device)
     for name in ("2nn", "cnn"):
         for batch in (32, 256):
             compare(name, batch, args.rounds, device, args.compile)
