@@ -28,7 +28,7 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
 
 
 def test_the_experiments_are_the_papers_grids() -> None:
-    assert EXPERIMENTS == ["bitwidth", "bitwidth_speed", "compass", "dp_fedp3", "fedp3", "fedp3_speed"]
+    assert EXPERIMENTS == ["bitwidth", "bitwidth_speed", "compass", "compass_2nn", "dp_fedp3", "fedp3", "fedp3_speed"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
