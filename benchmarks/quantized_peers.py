@@ -89,6 +89,7 @@ def gemm_margins(rounds: int, device: torch.device) -> None:
 
 
 def compare(name: str, batch: int, rounds: int, device: torch.device, compile_too: bool) -> None:
+    """Times one SGD step of every variant of model ``name`` at minibatch ``batch``; prints each against fp32 eager."""
     model = build_model(name, SHAPE, 10, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *SHAPE, generator=g).to(device)
