@@ -85,6 +85,27 @@ def test_fake_path_is_exact_straight_through() -> None:
     torch.testing.assert_close(q.weight.grad, torch.ones(4, 3).t() @ x)  # the rounding passes the gradient
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_fake_convolution_gives_channels_last_activations(in_channels: int) -> None:
+    """The fake path's convolution returns channels-last, as the int8 path does (pooling over NCHW is ~7x slower on
+    a CPU), also for one input channel, where oneDNN returns NCHW; values and gradients equal the reference's."""
+    torch.manual_seed(2)
+    layer = nn.Conv2d(in_channels, 8, kernel_size=5, padding=2)
+    q = quantize_model(layer)
+    set_bitwidth(q, 8, int8_min_macs=INT8_NEVER)
+    x = torch.randn(4, in_channels, 12, 12)
+    out = q(x)
+    assert q.last_path == "fake"
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    reference = F.conv2d(x, quant.fake_quantize(layer.weight, 8), layer.bias, padding=2)
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    rounded = quant.fake_quantize(layer.weight, 8).detach().requires_grad_(True)
+    F.conv2d(x, rounded, layer.bias, padding=2).square().sum().backward()  # straight through: at the rounded weight
+    assert q.weight.grad is not None and rounded.grad is not None
+    torch.testing.assert_close(q.weight.grad, rounded.grad)
+
+
 def test_path_choice() -> None:
     conv1, conv2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
     fc1, fc2 = nn.Linear(3136, 512), nn.Linear(512, 10)
