@@ -13,6 +13,7 @@ import pytest
 from fedhet.errors import DataError
 from fedhet.metrics import MetricsRecord
 from fedhet.report import Run, default_target, load_runs, main, mean_curve, summarize, time_to_target
+from fedhet.report.analysis import Summary, epsilon_points
 
 #: (virtual seconds, accuracy) evaluations per (fleet, strategy, seed)
 CURVES: dict[tuple[str, str, int], list[tuple[float, float]]] = {
@@ -236,6 +237,7 @@ def test_report_table_numbers_and_files(sweep: Path, tmp_path: Path, capsys: pyt
     png = (out / "accuracy_vs_time.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert str(out / "report.md") in stdout
+    assert not (out / "accuracy_vs_epsilon.png").exists()  # no private run: no privacy plot
 
 
 def test_explicit_target_overrides_the_default_and_out_defaults_to_input(
@@ -399,6 +401,8 @@ def test_metric_axis_bytes_and_epsilon_columns(tmp_path: Path, capsys: pytest.Ca
     assert rows["fedavg"][4:] == ["60.00", "1.00", "60.00", "1.5", "—", "—", "1.00"]
     assert rows["prowd"][4:] == ["60.00", "1.00", "70.00", "0.75", "3.00", "—", "0.50"]
     assert (tmp_path / "out" / "bitwidth_mean_vs_rounds.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "bitwidth_mean_vs_epsilon.png").stat().st_size > 10_000
+    assert "![bitwidth_mean vs epsilon](bitwidth_mean_vs_epsilon.png)" in (tmp_path / "out" / "report.md").read_text()
     assert main([*args, "--metric", "personal_accuracy"]) == 0
     rows = {
         c[5].strip(): c[9].strip()
@@ -406,3 +410,28 @@ def test_metric_axis_bytes_and_epsilon_columns(tmp_path: Path, capsys: pytest.Ca
         if c and c[0].strip() == "d"
     }
     assert rows == {"fedavg": "70.00", "prowd": "90.00"}
+
+
+def test_epsilon_points_put_private_rows_by_epsilon_and_leave_out_what_has_no_place() -> None:
+    """Each row's final value (mean, 95% CI) against its mean largest epsilon; rows without DP have none; a row
+    mixing private and non-private seeds, or with an infinite epsilon, is left out."""
+    [setting] = {run_of("fedavg", [0.5]).setting}
+
+    def row(name: str, finals: tuple[float, ...], epsilons: tuple[float | None, ...]) -> Summary:
+        n = len(finals)
+        return Summary(setting, name, 0.5, (None,) * n, finals, (1.0,) * n, epsilons, None, None, tuple(range(n)))
+
+    summaries = [
+        row("eps8", (0.70, 0.74, 0.72), (8.0, 7.9, 8.1)),
+        row("no dp", (0.80, 0.82), (None, None)),
+        row("eps1", (0.50, 0.52), (1.0, 0.98)),
+        row("mixed", (0.6, 0.6), (1.0, None)),
+        row("unbounded", (0.7,), (float("inf"),)),
+    ]
+    points = epsilon_points(summaries)
+    assert [p.strategy for p in points] == ["eps1", "eps8", "no dp"]
+    eps1, eps8, plain = points
+    assert eps1.epsilon == pytest.approx(0.99) and eps1.value == pytest.approx(0.51)
+    assert eps8.epsilon == pytest.approx(8.0) and eps8.value == pytest.approx(0.72)
+    assert eps8.half_width == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    assert plain.epsilon is None and plain.value == pytest.approx(0.81)

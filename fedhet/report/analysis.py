@@ -16,10 +16,12 @@ __all__ = [
     "REFERENCE_STRATEGY",
     "SYNC_STRATEGY",
     "Curve",
+    "EpsilonPoint",
     "Summary",
     "by_setting",
     "confidence_half_width",
     "default_target",
+    "epsilon_points",
     "mean_curve",
     "summarize",
     "targets",
@@ -202,3 +204,39 @@ def mean_curve(runs: Sequence[Run], metric: str = "accuracy", axis: str = "time"
         index = np.searchsorted(xs, grid, side="right") - 1
         values[row] = np.where(index >= 0, ys[np.maximum(index, 0)], np.nan)
     return Curve(grid, np.nanmean(values, axis=0), np.nanmin(values, axis=0), np.nanmax(values, axis=0))
+
+
+@dataclass(frozen=True)
+class EpsilonPoint:
+    """A table row as a point of the metric against privacy: its final value against the epsilon it spent.
+
+    Attributes:
+        epsilon: mean over seeds of the largest epsilon any client spent; None for a row without DP.
+        value: mean over seeds of the final metric, in [0, 1].
+        half_width: half-width of that mean's 95% confidence interval (nan for one seed).
+    """
+
+    setting: Setting
+    strategy: str
+    epsilon: float | None
+    value: float
+    half_width: float
+
+
+def epsilon_points(summaries: Sequence[Summary]) -> list[EpsilonPoint]:
+    """Every summary as an :class:`EpsilonPoint`, private rows (every seed spent a finite epsilon) by epsilon within
+    each setting, then the rows without DP; a row with some seeds private and some not, or an infinite epsilon, has
+    no place on the axis and is left out."""
+    points = []
+    for s in summaries:
+        spent = [e for e in s.epsilons if e is not None]
+        if spent and (len(spent) < len(s.epsilons) or not all(math.isfinite(e) for e in spent)):
+            continue
+        epsilon = float(np.mean(spent)) if spent else None
+        points.append(
+            EpsilonPoint(
+                s.setting, s.strategy, epsilon, float(np.mean(s.final_values)), confidence_half_width(s.final_values)
+            )
+        )
+    order = {setting: i for i, setting in enumerate(dict.fromkeys(p.setting for p in points))}
+    return sorted(points, key=lambda p: (order[p.setting], p.epsilon is None, p.epsilon or 0.0))

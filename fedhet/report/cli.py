@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedhet.errors import ConfigError, DataError
-from fedhet.report.analysis import SYNC_STRATEGY, summarize, targets
-from fedhet.report.output import markdown_table, plot_metric
+from fedhet.report.analysis import SYNC_STRATEGY, epsilon_points, summarize, targets
+from fedhet.report.output import markdown_table, plot_epsilon, plot_metric
 from fedhet.report.runs import AXES, METRICS, Run, load_runs, separate
 
 __all__ = ["TABLE_FILE", "main", "plot_file"]
@@ -18,7 +18,7 @@ TABLE_FILE = "report.md"
 
 
 def plot_file(metric: str, axis: str) -> str:
-    """The plot's file name, e.g. ``accuracy_vs_time.png``."""
+    """The plot's file name, e.g. ``accuracy_vs_time.png``; ``axis`` ``epsilon`` names the privacy plot."""
     return f"{metric}_vs_{axis}.png"
 
 
@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fedhet report",
-        description="Progress-to-target table (report.md) and a plot of a metric (METRIC_vs_AXIS.png) of runs.",
+        description="Progress-to-target table (report.md) and a plot of a metric (METRIC_vs_AXIS.png) of runs; "
+        "with private runs, the final metric against epsilon (METRIC_vs_epsilon.png).",
     )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR", help="run or sweep directories")
     parser.add_argument(
@@ -91,6 +92,9 @@ def _report(args: list[str]) -> None:
     out: Path = options.out or (first if first.is_dir() else first.parent)
     table = markdown_table(summaries, metric, axis)
     plot = plot_file(metric, axis)
+    points = epsilon_points(summaries)
+    privacy_plot = plot_file(metric, "epsilon") if any(p.epsilon is not None for p in points) else None
+    privacy = f"\n![{metric} vs epsilon]({privacy_plot})\n" if privacy_plot else ""
     rule = (
         f"{target * 100:.2f}% (--target)"
         if target is not None
@@ -101,14 +105,17 @@ def _report(args: list[str]) -> None:
         f"# fedhet report\n\n{len(runs)} runs from {sources}. Metric: {metric}, {METRICS[metric]}.\n\n"
         f"Target: {rule}. Progress to target is in {AXES[axis]}, over the seeds that reach it; every cell is the "
         f"mean ± the half-width of its 95% confidence interval over seeds (Student's t); GB are sent both ways by "
-        f"the last evaluation.\n\n{apart}{table}\n![{metric} vs {axis}]({plot})\n",
+        f"the last evaluation.\n\n{apart}{table}\n![{metric} vs {axis}]({plot})\n{privacy}",
         encoding="utf-8",
     )
     plot_metric(runs, targets(runs, metric, target), out / plot, metric, axis)
+    if privacy_plot:
+        plot_epsilon(points, out / privacy_plot, metric)
     if differing:
         print(f"separated by: {', '.join(differing)}")
     print(table, end="")
-    print(f"\nwrote {out / TABLE_FILE} and {out / plot}")
+    plots = " and ".join(str(out / name) for name in (plot, privacy_plot) if name)
+    print(f"\nwrote {out / TABLE_FILE} and {plots}")
 
 
 def main(args: list[str]) -> int:

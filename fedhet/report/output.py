@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedhet.report.analysis import (
     REFERENCE_STRATEGY,
     SYNC_STRATEGY,
+    EpsilonPoint,
     Summary,
     by_setting,
     confidence_half_width,
@@ -18,7 +20,7 @@ from fedhet.report.analysis import (
 )
 from fedhet.report.runs import AXES, METRICS, UNKNOWN, Run, Setting
 
-__all__ = ["markdown_table", "plot_metric"]
+__all__ = ["markdown_table", "plot_epsilon", "plot_metric"]
 
 #: the table's name for progress along each axis
 _PROGRESS = {"time": "time to target (s)", "rounds": "rounds to target"}
@@ -99,19 +101,12 @@ def plot_metric(
 ) -> None:
     """Save a PNG with one panel per setting: ``metric``'s mean over seeds per strategy along ``axis``, a min..max
     band and the target line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = {s: [r for r in g if r.points(metric, axis)] for s, g in by_setting(runs).items()}
     groups = {setting: group for setting, group in groups.items() if group}
     strategies = sorted({run.label for group in groups.values() for run in group})
+    plt, fig, axes = _panels(len(groups))
     palette = plt.get_cmap("tab10")
     colours = {strategy: palette(i % 10) for i, strategy in enumerate(strategies)}
-    columns = max(1, min(len(groups), 2))
-    rows = max(1, math.ceil(len(groups) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
     for ax, (setting, group) in zip(axes.flat, groups.items(), strict=False):  # spare panels stay empty
         for strategy in sorted({run.label for run in group}):
             seeds = [run for run in group if run.label == strategy]
@@ -128,9 +123,73 @@ def plot_metric(
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    for ax in axes.flat[len(groups) :]:
+    _save(plt, fig, axes, len(groups), f"{METRICS[metric]}: mean over seeds, band = min..max", path)
+
+
+def plot_epsilon(points: Sequence[EpsilonPoint], path: Path, metric: str = "accuracy") -> None:
+    """Save a PNG with one panel per setting: the final ``metric`` of each private row against the epsilon it spent
+    (log scale), with 95% confidence intervals over seeds as error bars, and each row without DP as a level line
+    with its interval as a band."""
+    settings = list(dict.fromkeys(p.setting for p in points))
+    plt, fig, axes = _panels(len(settings))
+    palette = plt.get_cmap("tab10")
+    for ax, setting in zip(axes.flat, settings, strict=False):
+        private = [p for p in points if p.setting == setting and p.epsilon is not None]
+        if private:
+            ax.errorbar(
+                [p.epsilon for p in private],
+                [p.value * 100 for p in private],
+                yerr=[0.0 if math.isnan(p.half_width) else p.half_width * 100 for p in private],
+                fmt="o-",
+                color=palette(0),
+                capsize=3,
+                label="private rows: mean, 95% CI",
+            )
+            for p in private:
+                ax.annotate(
+                    f"{p.value * 100:.1f}%",
+                    (p.epsilon or 0.0, p.value * 100),
+                    fontsize=7,
+                    xytext=(5, -11),
+                    textcoords="offset points",
+                )
+            ax.set_xscale("log")
+            plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+        others = [p for p in points if p.setting == setting and p.epsilon is None]
+        for i, p in enumerate(others, start=1):
+            colour = palette(i % 10)
+            ax.axhline(p.value * 100, color=colour, linestyle="--", linewidth=1, label=f"{p.strategy} (no DP)")
+            if not math.isnan(p.half_width):
+                low, high = (p.value - p.half_width) * 100, (p.value + p.half_width) * 100
+                ax.axhspan(low, high, color=colour, alpha=0.15)
+        ax.set_title(setting.title(), fontsize=10)
+        ax.set_xlabel("epsilon spent (largest over clients, mean over seeds)")
+        ax.set_ylabel(f"final {metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    _save(plt, fig, axes, len(settings), f"final {metric} against the privacy spent: mean over seeds", path)
+
+
+def _panels(count: int) -> tuple[Any, Any, np.ndarray]:
+    """pyplot (headless), a figure and its grid of axes for ``count`` panels, two to a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(1, min(count, 2))
+    rows = max(1, math.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt: Any, fig: Any, axes: np.ndarray, used: int, title: str, path: Path) -> None:
+    """Hide the spare panels, title the figure and write it to ``path``."""
+    for ax in axes.flat[used:]:
         ax.set_visible(False)
-    fig.suptitle(f"{METRICS[metric]}: mean over seeds, band = min..max", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

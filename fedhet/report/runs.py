@@ -109,7 +109,8 @@ class Run:
 #: what a report can compare, and how its table and plot name it
 METRICS = {
     "accuracy": "test accuracy of the global model",
-    "personal_accuracy": "personalised accuracy (mean over clients of their fine-tuned model on their own split)",
+    "personal_accuracy": "personalised accuracy (mean over clients of their own head on the shared layers, on their "
+    "held-out split)",
     "bitwidth_mean": "mean test accuracy of the global model at each bitwidth of the run (fp32 and every lower one)",
 }
 #: what a report measures progress in: virtual seconds or global model versions (rounds of a synchronous run)
