@@ -14,6 +14,7 @@ from fedhet.errors import DataError
 from fedhet.metrics import MetricsRecord
 from fedhet.report import Run, default_target, load_runs, main, mean_curve, summarize, time_to_target
 from fedhet.report.analysis import Summary, epsilon_points
+from fedhet.report.output import plot_epsilon
 
 #: (virtual seconds, accuracy) evaluations per (fleet, strategy, seed)
 CURVES: dict[tuple[str, str, int], list[tuple[float, float]]] = {
@@ -412,9 +413,9 @@ def test_metric_axis_bytes_and_epsilon_columns(tmp_path: Path, capsys: pytest.Ca
     assert rows == {"fedavg": "70.00", "prowd": "90.00"}
 
 
-def test_epsilon_points_put_private_rows_by_epsilon_and_leave_out_what_has_no_place() -> None:
+def test_epsilon_points_put_private_rows_by_epsilon_and_leave_out_what_has_no_place(tmp_path: Path) -> None:
     """Each row's final value (mean, 95% CI) against its mean largest epsilon; rows without DP have none; a row
-    mixing private and non-private seeds, or with an infinite epsilon, is left out."""
+    mixing private and non-private seeds, or with an infinite epsilon, is left out; the plot draws them all."""
     [setting] = {run_of("fedavg", [0.5]).setting}
 
     def row(name: str, finals: tuple[float, ...], epsilons: tuple[float | None, ...]) -> Summary:
@@ -427,11 +428,14 @@ def test_epsilon_points_put_private_rows_by_epsilon_and_leave_out_what_has_no_pl
         row("eps1", (0.50, 0.52), (1.0, 0.98)),
         row("mixed", (0.6, 0.6), (1.0, None)),
         row("unbounded", (0.7,), (float("inf"),)),
+        row("almost no noise", (0.83, 0.85), (1.9e8, 1.9e8)),  # a level line in the plot, above EPSILON_AXIS_LIMIT
     ]
     points = epsilon_points(summaries)
-    assert [p.strategy for p in points] == ["eps1", "eps8", "no dp"]
-    eps1, eps8, plain = points
+    assert [p.strategy for p in points] == ["eps1", "eps8", "almost no noise", "no dp"]
+    eps1, eps8, _, plain = points
     assert eps1.epsilon == pytest.approx(0.99) and eps1.value == pytest.approx(0.51)
     assert eps8.epsilon == pytest.approx(8.0) and eps8.value == pytest.approx(0.72)
     assert eps8.half_width == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
     assert plain.epsilon is None and plain.value == pytest.approx(0.81)
+    plot_epsilon(points, tmp_path / "privacy.png", "personal_accuracy")
+    assert (tmp_path / "privacy.png").read_bytes().startswith(b"\x89PNG")

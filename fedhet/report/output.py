@@ -126,15 +126,20 @@ def plot_metric(
     _save(plt, fig, axes, len(groups), f"{METRICS[metric]}: mean over seeds, band = min..max", path)
 
 
+#: epsilon above which a row protects nothing worth an axis position (DP-SGD with almost no noise, a reference):
+#: it is drawn as a level line like a row without DP, its epsilon in its label
+EPSILON_AXIS_LIMIT = 1000.0
+
+
 def plot_epsilon(points: Sequence[EpsilonPoint], path: Path, metric: str = "accuracy") -> None:
     """Save a PNG with one panel per setting: the final ``metric`` of each private row against the epsilon it spent
-    (log scale), with 95% confidence intervals over seeds as error bars, and each row without DP as a level line
-    with its interval as a band."""
+    (log scale), with 95% confidence intervals over seeds as error bars, and each row without DP (or above
+    :data:`EPSILON_AXIS_LIMIT`) as a level line with its interval as a band."""
     settings = list(dict.fromkeys(p.setting for p in points))
     plt, fig, axes = _panels(len(settings))
     palette = plt.get_cmap("tab10")
     for ax, setting in zip(axes.flat, settings, strict=False):
-        private = [p for p in points if p.setting == setting and p.epsilon is not None]
+        private = [p for p in points if p.setting == setting and _on_axis(p)]
         if private:
             ax.errorbar(
                 [p.epsilon for p in private],
@@ -157,10 +162,11 @@ def plot_epsilon(points: Sequence[EpsilonPoint], path: Path, metric: str = "accu
             plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
             ax.xaxis.set_major_formatter(plain)
             ax.xaxis.set_minor_formatter(plain)
-        others = [p for p in points if p.setting == setting and p.epsilon is None]
+        others = [p for p in points if p.setting == setting and not _on_axis(p)]
         for i, p in enumerate(others, start=1):
             colour = palette(i % 10)
-            ax.axhline(p.value * 100, color=colour, linestyle="--", linewidth=1, label=f"{p.strategy} (no DP)")
+            spent = "no DP" if p.epsilon is None else f"epsilon {p.epsilon:.2g}"
+            ax.axhline(p.value * 100, color=colour, linestyle="--", linewidth=1, label=f"{p.strategy} ({spent})")
             if not math.isnan(p.half_width):
                 low, high = (p.value - p.half_width) * 100, (p.value + p.half_width) * 100
                 ax.axhspan(low, high, color=colour, alpha=0.15)
@@ -168,8 +174,12 @@ def plot_epsilon(points: Sequence[EpsilonPoint], path: Path, metric: str = "accu
         ax.set_xlabel("epsilon spent (largest over clients, mean over seeds)")
         ax.set_ylabel(f"final {metric} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="lower right")
     _save(plt, fig, axes, len(settings), f"final {metric} against the privacy spent: mean over seeds", path)
+
+
+def _on_axis(point: EpsilonPoint) -> bool:
+    return point.epsilon is not None and point.epsilon <= EPSILON_AXIS_LIMIT
 
 
 def _panels(count: int) -> tuple[Any, Any, np.ndarray]:
