@@ -27,15 +27,6 @@ def cnn() -> nn.Module:
     return build_model("cnn", SHAPE, 10, seed=0)
 
 
-def channels_last(model: nn.Module) -> nn.Module:
-    """``model`` with its 4-d parameters channels-last, as a captured step on CUDA trains a convolutional model: the
-    eager reference of a captured run needs the same cuDNN kernels to agree with it up to float rounding."""
-    for tensor in model.parameters():
-        if tensor.dim() == 4:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    return model
-
-
 def data(n: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -107,7 +98,10 @@ def test_a_model_trained_channels_last_returns_contiguous_weights_with_the_same_
     x, y = data()
     weights = start()
     plain = LocalTrainer(cnn(), CONFIG)
-    model = channels_last(cnn())
+    model = cnn()
+    for tensor in model.parameters():
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
     converted = LocalTrainer(model, CONFIG)
     results = [trainer.train(task(weights), x, y, seed=0) for trainer in (plain, converted)]
     assert all(value.is_contiguous() for value in results[1].weights.values())
@@ -135,8 +129,7 @@ def test_captured_steps_equal_eager_steps(bits: int) -> None:
     results = {}
     for graphs in (True, False):
         config = replace(CONFIG, cuda_graphs=graphs)
-        model = cnn() if graphs else channels_last(cnn())
-        trainer = QuantizedTrainer(model, config, "cuda") if bits < 32 else LocalTrainer(model, config, "cuda")
+        trainer = QuantizedTrainer(cnn(), config, "cuda") if bits < 32 else LocalTrainer(cnn(), config, "cuda")
         train = trainer.train if isinstance(trainer, LocalTrainer) else _at(trainer, bits)
         results[graphs] = [train(task(weights, i, steps=9), x, y, 0) for i in (1, 2)]
         steps = trainer._trainer.graphed if isinstance(trainer, QuantizedTrainer) else trainer.graphed
@@ -202,8 +195,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_one_warning(caplog: py
     weights = {f"inner.{k}": v for k, v in start().items()}
     results = []
     for graphs in (True, False):
-        model = _Syncing() if graphs else channels_last(_Syncing())  # a failed capture leaves it channels-last
-        trainer = LocalTrainer(model, replace(CONFIG, cuda_graphs=graphs), "cuda")
+        trainer = LocalTrainer(_Syncing(), replace(CONFIG, cuda_graphs=graphs), "cuda")
         with caplog.at_level(logging.WARNING, logger="fedhet.clients.graphed"):
             results.append(trainer.train(task(weights, steps=9), x, y, seed=0))
             trainer.train(task(weights, 2, steps=9), x, y, seed=0)
