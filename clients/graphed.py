@@ -13,13 +13,6 @@ recapture: weights are loaded into the parameters in place, momentum buffers are
 a zero buffer gives exactly torch's first step, which copies the gradient), and each minibatch is copied into the
 graph's static input.
 
-A model with 2-d convolutions trains **channels-last** where steps are captured on CUDA (its parameters converted
-once, in place, and the graph's static input in that layout): cuDNN then runs its NHWC kernels with no layout
-conversions between them. On an H100 this took the FedAvg CNN's captured bf16 step from 0.72 to 0.67 ms at
-minibatch 256 and from 0.44 to 0.37 ms at 32 (fp32 eager: 2.2 ms, same run). Whoever reads the parameters gets
-channels-last strides (the values are the same); :class:`~fedhet.clients.trainer.LocalTrainer` returns contiguous
-copies.
-
 A minibatch of another shape (an epoch's last, smaller one) runs eagerly on the same parameters, gradients and
 optimiser. After a new key the first ``warmup`` steps run eagerly on a side stream, as capture needs (cuBLAS,
 autograd and the optimiser's state initialise lazily, outside the graph). A step that cannot be captured (a model
@@ -50,18 +43,11 @@ class GraphedSteps:
         loss_fn: ``loss_fn(model(x), y)``, a scalar.
         warmup: eager steps after a new key before the capture (at least 1: the optimiser's state must exist).
         capture: capture graphs (needs the model on CUDA); False runs every step eagerly through the same path.
-            Capturing on CUDA, a model with 2-d convolutions is converted to channels-last here (see the module
-            docstring).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, warmup: int = 3, capture: bool = True) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 eager step before a capture, got {warmup}")
-        self.channels_last = capture and _on_cuda(model) and any(isinstance(m, nn.Conv2d) for m in model.modules())
-        if self.channels_last:  # what ``model.to(memory_format=...)`` does, in place
-            for tensor in [*model.parameters(), *model.buffers()]:
-                if tensor.dim() == 4:
-                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
         self.model = model
         self.loss_fn = loss_fn
         self.warmup = warmup
@@ -157,8 +143,7 @@ class GraphedSteps:
         """Capture the step for ``x``'s shape and replay it on ``(x, y)``; None (and eager steps from then on)
         when the step cannot be captured."""
         assert self.optimizer is not None
-        layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
-        static_x, static_y = x.clone(memory_format=layout), y.clone()
+        static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated from the graph's own pool
         try:
@@ -177,10 +162,6 @@ class GraphedSteps:
         graph.replay()  # the capture recorded the step without running it
         self.replays += 1
         return self._static[2]
-
-
-def _on_cuda(model: nn.Module) -> bool:
-    return any(p.is_cuda for p in model.parameters())
 
 
 def _same_shape(static: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> bool:

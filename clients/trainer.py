@@ -302,8 +302,7 @@ class LocalTrainer:
         self.privacy = privacy
         self.loss_fn = nn.CrossEntropyLoss()
         self._per_sample: Any = None  # DP: Opacus's GradSampleModule, attached at the first DP task
-        # DP-SGD and FedProx steps run eagerly: no graph, so no channels-last conversion either
-        self.graphed = GraphedSteps(self.model, self.loss_fn, capture=config.cuda_graphs and privacy is None)
+        self.graphed = GraphedSteps(self.model, self.loss_fn, capture=config.cuda_graphs)
         self._hooked_for: frozenset[str] = frozenset()  # the trained names its hooks were added for
 
     def train(
@@ -359,10 +358,10 @@ class LocalTrainer:
         finally:
             for param in self.model.parameters():
                 param.requires_grad_(True)
-        model_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        model_state = self.model.state_dict()
         if state is not None:
-            state.tensors = {k: _host_copy(model_state[k]) for k in own}
-        weights = {k: _host_copy(model_state[k]) for k in task.weights if k in task.trained}
+            state.tensors = {k: model_state[k].detach().to("cpu", copy=True) for k in own}
+        weights = {k: model_state[k].detach().to("cpu", copy=True) for k in task.weights if k in task.trained}
         return Result(
             task_id=task.task_id,
             client_id=task.client_id,
@@ -542,11 +541,6 @@ def private_names(model: nn.Module, trained: Iterable[str], max_layer_params: in
     return frozenset(
         n for n, _ in model.named_parameters() if n in wanted and sizes[n.rpartition(".")[0]] <= max_layer_params
     )
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy (a parameter trained channels-last in a captured step has other strides)."""
-    return tensor.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def task_seed(seed: int, task_id: int) -> int:

@@ -91,30 +91,6 @@ def test_no_capture_off_cuda() -> None:
     assert trainer.graphed.captures == 0 and trainer.graphed.replays == 0
 
 
-def test_a_model_trained_channels_last_returns_contiguous_weights_with_the_same_values() -> None:
-    """What a captured step on CUDA does to a convolutional model (parameters converted to channels-last), here on
-    the CPU: the task's result and the client's own tensors are contiguous, with the values of a run in the default
-    layout."""
-    x, y = data()
-    weights = start()
-    plain = LocalTrainer(cnn(), CONFIG)
-    model = cnn()
-    for tensor in model.parameters():
-        if tensor.dim() == 4:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    converted = LocalTrainer(model, CONFIG)
-    results = [trainer.train(task(weights), x, y, seed=0) for trainer in (plain, converted)]
-    assert all(value.is_contiguous() for value in results[1].weights.values())
-    assert_close(results[1], results[0], atol=1e-5)
-    assert not model[3].weight.is_contiguous()  # the model itself stays channels-last
-
-
-def test_graphs_convert_only_a_convolutional_model_on_cuda() -> None:
-    """Off CUDA, or without capture, a model keeps its layout."""
-    assert not GraphedSteps(cnn(), nn.functional.cross_entropy).channels_last
-    assert not GraphedSteps(cnn(), nn.functional.cross_entropy, capture=False).channels_last
-
-
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
@@ -133,7 +109,6 @@ def test_captured_steps_equal_eager_steps(bits: int) -> None:
         train = trainer.train if isinstance(trainer, LocalTrainer) else _at(trainer, bits)
         results[graphs] = [train(task(weights, i, steps=9), x, y, 0) for i in (1, 2)]
         steps = trainer._trainer.graphed if isinstance(trainer, QuantizedTrainer) else trainer.graphed
-        assert steps.channels_last == graphs  # the CNN trains channels-last where its steps are captured
         if graphs:
             assert steps.captures == 1  # one capture serves both tasks
             assert steps.replays == 2 * 9 - 3 - 2 * 2  # 9 steps a task: 3 eager warm-ups, 2 remainders a task eager
