@@ -174,7 +174,7 @@ def plot_epsilon(points: Sequence[EpsilonPoint], path: Path, metric: str = "accu
         ax.set_xlabel("epsilon spent (largest over clients, mean over seeds)")
         ax.set_ylabel(f"final {metric} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2))  # long row labels: below the panel
     _save(plt, fig, axes, len(settings), f"final {metric} against the privacy spent: mean over seeds", path)
 
 
@@ -202,5 +202,5 @@ def _save(plt: Any, fig: Any, axes: np.ndarray, used: int, title: str, path: Pat
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend placed below a panel stays in the picture
     plt.close(fig)
