@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import sys
 import threading
@@ -318,6 +319,9 @@ class NetworkClient:
             stop.set()
             thread.join(timeout=15.0)
         if self.over.is_set():
+            return None
+        if math.isnan(result.loss):  # DIVERGED: the server would refuse it (and NaN weights cannot be packed)
+            log.warning("task %d: local training diverged (NaN or Inf); no update sent, asking again", task.task_id)
             return None
         self.tasks_done += 1
         return replace(result, train_seconds=seconds)

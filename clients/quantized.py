@@ -46,7 +46,7 @@ from torch import nn
 from fedhet import quant
 from fedhet.clients.lowbit import LowBitTrainer
 from fedhet.clients.trainer import ClientState, LocalTrainer, TrainConfig, result_seed
-from fedhet.types import Result, Task
+from fedhet.types import DIVERGED, Result, Task
 
 __all__ = [
     "INT8_NEVER",
@@ -423,10 +423,13 @@ class QuantizedTrainer:
                 result = self._trainer.train(replace(task, weights=start), x, y, seed, state)
             finally:
                 self._release()
-        if self._trainer.config.result_rounding == "stochastic" and self._low_bit is None:
-            weights = quant.stochastic_round_weights(result.weights, bitwidth, result_seed(seed, task.task_id))
-        else:
-            weights = quant.quantize_weights(result.weights, bitwidth)
+        try:
+            if self._trainer.config.result_rounding == "stochastic" and self._low_bit is None:
+                weights = quant.stochastic_round_weights(result.weights, bitwidth, result_seed(seed, task.task_id))
+            else:
+                weights = quant.quantize_weights(result.weights, bitwidth)
+        except quant.QuantError:  # NaN or Inf weights: the task diverged, and its result says so (see DIVERGED)
+            return replace(result, loss=DIVERGED)
         self.stored = dict(weights) if bitwidth == quant.FULL_PRECISION else quant.pack_weights(weights, bitwidth)
         return replace(result, weights=weights)
 

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ClientInfo", "ClientProfile", "Result", "StackedRow", "Task", "Weights"]
+__all__ = ["DIVERGED", "ClientInfo", "ClientProfile", "Result", "StackedRow", "Task", "Weights"]
 
 Weights = Mapping[str, torch.Tensor]
+
+#: the loss of a result whose local training diverged (its weights hold NaN or Inf): NaN, which every runtime
+#: refuses (``fedhet server``'s validation, :meth:`fedhet.runtime.RunDriver.result`), so the update is dropped and
+#: its client asks for work again, in simulation as when deployed
+DIVERGED = math.nan
 
 
 class StackedRow(Mapping[str, torch.Tensor]):
@@ -172,7 +177,8 @@ class Result:
         num_samples: training samples the client holds (the weight of its update in a sample-weighted mean).
         local_steps: minibatch steps actually taken.
         train_seconds: measured wall time of local training, in seconds.
-        loss: mean training loss over the local steps.
+        loss: mean training loss over the local steps; NaN (:data:`DIVERGED`) when training diverged, and then the
+            result is refused wherever it arrives.
         bitwidth: bits per weight the update was computed and stored at (32 = fp32). The server never trusts a
             client's value: :meth:`~fedhet.strategies.base.Strategy.on_result` sets it from the registered client's
             profile, and buffers and bitwidth-aware aggregators (ProWD, grouped averaging) group updates by it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from fedhet.server.session import RuntimeSettings
 from fedhet.strategies import Aggregator, IdentityPlanner, Strategy, UnknownTaskError, UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.strategies.fedavg import SyncScheduler
-from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
+from fedhet.types import DIVERGED, ClientInfo, ClientProfile, Result, Task, Weights
 
 INITIAL = {"w": torch.zeros(2, 3), "n": torch.tensor(0)}
 
@@ -111,6 +112,23 @@ def start_round(driver: RunDriver, now: float) -> list[Task]:
     tasks += driver.tick(now).tasks  # a FedAvg round starts on a tick, once every client of that time was seen
     assert len(tasks) == 2
     return tasks
+
+
+def test_a_diverged_result_is_refused_before_the_strategy_sees_it() -> None:
+    """A result with loss NaN (DIVERGED: its training produced NaN or Inf) is refused as ``fedhet server`` refuses
+    it, in every runtime: one line, nothing applied, and its client's next request loses the task."""
+    s = strategy()
+    s.start(INITIAL, 0.0)
+    driver = RunDriver(s, StopRules(max_versions=3), EvalCadence())
+    honest, diverged = start_round(driver, 0.0)
+    assert driver.result(result(honest, 1.0), 1.0).stop is None
+    before = s.state_dict()
+    with pytest.raises(ResultFailed) as refused:
+        driver.result(replace(result(diverged, 1.0), loss=DIVERGED), 2.0)
+    assert str(refused.value) == f"the result of task {diverged.task_id} has loss NaN: its local training diverged"
+    assert s.state_dict()["outstanding"] == before["outstanding"] and s.version == 0 and driver.failure is None
+    outcome = driver.available(info(diverged.client_id), 3.0)
+    assert outcome.new_version and s.version == 1 and s.updates_applied == 1
 
 
 def test_a_result_the_strategy_fails_on_is_refused_with_one_line_and_the_run_goes_on() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +29,10 @@ from fedhet.sim.simulator import SimConfig, Simulator
 from fedhet.sim.vectorized import VectorizedExecutor
 from fedhet.strategies import Strategy, buffer
 from fedhet.strategies.aggregators import WeightedMean
+from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
+from fedhet.strategies.staleness import StalenessWeighted
 from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
 
 SHAPE = (1, 12, 12)
@@ -407,3 +410,59 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_it_is_slower(caplog: pytes
         VectorizedExecutor(trainer, x, y, shards, seed=5, precision="bf16")
     warned = "emulated and slower than fp32" in caplog.text
     assert warned == (not bf16_is_native(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_low_bit_client_whose_training_diverges_says_so_in_both_executors(rounding: str) -> None:
+    """Client 1's samples hold NaN, so its training diverges: neither executor raises (the run goes on), its result
+    carries the DIVERGED loss that every runtime refuses, and the other clients' results are as without it."""
+    bits = {0: 4, 1: 4, 2: 2, 3: 32}
+    x, y, shards = data(len(bits))
+    x = x.clone()
+    x[shards[1]] = math.nan
+    config = TrainConfig(lr=0.05, batch_size=8, result_rounding=rounding)
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    tasks = tasks_for(model, len(bits))
+    quantized = QuantizedTrainer(model, config, int8_min_macs=INT8_NEVER)
+    sequential = SequentialExecutor(LocalTrainer(model, config), x, y, shards, 5, quantized=quantized, bitwidths=bits)
+    expected = sequential.run(tasks)
+    trainer = LocalTrainer(build_model("2nn", SHAPE, 10, seed=0), config)
+    quantized = QuantizedTrainer(trainer.model, config, int8_min_macs=INT8_NEVER)
+    executor = VectorizedExecutor(trainer, x, y, shards, 5, batch_size=4, quantized=quantized, bitwidths=bits)
+    actual = executor.run(tasks)
+    assert executor.fallback_tasks == 0
+    for results in (expected, actual):
+        assert [math.isnan(r.loss) for r in results] == [False, True, False, False]
+    healthy = [0, 2, 3]
+    assert_same_on_grid([expected[i] for i in healthy], [actual[i] for i in healthy], "2nn")
+
+
+def test_a_diverged_result_is_a_dropped_update_and_the_simulation_finishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4-bit client whose training diverges every time (NaN samples) on the vectorized executor: its updates are
+    refused as ``fedhet server`` refuses them (loss NaN), counted as dropped, and the others' make the versions."""
+    x, y, shards = data(4)
+    x = x.clone()
+    x[shards[2]] = math.nan
+    config = TrainConfig(lr=0.05, batch_size=8)
+    model = build_model("2nn", SHAPE, 10, seed=0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = LocalTrainer(model, config)
+    quantized = QuantizedTrainer(model, config, int8_min_macs=INT8_NEVER)
+    bits = dict.fromkeys(shards, 4)
+    executor = VectorizedExecutor(trainer, x, y, shards, 5, batch_size=4, quantized=quantized, bitwidths=bits)
+    clients = [ClientInfo(c, ClientProfile(0.01 * (c + 1), 1e12, bitwidth=4), len(s)) for c, s in shards.items()]
+    strategy = Strategy(FedAsyncScheduler(local_steps=2), IdentityPlanner(), StalenessWeighted(alpha=0.5))
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        evaluate = lambda w, bits: Evaluation(0.0, 0.0)  # noqa: E731
+        sim = Simulator(strategy, clients, executor, evaluate, metrics, SimConfig(StopRules(6), batch_size=8), 0)
+        with caplog.at_level(logging.WARNING, logger="fedhet.sim.simulator"):
+            summary = sim.run(initial)
+    assert summary.failure is None and summary.reason == "max_versions" and strategy.version == 6
+    dropped = [r.getMessage() for r in caplog.records if "update dropped" in r.getMessage()]
+    assert dropped and all(m.startswith("client 2: update dropped: the result of task") for m in dropped)
+    assert all(m.endswith("has loss NaN: its local training diverged") for m in dropped)
+    assert all(torch.isfinite(v).all() for v in strategy.global_weights.values())
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last.updates_dropped == len(dropped) and last.updates_applied == 6

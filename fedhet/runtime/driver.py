@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 
 class ResultFailed(Exception):
-    """The strategy failed on a result and took the event back: the result is refused, the run goes on. The
-    message is one line: ``strategy failed on the result of task N: <error type>: <first line of its message>``."""
+    """The strategy failed on a result and took the event back, or the result's local training diverged: the result
+    is refused, the run goes on. The message is one line: ``strategy failed on the result of task N: <error type>:
+    <first line of its message>``, or ``the result of task N has loss NaN: its local training diverged``."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,11 @@ class RunDriver:
 
     def result(self, result: Result, now: float) -> Outcome:
         """``result`` arrived at ``now``. Nothing is applied when it raises: :class:`UnknownTaskError` for a task
-        that is not outstanding, :class:`ResultFailed` when the strategy failed on it (the run goes on)."""
+        that is not outstanding, :class:`ResultFailed` when the strategy failed on it or its loss is NaN (its local
+        training diverged, :data:`~fedhet.types.DIVERGED`: refused as ``fedhet server`` refuses it; the run goes
+        on)."""
+        if math.isnan(result.loss):
+            raise ResultFailed(f"the result of task {result.task_id} has loss NaN: its local training diverged")
         try:
             outcome = self._event(now, self.strategy.on_result, result, now)
         except UnknownTaskError:

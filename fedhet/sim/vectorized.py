@@ -59,7 +59,7 @@ from fedhet.clients.trainer import ClientStates, LocalTrainer, result_seed
 from fedhet.seeding import mix_seeds
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
-from fedhet.types import Result, StackedRow, Task
+from fedhet.types import DIVERGED, Result, StackedRow, Task
 
 __all__ = ["PRECISIONS", "VectorizedExecutor", "reuse_freed_memory"]
 
@@ -317,9 +317,10 @@ class VectorizedExecutor:
                 for key, g in zip(layer.keys, grads, strict=True):
                     master[key] = self._step(key, master[key], g, active, lr, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
-        if bits < quant.FULL_PRECISION:  # the results on the grid, as the quantized trainer returns them
-            weights = self._on_grid(weights, plans, bits)
         losses = loss_sum.tolist()
+        if bits < quant.FULL_PRECISION:  # the results on the grid, as the quantized trainer returns them
+            weights, finite = self._on_grid(weights, plans, bits)
+            losses = [loss if ok else DIVERGED for loss, ok in zip(losses, finite, strict=True)]
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
             (
@@ -381,18 +382,27 @@ class VectorizedExecutor:
             self._rounded[key] = quant.quantize_weights(task.weights, bits)
         return self._rounded[key]
 
-    def _on_grid(self, weights: dict[str, torch.Tensor], plans: list[_Plan], bits: int) -> dict[str, torch.Tensor]:
+    def _on_grid(
+        self, weights: dict[str, torch.Tensor], plans: list[_Plan], bits: int
+    ) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """A chunk's stacked results rounded to ``bits`` bits as :class:`~fedhet.clients.quantized.QuantizedTrainer`
-        rounds each: to nearest in one pass, or stochastically client by client from its task's seed."""
-        if self.config.result_rounding == "nearest":
-            return {k: quant.fake_quantize_stacked(v, bits) for k, v in weights.items()}
+        rounds each (to nearest in one pass, or stochastically client by client from its task's seed), and whether
+        each client's weights are finite: one that diverged (NaN or Inf) cannot be rounded, and its result says so
+        with a NaN loss, as the quantized trainer's does."""
+        clients = len(plans)
+        extremes = [torch.aminmax(v.reshape(clients, -1), dim=1) for v in weights.values()]  # NaN propagates
+        finite = torch.stack([lo.isfinite() & hi.isfinite() for lo, hi in extremes]).all(0).tolist()
+        if self.config.result_rounding == "nearest":  # a diverged client's row rounds to NaN, and is refused
+            return {k: quant.fake_quantize_stacked(v, bits, check_finite=False) for k, v in weights.items()}, finite
         for c, plan in enumerate(plans):
+            if not finite[c]:
+                continue
             rows = quant.stochastic_round_weights(
                 {k: v[c] for k, v in weights.items()}, bits, result_seed(self.seed, plan.task.task_id)
             )
             for key, row in rows.items():
                 weights[key][c] = row
-        return weights
+        return weights, finite
 
     def _view(self, key: str, param: Param, active: int, bits: int) -> Param:
         """``param`` for the first ``active`` clients, as the forward pass uses it: a Linear or Conv2d weight
