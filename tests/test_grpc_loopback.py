@@ -217,3 +217,17 @@ def test_clients_at_32_8_and_4_bits_train_and_upload_at_their_bitwidth(tmp_path:
     assert final.bytes_up == VERSIONS * sum(size.values())  # what the server received: packed from 8 and 4 bits
     assert final.bytes_down == VERSIONS * sum(size.values())  # and sent: tasks packed at each client's bitwidth
     assert final.accuracy > records[0].accuracy
+
+
+def test_a_client_whose_training_diverges_sends_nothing_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A 4-bit `fedhet client` whose every task diverges (learning rate 1e38: NaN weights, which no bitwidth can
+    hold) sends no update and asks again, as a simulated client's result is refused (loss NaN); the server loses its
+    tasks, and the healthy client's updates make every version."""
+    fedavg = ["strategy.scheduler.fraction=1.0", "strategy.scheduler.min_clients=2"]
+    per_client = [["profile.bitwidth=32"], ["profile.bitwidth=4", "train.lr=1e38"]]
+    run_loopback(tmp_path, fedavg, [], per_client, slowdown=1.0)
+    diverged = (tmp_path / "client1.log").read_text()
+    assert "local training diverged (NaN or Inf); no update sent, asking again" in diverged
+    assert "uploaded at" not in diverged
+    final = read_metrics(tmp_path / "state" / "metrics.jsonl")[-1]
+    assert final.version == VERSIONS and final.updates_applied == VERSIONS  # the fp32 client's, one a version
