@@ -26,19 +26,20 @@ from fedhet.data import load_configured
 from fedhet.flower import (
     ClientAppSettings,
     DriverSettings,
+    FedhetClient,
     GridDriver,
     LocalGrid,
     ServerAppSettings,
     make_client_app,
     run_on_grid,
 )
-from fedhet.flower.records import from_array_record, to_array_record
+from fedhet.flower.records import from_array_record, task_content, to_array_record
 from fedhet.models import build_model, evaluate
 from fedhet.runtime.checkpoint import CheckpointError
 from fedhet.strategies import IdentityPlanner, Strategy, UpdateBuffer
 from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.staleness import StalenessWeighted
-from fedhet.types import Weights
+from fedhet.types import Task, Weights
 
 N = 10
 SYNTHETIC = DatasetConfig(name="synthetic", partition=PartitionConfig(name="natural"))
@@ -247,3 +248,13 @@ def test_a_result_the_strategy_fails_on_is_refused_and_the_run_goes_on() -> None
     assert summary.refused == summary.failed == 1  # task 3's reply: refused, its node asked again
     assert summary.results == len(summary.aggregations) == 15 and all(a.updates == 1 for a in summary.aggregations)
     assert strategy.updates_applied == 15 and strategy.updates_dropped == 0
+
+
+def test_a_diverged_task_is_an_error_reply_not_an_update() -> None:
+    """A 4-bit partition whose training diverges (lr 1e38: NaN weights) answers its train message with an error
+    (Flower's 'no result': the server app asks the node again), as `fedhet client` sends nothing."""
+    client = FedhetClient(_client(bitwidths=(4,) * N, train=TrainConfig(lr=1e38, batch_size=16)))
+    model = build_model("logreg", (60,), 10, 0).state_dict()
+    task = Task(7, 0, 0, model, local_epochs=1)
+    with pytest.raises(ValueError, match="task 7: local training diverged"):
+        client.train(task_content(task, "int4"), partition=0)

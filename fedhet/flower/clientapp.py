@@ -25,6 +25,7 @@ that is the training time the reply reports.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -299,6 +300,8 @@ class FedhetClient:
             seconds = time.perf_counter() - start
             if context is not None:
                 save_state(context, partition, state)
+        if math.isnan(result.loss):  # DIVERGED: an error reply, which the server app answers by asking again
+            raise ValueError(f"task {task.task_id}: local training diverged (NaN or Inf); no update")
         if self.settings.seconds_per_sample:  # pace the task to the imposed speed
             target = result.local_steps * min(self.settings.train.batch_size, len(x))
             target_seconds = target * self.settings.seconds_per_sample[partition]
