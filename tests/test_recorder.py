@@ -41,3 +41,18 @@ def test_evaluations_waiting_behind_a_slow_one_are_superseded_by_the_newest(tmp_
     assert recorder.superseded == 48
     # the line of version 49 scores version 49's weights, not a superseded one's
     assert read_metrics(path)[1].accuracy == evaluator(weights).accuracy
+
+
+def test_a_diverged_model_is_evaluated_at_every_bitwidth_as_it_is() -> None:
+    """The last evaluation of a run that diverged: weights holding NaN cannot be rounded to a bitwidth, so each
+    bitwidth scores as the weights themselves instead of the evaluation failing; finite weights are rounded."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    evaluator = Evaluator(model, x, y)
+    finite = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rounded = evaluator(finite, bitwidths=(2, 32))
+    assert rounded.accuracy_by_bitwidth is not None and set(rounded.accuracy_by_bitwidth) == {"2"}
+    diverged = {**finite, "weight": torch.full((3, 4), float("nan"))}
+    evaluation = evaluator(diverged, bitwidths=(2, 4, 32))
+    assert evaluation.accuracy_by_bitwidth == {"2": evaluation.accuracy, "4": evaluation.accuracy}

@@ -131,6 +131,31 @@ def test_a_diverged_result_is_refused_before_the_strategy_sees_it() -> None:
     assert outcome.new_version and s.version == 1 and s.updates_applied == 1
 
 
+class Overflows(WeightedMean):
+    """A weighted mean whose arithmetic overflows once its updates are large (as ProWD's dequantizer diverged on a
+    fleet of mostly 2-bit clients): finite updates, an Inf model."""
+
+    def aggregate(self, global_weights: Weights, updates: UpdateBuffer, version: int) -> dict[str, torch.Tensor]:
+        out = super().aggregate(global_weights, updates, version)
+        return {k: v * 1e38 if v.is_floating_point() else v for k, v in out.items()}
+
+
+def test_a_global_model_that_diverged_stops_the_run_with_one_line_and_sends_no_task() -> None:
+    """Finite updates whose aggregate holds Inf: the run stops at that version in every runtime (a client could
+    only diverge on that model), with one line, and the event's tasks are not sent."""
+    s = strategy(aggregator=Overflows())
+    s.start(INITIAL, 0.0)
+    driver = RunDriver(s, StopRules(max_versions=3), EvalCadence(every=5))
+    first = round_of(driver, 0.0, 1.0)  # 1 x 1e38: still finite
+    assert [o.stop for o in first] == [None, None] and s.version == 1
+    tasks = start_round(driver, 10.0)
+    assert driver.result(result(tasks[0], 100.0), 11.0).stop is None
+    outcome = driver.result(result(tasks[1], 100.0), 12.0)  # 100 x 1e38 overflows float32
+    reason = "the global model of version 2 holds NaN or Inf: training diverged"
+    assert outcome.new_version and outcome.evaluate and outcome.stop == driver.failure == reason
+    assert outcome.tasks == [] and s.version == 2 and s.updates_applied == 4
+
+
 def test_a_result_the_strategy_fails_on_is_refused_with_one_line_and_the_run_goes_on() -> None:
     s = strategy(aggregator=FailsOnLargeUpdates())
     s.start(INITIAL, 0.0)
@@ -250,3 +275,32 @@ def test_a_strategy_failure_on_a_result_refuses_it_on_the_server_and_replays_the
     )
     assert resumed.resume() > 0  # the refused result replays as a refusal again, without a CheckpointError
     assert resumed.ended is None and resumed.version == coord.version == 1
+
+
+async def diverge_on_the_server(root: Path) -> Coordinator:
+    """Two rounds on ``fedhet server``'s coordinator: the second one's aggregate overflows to Inf."""
+    coord = Coordinator(strategy(aggregator=Overflows()), INITIAL, RuntimeSettings(), StateStore(root))
+    coord.open()
+    for c in (0, 1):
+        coord.register(info(c))
+    for value in (1.0, 100.0):
+        polls = [asyncio.create_task(coord.next_task(c, 2.0)) for c in (0, 1)]
+        await asyncio.sleep(0.05)
+        coord._tick(coord.now())
+        tasks = await asyncio.gather(*polls)
+        for task in tasks:
+            assert isinstance(task, Task)
+            await coord.submit(result(task, value), coord.records[task.task_id], 24, False)
+    return coord
+
+
+def test_a_diverged_global_model_ends_the_server_run_as_in_simulation_and_replays_to_the_same_end(
+    tmp_path: Path,
+) -> None:
+    coord = asyncio.run(diverge_on_the_server(tmp_path / "state"))
+    reason = "the global model of version 2 holds NaN or Inf: training diverged"
+    assert coord.ended is not None and coord.ended.reason == reason and coord.version == 2
+    assert not coord.records  # no task of the diverged model went out
+    resumed = Coordinator(strategy(aggregator=Overflows()), INITIAL, RuntimeSettings(), StateStore(tmp_path / "state"))
+    assert resumed.resume() > 0
+    assert resumed.ended is not None and resumed.ended.reason == reason and resumed.version == 2

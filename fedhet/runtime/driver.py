@@ -18,6 +18,12 @@ failure means depends on the event:
   (:attr:`Outcome.stop`, :attr:`RunDriver.failure`): nothing a runtime could refuse caused it, and the strategy
   would fail the same way again.
 
+A new global version that holds NaN or Inf (the updates were finite but their aggregate overflowed, or the
+strategy's own arithmetic diverged: ProWD's dequantizer on a fleet of mostly 2-bit clients) stops the run with a
+one-line reason (``the global model of version N holds NaN or Inf: training diverged``), and that event's tasks
+are not sent: a client could only diverge on such a model, and a quantized one cannot even round it to its
+bitwidth. The model is evaluated and checkpointed as it is, so the run's metrics end where it diverged.
+
 No other exception escapes half-way through a runtime's bookkeeping. A strategy's failure is deterministic in its
 inputs, so replaying the same events after a restart refuses the same results and reaches the same stop, never a
 crash.
@@ -30,6 +36,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from fedhet.runtime.evaluation import RunPoint
 from fedhet.strategies import Strategy, UnknownTaskError
@@ -171,6 +179,10 @@ class RunDriver:
         dropped = self.strategy.updates_dropped - dropped
         if self.strategy.version == before:
             return Outcome(tasks, dropped=dropped)
+        if not _finite(self.strategy.global_weights):
+            self.failure = f"the global model of version {self.strategy.version} holds NaN or Inf: training diverged"
+            log.error("%s; the run stops", self.failure)
+            return Outcome([], new_version=True, evaluate=True, stop=self.failure, dropped=dropped)
         done = self.strategy.version >= self.rules.max_versions
         stop = MAX_VERSIONS if done else None
         return Outcome(tasks, new_version=True, evaluate=self._due(now, force=done), stop=stop, dropped=dropped)
@@ -230,6 +242,12 @@ class RunDriver:
         self.strategy.load_state_dict(state["strategy"])
         self.evaluated_version, self.evaluated_at = version, at
         self.trained = (float(total), int(samples))
+
+
+def _finite(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating-point value of ``weights`` is finite (one read back to the host for the whole model)."""
+    checks = [torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def strategy_failure(what: str, error: BaseException) -> str:

@@ -73,11 +73,20 @@ class Evaluator:
         self.x, self.y = x.to(device), y.to(device)
 
     def __call__(self, weights: Weights, bitwidths: Iterable[int] = ()) -> Evaluation:
-        """The evaluation of ``weights``, and of their rounding to each of ``bitwidths`` below 32."""
+        """The evaluation of ``weights``, and of their rounding to each of ``bitwidths`` below 32. Weights holding
+        NaN or Inf (a run that diverged: its last evaluation) have no rounding: each bitwidth scores as the weights
+        themselves."""
         accuracy, loss = self._score(weights)
         low = sorted({b for b in bitwidths if b < quant.FULL_PRECISION})
-        by_bits = {str(b): self._score(quant.quantize_weights(weights, b))[0] for b in low}
+        by_bits = {str(b): self._rounded_score(weights, b, accuracy) for b in low}
         return Evaluation(accuracy, loss, by_bits or None)
+
+    def _rounded_score(self, weights: Weights, bits: int, unrounded: float) -> float:
+        try:
+            rounded = quant.quantize_weights(weights, bits)
+        except quant.QuantError:
+            return unrounded
+        return self._score(rounded)[0]
 
     @torch.no_grad()
     def _score(self, weights: Weights) -> tuple[float, float]:
