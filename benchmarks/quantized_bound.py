@@ -38,7 +38,7 @@ from quantized_step import SHAPE, interleaved, make_step
 from torch import nn
 
 from fedhet import quant
-from fedhet.clients.quantized import _quantize_rows, choose_path, quantize_model, set_bitwidth
+from fedhet.clients.quantized import choose_path, quantize_model, quantize_rows, set_bitwidth
 from fedhet.models import build_model
 
 BITS = 8
@@ -82,7 +82,7 @@ class ManualStep:
         for i, path in enumerate(self.paths):
             w, aux = self.rounded[i] if self.rounded is not None else self._round(i)
             if path == "int8":
-                hq, hs = _quantize_rows(h)
+                hq, hs = quantize_rows(h)
                 out = torch._int_mm(hq, w.t()).float().mul_(hs[:, None]).mul_(aux).add_(self.biases[i])
                 saved.append((h, (hq, hs), w, aux))
             else:
@@ -102,7 +102,7 @@ class ManualStep:
                 hq, hs = q
                 grads.append((g * hs[:, None]).t().to(torch.bfloat16).mm(hq.to(torch.bfloat16)).float())
                 if i:
-                    gq, gs = _quantize_rows(g * aux)
+                    gq, gs = quantize_rows(g * aux)
                     g = torch._int_mm(gq, w).float().mul_(gs[:, None]).mul_(h_in > 0)
             else:
                 gc = g.to(w.dtype)

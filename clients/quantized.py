@@ -54,13 +54,19 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantizedTrainer",
+    "activation_scale",
     "bf16_is_native",
     "choose_path",
+    "conv_backward_bf16",
     "default_int8_min_macs",
+    "grad_dtype",
+    "im2col_int8",
     "int8_gemms_pay",
     "layer_paths",
     "quantize_model",
+    "quantize_rows",
     "set_bitwidth",
+    "weight_columns",
 ]
 
 PATHS = ("int8", "fake", "fp32")
@@ -100,7 +106,7 @@ def bf16_is_native(device: torch.device) -> bool:
     return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
 
 
-def _grad_dtype(device: torch.device) -> torch.dtype:
+def grad_dtype(device: torch.device) -> torch.dtype:
     """bf16 for the int8 path's batch-reducing backward GEMMs where the hardware multiplies bf16 natively, else
     fp32."""
     return torch.bfloat16 if bf16_is_native(device) else torch.float32
@@ -136,21 +142,77 @@ def choose_path(layer: nn.Module, bits: int, macs: int, int8_min_macs: int | Non
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 rows of a 2-D tensor and their fp32 scales (one per row)."""
-    scale = x.abs().amax(dim=1).div_(_ACT_QMAX).clamp_min_(_MIN_SCALE)
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows of a 2-D tensor and their fp32 scales (one per row): the int8 path's activations and output
+    gradients of a Linear layer."""
+    scale = activation_scale(x.abs().amax(dim=1))
     return x.mul(scale.reciprocal()[:, None]).round_().to(torch.int8), scale
+
+
+def activation_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """The int8 scale of activations whose largest magnitude is ``absmax`` (elementwise, any shape)."""
+    return absmax.div(_ACT_QMAX).clamp_min_(_MIN_SCALE)
 
 
 def _quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values of a tensor and its one fp32 scale (a 0-d tensor)."""
-    scale = x.abs().amax().div_(_ACT_QMAX).clamp_min_(_MIN_SCALE)
+    scale = activation_scale(x.abs().amax())
     return x.mul(scale.reciprocal()).round_().to(torch.int8), scale
 
 
 def _int_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, scales = quant.quantize(weight, bits, check_finite=False)  # as _FakeQuantSTE: the result is checked
     return q, scales.to(weight.device)
+
+
+def im2col_int8(
+    xq: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The int8 path's channels-last im2col of int8 activations ``xq`` (N, C, H, W): ``(padded, columns, out_h,
+    out_w)``, ``padded`` the zero-padded input (N, H + 2 ph, W + 2 pw, C) kept for the backward pass and
+    ``columns`` (N * out_h * out_w, kh * kw * C), whose rows are sample-major."""
+    batch, channels, height, width = xq.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    padded = xq.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+    padded[:, ph : ph + height, pw : pw + width, :] = xq.permute(0, 2, 3, 1)
+    b_, h_, w_, c_ = padded.stride()
+    cols = padded.as_strided((batch, out_h, out_w, kh, kw, channels), (b_, h_ * sh, w_ * sw, h_, w_, c_)).reshape(
+        batch * out_h * out_w, kh * kw * channels
+    )
+    return padded, cols, out_h, out_w
+
+
+def weight_columns(wq: torch.Tensor) -> torch.Tensor:
+    """A convolution's int8 weights (out, C, kh, kw) as the right operand of :func:`im2col_int8`'s GEMM,
+    ``(kh * kw * C, out)``."""
+    return wq.permute(0, 2, 3, 1).reshape(wq.shape[0], -1).t().contiguous()
+
+
+def conv_backward_bf16(
+    grad: torch.Tensor,
+    padded: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scales: torch.Tensor,
+    geometry: tuple[tuple[int, int], tuple[int, int], int, int],
+    need: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The int8 path's convolution backward: one oneDNN convolution backward of the dequantized input and weights
+    in bf16 (fp32 where the CPU has no bf16 instructions); ``(input gradient, weight gradient)`` in fp32, None
+    where ``need`` says so. ``geometry`` is (stride, padding, height, width) of the forward pass."""
+    stride, padding, height, width = geometry
+    ph, pw = padding
+    channels_last = torch.channels_last
+    dtype = grad_dtype(grad.device)
+    x = padded[:, ph : ph + height, pw : pw + width, :].permute(0, 3, 1, 2).to(dtype).mul_(x_scale)
+    w = (wq.to(dtype) * w_scales.to(dtype).view(-1, 1, 1, 1)).contiguous(memory_format=channels_last)
+    g = grad.to(dtype).contiguous(memory_format=channels_last)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        g, x.contiguous(memory_format=channels_last), w, None, list(stride), list(padding), [1, 1], False,
+        [0, 0], 1, [need[0], need[1], False],
+    )  # fmt: skip
+    return (grad_x.float() if need[0] else None), (grad_w.float() if need[1] else None)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -173,7 +235,7 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> torch.Tensor:
         wq, ws = _int_weight(weight, bits)
-        xq, xs = _quantize_rows(x)
+        xq, xs = quantize_rows(x)
         out = torch._int_mm(xq, wq.t()).float().mul_(xs[:, None]).mul_(ws)
         if bias is not None:
             out.add_(bias)
@@ -186,10 +248,10 @@ class _Int8Linear(torch.autograd.Function):
         xq, xs, wq, ws = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # dL/dx = (g * s_w) @ Wq: an int8 GEMM of the row-quantized gradient
-            gq, gs = _quantize_rows(grad * ws)
+            gq, gs = quantize_rows(grad * ws)
             grad_x = torch._int_mm(gq, wq).float().mul_(gs[:, None])
         if ctx.needs_input_grad[1]:  # dL/dW = (g * s_x)^T @ xq: reduces over the batch, so bf16 with fp32 sums
-            dtype = _grad_dtype(grad.device)
+            dtype = grad_dtype(grad.device)
             grad_w = (grad * xs[:, None]).t().to(dtype).mm(xq.to(dtype)).float()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
@@ -209,20 +271,12 @@ class _Int8Conv2d(torch.autograd.Function):
         stride: tuple[int, int],
         padding: tuple[int, int],
     ) -> torch.Tensor:
-        batch, channels, height, width = x.shape
+        batch, _, height, width = x.shape
         out_channels, _, kh, kw = weight.shape
-        (sh, sw), (ph, pw) = stride, padding
-        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
         wq, ws = _int_weight(weight, bits)
         xq, xs = _quantize_tensor(x)
-        padded = xq.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
-        padded[:, ph : ph + height, pw : pw + width, :] = xq.permute(0, 2, 3, 1)
-        b_, h_, w_, c_ = padded.stride()
-        cols = padded.as_strided((batch, out_h, out_w, kh, kw, channels), (b_, h_ * sh, w_ * sw, h_, w_, c_)).reshape(
-            batch * out_h * out_w, kh * kw * channels
-        )
-        w_cols = wq.permute(0, 2, 3, 1).reshape(out_channels, -1).t().contiguous()
-        out = torch._int_mm(cols, w_cols).float().mul_(ws * xs)
+        padded, cols, out_h, out_w = im2col_int8(xq, (kh, kw), stride, padding)
+        out = torch._int_mm(cols, weight_columns(wq)).float().mul_(ws * xs)
         if bias is not None:
             out.add_(bias)
         ctx.save_for_backward(padded, xs, wq, ws)
@@ -233,27 +287,10 @@ class _Int8Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         padded, xs, wq, ws = ctx.saved_tensors
-        stride, padding, height, width = ctx.geometry
-        ph, pw = padding
-        channels_last = torch.channels_last
-        dtype = _grad_dtype(grad.device)
-        x = padded[:, ph : ph + height, pw : pw + width, :].permute(0, 3, 1, 2).to(dtype).mul_(xs)
-        w = (wq.to(dtype) * ws.to(dtype).view(-1, 1, 1, 1)).contiguous(memory_format=channels_last)
-        g = grad.to(dtype).contiguous(memory_format=channels_last)
         need_x, need_w = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            g, x.contiguous(memory_format=channels_last), w, None, list(stride), list(padding), [1, 1], False,
-            [0, 0], 1, [need_x, need_w, False],
-        )  # fmt: skip
+        grad_x, grad_w = conv_backward_bf16(grad, padded, xs, wq, ws, ctx.geometry, (need_x, need_w))
         grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (
-            grad_x.float() if need_x else None,
-            grad_w.float() if need_w else None,
-            grad_b,
-            None,
-            None,
-            None,
-        )
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _apply(function: type[torch.autograd.Function], *args: Any) -> torch.Tensor:

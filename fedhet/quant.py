@@ -65,6 +65,7 @@ __all__ = [
     "packed_nbytes",
     "qmax",
     "quantize",
+    "quantize_stacked",
     "quantize_weights",
     "round_trip",
     "sample_bitwidths",
@@ -214,17 +215,27 @@ def stochastic_round(w: torch.Tensor, bits: int, generator: torch.Generator) -> 
     return (q * scales[:, None]).reshape(w.shape).to(w.dtype)
 
 
+def quantize_stacked(w: torch.Tensor, bits: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of each ``w[i]`` of a stack of tensors (one per client) in one pass over the stack: the
+    integers in ``w``'s shape and the scales ``(len(w), channels)``, each ``w[i]``'s exactly as :func:`quantize`
+    gives them alone (``check_finite`` as there)."""
+    check_bits(bits)
+    rows = w.shape[0] * num_channels(w.shape[1:])
+    flat = w.detach().float().reshape(rows, w.numel() // rows if rows else 0)
+    q, scales = _quantize_channels(flat, bits, check_finite)
+    return q.reshape(w.shape), scales.reshape(w.shape[0], -1)
+
+
 def fake_quantize_stacked(w: torch.Tensor, bits: int, check_finite: bool = True) -> torch.Tensor:
     """Each ``w[i]`` of a stack of tensors (one per client) rounded to ``bits`` bits and back, exactly as
     :func:`fake_quantize` rounds it alone (its own per-channel scales), in one pass over the stack
     (``check_finite`` as for :func:`quantize`)."""
     if bits == FULL_PRECISION:
         return w
-    check_bits(bits)
-    rows = w.shape[0] * num_channels(w.shape[1:])
-    flat = w.detach().float().reshape(rows, w.numel() // rows if rows else 0)
-    q, scales = _quantize_channels(flat, bits, check_finite)
-    return (q.float() * scales[:, None]).reshape(w.shape).to(w.dtype)
+    q, scales = quantize_stacked(w, bits, check_finite)
+    rows = scales.numel()
+    flat = q.reshape(rows, q.numel() // rows if rows else 0)
+    return (flat.float() * scales.reshape(-1)[:, None]).reshape(w.shape).to(w.dtype)
 
 
 def error_bound(w: torch.Tensor, bits: int) -> torch.Tensor:

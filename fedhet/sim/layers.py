@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchedLinear", "Grad", "LowRank", "OuterGrad", "Param", "compile_model"]
+from fedhet.sim import int8
+from fedhet.sim.int8 import Int8Weight
+
+__all__ = ["BatchedLinear", "Grad", "LayerParam", "LowRank", "OuterGrad", "Param", "compile_model"]
 
 _DENSE_BLOCK_BYTES = 2 << 20  # reduced-precision low-rank products made dense at a time (cache-sized)
 
@@ -87,6 +90,7 @@ class LowRank:
 
 
 Param = torch.Tensor | LowRank
+LayerParam = Param | Int8Weight  # a parameter as a step's forward and backward passes take it
 Grad = torch.Tensor | OuterGrad
 
 
@@ -100,18 +104,18 @@ class _Layer(Protocol):
         """State-dict keys of its parameters, in order."""
         ...
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
         """The fp32 master parameters as the forward and backward passes take them (dtype, memory layout)."""
         ...
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
 
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,
@@ -120,7 +124,7 @@ class _Layer(Protocol):
         ...
 
 
-def _tensor(param: Param) -> torch.Tensor:
+def _tensor(param: LayerParam) -> torch.Tensor:
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"expected a tensor parameter, got {type(param).__name__}")
     return param
@@ -146,13 +150,15 @@ def _concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 class BatchedLinear:
     keys: tuple[str, ...]
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
-        return [p if isinstance(p, LowRank) else p.to(dtype) for p in params]
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
+        return [p if isinstance(p, LowRank | Int8Weight) else _tensor(p).to(dtype) for p in params]
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         w, b = params[0], _tensor(params[1]) if len(params) > 1 else None
+        if isinstance(w, Int8Weight):
+            return int8.linear_forward(x, w, b, clients)
         shared_b = b if b is not None and b.dim() == 1 else None
         if isinstance(w, LowRank):
             y = F.linear(x, w.compute_base, shared_b)
@@ -170,15 +176,19 @@ class BatchedLinear:
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,
     ) -> tuple[torch.Tensor | None, list[Grad]]:
-        (x,) = saved
         w = params[0]
+        if isinstance(w, Int8Weight):
+            dx, grad_w, grad_b = int8.linear_backward(dy, w, saved, clients, need_dx, len(params) > 1)
+            grads: list[Grad] = [OuterGrad(*grad_w) if isinstance(grad_w, tuple) else grad_w]
+            return dx, grads if grad_b is None else [*grads, grad_b]
+        (x,) = saved
         dyb = dy.view(clients, -1, dy.shape[-1])
-        grads: list[Grad] = [OuterGrad(dyb, x.view(clients, -1, x.shape[-1]))]
+        grads = [OuterGrad(dyb, x.view(clients, -1, x.shape[-1]))]
         if len(params) > 1:
             grads.append(dyb.sum(1, dtype=torch.float32))
         if not need_dx:
@@ -202,8 +212,10 @@ class _Conv2d:
     dilation: tuple[int, int]
     unfold: bool  # per-client convolutions as unfold + bmm (CUDA) instead of one call per client (CPU)
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
         """The weight channels-last like the activations (oneDNN takes a slow path on mixed formats)."""
+        if isinstance(params[0], Int8Weight):
+            return [params[0], *(_tensor(p).to(dtype) for p in params[1:])]
         w = _tensor(params[0])
         if self.unfold:
             weight = w.to(dtype)
@@ -214,9 +226,12 @@ class _Conv2d:
         return [weight, *(_tensor(p).to(dtype) for p in params[1:])]
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        w, b = _tensor(params[0]), _tensor(params[1]) if len(params) > 1 else None
+        b = _tensor(params[1]) if len(params) > 1 else None
+        if isinstance(params[0], Int8Weight):
+            return int8.conv_forward(x, params[0], b, clients, self.stride, self.padding)
+        w = _tensor(params[0])
         if w.dim() == 4:
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
         elif self.unfold:
@@ -233,15 +248,20 @@ class _Conv2d:
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,
     ) -> tuple[torch.Tensor | None, list[Grad]]:
+        bias = len(params) > 1
+        if isinstance(params[0], Int8Weight):
+            dx, grad_w, grad_b = int8.conv_backward(
+                dy, params[0], saved, clients, need_dx, bias, self.stride, self.padding
+            )
+            return dx, [grad_w] if grad_b is None else [grad_w, grad_b]
         (x,) = saved
         w = _tensor(params[0])
         shared = w.dim() == 4
-        bias = len(params) > 1
         if self.unfold:
             return self._unfold_backward(dy, x, w, clients, shared, need_dx, bias)
         dx = None
@@ -327,11 +347,11 @@ class _Conv2d:
 class _ReLU:
     keys: tuple[str, ...] = ()
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
         return []
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         y = x.clamp_min_(0)  # in place: no layer keeps its own output for its backward
         return y, (y,)
@@ -339,7 +359,7 @@ class _ReLU:
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,
@@ -356,14 +376,14 @@ class _MaxPool2d:
     ceil_mode: bool
     keys: tuple[str, ...] = ()
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
         return []
 
     def _args(self) -> tuple[list[int], list[int], list[int], list[int], bool]:
         return list(self.kernel), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         y, indices = torch.ops.aten.max_pool2d_with_indices(x, *self._args())
         return y, (x, indices)
@@ -371,7 +391,7 @@ class _MaxPool2d:
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,
@@ -387,18 +407,18 @@ class _MaxPool2d:
 class _Flatten:
     keys: tuple[str, ...] = ()
 
-    def prepare(self, params: Sequence[Param], dtype: torch.dtype) -> list[Param]:
+    def prepare(self, params: Sequence[LayerParam], dtype: torch.dtype) -> list[LayerParam]:
         return []
 
     def forward(
-        self, x: torch.Tensor, params: Sequence[Param], clients: int
+        self, x: torch.Tensor, params: Sequence[LayerParam], clients: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return x.reshape(x.shape[0], -1), (torch.empty(x.shape, device="meta"),)  # keeps the shape only
 
     def backward(
         self,
         dy: torch.Tensor,
-        params: Sequence[Param],
+        params: Sequence[LayerParam],
         saved: tuple[torch.Tensor, ...],
         clients: int,
         need_dx: bool,

@@ -25,8 +25,9 @@ Clients below 32 bits train quantization-aware as :class:`~fedhet.clients.quanti
 ``fake`` path: a chunk holds clients of one bitwidth ``b``; they start from the task's weights rounded to ``b`` bits,
 every step's forward pass uses each client's Linear and Conv2d weights rounded to ``b`` bits (per client and output
 channel, once per step), the gradient updates the fp32 weights straight through, and the results are rounded to
-``b`` bits. Where the quantized trainer would take its integer-GEMM path (a CPU with VNNI or AMX, layers large
-enough), a client of <= 8 bits trains sequentially instead, so that both executors give one result.
+``b`` bits. Where the quantized trainer takes its integer-GEMM path (a CPU with VNNI or AMX, a client of <= 8
+bits, layers large enough for the minibatch at hand) the chunk does too, with the quantized trainer's kernels
+(:mod:`fedhet.sim.int8`), so that both executors give one result; on a GPU such clients train sequentially.
 
 Supported models are ``nn.Sequential`` stacks of ``Conv2d`` (groups 1, zero padding), ``Linear``, ``ReLU``,
 ``MaxPool2d`` and ``Flatten`` without buffers: the FedAvg CNN, the 2NN and logistic regression. Anything else, and
@@ -58,7 +59,8 @@ from fedhet.clients.quantized import INT8_NEVER, QuantizedTrainer, bf16_is_nativ
 from fedhet.clients.trainer import ClientStates, LocalTrainer, result_seed
 from fedhet.seeding import mix_seeds
 from fedhet.sim.executor import SequentialExecutor
-from fedhet.sim.layers import BatchedLinear, Grad, LowRank, OuterGrad, Param, compile_model
+from fedhet.sim.int8 import Int8Weight, int8_rows
+from fedhet.sim.layers import BatchedLinear, Grad, LayerParam, LowRank, OuterGrad, Param, compile_model
 from fedhet.types import DIVERGED, Result, StackedRow, Task
 
 __all__ = ["PRECISIONS", "VectorizedExecutor", "reuse_freed_memory"]
@@ -160,7 +162,7 @@ class VectorizedExecutor:
         self.vectorized_tasks = 0
         self.fallback_tasks = 0
         self._warned: set[str] = set()
-        model = trainer.model
+        model = self.model = trainer.model
         self.layers, self.unsupported = compile_model(model, x.dim(), unfold=self.device.type == "cuda")
         self.signature = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         self._fits: Mapping[str, torch.Tensor] | None = None  # the latest task weights that fit the model
@@ -169,6 +171,7 @@ class VectorizedExecutor:
         # what quantization-aware training rounds in the forward pass (quantize_model's layers)
         self.quantized_keys = {f"{n}.weight" for n, m in model.named_children() if isinstance(m, nn.Linear | nn.Conv2d)}
         self._rounded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # start weights at a bitwidth, per run
+        self._int8: dict[int, dict[str, list[bool]]] = {}  # per bitwidth: the int8 path's layers (int8_rows)
         if self.unsupported:
             log.warning("vectorized executor: every task falls back to the sequential trainer: %s", self.unsupported)
             self._warned.add(self.unsupported)  # said once, here
@@ -250,14 +253,19 @@ class VectorizedExecutor:
             return f"client {task.client_id} has no training samples"
         if task.client_id in self.low_bit and self.config.low_bit_weights:
             return "its client holds its weights at its bitwidth while training (stochastic rounding)"
-        if self.low_bit.get(task.client_id, quant.FULL_PRECISION) <= 8 and self._takes_int8():
-            return "its client's large layers train on integer GEMMs (int8 kernels pay on this hardware)"
+        if self.device.type != "cpu" and self._int8_rows(self.low_bit.get(task.client_id, quant.FULL_PRECISION)):
+            return "its client's large layers train on integer GEMMs, which this executor runs on a CPU only"
         return ""
 
-    def _takes_int8(self) -> bool:
-        """Whether the quantized trainer may run a layer of a <= 8-bit client on integer GEMMs, whose activation
-        rounding this executor does not reproduce (:func:`~fedhet.clients.quantized.choose_path`)."""
-        return bool(self.int8_min_macs < INT8_NEVER)
+    def _int8_rows(self, bits: int) -> dict[str, list[bool]]:
+        """The layers the quantized trainer runs on integer GEMMs at ``bits`` bits, and for which minibatch sizes
+        (:func:`~fedhet.sim.int8.int8_rows`); none where ``int8_min_macs`` rules them out."""
+        if bits > 8 or self.int8_min_macs >= INT8_NEVER or self.unsupported:
+            return {}
+        if bits not in self._int8:
+            sample = self.x[:1].float()
+            self._int8[bits] = int8_rows(self.model, sample, bits, self.int8_min_macs, self.config.batch_size)
+        return self._int8[bits]
 
     def _plans(self, tasks: Sequence[Task], positions: Sequence[int]) -> list[_Plan]:
         """The plans of ``tasks[positions]``, their minibatch orders seeded as the sequential trainer's
@@ -292,14 +300,16 @@ class VectorizedExecutor:
         indices = self._chunk_indices(plans)
         # no input gradient below the first layer with parameters (the 2NN starts with Flatten)
         first = next((i for i, layer in enumerate(self.layers) if layer.keys), len(self.layers))
+        int8_layers = self._int8_rows(bits)
         active = len(plans)
         for step in range(plans[0].steps):
             while plans[active - 1].steps <= step:  # the clients that have finished are a suffix
                 active -= 1
             idx, weight = self._step_batch(indices[:active, step])
             h = torch.index_select(self.x, 0, idx.view(-1))  # faster than indexing; keeps channels-last
+            rows = (indices[:active, step] >= 0).sum(1).tolist() if int8_layers else []
             params = [
-                layer.prepare([self._view(k, master[k], active, bits) for k in layer.keys], self.dtype)
+                layer.prepare([self._view(k, master[k], active, bits, rows) for k in layer.keys], self.dtype)
                 for layer in self.layers
             ]
             saved = []
@@ -404,16 +414,20 @@ class VectorizedExecutor:
                 weights[key][c] = row
         return weights, finite
 
-    def _view(self, key: str, param: Param, active: int, bits: int) -> Param:
+    def _view(self, key: str, param: Param, active: int, bits: int, rows: Sequence[int]) -> LayerParam:
         """``param`` for the first ``active`` clients, as the forward pass uses it: a Linear or Conv2d weight
         rounded to ``bits`` bits per client (quantization-aware training; the gradient passes straight through to
-        the fp32 weights)."""
+        the fp32 weights), as integers where the quantized trainer's int8 path takes a client's minibatch of
+        ``rows[c]`` samples."""
         if isinstance(param, LowRank):
             return param.prefix(active)
         shared = param.dim() == len(self.signature[key][0])
         view = param if shared else param[:active]
         if bits == quant.FULL_PRECISION or key not in self.quantized_keys:
             return view
+        int8_rows = self._int8_rows(bits).get(key)
+        if int8_rows is not None and any(int8_rows[r] for r in rows):
+            return Int8Weight.of(view, bits, shared, [int8_rows[r] for r in rows], rows)
         if shared:  # no finiteness check in a training forward (a host read per layer): the results are checked
             return quant.fake_quantize(view, bits, check_finite=False)
         return quant.fake_quantize_stacked(view, bits, check_finite=False)
