@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "choose_path",
     "conv_backward_bf16",
     "default_int8_min_macs",
+    "gemm_shape",
     "grad_dtype",
     "im2col_int8",
     "int8_gemms_pay",
@@ -137,6 +139,19 @@ def choose_path(layer: nn.Module, bits: int, macs: int, int8_min_macs: int | Non
         return "int8" if plain and isinstance(layer.padding, tuple) and reduction >= _INT8_MIN_REDUCTION else "fake"
     reduction = layer.in_features if isinstance(layer, nn.Linear) else 0
     return "int8" if reduction >= _INT8_MIN_REDUCTION else "fake"
+
+
+def gemm_shape(layer: nn.Module, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+    """A Linear or Conv2d ``layer``'s forward pass on an input of ``shape`` as one (rows x reduction) @
+    (reduction x columns) GEMM: ``(rows, reduction, columns)``; a convolution counts its output pixels as the input's
+    over the stride."""
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        pixels = shape[0] * shape[2] * shape[3] // (layer.stride[0] * layer.stride[1])
+        return pixels, kh * kw * layer.in_channels, layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return math.prod(shape) // layer.in_features, layer.in_features, layer.out_features
+    raise TypeError(f"expected a Linear or Conv2d layer, got {type(layer).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -331,7 +346,7 @@ class QuantLinear(_Quantized, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        m, k, n = rows.shape[0], self.in_features, self.out_features
+        m, k, n = gemm_shape(self, x.shape)
         path = self.path_for(m * k * n, m, k, n)
         if path == "fp32":
             return F.linear(x, self.weight, self.bias)
@@ -345,9 +360,7 @@ class QuantConv2d(_Quantized, nn.Conv2d):
     """nn.Conv2d trained at ``bits`` bits (same parameters and state-dict keys as nn.Conv2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kh, kw = self.kernel_size
-        out_pixels = x.shape[0] * x.shape[2] * x.shape[3] // (self.stride[0] * self.stride[1])
-        k, n = kh * kw * self.in_channels, self.out_channels
+        out_pixels, k, n = gemm_shape(self, x.shape)
         path = self.path_for(out_pixels * k * n, out_pixels, k, n)
         if path == "fp32":
             out: torch.Tensor = self._conv_forward(x, self.weight, self.bias)

@@ -26,6 +26,7 @@ from fedhet.clients.quantized import (
     activation_scale,
     choose_path,
     conv_backward_bf16,
+    gemm_shape,
     grad_dtype,
     im2col_int8,
     quantize_rows,
@@ -84,29 +85,15 @@ def int8_rows(
     h = sample
     with torch.no_grad():
         for name, module in model.named_children():
-            if isinstance(module, nn.Linear):
-                per_sample = h[0].numel() // module.in_features * module.in_features * module.out_features
-            elif isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                per_sample = kh * kw * module.in_channels * module.out_channels
-            else:
-                per_sample = 0
-            if per_sample:
-                paths = [
-                    choose_path(module, bits, _macs(module, h, n, per_sample), int8_min_macs) for n in range(batch + 1)
-                ]
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                paths = []
+                for n in range(batch + 1):
+                    rows, reduction, columns = gemm_shape(module, (n, *h.shape[1:]))
+                    paths.append(choose_path(module, bits, rows * reduction * columns, int8_min_macs))
                 if "int8" in paths[1:]:
                     out[f"{name}.weight"] = [n > 0 and path == "int8" for n, path in enumerate(paths)]
             h = module(h)
     return out
-
-
-def _macs(module: nn.Module, h: torch.Tensor, samples: int, per_sample: int) -> int:
-    """The multiply-accumulates the quantized layers count for a minibatch of ``samples`` inputs like ``h[0]``."""
-    if isinstance(module, nn.Conv2d):  # QuantConv2d counts output pixels as input pixels over the stride
-        pixels = samples * h.shape[2] * h.shape[3] // (module.stride[0] * module.stride[1])
-        return pixels * per_sample
-    return samples * per_sample
 
 
 def _bias_add(y: torch.Tensor, bias: torch.Tensor | None, clients: int) -> None:
