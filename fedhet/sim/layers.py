@@ -2,7 +2,9 @@
 the clients of a chunk, with its backward pass written out (see :mod:`fedhet.sim.vectorized`).
 
 Linear weights under plain SGD are kept as the shared start weights minus a low-rank per-client change
-(:class:`LowRank`); convolutions run as one oneDNN call per client on CPU and as unfold + ``bmm`` on CUDA.
+(:class:`LowRank`); convolutions run as one oneDNN call per client on CPU and as unfold + ``bmm`` on CUDA. A
+Linear or Conv2d weight given as an :class:`~fedhet.sim.int8.Int8Weight` (clients on the quantized trainer's int8
+path) runs through :mod:`fedhet.sim.int8`.
 """
 
 from __future__ import annotations
