@@ -352,14 +352,18 @@ def quantized_run(
     momentum: float = 0.0,
     low_bit_weights: bool = False,
     result_rounding: str = "nearest",
+    local_steps: int = 0,
 ) -> tuple[list[Result], list[Result], VectorizedExecutor]:
-    """The sequential and the vectorized executor's results for clients at ``bits`` (32 where not named)."""
+    """The sequential and the vectorized executor's results for clients at ``bits`` (32 where not named), every
+    task ``local_steps`` steps long when given."""
     x, y, shards = data(len(bits))
     config = TrainConfig(
         lr=0.05, batch_size=8, momentum=momentum, low_bit_weights=low_bit_weights, result_rounding=result_rounding
     )
     model = build_model(model_name, SHAPE, 10, seed=0)
     tasks = tasks_for(model, len(bits))
+    if local_steps:
+        tasks = [replace(t, local_steps=local_steps, local_epochs=0) for t in tasks]
     quantized = QuantizedTrainer(model, config, int8_min_macs=int8_min_macs)
     sequential = SequentialExecutor(LocalTrainer(model, config), x, y, shards, 5, quantized=quantized, bitwidths=bits)
     expected = sequential.run(tasks)
@@ -393,13 +397,19 @@ def test_clients_on_integer_gemms_train_vectorized(model_name: str, momentum: fl
     """Where the quantized trainer takes its int8 path (every layer it can at ``int8_min_macs`` 0; else chosen by
     the minibatch's size, so that a task's short last minibatches take the fake path: the 2NN's first layer from 6
     samples, the CNN's second convolution from 2 and first Linear from 7), a mixed 32/8/4/2-bit fleet trains
-    vectorized, and each result is the sequential quantized trainer's: the same kernels per client give the same
-    numbers (apart by under 1e-6 of the update here), where the fake-quantized path moves a 4- or 8-bit task's
-    update by 1-37%."""
+    vectorized, and each result is the sequential quantized trainer's: the same integer kernels per client.
+
+    Three steps (the short minibatches of clients 0 and 1 among them): the low-bit updates agree to 1e-5 (measured
+    0 with bf16 gradient factors on an AVX-512 BF16 CPU; up to 4e-7 with fp32 factors on an AVX2 one, where the fp32
+    products of the two executors sum in other orders), where the fake-quantized path is 0.6-30% away from a 4- or
+    8-bit update. Over more steps an fp32 difference that small can move a 4-bit weight across a grid boundary,
+    after which the tasks part by percent, so a longer task cannot tell the paths apart."""
     bits = dict(enumerate([32, 8, 4, 2, 8, 32, 4]))
-    expected, actual, executor = quantized_run(model_name, bits, int8_min_macs=int8_min_macs, momentum=momentum)
+    expected, actual, executor = quantized_run(
+        model_name, bits, int8_min_macs=int8_min_macs, momentum=momentum, local_steps=3
+    )
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(bits), 0)
-    _, fake, _ = quantized_run(model_name, bits, int8_min_macs=INT8_NEVER, momentum=momentum)
+    _, fake, _ = quantized_run(model_name, bits, int8_min_macs=INT8_NEVER, momentum=momentum, local_steps=3)
     starts = tasks_for(build_model(model_name, SHAPE, 10, seed=0), len(bits))
 
     def update(result: Result) -> torch.Tensor:
@@ -412,8 +422,8 @@ def test_clients_on_integer_gemms_train_vectorized(model_name: str, momentum: fl
             assert_same([e], [a])
             continue
         want = update(e)
-        assert float((update(a) - want).norm()) <= 1e-6 * float(want.norm()), f"task {e.task_id}"
-        assert a.loss == pytest.approx(e.loss, rel=1e-6)
+        assert float((update(a) - want).norm()) <= 1e-5 * float(want.norm()), f"task {e.task_id}"
+        assert a.loss == pytest.approx(e.loss, rel=1e-5)
         if e.bitwidth in (4, 8):  # the int8 path is what makes them equal
             assert float((update(f) - want).norm()) > 1e-3 * float(want.norm()), f"task {e.task_id}"
 
