@@ -90,6 +90,11 @@ class SimulationConfig:
             the end (0: never; tasks in flight are part of it, so a large fleet's checkpoint is large).
         resume: go on from the checkpoint of an earlier run of the same config (its run directory or checkpoint
             file); only the stop rules, evaluation cadence and run settings (threads, progress) may differ.
+        norm_bound: largest L2 norm of a client's update (trained minus start weights) the run takes, as
+            ``server.norm_bound`` of a deployed server: 0 = the default, 100 x max(norm of the start weights, 1)
+            (:class:`fedhet.updates.NormBound`).
+        norm_action: ``reject`` (the update is dropped, its client asks for work again) or ``clip`` (scaled onto
+            the bound) an update over ``norm_bound``, as ``server.norm_action``.
     """
 
     max_versions: int = 60
@@ -107,6 +112,8 @@ class SimulationConfig:
     finetune_epochs: int = 5
     checkpoint_every: int = 0
     resume: str = ""
+    norm_bound: float = 0.0
+    norm_action: str = "reject"
 
 
 @dataclass

@@ -26,13 +26,16 @@ DIVERGED = math.nan
 class StackedRow(Mapping[str, torch.Tensor]):
     """Weights that are row ``row`` of ``stacks`` (name -> ``(clients, *shape)``), the weights of a chunk of clients
     trained together; every row of a chunk shares one ``stacks`` mapping, so the update buffer folds a chunk with
-    one matrix-vector product per tensor. Reading a tensor gives a view of its row."""
+    one matrix-vector product per tensor. Reading a tensor gives a view of its row. ``norms`` (when given) holds
+    each row's update norm against its task's start weights, computed for the chunk at once
+    (:func:`fedhet.updates.update_norm` reads it instead of a pass over the row)."""
 
-    __slots__ = ("row", "stacks")
+    __slots__ = ("norms", "row", "stacks")
 
-    def __init__(self, stacks: Mapping[str, torch.Tensor], row: int) -> None:
+    def __init__(self, stacks: Mapping[str, torch.Tensor], row: int, norms: list[float] | None = None) -> None:
         self.stacks = stacks
         self.row = row
+        self.norms = norms
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stacks[name][self.row]

@@ -262,3 +262,31 @@ def test_a_diverged_task_is_an_error_reply_not_an_update() -> None:
     task = Task(7, 0, 0, model, local_epochs=1)
     with pytest.raises(ValueError, match="task 7: local training diverged"):
         client.train(task_content(task, "int4"), partition=0)
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_an_update_over_the_norm_bound_is_refused_or_clipped_as_a_server_does(action: str) -> None:
+    """The Flower driver applies the run's norm bound (``DriverSettings.norm_bound``) as ``fedhet server`` does:
+    with a bound far below every honest update, ``reject`` refuses each (no version comes out, the nodes are asked
+    again until the run's time is up) and ``clip`` scales each onto the bound (FedAsync's mix then moves the model by
+    at most the bound a version)."""
+    grid = LocalGrid(make_client_app(_client(seconds_per_sample=SPEEDS)), N)
+    model = build_model("logreg", (60,), 10, 0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = Strategy(FedAsyncScheduler(local_steps=5), IdentityPlanner(), StalenessWeighted())
+    bound = 1e-3
+    settings = DriverSettings(
+        max_versions=3, max_seconds=3.0, min_nodes=N, retry_after=0.05, norm_bound=bound, norm_action=action
+    )
+    try:
+        summary = GridDriver(grid, strategy, initial, settings).run()
+    finally:
+        grid.close()
+    moved = torch.cat([(strategy.global_weights[k] - initial[k]).reshape(-1) for k in initial]).norm()
+    if action == "reject":
+        assert summary.reason == "max_seconds" and summary.version == 0 and summary.results == 0
+        assert summary.refused >= N and summary.clipped == 0 and float(moved) == 0.0
+    else:
+        assert summary.reason == "max_versions" and summary.version == 3 and summary.refused == 0
+        assert summary.clipped == summary.results == 3
+        assert 0 < float(moved) <= 3 * bound * (1 + 1e-5)

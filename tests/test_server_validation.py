@@ -18,14 +18,13 @@ from fedhet.server.testing import ReceivedTask, ScriptedClient, running_server, 
 from fedhet.server.validation import (
     ResultFields,
     SampleCountError,
-    check_norm,
     check_result_fields,
     check_update_manifest,
 )
 from fedhet.strategies import UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.types import Result
-from fedhet.updates import ShapeMismatch, TensorMeta
+from fedhet.updates import NormBound, ShapeMismatch, TensorMeta
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import tensor_pb2 as tpb
 from fedhet.v1.wire import chunks, encode
@@ -437,12 +436,12 @@ def test_a_personal_accuracy_outside_zero_one_is_refused(accuracy: float) -> Non
 
 def test_norm_check_clips_onto_the_bound_and_leaves_integers() -> None:
     start = {"w": torch.zeros(4), "n": torch.tensor(3)}
-    out = check_norm({"w": torch.full((4,), 2.0), "n": torch.tensor(3)}, start, 1.0, "clip")
+    out = NormBound(1.0, "clip").check({"w": torch.full((4,), 2.0), "n": torch.tensor(3)}, start)
     assert out.clipped and out.norm == pytest.approx(4.0)
     assert float(out.weights["w"].norm()) == pytest.approx(1.0)
     assert torch.equal(out.weights["n"], torch.tensor(3))
     untouched = copy.deepcopy(start)
-    assert not check_norm(untouched, start, 1.0, "reject").clipped
+    assert not NormBound(1.0, "reject").check(untouched, start).clipped
 
 
 async def late_result_scenario(tmp_path: Path) -> None:

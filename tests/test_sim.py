@@ -28,6 +28,7 @@ from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.staleness import StalenessWeighted
 from fedhet.types import Result, Task, Weights
+from fedhet.updates import NormBound
 from tests.helpers import EchoExecutor, client, weights
 
 
@@ -220,6 +221,33 @@ def test_a_result_the_strategy_fails_on_is_a_dropped_update_and_the_simulation_f
     )
     assert strategy.state_dict()["outstanding"].keys().isdisjoint({"4"})  # its client asked again: the task is gone
     assert sim.state_dict()["refused"] == 1  # a resumed run goes on counting it
+
+
+@pytest.mark.parametrize(("action", "first"), [("reject", (1 + 2) / 2), ("clip", (1 + 2 + 2.5) / 3)])
+def test_an_update_over_the_norm_bound_is_refused_or_clipped_as_a_server_does(
+    tmp_path: Path, action: str, first: float
+) -> None:
+    """The echo executor's client c moves the model by c + 1: over a bound of 2.5 only client 2, the slowest. Under
+    ``reject`` its update is dropped (its client asks for work again, so the round closes without it), under
+    ``clip`` it arrives scaled onto the bound, as ``fedhet server`` treats it (``server.norm_bound``)."""
+    clients = [client(i, num_samples=10, seconds_per_sample=0.01 * (i + 1), bandwidth=1e3) for i in range(3)]
+    strategy = Strategy(
+        SyncScheduler(fraction=1.0, min_clients=1, local_steps=3, local_epochs=0), IdentityPlanner(), WeightedMean()
+    )
+    evaluate = lambda w, bits: Evaluation(float(w["w"][0]), 0.0)  # noqa: E731
+    config = SimConfig(StopRules(2), norm=NormBound(2.5, action))
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        sim = Simulator(strategy, clients, EchoExecutor(), evaluate, metrics, config, seed=0)
+        summary = sim.run(weights(0.0))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seen = [r["accuracy"] for r in records]
+    assert summary.reason == "max_versions" and seen[1] == pytest.approx(first)
+    assert seen[2] == pytest.approx(2 * first)  # each version moves by as much: the same updates, refused or clipped
+    if action == "reject":
+        assert (records[-1]["updates_applied"], records[-1]["updates_dropped"], summary.clipped) == (4, 2, 0)
+    else:
+        assert (records[-1]["updates_applied"], records[-1]["updates_dropped"], summary.clipped) == (6, 0, 2)
+    assert sim.state_dict()["clipped"] == summary.clipped  # a resumed run goes on counting
 
 
 SPEEDS = [0.05, 0.01, 0.09, 0.03, 0.07, 0.02, 0.10, 0.04, 0.08, 0.06]  # seconds a sample: unrelated to client ids

@@ -21,7 +21,7 @@ from fedhet.errors import ConfigError
 from fedhet.metrics import MetricsWriter, read_metrics
 from fedhet.models import build_model
 from fedhet.runtime import Evaluation, StopRules
-from fedhet.sim import layers
+from fedhet.sim import layers, vectorized
 from fedhet.sim.executor import SequentialExecutor
 from fedhet.sim.layers import LowRank, compile_model
 from fedhet.sim.runner import simulate, validate
@@ -33,7 +33,8 @@ from fedhet.strategies.fedasync import FedAsyncScheduler
 from fedhet.strategies.fedavg import SyncScheduler
 from fedhet.strategies.planners import IdentityPlanner
 from fedhet.strategies.staleness import StalenessWeighted
-from fedhet.types import ClientInfo, ClientProfile, Result, Task, Weights
+from fedhet.types import ClientInfo, ClientProfile, Result, StackedRow, Task, Weights
+from fedhet.updates import update_norm
 
 SHAPE = (1, 12, 12)
 
@@ -105,6 +106,38 @@ def test_fp32_results_equal_the_sequential_executors(model_name: str, batch_size
     expected, actual, executor = run_both(model_name, TrainConfig(lr=0.05, batch_size=8), batch_size)
     assert_same(expected, actual)
     assert (executor.vectorized_tasks, executor.fallback_tasks) == (len(expected), 0)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "2nn"])
+@pytest.mark.parametrize("bits", [32, 4])
+@pytest.mark.parametrize("starts", ["one", "two"])
+def test_a_rows_update_norm_is_the_norm_of_its_result(
+    monkeypatch: pytest.MonkeyPatch, model_name: str, bits: int, starts: str
+) -> None:
+    """The norm bound reads a chunk row's update norm from the chunk (computed for every row at once: a block of
+    rows at a time, a low-rank weight's from its factors): the norm a pass over that result alone gives, against
+    its own task's start weights (one start for the chunk, or two start versions in it), after a low-bit client's
+    result is rounded to its grid. Up to float rounding: the dense weights are the start plus the factors' product
+    rounded to fp32."""
+    monkeypatch.setattr(vectorized, "_NORM_BLOCK_BYTES", 3 * 4 * 800)  # a few rows per block of the largest tensors
+    x, y, shards = data()
+    model = build_model(model_name, SHAPE, 10, seed=0)
+    tasks = tasks_for(model, len(shards))
+    if starts == "one":
+        tasks = [replace(t, version=0, weights=tasks[0].weights) for t in tasks]
+    config = TrainConfig(lr=0.05, batch_size=8)
+    low_bit = dict.fromkeys(shards, bits) if bits < 32 else None
+    quantized = QuantizedTrainer(build_model(model_name, SHAPE, 10, seed=0), config) if low_bit else None
+    executor = VectorizedExecutor(
+        LocalTrainer(model, config), x, y, shards, seed=5, batch_size=4, quantized=quantized, bitwidths=low_bit
+    )
+    results = executor.run(tasks)
+    assert executor.fallback_tasks == 0
+    for task, result in zip(tasks, results, strict=True):
+        assert isinstance(result.weights, StackedRow) and result.weights.norms is not None
+        alone = {k: v.clone() for k, v in result.weights.items()}  # a plain mapping: its norm is computed
+        assert update_norm(alone, task.weights) > 0
+        assert update_norm(result.weights, task.weights) == pytest.approx(update_norm(alone, task.weights), rel=1e-4)
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "2nn"])
@@ -309,6 +342,9 @@ def test_chunks_of_unequal_clients_arrive_together_and_are_folded_whole(
         (["sim.executor=threads"], "sim.executor must be one of"),
         (["sim.precision=fp16"], "sim.precision must be one of"),
         (["sim.precision=bf16"], "needs sim.executor=vectorized"),
+        (["sim.norm_bound=-1"], r"sim.norm_bound must be finite and >= 0"),
+        (["sim.norm_bound=inf"], r"sim.norm_bound must be finite and >= 0"),
+        (["sim.norm_action=drop"], r"sim.norm_action must be one of reject, clip, got 'drop'"),
     ],
 )
 def test_executor_settings_are_checked_before_the_run(overrides: list[str], message: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from fedhet.runtime.checkpoint import CHECKPOINT, CheckpointError, load_checkpoi
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.tracking import TrackingConfig, flat_config, open_sinks
 from fedhet.types import ClientInfo, Task, Weights
-from fedhet.updates import UpdateError, check_update, meta_of
+from fedhet.updates import NormBoundExceeded, UpdateError, check_update, meta_of
 
 __all__ = ["GridDriver", "ServerAppSettings", "make_server_app", "run_on_grid"]
 
@@ -90,7 +90,7 @@ class GridDriver:
         self.settings = settings
         self.summary = RunSummary()
         self.personal = PersonalReports()  # the personalised accuracy each client last reported
-        self.driver = RunDriver(strategy, settings.stop, settings.cadence)
+        self.driver = RunDriver(strategy, settings.stop, settings.cadence, settings.norm)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
         self._pending: dict[str, _Pending] = {}
@@ -177,7 +177,7 @@ class GridDriver:
             self.driver.load_state_dict(state["driver"])
             self._time_base = float(state["seconds"])
             for key in RunSummary.COUNTERS:
-                setattr(self.summary, key, int(state["counters"][key]))
+                setattr(self.summary, key, int(state["counters"].get(key, 0)))  # "clipped" came later
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{self._checkpoint_path} does not fit this run: {error}") from None
         self._version, self._applied = self.strategy.version, self.strategy.updates_applied
@@ -275,12 +275,17 @@ class GridDriver:
             if result.task_id != task.task_id or result.version != task.version:
                 raise RecordError(f"reply names task {result.task_id}@{result.version}")
             _check_update(result.weights, task)
+            checked = self.driver.norm.check(result.weights, task.weights)
             epsilon = parse_epsilon(reply.content)
             personal = parse_personal_accuracy(reply.content)
-        except RecordError as error:
+        except (RecordError, NormBoundExceeded) as error:
             self.summary.refused += 1
             self._failed(pending, f"refused: {error}", now)
             return
+        if checked.clipped:
+            self.summary.clipped += 1
+            log.info("client %d: update norm %.6g clipped onto the bound", pending.client_id, checked.norm)
+            result = replace(result, weights=checked.weights)
         nbytes = array_record_nbytes(reply.content["arrays"])  # type: ignore[arg-type]
         self.summary.bytes_up += nbytes
         self.summary.uploads.setdefault(pending.client_id, []).append(nbytes)

@@ -9,6 +9,7 @@ from typing import ClassVar
 from fedhet import codec
 from fedhet.runtime.driver import EvalCadence, StopRules
 from fedhet.types import ClientInfo
+from fedhet.updates import NormBound
 
 __all__ = ["Aggregation", "Assigned", "DriverSettings", "RunSummary"]
 
@@ -32,6 +33,10 @@ class DriverSettings:
         state_dir: where the run's checkpoint goes after every new version and at the end ("" = none): the run
             core's state (strategy, last evaluation), the run time and the counters.
         resume: continue the run checkpointed in ``state_dir`` (a fresh run refuses a directory that holds one).
+        norm_bound: largest L2 norm of an update (trained minus start weights) the run takes, as
+            ``server.norm_bound``: 0 = the default, 100 x max(norm of the start weights, 1).
+        norm_action: ``reject`` (refused, the node asked again) or ``clip`` (scaled onto the bound, counted in the
+            summary's ``clipped``) an update over ``norm_bound``.
     """
 
     max_versions: int = 20
@@ -46,11 +51,13 @@ class DriverSettings:
     encoding: str = "fp32"
     state_dir: str = ""
     resume: bool = False
+    norm_bound: float = 0.0
+    norm_action: str = "reject"
 
     def __post_init__(self) -> None:
         if self.resume and not self.state_dir:
             raise ValueError("resume needs the state_dir the run was checkpointed in")
-        _ = (self.stop, self.cadence)  # the run core checks the stop rules and the evaluation cadence
+        _ = (self.stop, self.cadence, self.norm)  # the run core checks its stop rules, cadence and norm bound
         if self.min_nodes < 1:
             raise ValueError(f"min_nodes must be >= 1, got {self.min_nodes}")
         if not self.node_wait > 0 or not self.task_ttl > 0 or not self.poll_interval > 0:
@@ -67,6 +74,11 @@ class DriverSettings:
     def cadence(self) -> EvalCadence:
         """The run core's evaluation cadence of these settings."""
         return EvalCadence(self.eval_every)
+
+    @property
+    def norm(self) -> NormBound:
+        """The run's norm bound of these settings."""
+        return NormBound(self.norm_bound, self.norm_action)
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,8 @@ class Assigned:
 class RunSummary:
     """How a run went: why it stopped, its final version and accuracy, and its trace (``epsilon``: per DP client,
     the epsilon each of its accepted results reported, in order; ``uploads``: per client, the payload bytes of each
-    result it sent)."""
+    result it sent). ``refused`` counts the results not applied (invalid, over the norm bound when rejecting, or
+    failed by the strategy), ``clipped`` those clipped onto the norm bound."""
 
     reason: str = ""
     version: int = 0
@@ -105,6 +118,7 @@ class RunSummary:
     results: int = 0
     refused: int = 0
     failed: int = 0
+    clipped: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     clients: dict[int, ClientInfo] = field(default_factory=dict)
@@ -114,4 +128,4 @@ class RunSummary:
     uploads: dict[int, list[int]] = field(default_factory=dict)
 
     #: the counters a checkpoint keeps (the trace lists start anew in a resumed run)
-    COUNTERS: ClassVar[tuple[str, ...]] = ("results", "refused", "failed", "bytes_up", "bytes_down")
+    COUNTERS: ClassVar[tuple[str, ...]] = ("results", "refused", "failed", "clipped", "bytes_up", "bytes_down")

@@ -42,6 +42,7 @@ import torch
 from fedhet.runtime.evaluation import RunPoint
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, Result, Task
+from fedhet.updates import NormBound
 
 __all__ = ["MAX_SECONDS", "MAX_VERSIONS", "EvalCadence", "Outcome", "ResultFailed", "RunDriver", "StopRules"]
 
@@ -123,12 +124,18 @@ class RunDriver:
         strategy: the run's strategy, already started.
         rules: when the run stops.
         cadence: when the global model is evaluated.
+        norm: the largest update the run takes, and what it does with a larger one: every runtime checks each
+            result against it (``norm.check``) before handing the result over, at the point its transport has the
+            result and its task (the server in the upload's worker thread, before the result is stored).
     """
 
-    def __init__(self, strategy: Strategy, rules: StopRules, cadence: EvalCadence) -> None:
+    def __init__(
+        self, strategy: Strategy, rules: StopRules, cadence: EvalCadence, norm: NormBound | None = None
+    ) -> None:
         self.strategy = strategy
         self.rules = rules
         self.cadence = cadence
+        self.norm = norm if norm is not None else NormBound()
         self.evaluated_version = -1  # the last version handed out for evaluation
         self.evaluated_at = -math.inf  # run seconds of that evaluation
         self.failure: str | None = None  # why the strategy failed, when it did

@@ -30,6 +30,7 @@ from fedhet.server.servicer import SERVICE_NAME, FederatedLearningServicer
 from fedhet.server.session import RunEnded, RuntimeSettings
 from fedhet.threads import use_threads
 from fedhet.tracking import flat_config, open_sinks
+from fedhet.updates import NormBound
 from fedhet.v1 import service_pb2_grpc
 
 __all__ = ["USAGE", "ServerApp", "build_app", "main", "serve"]
@@ -156,8 +157,7 @@ def build_app(cfg: ServerRunConfig) -> ServerApp:
         stop=StopRules(s.max_versions, s.max_seconds),
         cadence=EvalCadence(s.eval_every),
         client_timeout=s.client_timeout,
-        norm_bound=s.norm_bound,
-        norm_action=s.norm_action,
+        norm=NormBound(s.norm_bound, s.norm_action),
         shutdown_grace=s.shutdown_grace,
         dp_delta=s.dp_delta,
     )

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from fedhet.config import CONFIG_DIR, DatasetConfig, ModelConfig, StrategyConfig, compose_typed, is_loopback, plain
 from fedhet.errors import ConfigError
 from fedhet.tracking import TrackingConfig, check_tracking
+from fedhet.updates import NormBound
 
 __all__ = [
     "CONFIG_DIR",
@@ -72,7 +73,7 @@ class ServerSettings:
         heartbeat_seconds: how often clients send a heartbeat while training, in seconds.
         client_timeout: seconds of silence after which a client is marked gone.
         norm_bound: largest L2 norm of an update (trained minus start weights); 0 = the default, 100 x max(norm of
-            the start weights, 1) (``fedhet.server.validation.DEFAULT_RELATIVE_BOUND``: 20x an honest worst case).
+            the start weights, 1) (``fedhet.updates.DEFAULT_RELATIVE_BOUND``: 20x an honest worst case).
         norm_action: ``reject`` or ``clip`` an update over ``norm_bound``.
         shutdown_grace: seconds the server keeps answering after the run ends, so clients learn it is over.
         threads: torch CPU threads (0 = the idle cores when the run starts: :mod:`fedhet.threads`).
@@ -174,10 +175,10 @@ def validate_server(cfg: ServerRunConfig) -> None:
             f"server.client_timeout ({s.client_timeout} s) must exceed server.poll_timeout ({s.poll_timeout} s) "
             f"and server.heartbeat_seconds ({s.heartbeat_seconds} s), or live clients would be marked gone"
         )
-    if not (math.isfinite(s.norm_bound) and s.norm_bound >= 0):
-        raise ConfigError(f"server.norm_bound must be >= 0 (0 = the default relative bound), got {s.norm_bound}")
-    if s.norm_action not in ("reject", "clip"):
-        raise ConfigError(f"server.norm_action must be reject or clip, got {s.norm_action!r}")
+    try:
+        NormBound(s.norm_bound, s.norm_action)
+    except ValueError as error:
+        raise ConfigError(f"server.{error}") from None
     if bool(s.tls.cert) != bool(s.tls.key):
         raise ConfigError("server.tls.cert and server.tls.key must be given together")
     if s.tls.client_ca and not s.tls.cert:

@@ -48,7 +48,6 @@ from fedhet.server.session import (
     info_row,
     wait_event,
 )
-from fedhet.server.validation import check_norm
 from fedhet.strategies import Strategy, UnknownTaskError
 from fedhet.types import ClientInfo, Result, Task, Weights
 
@@ -103,7 +102,7 @@ class Coordinator:
         self._wall_start = time.time()
         self._wake = asyncio.Event()
         self._ended_event = asyncio.Event()
-        self.driver = RunDriver(strategy, settings.stop, settings.cadence)
+        self.driver = RunDriver(strategy, settings.stop, settings.cadence, settings.norm)
         # a status line per evaluated version, so a person watching the server sees the run go on
         self.recorder = Recorder(evaluate, metrics, _status) if evaluate is not None else None
         self.checkpoints = CheckpointWriter(store, self._capture) if store is not None else None
@@ -424,7 +423,7 @@ class Coordinator:
     def bound_norm(self, weights: Weights, record: TaskRecord) -> tuple[Weights, bool]:
         """An update's weights under the configured norm bound, and whether they were clipped; raises
         NormBoundExceeded when rejecting. Reads only the settings and the task, so any thread may call it."""
-        checked = check_norm(weights, record.task.weights, self.settings.norm_bound, self.settings.norm_action)
+        checked = self.driver.norm.check(weights, record.task.weights)
         return checked.weights, checked.clipped
 
     async def submit(

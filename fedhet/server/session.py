@@ -10,7 +10,7 @@ from typing import Any
 from fedhet.runtime.driver import EvalCadence, StopRules
 from fedhet.strategies import UnknownTaskError
 from fedhet.types import ClientInfo, ClientProfile, Task
-from fedhet.updates import TensorMeta, meta_of
+from fedhet.updates import NormBound, TensorMeta, meta_of
 
 __all__ = [
     "ClientSession",
@@ -75,8 +75,7 @@ class RuntimeSettings:
     stop: StopRules = field(default_factory=StopRules)
     cadence: EvalCadence = field(default_factory=EvalCadence)
     client_timeout: float = 30.0
-    norm_bound: float = 0.0
-    norm_action: str = "reject"
+    norm: NormBound = field(default_factory=NormBound)
     shutdown_grace: float = 10.0
     dp_delta: float = 1e-5
 

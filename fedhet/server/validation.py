@@ -12,10 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-
 from fedhet.quant import FULL_PRECISION
-from fedhet.types import Weights
 from fedhet.updates import DtypeMismatch, ExtraTensor, MissingTensor, ShapeMismatch, TensorMeta
 from fedhet.v1 import tensor_pb2 as pb
 from fedhet.v1.wire import (
@@ -29,10 +26,7 @@ from fedhet.v1.wire import (
 
 __all__ = [
     "BitwidthMismatch",
-    "NormBoundExceeded",
-    "NormCheck",
     "SampleCountError",
-    "check_norm",
     "check_result_fields",
     "check_update_manifest",
 ]
@@ -44,10 +38,6 @@ class BitwidthMismatch(PayloadError):
 
 class SampleCountError(PayloadError):
     """The sample count (the update's weight) or another scalar field is zero, negative, non-finite or absurd."""
-
-
-class NormBoundExceeded(PayloadError):
-    """The update's L2 norm exceeds the configured bound and the server rejects such updates."""
 
 
 def check_update_manifest(
@@ -114,53 +104,3 @@ def check_result_fields(fields: ResultFields, registered_samples: int, max_train
     accuracy = fields.personal_accuracy
     if accuracy is not None and not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
         raise SampleCountError(f"personal_accuracy must be in [0, 1], got {accuracy}")
-
-
-@dataclass(frozen=True)
-class NormCheck:
-    """Outcome of :func:`check_norm`: the update to use, its norm and whether it was clipped."""
-
-    weights: dict[str, torch.Tensor]
-    norm: float
-    clipped: bool
-
-
-def update_norm(weights: Weights, start: Weights) -> float:
-    """L2 norm of ``weights - start`` over the floating-point tensors: float32 differences, whose sums of squares
-    are added in float64; NaN or inf when a value is not finite or the squares overflow float32. One pass over the
-    update (a server takes in every update of a run through it)."""
-    total = 0.0
-    for name, value in weights.items():
-        if value.is_floating_point():
-            diff = (value.float() - start[name].float()).reshape(-1)
-            total += float(torch.dot(diff, diff))
-    return math.sqrt(total)
-
-
-#: the default bound on an update's L2 norm, relative to max(|start weights|, 1). Measured worst case of an honest
-#: task: 0.5 (logreg, Synthetic, 5 epochs at lr 0.05), 0.08 (2NN and CNN, Fashion-MNIST, 1 epoch), 5.0 (logreg, 20
-#: epochs at lr 0.5): 100 leaves 20x headroom and stops an update of float32's largest values (3.4e38).
-DEFAULT_RELATIVE_BOUND = 100.0
-
-
-def check_norm(weights: Weights, start: Weights, bound: float, action: str) -> NormCheck:
-    """Bound the update ``weights - start`` to L2 norm ``bound`` (0 = the default, :data:`DEFAULT_RELATIVE_BOUND`
-    times max(|start|, 1)): ``reject`` raises :class:`NormBoundExceeded`, ``clip`` scales the update down onto the
-    bound."""
-    plain = dict(weights)
-    norm = update_norm(weights, start)
-    if bound <= 0:  # the default; the start weights' norm is needed only past its floor of 1 (never, honestly)
-        start_norm = 0.0
-        if norm > DEFAULT_RELATIVE_BOUND:
-            squares = (float(torch.sum(v.double() ** 2)) for v in start.values() if v.is_floating_point())
-            start_norm = math.sqrt(sum(squares))
-        bound = DEFAULT_RELATIVE_BOUND * max(start_norm, 1.0)
-    if norm <= bound:
-        return NormCheck(plain, norm, False)
-    if action == "reject":
-        raise NormBoundExceeded(f"update norm {norm:.6g} exceeds the bound {bound:.6g}")
-    scale = bound / norm
-    clipped = {
-        k: (start[k] + (v - start[k]) * scale).to(v.dtype) if v.is_floating_point() else v for k, v in weights.items()
-    }
-    return NormCheck(clipped, norm, True)

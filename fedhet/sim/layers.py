@@ -71,6 +71,14 @@ class LowRank:
             u, v = torch.cat([self.u, u], 1), torch.cat([self.v, v], 1)
         self.u, self.v = u.contiguous(), v.contiguous()
 
+    def update_squares(self) -> torch.Tensor:
+        """Each client's squared L2 norm of its change ``lr * u[c]^T v[c]``, ``(clients,)`` float64, from the
+        factors' Gram matrices (``||U^T V||^2 = sum(U U^T * V V^T)``): rank x rank products instead of a pass over
+        the dense weights."""
+        u, v = self.u.float(), self.v.float()
+        grams = torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))
+        return grams.sum((1, 2)).double() * self.lr**2
+
     def dense(self) -> torch.Tensor:
         """The fp32 weights ``(clients, out, in)``."""
         clients = self.u.shape[0]

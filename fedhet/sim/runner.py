@@ -39,6 +39,7 @@ from fedhet.sim.vectorized import PRECISIONS, VectorizedExecutor
 from fedhet.threads import use_threads
 from fedhet.tracking import check_tracking, flat_config, open_sinks
 from fedhet.types import ClientInfo, Weights
+from fedhet.updates import NormBound
 
 __all__ = ["EXECUTORS", "make_executor", "simulate", "validate"]
 
@@ -90,6 +91,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.sim.resume and not _checkpoint_file(cfg.sim.resume).is_file():
         raise ConfigError(f"sim.resume: no checkpoint at {_checkpoint_file(cfg.sim.resume)}")
+    try:
+        NormBound(cfg.sim.norm_bound, cfg.sim.norm_action)
+    except ValueError as error:
+        raise ConfigError(f"sim.{error}") from None
     if cfg.sim.finetune_epochs < 0:
         raise ConfigError(f"sim.finetune_epochs must be >= 0, got {cfg.sim.finetune_epochs}")
     if cfg.sim.personal_eval and part.test_fraction == 0:
@@ -248,6 +253,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         batch_size=cfg.client.batch_size,
         encoding=cfg.sim.encoding,
         checkpoint_every=cfg.sim.checkpoint_every,
+        norm=NormBound(cfg.sim.norm_bound, cfg.sim.norm_action),
     )
     resume = _resume(cfg, run_dir, states) if cfg.sim.resume else None
 
@@ -288,7 +294,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
     final = summary.final
     log.info(
         "stopped (%s) at version %d, virtual time %.1f s, wall %.1f s: accuracy %.4f, %d updates applied, "
-        "%d dropped, %.1f MB up, %.1f MB down",
+        "%d dropped, %d clipped onto the norm bound, %.1f MB up, %.1f MB down",
         summary.reason,
         final.version,
         final.virtual_time,
@@ -296,6 +302,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> RunSummary:
         final.accuracy,
         final.updates_applied,
         final.updates_dropped,
+        summary.clipped,
         final.bytes_up / 1e6,
         final.bytes_down / 1e6,
     )

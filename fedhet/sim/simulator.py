@@ -13,12 +13,18 @@ a time.
 A result the strategy fails on (:class:`~fedhet.runtime.ResultFailed`: the strategy took the event back) is a
 dropped update: logged once with its reason, counted in the metrics' ``updates_dropped``, and its client asks for
 work again at once (which loses its task), as a client whose update a server refused does. The run goes on.
+
+Every result passes the run's norm bound (:class:`~fedhet.updates.NormBound`, ``sim.norm_bound``) as a deployed
+server's does: one over it is dropped the same way (``norm_action=reject``) or arrives clipped onto the bound
+(``clip``, counted in the summary's ``clipped``). The check runs when the result is computed (a deterministic
+function of the result and its task), so its outcome is part of a checkpoint's computed results.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +40,7 @@ from fedhet.sim.events import EventKind, EventQueue
 from fedhet.sim.executor import Executor
 from fedhet.strategies.base import Strategy
 from fedhet.types import ClientInfo, Result, Task, Weights
+from fedhet.updates import NormBound, NormBoundExceeded
 
 __all__ = ["RunSummary", "SimConfig", "Simulator", "task_duration"]
 
@@ -55,6 +62,7 @@ class SimConfig:
             sends and receives ``int<b>``.
         checkpoint_every: hand the simulator's state to ``checkpoint`` every this many versions and at the end
             (0: never).
+        norm: the largest update the run takes and what it does with a larger one, as a deployed server does.
     """
 
     stop: StopRules = field(default_factory=lambda: StopRules(max_versions=50))
@@ -62,6 +70,7 @@ class SimConfig:
     batch_size: int = 32
     encoding: str = "fp32"
     checkpoint_every: int = 0
+    norm: NormBound = field(default_factory=NormBound)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class RunSummary:
     events: int
     reason: str
     failure: str | None = None  # why the strategy failed, when the run stopped on its failure
+    clipped: int = 0  # results clipped onto the norm bound (``norm_action=clip``)
 
 
 def task_duration(task: Task, client: ClientInfo, batch_size: int, payload_bytes: int, upload_bytes: int = -1) -> float:
@@ -122,7 +132,7 @@ class Simulator:
         self._encodings = {c.client_id: encoding_for_bitwidth(c.profile.bitwidth, config.encoding) for c in clients}
         self.executor = executor
         self.recorder = Recorder(evaluate, metrics, progress)
-        self.driver = RunDriver(strategy, config.stop, config.cadence)
+        self.driver = RunDriver(strategy, config.stop, config.cadence, config.norm)
         self._bitwidths = sorted({c.profile.bitwidth for c in clients})
         self.seed = seed
         self.queue = EventQueue()
@@ -131,6 +141,8 @@ class Simulator:
         self._in_flight: dict[int, Task] = {}
         self._upload: dict[int, int] = {}  # encoded bytes of each in-flight task's result
         self._computed: dict[int, Result] = {}
+        self._over_bound: dict[int, tuple[int, str]] = {}  # computed results the norm bound refuses: (client, why)
+        self._clipped = 0  # computed results clipped onto the norm bound
         # (arrival time, task id) of the tasks in flight, a heap: the next batch to compute is its front (entries of
         # tasks computed out of that order are dropped when they reach the front)
         self._soonest: list[tuple[float, int]] = []
@@ -186,20 +198,30 @@ class Simulator:
         if self.config.checkpoint_every and self.checkpoint is not None:
             self.checkpoint(self.state_dict())
         log.info("simulation stopped: %s", reason)
-        return RunSummary(final=last, events=self._events, reason=reason, failure=driver.failure)
+        return RunSummary(final=last, events=self._events, reason=reason, failure=driver.failure, clipped=self._clipped)
 
     def _arrival(self, task_id: int, now: float) -> Outcome:
-        """Hand the result of ``task_id`` to the driver at ``now``. One the strategy fails on is dropped: its client
-        asks for work again at ``now``. (A method of its own, so that the result, which may hold a whole chunk's
-        stacked weights, is not kept alive by the run loop.)"""
+        """Hand the result of ``task_id`` to the driver at ``now``. One over the norm bound (when rejecting) or one
+        the strategy fails on is dropped: its client asks for work again at ``now``. (A method of its own, so that
+        the result, which may hold a whole chunk's stacked weights, is not kept alive by the run loop.)"""
+        if task_id not in self._computed and task_id not in self._over_bound:
+            self._compute(task_id)
+        self.bytes_up += self._upload.pop(task_id)  # what the client sends back: its trained tensors, dense
+        refused = self._over_bound.pop(task_id, None)
+        if refused is not None:
+            return self._drop(*refused, now)
         result = self._result(task_id)
         try:
             return self.driver.result(result, now)
         except ResultFailed as error:
-            self._refused += 1
-            log.warning("client %d: update dropped: %s", result.client_id, error)
-            self.queue.push(now, EventKind.AVAILABLE, client_id=result.client_id)
-            return Outcome()
+            return self._drop(result.client_id, str(error), now)
+
+    def _drop(self, client_id: int, why: str, now: float) -> Outcome:
+        """A refused update: counted, logged, and its client asks for work again at ``now``."""
+        self._refused += 1
+        log.warning("client %d: update dropped: %s", client_id, why)
+        self.queue.push(now, EventKind.AVAILABLE, client_id=client_id)
+        return Outcome()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -211,6 +233,8 @@ class Simulator:
             "queue": self.queue.state_dict(),
             "in_flight": [task_state(t) for t in self._in_flight.values()],
             "computed": [result_state(r) for r in self._computed.values()],
+            "over_bound": [[t, c, why] for t, (c, why) in self._over_bound.items()],
+            "clipped": self._clipped,
             "upload": [[t, n] for t, n in self._upload.items()],
             "bytes": [self.bytes_up, self.bytes_down],
             "ticks": sorted(self._ticks),
@@ -227,6 +251,9 @@ class Simulator:
             self.queue.load_state_dict(state["queue"])
             self._in_flight = {t.task_id: t for t in map(task_from_state, state["in_flight"])}
             self._computed = {r.task_id: r for r in map(result_from_state, state["computed"])}
+            # states saved before the simulator applied the norm bound lack these
+            self._over_bound = {int(t): (int(c), str(why)) for t, c, why in state.get("over_bound", [])}
+            self._clipped = int(state.get("clipped", 0))
             self._upload = {int(t): int(n) for t, n in state["upload"]}
             self.bytes_up, self.bytes_down = (int(b) for b in state["bytes"])
             self._ticks = {float(t) for t in state["ticks"]}
@@ -236,7 +263,7 @@ class Simulator:
         except (KeyError, TypeError) as error:
             raise ValueError(f"simulation state does not fit: {error}") from None
         unknown = {t.client_id for t in self._in_flight.values()} - set(self.clients)
-        if unknown or set(self._upload) != set(self._in_flight) | set(self._computed):
+        if unknown or set(self._upload) != set(self._in_flight) | set(self._computed) | set(self._over_bound):
             raise ValueError("simulation state names tasks or clients this simulation does not have")
         arrivals = self.queue.pending(EventKind.ARRIVAL)
         self._soonest = [(e.time, e.task_id) for e in arrivals if e.task_id in self._in_flight]
@@ -274,20 +301,34 @@ class Simulator:
         draw = np.random.default_rng([self.seed, task.task_id, 0xA7A1]).random()
         return bool(draw < client.profile.availability)
 
-    def _result(self, task_id: int) -> Result:
-        if task_id not in self._computed:
-            # this task arrives now, so no task in flight arrives sooner: the batch is it and the next to arrive
-            batch = [self._in_flight.pop(task_id)]
-            batch += self._pop_soonest(self.executor.batch_size - 1)
-            for result in self.executor.run(batch):
+    def _compute(self, task_id: int) -> None:
+        """Compute ``task_id`` with the tasks in flight that arrive next, and check each result against the norm
+        bound: kept (clipped when over it and clipping), or noted as refused."""
+        # this task arrives now, so no task in flight arrives sooner: the batch is it and the next to arrive
+        batch = [self._in_flight.pop(task_id)]
+        batch += self._pop_soonest(self.executor.batch_size - 1)
+        starts = {task.task_id: task.weights for task in batch}
+        for result in self.executor.run(batch):
+            if math.isnan(result.loss):  # diverged: the driver refuses it, saying so
                 self._computed[result.task_id] = result
+                continue
+            try:
+                checked = self.driver.norm.check(result.weights, starts[result.task_id])
+            except NormBoundExceeded as error:
+                self._over_bound[result.task_id] = (result.client_id, str(error))
+                continue
+            if checked.clipped:
+                self._clipped += 1
+                log.info("client %d: update norm %.6g clipped onto the bound", result.client_id, checked.norm)
+                result = replace(result, weights=checked.weights)
+            self._computed[result.task_id] = result
+
+    def _result(self, task_id: int) -> Result:
         result = self._computed.pop(task_id)
         # the client reports its training time on the virtual clock, as a real client reports its own
         client = self.clients[result.client_id]
         compute = result.local_steps * self.config.batch_size * client.profile.seconds_per_sample
-        result = _with_train_seconds(result, compute)
-        self.bytes_up += self._upload.pop(task_id)  # what the client sends back: its trained tensors, dense
-        return result
+        return _with_train_seconds(result, compute)
 
     def _pop_soonest(self, count: int) -> list[Task]:
         """Take up to ``count`` tasks out of flight, soonest arrival first (ties by task id): O(count log n)."""

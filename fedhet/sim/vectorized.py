@@ -74,6 +74,7 @@ _MAX_CHUNK = 2048  # clients per chunk at most, whatever the memory budget allow
 # writes its results to more fresh memory (page faults) and out of cache, while the results of a finished chunk
 # are freed and reused (2NN at N = 1,000 on 2 cores: 0.63 s a round at 125 clients a chunk, 0.83 s at 935).
 _MAX_CPU_CHUNK = 128
+_NORM_BLOCK_BYTES = 64 << 20  # the temporary differences of a chunk's update norms, at most
 
 
 def reuse_freed_memory() -> bool:
@@ -328,9 +329,12 @@ class VectorizedExecutor:
                     master[key] = self._step(key, master[key], g, active, lr, momentum, prox)
         weights = {k: v.dense() if isinstance(v, LowRank) else v for k, v in master.items()}
         losses = loss_sum.tolist()
+        changed: Mapping[str, Param] = master  # a low-rank weight's change has its norm in its factors
         if bits < quant.FULL_PRECISION:  # the results on the grid, as the quantized trainer returns them
             weights, finite = self._on_grid(weights, plans, bits)
             losses = [loss if ok else DIVERGED for loss, ok in zip(losses, finite, strict=True)]
+            changed = weights
+        norms = self._update_norms(changed, plans)
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
             (
@@ -339,7 +343,7 @@ class VectorizedExecutor:
                     task_id=plan.task.task_id,
                     client_id=plan.task.client_id,
                     version=plan.task.version,
-                    weights=StackedRow(weights, c),
+                    weights=StackedRow(weights, c, norms),
                     num_samples=plan.num_samples,
                     local_steps=plan.steps,
                     train_seconds=seconds,
@@ -349,6 +353,36 @@ class VectorizedExecutor:
             )
             for c, plan in enumerate(plans)
         ]
+
+    def _update_norms(self, params: Mapping[str, Param], plans: Sequence[_Plan]) -> list[float]:
+        """Each client's update norm against its task's start weights, for the run's norm bound: what
+        :func:`~fedhet.updates.update_norm` computes of each result, up to float rounding, for the chunk at once: a
+        :class:`LowRank` weight's from its factors (its base is the chunk's shared start), any other parameter's
+        from its float32 differences to the starts, a block of clients at a time (a CNN chunk's differences would
+        be hundreds of MB); squares summed per tensor, the tensors added in float64."""
+        clients = len(plans)
+        starts = [plan.task.weights for plan in plans]
+        shared = all(start is starts[0] for start in starts)
+        squares = torch.zeros(clients, dtype=torch.float64, device=self.device)
+        for key, value in params.items():
+            if isinstance(value, LowRank):
+                squares += value.update_squares()
+                continue
+            if not value.is_floating_point():
+                continue
+            stacked = value.dim() > len(self.signature[key][0])  # else still every client's start
+            rows = value.reshape(clients if stacked else 1, -1)
+            block = max(1, _NORM_BLOCK_BYTES // (4 * rows.shape[1]))
+            for lo in range(0, clients, block):
+                hi = min(clients, lo + block)
+                if shared:
+                    start = starts[0][key].reshape(1, -1)
+                else:
+                    start = torch.stack([s[key].reshape(-1) for s in starts[lo:hi]])
+                diff = (rows[lo:hi] if stacked else rows).float() - start.to(self.device, torch.float32)
+                squares[lo:hi] += torch.linalg.vector_norm(diff, dim=1).double() ** 2
+        norms: list[float] = squares.sqrt().tolist()
+        return norms
 
     def _chunk_lr(self, plans: Sequence[_Plan]) -> float | torch.Tensor:
         """Each client's learning rate, that of its task's start version: one number when every task of the chunk
