@@ -158,8 +158,13 @@ class NormBound:
 
     def check(self, weights: Weights, start: Weights) -> NormCheck:
         """Bound the update ``weights - start``: ``reject`` raises :class:`NormBoundExceeded`, ``clip`` scales the
-        update down onto the bound (integer tensors as they are)."""
+        update down onto the bound (integer tensors as they are). An update whose norm is not finite (NaN or Inf
+        weights, or squares that overflow float32) cannot be scaled: it is refused under either action."""
         norm = update_norm(weights, start)
+        if not math.isfinite(norm):
+            raise NormBoundExceeded(
+                f"update norm is {norm}: its weights hold NaN or Inf, or values near float32's largest"
+            )
         bound = self.bound
         if bound <= 0:  # the default; the start weights' norm is needed only past its floor of 1 (never, honestly)
             start_norm = 0.0

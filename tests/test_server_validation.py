@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from fedhet.server.validation import (
 from fedhet.strategies import UpdateBuffer
 from fedhet.strategies.aggregators import WeightedMean
 from fedhet.types import Result
-from fedhet.updates import NormBound, ShapeMismatch, TensorMeta
+from fedhet.updates import NormBound, NormBoundExceeded, ShapeMismatch, TensorMeta
 from fedhet.v1 import service_pb2 as spb
 from fedhet.v1 import tensor_pb2 as tpb
 from fedhet.v1.wire import chunks, encode
@@ -442,6 +443,17 @@ def test_norm_check_clips_onto_the_bound_and_leaves_integers() -> None:
     assert torch.equal(out.weights["n"], torch.tensor(3))
     untouched = copy.deepcopy(start)
     assert not NormBound(1.0, "reject").check(untouched, start).clipped
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 3e38])
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_an_update_whose_norm_is_not_finite_is_refused_even_when_clipping(value: float, action: str) -> None:
+    """NaN or Inf weights, or squares that overflow float32, have no finite norm to scale onto the bound: clipping
+    would make NaN weights, so such an update is refused under either action (in simulation, where no decoding
+    checks finiteness first, too)."""
+    start = {"w": torch.zeros(4)}
+    with pytest.raises(NormBoundExceeded, match="weights hold NaN or Inf, or values near float32's largest"):
+        NormBound(0.0, action).check({"w": torch.tensor([1.0, value, 0.0, 0.0])}, start)
 
 
 async def late_result_scenario(tmp_path: Path) -> None:
