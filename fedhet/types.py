@@ -8,7 +8,7 @@ on the executor's device. A chunk of clients trained together hands back its wei
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +27,22 @@ class StackedRow(Mapping[str, torch.Tensor]):
     """Weights that are row ``row`` of ``stacks`` (name -> ``(clients, *shape)``), the weights of a chunk of clients
     trained together; every row of a chunk shares one ``stacks`` mapping, so the update buffer folds a chunk with
     one matrix-vector product per tensor. Reading a tensor gives a view of its row. ``norms`` (when given) holds
-    each row's update norm against its task's start weights, computed for the chunk at once
-    (:func:`fedhet.updates.update_norm` reads it instead of a pass over the row)."""
+    each row's update norm against ``starts``, its task's start weights, computed for the chunk at once
+    (:func:`fedhet.updates.update_norm` reads it, for that start, instead of a pass over the row)."""
 
-    __slots__ = ("norms", "row", "stacks")
+    __slots__ = ("norms", "row", "stacks", "starts")
 
-    def __init__(self, stacks: Mapping[str, torch.Tensor], row: int, norms: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        stacks: Mapping[str, torch.Tensor],
+        row: int,
+        norms: Sequence[float] | None = None,
+        starts: Sequence[Mapping[str, torch.Tensor]] = (),
+    ) -> None:
         self.stacks = stacks
         self.row = row
         self.norms = norms
+        self.starts = starts
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stacks[name][self.row]

@@ -114,8 +114,9 @@ def update_norm(weights: Weights, start: Weights) -> float:
     """L2 norm of ``weights - start`` over the floating-point tensors: float32 differences, whose sums of squares
     are added in float64; NaN or inf when a value is not finite or the squares overflow float32. One pass over the
     update (a server takes in every update of a run through it). A row of a vectorized executor's chunk carries
-    its norm against its task's start weights, computed with the chunk's (:attr:`StackedRow.norms`)."""
-    if isinstance(weights, StackedRow) and weights.norms is not None:
+    its norm against its task's start weights, computed with the chunk's (:attr:`StackedRow.norms`): read when
+    ``start`` is those very weights."""
+    if isinstance(weights, StackedRow) and weights.norms is not None and weights.starts[weights.row] is start:
         return weights.norms[weights.row]
     total = 0.0
     for name, value in weights.items():

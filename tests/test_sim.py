@@ -247,7 +247,7 @@ def test_an_update_over_the_norm_bound_is_refused_or_clipped_as_a_server_does(
         assert (records[-1]["updates_applied"], records[-1]["updates_dropped"], summary.clipped) == (4, 2, 0)
     else:
         assert (records[-1]["updates_applied"], records[-1]["updates_dropped"], summary.clipped) == (6, 0, 2)
-    assert sim.state_dict()["clipped"] == summary.clipped  # a resumed run goes on counting
+    assert sim.state_dict()["clipped"] == [summary.clipped, []]  # a resumed run goes on counting
 
 
 SPEEDS = [0.05, 0.01, 0.09, 0.03, 0.07, 0.02, 0.10, 0.04, 0.08, 0.06]  # seconds a sample: unrelated to client ids
@@ -264,6 +264,20 @@ class BatchesExecutor(EchoExecutor):
     def run(self, tasks: Sequence[Task]) -> list[Result]:
         self.batches.append([t.client_id for t in tasks])
         return super().run(tasks)
+
+
+def test_clipped_updates_are_counted_when_they_arrive(tmp_path: Path) -> None:
+    """A batch's results are computed (and checked against the bound) together, but a clipped update counts once it
+    arrives, as a server counts what it receives: the run stops after one version, before the others arrive."""
+    clients = [client(i, num_samples=10, seconds_per_sample=0.01 * (i + 1), bandwidth=1e3) for i in range(8)]
+    strategy = Strategy(FedAsyncScheduler(local_steps=3), IdentityPlanner(), StalenessWeighted())
+    evaluate = lambda w, bits: Evaluation(float(w["w"][0]), 0.0)  # noqa: E731
+    config = SimConfig(StopRules(1), norm=NormBound(0.5, "clip"))
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        sim = Simulator(strategy, clients, BatchesExecutor(8), evaluate, metrics, config, seed=0)
+        summary = sim.run(weights(0.0))
+    assert strategy.updates_applied == summary.clipped == 1  # every update is over 0.5; one arrived
+    assert sim.state_dict()["clipped"] == [1, [t for t in range(1, 8)]]  # the batch-mates, clipped, still to arrive
 
 
 def test_a_batch_holds_the_tasks_that_arrive_soonest_in_arrival_order(tmp_path: Path) -> None:

@@ -138,6 +138,21 @@ def test_a_rows_update_norm_is_the_norm_of_its_result(
         alone = {k: v.clone() for k, v in result.weights.items()}  # a plain mapping: its norm is computed
         assert update_norm(alone, task.weights) > 0
         assert update_norm(result.weights, task.weights) == pytest.approx(update_norm(alone, task.weights), rel=1e-4)
+        other = {k: v + 1 for k, v in task.weights.items()}  # another start: the row's norm is not for it
+        assert update_norm(result.weights, other) == update_norm(alone, other)
+
+
+def test_a_low_rank_changes_norm_is_exact_and_never_negative() -> None:
+    """From the factors' Gram matrices in float64: equal to the dense change's norm, and 0 (not a negative number
+    whose root is NaN, which the norm bound would refuse) for a step the next one undoes."""
+    generator = torch.Generator().manual_seed(0)
+    g, h = torch.randn(3, 2, 40, generator=generator), torch.randn(3, 2, 30, generator=generator)
+    base = torch.zeros(40, 30)
+    low = LowRank(base, g, h, 0.1, base)
+    dense = (low.dense() - base).double().reshape(3, -1)
+    torch.testing.assert_close(low.update_squares(), (dense**2).sum(1), rtol=1e-5, atol=0)
+    undone = LowRank(base, torch.cat([g, -g], 1) * 1e3, torch.cat([h, h], 1), 0.1, base)
+    assert torch.equal(undone.update_squares(), torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "2nn"])

@@ -176,8 +176,9 @@ class GridDriver:
         try:
             self.driver.load_state_dict(state["driver"])
             self._time_base = float(state["seconds"])
+            counters = {"clipped": 0, **state["counters"]}  # checkpoints written before the norm bound lack it
             for key in RunSummary.COUNTERS:
-                setattr(self.summary, key, int(state["counters"].get(key, 0)))  # "clipped" came later
+                setattr(self.summary, key, int(counters[key]))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{self._checkpoint_path} does not fit this run: {error}") from None
         self._version, self._applied = self.strategy.version, self.strategy.updates_applied

@@ -74,10 +74,11 @@ class LowRank:
     def update_squares(self) -> torch.Tensor:
         """Each client's squared L2 norm of its change ``lr * u[c]^T v[c]``, ``(clients,)`` float64, from the
         factors' Gram matrices (``||U^T V||^2 = sum(U U^T * V V^T)``): rank x rank products instead of a pass over
-        the dense weights."""
-        u, v = self.u.float(), self.v.float()
+        the dense weights. In float64: the sum has terms of both signs (a step undone by the next cancels), which
+        in float32 could come out negative, and float32 Grams overflow long before the update does."""
+        u, v = self.u.double(), self.v.double()
         grams = torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))
-        return grams.sum((1, 2)).double() * self.lr**2
+        return grams.sum((1, 2)).clamp_min(0) * self.lr**2
 
     def dense(self) -> torch.Tensor:
         """The fp32 weights ``(clients, out, in)``."""

@@ -332,10 +332,17 @@ _RESUMABLE = (
 )
 
 
+#: the norm bound's keys at their defaults, under which a run behaves as runs checkpointed before they existed
+_NORM_DEFAULTS = {"norm_bound": 0.0, "norm_action": "reject"}
+
+
 def _fingerprint(cfg: RunConfig) -> str:
     """What a checkpoint's run must share with the run that resumes it, as JSON."""
     config = plain(cfg)
     config["sim"] = {k: v for k, v in config["sim"].items() if k not in _RESUMABLE}
+    for key, default in _NORM_DEFAULTS.items():  # at its default, as a checkpoint written before the key had it
+        if config["sim"].get(key) == default:
+            del config["sim"][key]
     return json.dumps(config, sort_keys=True)
 
 

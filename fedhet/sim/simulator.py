@@ -142,7 +142,8 @@ class Simulator:
         self._upload: dict[int, int] = {}  # encoded bytes of each in-flight task's result
         self._computed: dict[int, Result] = {}
         self._over_bound: dict[int, tuple[int, str]] = {}  # computed results the norm bound refuses: (client, why)
-        self._clipped = 0  # computed results clipped onto the norm bound
+        self._clipped_tasks: set[int] = set()  # computed results clipped onto the norm bound, not yet arrived
+        self._clipped = 0  # results clipped onto the norm bound that arrived
         # (arrival time, task id) of the tasks in flight, a heap: the next batch to compute is its front (entries of
         # tasks computed out of that order are dropped when they reach the front)
         self._soonest: list[tuple[float, int]] = []
@@ -211,6 +212,9 @@ class Simulator:
         if refused is not None:
             return self._drop(*refused, now)
         result = self._result(task_id)
+        if task_id in self._clipped_tasks:  # counted when it arrives, as a server counts what it receives
+            self._clipped_tasks.discard(task_id)
+            self._clipped += 1
         try:
             return self.driver.result(result, now)
         except ResultFailed as error:
@@ -234,7 +238,7 @@ class Simulator:
             "in_flight": [task_state(t) for t in self._in_flight.values()],
             "computed": [result_state(r) for r in self._computed.values()],
             "over_bound": [[t, c, why] for t, (c, why) in self._over_bound.items()],
-            "clipped": self._clipped,
+            "clipped": [self._clipped, sorted(self._clipped_tasks)],
             "upload": [[t, n] for t, n in self._upload.items()],
             "bytes": [self.bytes_up, self.bytes_down],
             "ticks": sorted(self._ticks),
@@ -251,9 +255,11 @@ class Simulator:
             self.queue.load_state_dict(state["queue"])
             self._in_flight = {t.task_id: t for t in map(task_from_state, state["in_flight"])}
             self._computed = {r.task_id: r for r in map(result_from_state, state["computed"])}
-            # states saved before the simulator applied the norm bound lack these
+            # states saved before the simulator applied the norm bound lack these (their computed results, at most
+            # a batch, were taken unchecked)
             self._over_bound = {int(t): (int(c), str(why)) for t, c, why in state.get("over_bound", [])}
-            self._clipped = int(state.get("clipped", 0))
+            clipped, clipped_tasks = state.get("clipped", [0, []])
+            self._clipped, self._clipped_tasks = int(clipped), {int(t) for t in clipped_tasks}
             self._upload = {int(t): int(n) for t, n in state["upload"]}
             self.bytes_up, self.bytes_down = (int(b) for b in state["bytes"])
             self._ticks = {float(t) for t in state["ticks"]}
@@ -318,7 +324,7 @@ class Simulator:
                 self._over_bound[result.task_id] = (result.client_id, str(error))
                 continue
             if checked.clipped:
-                self._clipped += 1
+                self._clipped_tasks.add(result.task_id)
                 log.info("client %d: update norm %.6g clipped onto the bound", result.client_id, checked.norm)
                 result = replace(result, weights=checked.weights)
             self._computed[result.task_id] = result

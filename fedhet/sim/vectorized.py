@@ -335,6 +335,7 @@ class VectorizedExecutor:
             losses = [loss if ok else DIVERGED for loss, ok in zip(losses, finite, strict=True)]
             changed = weights
         norms = self._update_norms(changed, plans)
+        starts = [plan.task.weights for plan in plans]
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
             (
@@ -343,7 +344,7 @@ class VectorizedExecutor:
                     task_id=plan.task.task_id,
                     client_id=plan.task.client_id,
                     version=plan.task.version,
-                    weights=StackedRow(weights, c, norms),
+                    weights=StackedRow(weights, c, norms, starts),
                     num_samples=plan.num_samples,
                     local_steps=plan.steps,
                     train_seconds=seconds,
