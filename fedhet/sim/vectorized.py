@@ -334,8 +334,8 @@ class VectorizedExecutor:
             weights, finite = self._on_grid(weights, plans, bits)
             losses = [loss if ok else DIVERGED for loss, ok in zip(losses, finite, strict=True)]
             changed = weights
-        norms = self._update_norms(changed, plans)
         starts = [plan.task.weights for plan in plans]
+        norms = self._update_norms(changed, starts)
         seconds = (time.perf_counter() - begin) / len(plans)
         return [
             (
@@ -355,14 +355,13 @@ class VectorizedExecutor:
             for c, plan in enumerate(plans)
         ]
 
-    def _update_norms(self, params: Mapping[str, Param], plans: Sequence[_Plan]) -> list[float]:
-        """Each client's update norm against its task's start weights, for the run's norm bound: what
+    def _update_norms(self, params: Mapping[str, Param], starts: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+        """Each client's update norm against its task's start weights ``starts``, for the run's norm bound: what
         :func:`~fedhet.updates.update_norm` computes of each result, up to float rounding, for the chunk at once: a
         :class:`LowRank` weight's from its factors (its base is the chunk's shared start), any other parameter's
         from its float32 differences to the starts, a block of clients at a time (a CNN chunk's differences would
         be hundreds of MB); squares summed per tensor, the tensors added in float64."""
-        clients = len(plans)
-        starts = [plan.task.weights for plan in plans]
+        clients = len(starts)
         shared = all(start is starts[0] for start in starts)
         squares = torch.zeros(clients, dtype=torch.float64, device=self.device)
         for key, value in params.items():
